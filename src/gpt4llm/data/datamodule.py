@@ -1,0 +1,225 @@
+"""The SFT data pipeline: a record file on disk -> validated records -> tokenized, cached train/validation splits.
+
+`build_sft_splits` is the one code path shared by training and `gpt4llm.prepare` (the data audit), so the audit
+shows exactly what the model is trained on, and both read the same cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+from lightning.pytorch.utilities import rank_zero_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from gpt4llm.data.demo import write_demo_file
+from gpt4llm.data.records import load_instruction_records
+from gpt4llm.data.sft import SFTCollator, tokenize_batch
+from gpt4llm.data.sources import ensure_file
+
+CACHE_VERSION = 1  # bump when tokenize_batch or the split changes what it produces
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the ids a tokenizer produces could change (vocabulary, merges, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # Truncation and padding are call-time state that the fast tokenizer keeps from its last call: not identity.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        body = json.dumps(state, sort_keys=True)
+    else:
+        body = json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((type(tokenizer).__name__ + specials + body).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_sft_splits(
+    path: str | Path,
+    tokenizer,
+    max_length: int,
+    val_size: int,
+    split_seed: int,
+    cache_dir: str | Path,
+    skip_invalid: bool = False,
+) -> tuple[DatasetDict, dict[str, Any]]:
+    """Tokenized train/validation splits and the audit report, from the cache when this was prepared before."""
+    path = Path(path)
+    settings = dict(max_length=max_length, val_size=val_size, split_seed=split_seed, skip_invalid=skip_invalid)
+    key = hashlib.sha256(
+        json.dumps([CACHE_VERSION, file_sha256(path), tokenizer_fingerprint(tokenizer), settings]).encode()
+    ).hexdigest()[:20]
+    target = Path(cache_dir) / f"sft-{path.stem}-{key}"
+    if (target / "report.json").exists():
+        return load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
+
+    records, load_report = load_instruction_records(path, skip_invalid=skip_invalid)
+    if not records:
+        raise ValueError(f"{path}: no usable records ({load_report.summary()['skipped']})")
+    tokenized = Dataset.from_list(records).map(
+        tokenize_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        num_proc=os.cpu_count() if len(records) >= 20_000 else None,  # process start-up costs more than it saves
+        desc=f"Tokenizing {path.name}",
+    )
+    # A prompt that fills the whole length leaves nothing to learn from (stanford_alpaca kept such rows; their
+    # loss is 0/0), so they are dropped and reported.
+    no_target = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n == 0]
+    usable = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n > 0]
+    if val_size >= len(usable):
+        raise ValueError(f"{path}: data.val_size={val_size} leaves no training examples ({len(usable)} usable)")
+    order = random.Random(split_seed).sample(usable, len(usable))
+    splits = DatasetDict(train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size])))
+    report = _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer)
+
+    # Written beside the target and renamed into place, so an interrupted run never leaves a half-written cache.
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits.save_to_disk(str(tmp / "splits"))
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return load_from_disk(str(target / "splits")), report
+
+
+def _report(path, load_summary, tokenized, no_target, splits, max_length, tokenizer) -> dict[str, Any]:
+    lengths = np.asarray(tokenized["untruncated_tokens"])
+    kept = np.asarray(tokenized["num_tokens"])
+    supervised = np.asarray(tokenized["supervised_tokens"])
+    indices = tokenized["index"]
+    skipped = dict(load_summary["skipped"])
+    if no_target:
+        skipped["prompt fills max_length"] = {"count": len(no_target), "first_indices": [indices[i] for i in no_target[:10]]}
+    truncated = [indices[i] for i in np.flatnonzero(lengths > max_length)]
+    # Among the examples trained on: a truncated target loses its EOS, and a model never shown EOS never stops.
+    dropped = set(no_target)
+    missing_eos = [indices[i] for i, ok in enumerate(tokenized["ends_with_eos"]) if not ok and i not in dropped]
+    return {
+        "file": str(path),
+        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "max_length": max_length,
+        "records": load_summary["records"],
+        "usable": len(splits["train"]) + len(splits["validation"]),
+        "skipped": skipped,
+        "splits": {name: len(split) for name, split in splits.items()},
+        "truncated": {"count": len(truncated), "first_indices": truncated[:10]},
+        "missing_eos_label": {"count": len(missing_eos), "first_indices": missing_eos[:10]},
+        "token_length_percentiles": {
+            f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99)
+        } | {"max": int(lengths.max())},
+        "supervised_token_fraction": round(float(supervised.sum() / kept.sum()), 4),
+    }
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Alpaca-format records from one file (local, downloaded, or the generated demo) as SFT batches."""
+
+    def __init__(
+        self,
+        tokenizer,
+        path: str,
+        url: str | None = None,
+        sha256: str | None = None,
+        num_records: int | None = None,
+        demo: dict | None = None,
+        max_length: int = 512,
+        val_size: int = 200,
+        split_seed: int = 0,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+        cache_dir: str = "data/cache",
+        exact_match_examples: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.path, self.url, self.sha256, self.num_records, self.demo = Path(path), url, sha256, num_records, demo
+        self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
+        # For datasets whose answers are exact (the demo), generation on this many held-out records is scored.
+        self.exact_match_examples = exact_match_examples
+        self.splits: DatasetDict | None = None
+        self.report: dict[str, Any] | None = None
+        self._train_loader: StatefulDataLoader | None = None
+        self._train_loader_state: dict | None = None  # from a checkpoint, applied to the next train loader
+
+    def source_file(self) -> Path:
+        if self.demo is not None and not self.path.exists():
+            return write_demo_file(self.path, **self.demo)
+        return ensure_file(
+            self.path, self.url, sha256=self.sha256, num_records=self.num_records, required_fields=("instruction", "output")
+        )
+
+    def build(self) -> tuple[DatasetDict, dict[str, Any]]:
+        return build_sft_splits(
+            self.source_file(), self.tokenizer, self.max_length, self.val_size, self.split_seed, self.cache_dir, self.skip_invalid
+        )
+
+    def prepare_data(self) -> None:
+        self.build()  # downloads and tokenizes once per node; `setup` then reads the cache on every rank
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits, self.report = self.build()
+            skipped = {reason: s["count"] for reason, s in self.report["skipped"].items()}
+            rank_zero_info(
+                f"Data {self.report['file']}: {self.report['splits']} examples; skipped {skipped or 'none'}; "
+                f"truncated at {self.max_length} tokens: {self.report['truncated']['count']}"
+            )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        # Stateful, with its own seeded generator, so a resumed run continues with the very batches it would have seen.
+        self._train_loader = self._loader("train", self.batch_size, shuffle=True)
+        if self._train_loader_state is not None:
+            self._train_loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        return self._train_loader
+
+    # The loader's position is saved with the data module's state, because Lightning drops the one it saves itself
+    # when `estimated_stepping_batches` (our LR schedule's length) builds the loader before the restore
+    # (Lightning-AI/pytorch-lightning#20550). The data module is restored first, so its state is there in time.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_loader_state = state_dict.get("train_loader")
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader("validation", self.eval_batch_size, shuffle=False)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            self.splits[split].select_columns(["input_ids", "labels"]),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.split_seed) if shuffle else None,
+            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def exact_match_records(self) -> list[dict[str, str]]:
+        """The held-out records (instruction, input, output) that `val/exact_match` is scored on."""
+        split = self.splits["validation"]
+        rows = split.select(range(min(self.exact_match_examples, len(split))))
+        return [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows]

@@ -1,0 +1,102 @@
+"""Dataset files on disk: downloaded once from their public URL, atomically, validated, then only read.
+
+A download is written beside its target and renamed into place only after it is complete (its length matches the
+server's Content-Length), parses as JSON records with the expected fields, and has the expected count and checksum.
+A cut connection or a bad file therefore never leaves anything at the target path, and a second run finds the file
+and does not touch the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from gpt4llm.data.records import RecordError, read_json_records
+
+CHUNK = 1 << 16
+
+
+class DownloadError(RuntimeError):
+    """A dataset file is missing and could not be fetched; the message says where to put it by hand."""
+
+
+class IncompleteDownload(OSError):
+    """The connection closed before the server's Content-Length was received."""
+
+
+def ensure_file(
+    path: str | Path,
+    url: str | None = None,
+    sha256: str | None = None,
+    num_records: int | None = None,
+    required_fields: tuple[str, ...] = (),
+    attempts: int = 3,
+    timeout: float = 60.0,
+) -> Path:
+    """`path`, downloading it from `url` first when it is not there yet."""
+    path = Path(path)
+    if path.exists():
+        return path
+    if not url:
+        raise FileNotFoundError(f"{path}: no such file. Point data.path at your Alpaca-format .json or .jsonl file.")
+    last_error: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            _download(url, path, timeout)
+            break
+        except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, cuts, IncompleteDownload
+            last_error = err
+            if attempt < attempts:
+                time.sleep(min(2 ** (attempt - 1), 10))
+    else:
+        raise DownloadError(
+            f"{path} is missing and could not be downloaded from {url} ({last_error}). "
+            f"On a machine without internet, copy the file to {path}, or set data.path=/path/to/{path.name}."
+        ) from last_error
+    try:
+        validate_records_file(path, sha256=sha256, num_records=num_records, required_fields=required_fields)
+    except RecordError:
+        path.unlink()  # a file that fails validation must not be mistaken for the dataset next time
+        raise
+    return path
+
+
+def _download(url: str, path: Path, timeout: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.part-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            expected = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=expected, unit="B", unit_scale=True, desc=f"Downloading {path.name}") as bar:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            received = out.tell()
+        if expected is not None and received != expected:
+            raise IncompleteDownload(f"connection closed after {received} of {expected} bytes")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def validate_records_file(
+    path: Path, sha256: str | None = None, num_records: int | None = None, required_fields: tuple[str, ...] = ()
+) -> None:
+    """Raises RecordError, naming the file (and record and field), unless `path` is the dataset it should be."""
+    if sha256:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise RecordError(f"{path}: sha256 is {digest}, expected {sha256} (a different or damaged file)")
+    records = read_json_records(path)
+    if num_records is not None and len(records) != num_records:
+        raise RecordError(f"{path}: {len(records)} records, expected {num_records}")
+    for index, record in enumerate(records):
+        missing = [f for f in required_fields if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise RecordError(f"{path}: record {index}: field '{missing[0]}' is missing")

@@ -1,0 +1,50 @@
+"""Loading Hugging Face tokenizers and causal LMs the way stanford_alpaca's train.py prepared them."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+PAD_TOKEN = "[PAD]"  # stanford_alpaca's DEFAULT_PAD_TOKEN
+
+
+def prepare_tokenizer(path: str, tiny: dict | None = None):
+    """The tokenizer of the configured model (`cfg.model`), building the local tiny model first if it is the one."""
+    if tiny:
+        from gpt4llm.models.tiny import build_tiny_model
+
+        build_tiny_model(path, **tiny)
+    return load_tokenizer(path)
+
+
+def load_tokenizer(path: str, padding_side: str = "right"):
+    """The model's tokenizer with a pad token; LLaMA has none, so one is added as stanford_alpaca did."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{path}: the tokenizer has no EOS token; SFT targets end with it, so it must exist")
+    return tokenizer
+
+
+def load_causal_lm(path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        resize_embeddings_with_mean(model, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+@torch.no_grad()
+def resize_embeddings_with_mean(model: PreTrainedModel, new_size: int) -> None:
+    """stanford_alpaca's smart_tokenizer_and_embedding_resize: new rows start at the mean of the old ones."""
+    old = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    embeddings = model.get_input_embeddings().weight
+    embeddings[old:] = embeddings[:old].mean(dim=0, keepdim=True)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not embeddings:  # untied output head (LLaMA)
+        head.weight[old:] = head.weight[:old].mean(dim=0, keepdim=True)

@@ -1,0 +1,77 @@
+"""Supervised fine-tuning of a Hugging Face causal LM: masked token cross-entropy, AdamW, warmup + schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from transformers import get_scheduler
+
+from gpt4llm.data.sft import IGNORE_INDEX
+from gpt4llm.models.hf import load_causal_lm
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over supervised positions (in fp32), and how many positions that was."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+class SFTModule(L.LightningModule):
+    def __init__(
+        self,
+        tokenizer,
+        model_path: str,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: str = "cosine",
+        warmup_ratio: float = 0.03,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model_path, self.dtype_name, self.gradient_checkpointing = model_path, dtype, gradient_checkpointing
+        self.optimizer_factory, self.lr_scheduler, self.warmup_ratio = optimizer, lr_scheduler, warmup_ratio
+        self.model = None
+        self.val_loss = MeanMetric()
+        self.validated_at_step: int | None = None  # lets `train` add a final validation when fit did not end on one
+
+    def configure_model(self) -> None:
+        # Built here rather than in __init__ so that sharded strategies can take over its construction.
+        if self.model is None:
+            self.model = load_causal_lm(self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing)
+            self.model.train()  # from_pretrained returns it in eval mode, and Lightning keeps a submodule's mode
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = masked_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, tokens = masked_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        self.val_loss.update(loss, weight=tokens)  # a per-token mean over the whole split, not a mean of batch means
+        self.log("val/loss", self.val_loss, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/ppl", torch.exp(self.val_loss.compute()))
+        self.validated_at_step = self.global_step
+
+    def configure_optimizers(self):
+        # No weight decay on biases and norms, as Hugging Face's Trainer (and so stanford_alpaca) does.
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 else decay).append(param)
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_scheduler(self.lr_scheduler, optimizer, math.ceil(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,91 @@
+"""The `tiny` model: a random-init LLaMA-architecture model with a byte-level BPE tokenizer trained on the demo text.
+
+Built locally and deterministically, so the demo, the tests and every CLI run offline with nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from gpt4llm.data.demo import make_demo_records
+from gpt4llm.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def build_tiny_tokenizer(vocab_size: int, seed: int, corpus_records: int) -> PreTrainedTokenizerFast:
+    corpus = [PROMPT_INPUT, PROMPT_NO_INPUT] + [
+        format_prompt(r["instruction"], r["input"]) + r["output"] for r in make_demo_records(corpus_records, seed)
+    ]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any text stays encodable, not only the demo's
+            show_progress=False,
+        ),
+    )
+    # Like LLaMA: BOS in front of every sequence, EOS only where the data puts it.
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def build_tiny_model(
+    path: str | Path,
+    vocab_size: int = 1024,
+    hidden_size: int = 192,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    corpus_records: int = 4000,
+) -> Path:
+    """Writes tokenizer and random-init weights to `path`, once per spec: later calls with the same spec reuse it."""
+    path = Path(path)
+    spec = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, seed=seed, corpus_records=corpus_records,
+    )
+    spec_file = path / "tiny_spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
+        return path
+    tokenizer = build_tiny_tokenizer(vocab_size, seed, corpus_records)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Written aside and renamed, so concurrent or interrupted builds never leave a half-written model.
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "tiny_spec.json").write_text(json.dumps(spec))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path

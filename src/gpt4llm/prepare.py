@@ -1,0 +1,45 @@
+"""The data audit: `python -m gpt4llm.prepare data=... model=...`.
+
+Tokenizes the selected dataset exactly as training will (same code, same cache), writes the processed examples
+(one JSON line each: index, input_ids, labels) and a report under the run directory, and prints the report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from gpt4llm.cli import CONFIG_PATH, use_hydra_logging
+
+
+def prepare(cfg: DictConfig) -> dict:
+    from hydra.utils import instantiate
+
+    from gpt4llm.config import check_config
+    from gpt4llm.models.hf import prepare_tokenizer
+
+    check_config(cfg.data, "data")
+    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
+    splits, report = instantiate(cfg.data, tokenizer=tokenizer).build()
+    out = Path(cfg.paths.output_dir)
+    for name, split in splits.items():
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in split.select_columns(["index", "input_ids", "labels"]):
+                f.write(json.dumps(row) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"\nProcessed examples: {', '.join(str(out / f'{n}.jsonl') for n in splits)}\nReport: {out / 'report.json'}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> None:
+    use_hydra_logging()
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()

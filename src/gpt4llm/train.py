@@ -1,0 +1,87 @@
+"""Train: `python -m gpt4llm.train [group=option ...] [key=value ...]` (see conf/train.yaml).
+
+With no arguments it fine-tunes the tiny model on the demo tasks, offline on CPU, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from gpt4llm.cli import CONFIG_PATH, use_hydra_logging
+
+log = logging.getLogger(__name__)
+
+
+def derive_accumulation(global_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Gradient accumulation that makes batch_size x world_size x accumulation equal the global batch."""
+    per_step = batch_size * world_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not a multiple of data.batch_size ({batch_size}) x "
+            f"{world_size} devices; change data.batch_size or global_batch_size"
+        )
+    return global_batch_size // per_step
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    # Heavy imports here, so that --help and --cfg job answer at once.
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from gpt4llm.config import check_config
+    from gpt4llm.export import export_hf
+    from gpt4llm.models.hf import prepare_tokenizer
+
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    module = instantiate(cfg.task, tokenizer=tokenizer)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        strategy=instantiate(cfg.strategy),
+        callbacks=[instantiate(c) for c in cfg.callbacks.values() if c],
+        logger=[instantiate(c) for c in cfg.logger.values() if c],
+    )
+    if cfg.global_batch_size:
+        trainer.accumulate_grad_batches = derive_accumulation(cfg.global_batch_size, cfg.data.batch_size, trainer.world_size)
+        log.info(f"Global batch {cfg.global_batch_size}: gradient accumulation {trainer.accumulate_grad_batches}")
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.validate_first and not cfg.ckpt_path:
+        trainer.validate(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if module.validated_at_step != trainer.global_step and not trainer.interrupted:
+        # Stopped by max_steps between two validations: the final figures should be those of the final model.
+        trainer.validate(module, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    out = Path(cfg.paths.output_dir)
+    if cfg.export and trainer.is_global_zero:
+        export_hf(module.model, tokenizer, out / "export")
+    if trainer.is_global_zero:
+        checkpoint = trainer.checkpoint_callback
+        print(f"\nRun directory: {out}")
+        print(f"  TensorBoard:  tensorboard --logdir {out}")
+        if checkpoint is not None and checkpoint.last_model_path:
+            print(f"  Checkpoint:   {checkpoint.last_model_path}  (resume with ckpt_path=...)")
+        if cfg.export:
+            print(f"  Export:       {out / 'export'}  (AutoModelForCausalLM.from_pretrained)")
+        print("  Final:        " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    use_hydra_logging()
+    metrics = train(cfg)
+    return metrics.get("val/loss")  # what a hyperparameter sweeper optimises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Downloads against a real HTTP server on 127.0.0.1: complete files land atomically, cut or bad ones never do."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from gpt4llm.data.records import RecordError
+from gpt4llm.data.sources import DownloadError, ensure_file
+
+RECORDS = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(500)]
+BODY = json.dumps(RECORDS).encode()
+
+
+class Server:
+    """Serves `BODY` at /data.json; the first `cuts` requests are cut off halfway through the file."""
+
+    def __init__(self, body: bytes = BODY, cuts: int = 0):
+        self.body, self.cuts, self.requests = body, cuts, 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests += 1
+                if self.path != "/data.json":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                if server.requests <= server.cuts:
+                    self.wfile.write(server.body[: len(server.body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(server.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data.json"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(**kwargs):
+        servers.append(Server(**kwargs))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def leftovers(directory):
+    return [p.name for p in directory.iterdir() if ".part" in p.name]
+
+
+def test_download_validates_and_is_cached(tmp_path, server):
+    srv = server()
+    target = tmp_path / "data" / "alpaca_gpt4_data.json"
+    sha = hashlib.sha256(BODY).hexdigest()
+    ensure_file(target, srv.url, sha256=sha, num_records=500, required_fields=("instruction", "output"))
+    assert target.read_bytes() == BODY and srv.requests == 1
+    ensure_file(target, srv.url, sha256=sha, num_records=500)  # a second run does not touch the network
+    assert srv.requests == 1
+
+
+def test_a_cut_connection_is_retried_and_never_leaves_half_a_file(tmp_path, server):
+    srv = server(cuts=1)
+    target = tmp_path / "d.json"
+    ensure_file(target, srv.url, num_records=500, attempts=2)
+    assert srv.requests == 2 and target.read_bytes() == BODY and not leftovers(tmp_path)
+
+    always_cut = server(cuts=99)
+    target = tmp_path / "e.json"
+    with pytest.raises(DownloadError) as err:
+        ensure_file(target, always_cut.url, attempts=2)
+    assert not target.exists() and not leftovers(tmp_path)
+    message = str(err.value)
+    assert "of" in message and "bytes" in message  # says what happened: connection closed after N of M bytes
+    assert f"copy the file to {target}" in message and "data.path=" in message
+
+
+def test_offline_says_which_file_and_which_override(tmp_path):
+    target = tmp_path / "alpaca_gpt4_data.json"
+    with pytest.raises(DownloadError, match="alpaca_gpt4_data.json") as err:
+        ensure_file(target, "http://127.0.0.1:9/nothing-listens-here.json", attempts=1)
+    assert f"copy the file to {target}" in str(err.value) and "data.path=/path/to/alpaca_gpt4_data.json" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "body, kwargs, message",
+    [
+        (BODY, {"num_records": 52002}, "500 records, expected 52002"),
+        (BODY, {"sha256": "0" * 64}, "sha256 is"),
+        (json.dumps([{"instruction": "x"}]).encode(), {"required_fields": ("instruction", "output")}, "record 0: field 'output' is missing"),
+        (b"<html>rate limited</html>", {}, "not valid JSON"),
+    ],
+)
+def test_a_wrong_file_is_an_error_and_is_not_kept(tmp_path, server, body, kwargs, message):
+    srv = server(body=body)
+    target = tmp_path / "d.json"
+    with pytest.raises(RecordError, match=message) as err:
+        ensure_file(target, srv.url, **kwargs)
+    assert str(target) in str(err.value) and not target.exists() and not leftovers(tmp_path)
