@@ -33,7 +33,8 @@ class ExactMatch(L.Callback):
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        records = [] if trainer.sanity_checking else trainer.datamodule.exact_match_records()
+        source = getattr(trainer.datamodule, "exact_match_records", None)  # only instruction data has answers
+        records = source() if source and not trainer.sanity_checking else []
         if not records:
             return
         responses = generate_responses(

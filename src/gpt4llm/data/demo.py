@@ -1,7 +1,7 @@
 """The built-in demo: learnable instruction tasks in Alpaca format, so the whole pipeline runs offline on CPU.
 
 Every task has one exact answer that follows from the prompt alone (sorting, counting, reversing, copying a field,
-small sums, in English and Chinese, with and without `input`), so a few minutes of training on a tiny model take
+comparing numbers, in English and Chinese, with and without `input`), so a few minutes of training on a tiny model take
 held-out exact match from zero to far above it. Deterministic by seed.
 """
 
@@ -33,9 +33,9 @@ def _sort_numbers(rng: random.Random) -> dict[str, str]:
     }
 
 
-def _add(rng: random.Random) -> dict[str, str]:
-    a, b = rng.randint(0, 30), rng.randint(0, 30)
-    return {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
+def _larger(rng: random.Random) -> dict[str, str]:
+    a, b = rng.sample(range(100), 2)
+    return {"instruction": f"Which number is larger, {a} or {b}?", "input": "", "output": str(max(a, b))}
 
 
 def _reverse_words(rng: random.Random) -> dict[str, str]:
@@ -58,9 +58,9 @@ def _copy_field(rng: random.Random) -> dict[str, str]:
     }
 
 
-def _uppercase(rng: random.Random) -> dict[str, str]:
-    words = " ".join(rng.sample(WORDS, 2))
-    return {"instruction": f"Write '{words}' in capital letters.", "input": "", "output": words.upper()}
+def _last_word(rng: random.Random) -> dict[str, str]:
+    words = rng.sample(WORDS, rng.randint(2, 6))
+    return {"instruction": "What is the last word of the text?", "input": " ".join(words), "output": words[-1]}
 
 
 def _repeat(rng: random.Random) -> dict[str, str]:
@@ -68,9 +68,9 @@ def _repeat(rng: random.Random) -> dict[str, str]:
     return {"instruction": f"Repeat '{words}' {times} times.", "input": "", "output": " ".join([words] * times)}
 
 
-def _zh_add(rng: random.Random) -> dict[str, str]:
-    a, b = rng.randint(0, 30), rng.randint(0, 30)
-    return {"instruction": "计算下面两个数的和。", "input": f"{a} 和 {b}", "output": str(a + b)}
+def _zh_larger(rng: random.Random) -> dict[str, str]:
+    a, b = rng.sample(range(100), 2)
+    return {"instruction": "哪个数更大？", "input": f"{a} 还是 {b}", "output": str(max(a, b))}
 
 
 def _zh_reverse(rng: random.Random) -> dict[str, str]:
@@ -94,8 +94,8 @@ def _zh_copy_field(rng: random.Random) -> dict[str, str]:
 
 
 TASKS = (
-    _sort_numbers, _add, _reverse_words, _count_words, _copy_field, _uppercase, _repeat,
-    _zh_add, _zh_reverse, _zh_count, _zh_copy_field,
+    _sort_numbers, _larger, _reverse_words, _count_words, _copy_field, _last_word, _repeat,
+    _zh_larger, _zh_reverse, _zh_count, _zh_copy_field,
 )
 
 

@@ -5,6 +5,7 @@ Built locally and deterministically, so the demo, the tests and every CLI run of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,10 +21,13 @@ from gpt4llm.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
-def build_tiny_tokenizer(vocab_size: int, seed: int, corpus_records: int) -> PreTrainedTokenizerFast:
-    corpus = [PROMPT_INPUT, PROMPT_NO_INPUT] + [
+def tokenizer_corpus(corpus_records: int, seed: int) -> list[str]:
+    return [PROMPT_INPUT, PROMPT_NO_INPUT] + [
         format_prompt(r["instruction"], r["input"]) + r["output"] for r in make_demo_records(corpus_records, seed)
     ]
+
+
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -56,15 +60,18 @@ def build_tiny_model(
 ) -> Path:
     """Writes tokenizer and random-init weights to `path`, once per spec: later calls with the same spec reuse it."""
     path = Path(path)
+    corpus = tokenizer_corpus(corpus_records, seed)
     spec = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, seed=seed, corpus_records=corpus_records,
+        max_position_embeddings=max_position_embeddings, seed=seed,
+        # the corpus itself, so that a change to the demo tasks rebuilds the tokenizer trained on them
+        corpus_sha256=hashlib.sha256(json.dumps(corpus).encode()).hexdigest(),
     )
     spec_file = path / "tiny_spec.json"
     if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
         return path
-    tokenizer = build_tiny_tokenizer(vocab_size, seed, corpus_records)
+    tokenizer = build_tiny_tokenizer(corpus, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
