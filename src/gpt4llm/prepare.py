@@ -23,11 +23,12 @@ def prepare(cfg: DictConfig) -> dict:
 
     check_config(cfg.data, "data")
     tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
-    splits, report = instantiate(cfg.data, tokenizer=tokenizer).build()
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    splits, report = datamodule.build()
     out = Path(cfg.paths.output_dir)
     for name, split in splits.items():
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in split.select_columns(["index", "input_ids", "labels"]):
+            for row in split.select_columns(list(datamodule.audit_columns)):
                 f.write(json.dumps(row) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(json.dumps(report, indent=2, ensure_ascii=False))

@@ -131,6 +131,8 @@ def _report(path, load_summary, tokenized, no_target, splits, max_length, tokeni
 class SFTDataModule(L.LightningDataModule):
     """Alpaca-format records from one file (local, downloaded, or the generated demo) as SFT batches."""
 
+    audit_columns = ("index", "input_ids", "labels")  # what `gpt4llm.prepare` writes of each processed example
+
     def __init__(
         self,
         tokenizer,
