@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,9 @@ TINY_OVERRIDES = [f"model.tiny.{k}={v}" for k, v in TINY_SPEC.items()]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: the tiny models gain nothing from two, and on a shared 2-core machine two threads per process
+# oversubscribe the cores and make small ops (generation above all) many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

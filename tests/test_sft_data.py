@@ -15,9 +15,9 @@ RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.\n2. Sleep.\n3. Move."},
     {"instruction": "Add the two numbers.", "input": "12 and 35", "output": "47"},
     {"instruction": "把这个词倒过来写。", "input": "学习", "output": "习学"},
-    {"instruction": "Summarise the text.", "input": "word " * 12, "output": "A long text. " * 40},  # past the limit
+    {"instruction": "Summarise the text.", "input": "word " * 6, "output": "A long text. " * 40},  # past the limit
 ]
-MAX_LENGTH = 96
+MAX_LENGTH = 128
 
 
 def stanford_preprocess(records, tokenizer, max_length):

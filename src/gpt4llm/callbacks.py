@@ -11,15 +11,22 @@ from gpt4llm.generation import generate_responses
 
 
 class TokenThroughput(L.Callback):
-    """`train/tokens_per_s`: non-pad tokens per second of training-step wall time, across all devices."""
+    """`train/tokens_per_s`: real (non-pad) tokens per second across all devices, and `train/pad_fraction`: the share
+    of the tokens computed that were padding.
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
+    Time runs from one batch's end to the next, so data loading and the optimizer step count as well.
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        elapsed = time.perf_counter() - self._start
-        tokens = batch["attention_mask"].sum() * trainer.world_size
-        pl_module.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        computed = batch["input_ids"].numel()
+        real = batch["attention_mask"].sum() if "attention_mask" in batch else computed  # packed rows have no pads
+        pl_module.log("train/tokens_per_s", real * trainer.world_size / max(elapsed, 1e-9), prog_bar=True)
+        pl_module.log("train/pad_fraction", 1 - real / computed)
 
 
 class ExactMatch(L.Callback):

@@ -23,9 +23,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
-from gpt4llm.data.sft import SFTCollator, tokenize_batch
+from gpt4llm.data.sft import LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
 from gpt4llm.data.sources import ensure_file
 
+# How training batches are laid out: "packed" (one row, no padding: data.sft.PackedCollator), "grouped" (padded
+# batches of similar lengths: data.sft.LengthGroupedSampler), "random" (padded, in random order).
+BATCHING = ("packed", "grouped", "random")
 CACHE_VERSION = 1  # bump when tokenize_batch or the split changes what it produces
 
 
@@ -128,6 +131,22 @@ def _report(path, load_summary, tokenized, no_target, splits, max_length, tokeni
     }
 
 
+def padding_report(lengths: list[int], batch_size: int, seed: int, batching: str) -> dict[str, Any]:
+    """The share of computed training tokens that are padding in an epoch, for each way of batching."""
+    random_order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    grouped_order = LengthGroupedSampler(lengths, batch_size, seed=seed).order(0)
+
+    def pad_fraction(order: list[int]) -> float:
+        batches = [[lengths[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+        return round(1 - sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches), 4)
+
+    return {
+        "batch_size": batch_size,
+        "batching": batching,
+        "pad_fraction": {"random": pad_fraction(random_order), "grouped": pad_fraction(grouped_order), "packed": 0.0},
+    }
+
+
 class SFTDataModule(L.LightningDataModule):
     """Alpaca-format records from one file (local, downloaded, or the generated demo) as SFT batches."""
 
@@ -150,6 +169,7 @@ class SFTDataModule(L.LightningDataModule):
         skip_invalid: bool = False,
         cache_dir: str = "data/cache",
         exact_match_examples: int = 0,
+        batching: str = "grouped",
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -159,6 +179,9 @@ class SFTDataModule(L.LightningDataModule):
         self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
         # For datasets whose answers are exact (the demo), generation on this many held-out records is scored.
         self.exact_match_examples = exact_match_examples
+        if batching not in BATCHING:
+            raise ValueError(f"data.batching={batching!r}: choose one of {', '.join(BATCHING)}")
+        self.batching = batching
         self.splits: DatasetDict | None = None
         self.report: dict[str, Any] | None = None
         self._train_loader: StatefulDataLoader | None = None
@@ -172,9 +195,11 @@ class SFTDataModule(L.LightningDataModule):
         )
 
     def build(self) -> tuple[DatasetDict, dict[str, Any]]:
-        return build_sft_splits(
+        splits, report = build_sft_splits(
             self.source_file(), self.tokenizer, self.max_length, self.val_size, self.split_seed, self.cache_dir, self.skip_invalid
         )
+        padding = padding_report(splits["train"]["num_tokens"], self.batch_size, self.split_seed, self.batching)
+        return splits, report | {"padding": padding}
 
     def prepare_data(self) -> None:
         self.build()  # downloads and tokenizes once per node; `setup` then reads the cache on every rank
@@ -185,12 +210,22 @@ class SFTDataModule(L.LightningDataModule):
             skipped = {reason: s["count"] for reason, s in self.report["skipped"].items()}
             rank_zero_info(
                 f"Data {self.report['file']}: {self.report['splits']} examples; skipped {skipped or 'none'}; "
-                f"truncated at {self.max_length} tokens: {self.report['truncated']['count']}"
+                f"truncated at {self.max_length} tokens: {self.report['truncated']['count']}; "
+                f"padding by batching: {self.report['padding']['pad_fraction']} (data.batching={self.batching})"
             )
 
     def train_dataloader(self) -> StatefulDataLoader:
-        # Stateful, with its own seeded generator, so a resumed run continues with the very batches it would have seen.
-        self._train_loader = self._loader("train", self.batch_size, shuffle=True)
+        # Stateful and seeded, so a resumed run continues with the very batches it would have seen. The same
+        # examples make each batch whichever the layout; validation is always padded, so val/loss compares.
+        split = self.splits["train"]
+        padded = SFTCollator(self.tokenizer.pad_token_id)
+        if self.batching == "packed":
+            self._train_loader = self._loader(split, PackedCollator(), generator=self._generator())
+        elif self.batching == "grouped":
+            sampler = LengthGroupedSampler(split["num_tokens"], self.batch_size, seed=self.split_seed)
+            self._train_loader = self._loader(split, padded, sampler=sampler)
+        else:
+            self._train_loader = self._loader(split, padded, generator=self._generator())
         if self._train_loader_state is not None:
             self._train_loader.load_state_dict(self._train_loader_state)
             self._train_loader_state = None
@@ -206,15 +241,20 @@ class SFTDataModule(L.LightningDataModule):
         self._train_loader_state = state_dict.get("train_loader")
 
     def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader("validation", self.eval_batch_size, shuffle=False)
+        padded = SFTCollator(self.tokenizer.pad_token_id)
+        return self._loader(self.splits["validation"], padded, batch_size=self.eval_batch_size)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> StatefulDataLoader:
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.split_seed)
+
+    def _loader(self, split: Dataset, collate, batch_size: int | None = None, generator=None, sampler=None) -> StatefulDataLoader:
         return StatefulDataLoader(
-            self.splits[split].select_columns(["input_ids", "labels"]),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.split_seed) if shuffle else None,
-            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
+            split.select_columns(["input_ids", "labels"]),
+            batch_size=batch_size or self.batch_size,
+            shuffle=generator is not None,
+            generator=generator,
+            sampler=sampler,
+            collate_fn=collate,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

@@ -7,9 +7,11 @@ Prompt and full text are tokenized separately, as stanford_alpaca does, so the i
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import Sampler
 
 from gpt4llm.prompts import format_prompt
 
@@ -66,3 +68,67 @@ class SFTCollator:
             labels[row, :n] = torch.as_tensor(example["labels"])
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@dataclass
+class PackedCollator:
+    """Concatenates a batch's examples into one row, so no token of the batch is padding.
+
+    Position ids restart at 0 for every example and no attention mask is passed: from that layout transformers
+    builds a block-diagonal causal mask (flash-attention varlen on GPUs that have it, SDPA / eager / flex
+    elsewhere), so no token attends across an example boundary. Each example's first label is -100 (it always is
+    a prompt token), so no example is trained to predict from the one before it; the summed loss over supervised
+    tokens, and so the per-token mean, is that of the same examples unpacked.
+    """
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = torch.cat([torch.as_tensor(e["input_ids"]) for e in examples])
+        labels = torch.cat([torch.as_tensor(e["labels"]) for e in examples])
+        starts = torch.tensor([0] + [len(e["input_ids"]) for e in examples[:-1]]).cumsum(0)
+        labels[starts] = IGNORE_INDEX
+        position_ids = torch.cat([torch.arange(len(e["input_ids"])) for e in examples])
+        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None]}
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random batches of examples of similar length, so a padded batch wastes little.
+
+    Each epoch shuffles the examples, sorts each group of `group_batches` batches by length (longest first), cuts
+    it into batches and shuffles the batches. Deterministic by seed and epoch, and stateful (epoch, examples
+    yielded) so a resumed run continues with the batches it would have seen.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 64) -> None:
+        self.lengths, self.batch_size, self.seed, self.group_batches = lengths, batch_size, seed, group_batches
+        self.epoch, self._yielded, self._skip = 0, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def order(self, epoch: int) -> list[int]:
+        rng = random.Random(f"{self.seed}-{epoch}")
+        indices = list(range(len(self.lengths)))
+        rng.shuffle(indices)
+        group = self.batch_size * self.group_batches
+        batches = []
+        for start in range(0, len(indices), group):
+            chunk = sorted(indices[start : start + group], key=self.lengths.__getitem__, reverse=True)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        # Only the very last batch can be short; it stays last so every other batch keeps its size.
+        last = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        rng.shuffle(batches)
+        return [i for batch in batches + last for i in batch]
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        self._yielded, self._skip = self._skip, 0
+        for index in order[self._yielded :]:
+            self._yielded += 1
+            yield index
+        self.epoch, self._yielded = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip = state["epoch"], state["yielded"]

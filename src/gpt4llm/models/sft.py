@@ -47,17 +47,23 @@ class SFTModule(L.LightningModule):
             self.model = load_causal_lm(self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing)
             self.model.train()  # from_pretrained returns it in eval mode, and Lightning keeps a submodule's mode
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # A padded batch has an attention mask; a packed one has position ids instead (see data.sft.PackedCollator).
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,  # also required for packing: transformers reads packed position ids only without a cache
+        ).logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = masked_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        loss, _ = masked_lm_loss(self(batch), batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, tokens = masked_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        loss, tokens = masked_lm_loss(self(batch), batch["labels"])
         self.val_loss.update(loss, weight=tokens)  # a per-token mean over the whole split, not a mean of batch means
         self.log("val/loss", self.val_loss, prog_bar=True)
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gpt4llm.data.demo import make_demo_records
@@ -29,7 +29,14 @@ def tokenizer_corpus(corpus_records: int, seed: int) -> list[str]:
 
 def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Spaces are tokens of their own, so a word has the same ids wherever it stands ("name: Irene" and, after
+    # "### Response:", "Irene"): the demo's copying tasks are then plain copies, which a tiny model learns fast.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\s+|\w+|[^\w\s]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
         corpus,

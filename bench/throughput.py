@@ -1,0 +1,132 @@
+"""Throughput: batches as stanford_alpaca builds them against our default, same model, data and examples, one run.
+
+    python bench/throughput.py                                                   # the demo data, model=tiny
+    python bench/throughput.py --data ../shared/data/alpaca_gpt4_sample_1k.json  # realistic GPT-4 lengths
+    python bench/throughput.py --model-dir /models/llama-1b --accelerator gpu --precision bf16-mixed
+
+(a) stanford: the records in file order, batch 4, each batch padded to its longest record (padding is computed).
+(b) ours: the training batches `data=local` builds by default (conf/data/local.yaml: `batching`).
+Both train the same initial model on the same examples with the same optimizer and schedule, one epoch. Printed:
+real (non-pad) tokens per second of each way, the ratio (b)/(a), the median over --repeats, and each way's
+validation loss after training (the same padded validation batches for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    """Wall time from the first training batch to the last, and the real tokens trained on in it."""
+
+    def __init__(self):
+        import lightning as L
+
+        outer = self
+
+        class _Callback(L.Callback):
+            def on_train_start(self, trainer, pl_module):
+                outer.start, outer.real, outer.computed = time.perf_counter(), 0, 0
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                outer.computed += batch["input_ids"].numel()
+                outer.real += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+            def on_train_end(self, trainer, pl_module):
+                outer.seconds = time.perf_counter() - outer.start
+
+        self.callback = _Callback()
+
+
+def train_once(cfg, tokenizer, train_loader, val_loader, args) -> dict[str, float]:
+    import lightning as L
+    from hydra.utils import instantiate
+
+    L.seed_everything(0, verbose=False)
+    module = instantiate(cfg.task, tokenizer=tokenizer)
+    clock = Clock()
+    trainer = L.Trainer(
+        accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+        gradient_clip_val=1.0, callbacks=[clock.callback], num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=train_loader)
+    val_loss = trainer.validate(module, dataloaders=val_loader, verbose=False)[0]["val/loss"]
+    return {
+        "tokens_per_s": clock.real / clock.seconds, "seconds": clock.seconds,
+        "pad_fraction": 1 - clock.real / clock.computed, "val_loss": val_loss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="an Alpaca-format file (default: the generated demo)")
+    parser.add_argument("--model-dir", help="a local Hugging Face causal LM (default: model=tiny)")
+    parser.add_argument("--examples", type=int, default=512, help="training examples per run (both ways)")
+    parser.add_argument("--val-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--work-dir", default=str(ROOT / "data"), help="where the tiny model, demo and caches go")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from gpt4llm.data.demo import write_demo_file
+    from gpt4llm.data.sft import SFTCollator
+    from gpt4llm.models.hf import prepare_tokenizer
+
+    data = args.data or str(write_demo_file(Path(args.work_dir) / "demo" / "bench_demo.json", 4000, seed=0))
+    model = ["model=hf", f"model.path={args.model_dir}"] if args.model_dir else ["model=tiny"]
+    overrides = [
+        *model, "data=local", f"data.path={data}", f"paths.data_dir={args.work_dir}", "data.batch_size=4",
+        f"data.val_size={args.val_size}", f"model.max_length={args.max_length}", "data.num_workers=0",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    if not args.model_dir:
+        cfg.model.tiny.max_position_embeddings = max(args.max_length, cfg.model.tiny.max_position_embeddings)
+
+    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    train = datamodule.splits["train"]
+    if len(train) < args.examples:
+        sys.exit(f"{data}: only {len(train)} training examples; ask for --examples {len(train)} or fewer")
+    # The first N training records in file order: what (a) trains on, and what (b) lays out its own way.
+    train = train.sort("index").select(range(args.examples))
+    datamodule.splits["train"] = train
+    padded = SFTCollator(tokenizer.pad_token_id)
+    stanford = DataLoader(train.select_columns(["input_ids", "labels"]), batch_size=4, shuffle=False, collate_fn=padded)
+    val = DataLoader(datamodule.splits["validation"].select_columns(["input_ids", "labels"]), batch_size=16, collate_fn=padded)
+
+    runs = {"stanford": [], "ours": []}
+    for repeat in range(args.repeats):
+        runs["stanford"].append(train_once(cfg, tokenizer, stanford, val, args))
+        runs["ours"].append(train_once(cfg, tokenizer, datamodule.train_dataloader(), val, args))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()), flush=True)
+
+    print(f"\n{args.examples} examples of {data}, model {cfg.model.path}, batch 4, {args.repeats} repeats (median)")
+    print(f"ours = data.batching={cfg.data.batching}")
+    print(f"{'way':10s} {'real tok/s':>11s} {'pad frac':>9s} {'seconds':>8s} {'val loss':>9s}")
+    median = {}
+    for way, results in runs.items():
+        median[way] = {k: statistics.median(r[k] for r in results) for k in results[0]}
+        m = median[way]
+        print(f"{way:10s} {m['tokens_per_s']:11.0f} {m['pad_fraction']:9.3f} {m['seconds']:8.1f} {m['val_loss']:9.4f}")
+    ratios = [o["tokens_per_s"] / s["tokens_per_s"] for s, o in zip(runs["stanford"], runs["ours"])]
+    print(f"ratio ours/stanford (real tokens/s): median {statistics.median(ratios):.2f}  (each repeat: "
+          + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+
+
+if __name__ == "__main__":
+    main()

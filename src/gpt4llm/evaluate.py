@@ -1,0 +1,163 @@
+"""Evaluate: `python -m gpt4llm.evaluate metric=rouge|judge|reward responses=<responses.jsonl or [a,b,...]>`.
+
+- metric=rouge: ROUGE-1/2/L by reference length, written as the paper's eval_unnatural_instructions/*.json.
+- metric=judge: the GPT-4 judge's relative score against metric.opponent, per category and overall.
+- metric=reward: rewards of the answers from metric.model (a reward model export); for a best-of-N file
+  (gpt4llm.bestofn) the ranking groups 1..N and B, each also written as a responses file for the judge.
+Everything goes to the run directory (logs/evaluate/runs/<time>/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from gpt4llm.cli import CONFIG_PATH
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_rouge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) -> dict:
+    from gpt4llm.evaluation.rouge import evaluate_rouge, format_table, write_tables
+
+    tables, per_pair, problems = evaluate_rouge(answers, use_stemmer=cfg.metric.use_stemmer)
+    files = write_tables(tables, out, cfg.metric.prefix)
+    with open(out / f"{cfg.metric.prefix}_scores.jsonl", "w", encoding="utf-8") as f:
+        for row in per_pair:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    report = {"use_stemmer": cfg.metric.use_stemmer, "problems": problems, "tables": [str(p) for p in files]}
+    (out / f"{cfg.metric.prefix}_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    print(format_table(tables))
+    _print_problems(problems)
+    print(f"\nTables: {out}/{cfg.metric.prefix}_len{{0-2,3-5,6-10,10-,ALL}}.json  (per pair: {cfg.metric.prefix}_scores.jsonl)")
+    return report
+
+
+def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) -> list[dict]:
+    from gpt4llm.evaluation.judge import judge
+    from gpt4llm.evaluation.responses import read_responses
+    from gpt4llm.openai_client import ChatClient
+
+    m = cfg.metric
+    questions = None
+    if cfg.get("eval"):
+        from gpt4llm.evaluation.eval_sets import load_eval_set
+
+        questions = {str(r["id"]): r for r in load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))}
+    opponent = read_responses(m.opponent) if m.opponent else None
+    client = ChatClient(
+        m.base_url, m.model, api_key_env=m.api_key_env, cache_path=m.cache, timeout=m.timeout,
+        max_retries=m.max_retries, backoff=m.backoff, concurrency=m.concurrency,
+    )
+    summaries = []
+    for mine in answers:
+        name = _slug(mine[0]["model"])
+        reviews, summary = judge(
+            client, mine, opponent, m.mode, {"temperature": m.temperature, "max_tokens": m.max_tokens},
+            m.max_parse_retries, questions,
+        )
+        summary["judge"] = {"base_url": m.base_url, "model": m.model, "temperature": m.temperature}
+        with open(out / f"judge_reviews_{name}.jsonl", "w", encoding="utf-8") as f:
+            for review in reviews:
+                f.write(json.dumps(review, ensure_ascii=False) + "\n")
+        (out / f"judge_summary_{name}.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        summaries.append(summary)
+        _print_judge(summary)
+        _print_problems({name: summary["problems"]})
+    print(f"\nRequests: {client.stats.as_dict()}\nSummaries: {out}/judge_summary_*.json  (reviews: judge_reviews_*.jsonl)")
+    return summaries
+
+
+def _print_judge(s: dict) -> None:
+    def cell(block: dict) -> str:
+        if s["opponent"] is None:
+            return f"mean {block['mean']:.2f} ({block['scored']} scored)" if block["mean"] is not None else "-"
+        a, b = block["totals"]
+        rel = f"{block['relative']:.0f}%" if block["relative"] is not None else "-"
+        return f"{a:g} : {b:g} = {rel} ({block['scored']} scored)"
+
+    print(f"\n{s['model']} vs {s['opponent'] or '(no opponent)'} ({s['mode']}): {cell(s)}")
+    for category, block in s["per_category"].items():
+        print(f"  {category:16s} {cell(block)}")
+
+
+def _print_problems(problems: dict[str, dict]) -> None:
+    for model, found in problems.items():
+        for reason, info in found.items():
+            ids = info.get("first_ids", info.get("ids", []))[:10]
+            print(f"  {model}: {info['count']} x {reason}; ids {ids}")
+
+
+def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
+    from gpt4llm.evaluation.responses import read_responses
+    from gpt4llm.evaluation.reward import is_best_of_n, ranking_groups, score_answers, summarize_rewards
+
+    summary: dict[str, dict] = {}
+    for path in paths:
+        if is_best_of_n(path):  # rewards are in the file: summarise the ranking groups, write each for the judge
+            for name, answers in ranking_groups(path).items():
+                _write_jsonl(out / "ranking_groups" / name / "responses.jsonl", answers)
+                summary[name] = summarize_rewards(answers) | {"source": str(path)}
+            continue
+        if not cfg.metric.model:
+            raise ValueError(f"{path}: scoring answers needs metric.model=<reward model export>")
+        answers = read_responses(path)
+        for answer, reward in zip(answers, score_answers(cfg.metric.model, answers, cfg.metric.batch_size)):
+            answer["reward"] = reward
+        name = answers[0]["model"]
+        _write_jsonl(out / f"reward_scores_{_slug(name)}.jsonl",
+                     [{k: a.get(k) for k in ("id", "model", "category", "reward")} for a in answers])
+        summary[name] = summarize_rewards(answers) | {"source": str(path), "reward_model": str(cfg.metric.model)}
+    (out / "reward_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    print("| model / group | scored | mean reward |\n|---|---:|---:|")
+    for name, s in summary.items():
+        mean = "-" if s["mean_reward"] is None else f"{s['mean_reward']:.4f}"
+        print(f"| {name} | {s['scored']} | {mean} |")
+    if (out / "ranking_groups").exists():
+        print(f"\nRanking groups as responses files (judge them with metric=judge): {out / 'ranking_groups'}/<group>/responses.jsonl")
+    print(f"Summary: {out / 'reward_summary.json'}")
+    return summary
+
+
+def _slug(name: str) -> str:
+    """A model name as part of a file name."""
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def evaluate(cfg: DictConfig):
+    from gpt4llm.evaluation.responses import read_responses
+
+    paths = list(cfg.responses) if isinstance(cfg.responses, ListConfig) else [cfg.responses]
+    out = Path(cfg.paths.output_dir)
+    if cfg.metric.name == "reward":
+        return evaluate_reward_cmd(cfg, paths, out)
+    answers = [read_responses(p) for p in paths]
+    names = [a[0]["model"] for a in answers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"responses: two files have the same model name ({names}); regenerate one with model.name=...")
+    if cfg.metric.name == "rouge":
+        return evaluate_rouge_cmd(cfg, answers, out)
+    if cfg.metric.name == "judge":
+        return evaluate_judge_cmd(cfg, answers, out)
+    raise ValueError(f"metric={cfg.metric.name}: expected rouge, judge or reward")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Generate: `python -m gpt4llm.generate model.path=EXPORT eval=vicuna80|user_oriented252|unnatural|demo`.
+
+Writes one JSON line per question to <run dir>/responses.jsonl (id, prompt, response, decoding settings, the
+reference where the eval set has one). The run directory is logs/generate/<eval>/<model name>, so the same command
+run again skips the ids already written: a killed run loses at most one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from gpt4llm.cli import CONFIG_PATH
+
+log = logging.getLogger(__name__)
+
+
+def model_name(path: str | None) -> str:
+    """A name for a model directory: its own name, or its run's name for a training export (<run>/export)."""
+    if not path:
+        return "model"
+    p = Path(str(path).rstrip("/"))
+    return p.parent.name if p.name == "export" and p.parent.name else p.name or "model"
+
+
+OmegaConf.register_new_resolver("gpt4llm.model_name", model_name, replace=True)
+
+
+def decoding_settings(decoding: DictConfig) -> dict:
+    """The settings that shape the answers, written on every line: temperature and top_p only when sampling."""
+    settings = {"max_new_tokens": int(decoding.max_new_tokens), "do_sample": bool(decoding.do_sample), "num_samples": int(decoding.num_samples)}
+    if settings["num_samples"] > 1 and not settings["do_sample"]:
+        raise ValueError("decoding.num_samples > 1 needs decoding.do_sample=true: greedy answers would all be the same")
+    if settings["do_sample"]:
+        settings |= {"temperature": float(decoding.temperature), "top_p": float(decoding.top_p)}
+    return settings
+
+
+def generate(cfg: DictConfig) -> Path:
+    import torch
+
+    from gpt4llm.evaluation.eval_sets import load_eval_set
+    from gpt4llm.generation import generate_to_file
+    from gpt4llm.models.hf import load_causal_lm, load_tokenizer
+
+    if not cfg.model.path:
+        raise ValueError("model.path is required: model.path=logs/train/runs/<time>/export, or any local Hugging Face causal LM directory")
+    decoding = decoding_settings(cfg.decoding)
+    records = load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.path, padding_side="left")
+    model = load_causal_lm(cfg.model.path, tokenizer, dtype=cfg.model.dtype)
+    device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    output = Path(cfg.output)
+    counts = generate_to_file(
+        model, tokenizer, records, output, decoding, batch_size=cfg.batch_size,
+        extra={"model": cfg.model.name, "eval": cfg.eval.name}, progress=f"{cfg.eval.name} / {cfg.model.name}",
+    )
+    log.info(f"Responses: {counts}")
+    print(f"\nResponses: {output}  ({counts['generated']} new, {counts['already_done']} already there, "
+          f"{counts['empty']} empty, {counts['cut_by_length']} cut at max_new_tokens)")
+    return output
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
+def main(cfg: DictConfig) -> None:
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Plots: `python -m gpt4llm.plots results=DIR` (or results=[DIR1,DIR2]) redraws the paper's figures from the result
+files it finds under DIR, and says which figures it drew and which inputs were missing.
+
+`results=../shared/data/gpt4llm_plots` redraws Figure 6 and the score distributions from the original data; a
+directory of `gpt4llm.evaluate` runs (logs/evaluate) adds your models' ROUGE tables and judge results, and one of
+`gpt4llm.generate` runs (logs/generate) their output lengths. PNG and PDF go to logs/plots/runs/<time>/.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from gpt4llm.cli import CONFIG_PATH
+
+
+def find_inputs(directories: list[Path]) -> dict[str, list[Path]]:
+    from gpt4llm.evaluation.figures import TABLE_FILE
+
+    found: dict[str, list[Path]] = defaultdict(list)
+    for directory in directories:
+        if not directory.is_dir():
+            raise FileNotFoundError(f"results={directory}: not a directory")
+        for path in sorted(directory.rglob("*")):
+            if TABLE_FILE.match(path.name):
+                found["rouge"].append(path)
+            elif path.name == "cmp_data_scores.json":
+                found["scores"].append(path)
+            elif path.name.startswith("judge_summary") and path.suffix == ".json":
+                found["judge"].append(path)
+            elif path.name == "responses.jsonl":
+                found["responses"].append(path)
+    return found
+
+
+def plots(cfg: DictConfig) -> dict[str, list[str]]:
+    from gpt4llm.evaluation import figures as F
+    from gpt4llm.evaluation.responses import read_responses
+
+    directories = [Path(d) for d in (cfg.results if isinstance(cfg.results, ListConfig) else [cfg.results])]
+    found = find_inputs(directories)
+    out, formats = Path(cfg.paths.output_dir), tuple(cfg.formats)
+    drawn: dict[str, list[str]] = {}
+    missing: list[str] = []
+
+    # Figure 6: every table set found, in one figure, so your model sits beside the paper's.
+    if found["rouge"]:
+        sets: dict[tuple[Path, str], list[Path]] = defaultdict(list)
+        for path in found["rouge"]:
+            sets[(path.parent, F.TABLE_FILE.match(path.name)["prefix"])].append(path)
+        models: dict[str, dict] = {}
+        for (parent, prefix), files in sets.items():
+            for name, rows in F.read_rouge_tables(files).items():
+                models[name if name not in models else f"{name} ({parent.name}/{prefix})"] = rows
+        drawn["ROUGE-L by reference length (Figure 6)"] = _save(F.draw_rouge_by_length(models), out, "bar_unnatural", formats)
+    else:
+        missing.append("Figure 6: no *_len{0-2,3-5,6-10,10-,ALL}.json ROUGE tables (python -m gpt4llm.evaluate metric=rouge)")
+
+    if found["scores"]:
+        for k, path in enumerate(found["scores"]):
+            fig = F.draw_score_distributions(F.read_score_lists(path))
+            drawn[f"score distributions (Figure 2) from {path}"] = _save(fig, out, "cmp_data_dist" + (f"_{k}" if k else ""), formats)
+    else:
+        missing.append("Figure 2: no cmp_data_scores.json")
+
+    # Figure 4: one chart per opponent; best-of-N groups (models named rank1..rankN, B) get their own.
+    bars: dict[tuple[str, str], list] = defaultdict(list)
+    for path in found["judge"]:
+        s = F.read_judge_summary(path)
+        if s["opponent"] is None or not s.get("totals"):
+            missing.append(f"{path}: no opponent, so no relative score to draw")
+            continue
+        kind = "ranking" if F.RANKING_MODEL.match(s["model"]) else "all"
+        bars[(kind, s["opponent"])].append((s["model"], *s["totals"]))
+    for (kind, opponent), rows in sorted(bars.items()):
+        if kind == "ranking":
+            rows.sort(key=lambda r: (r[0].upper() == "B", int(re.sub(r"\D", "", r[0]) or 0)))
+        slug = re.sub(r"[^\w.-]+", "_", opponent)
+        drawn[f"relative scores ({kind}) vs {opponent} (Figure 4)"] = _save(
+            F.draw_relative_scores(rows, opponent), out, f"bar_score_{kind}_vs_{slug}", formats)
+    if not found["judge"]:
+        missing.append("Figure 4: no judge_summary*.json (python -m gpt4llm.evaluate metric=judge)")
+
+    lengths: dict[str, list[int]] = {}
+    for path in found["responses"]:
+        answers = read_responses(path)
+        lengths[answers[0]["model"]] = [len(a["response"].split()) for a in answers]
+    for path in cfg.data_files:
+        from gpt4llm.data.records import load_instruction_records
+
+        records, _ = load_instruction_records(path, skip_invalid=True)
+        lengths[Path(path).stem] = [len(r["output"].split()) for r in records]
+    if lengths:
+        drawn["output lengths (Figure 1d)"] = _save(F.draw_output_lengths(lengths), out, "cmp_seq_len_freq", formats)
+    else:
+        missing.append("Figure 1d: no responses.jsonl under results and no data_files")
+
+    print(f"\nFigures in {out}:")
+    for what, paths in drawn.items():
+        print(f"  {what}: {', '.join(Path(p).name for p in paths)}")
+    for what in missing:
+        print(f"  not drawn: {what}")
+    return {"drawn": [p for paths in drawn.values() for p in paths], "missing": missing}
+
+
+def _save(fig, out: Path, name: str, formats: tuple[str, ...]) -> list[str]:
+    from gpt4llm.evaluation.figures import save
+
+    return [str(p) for p in save(fig, out, name, formats)]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plots")
+def main(cfg: DictConfig) -> None:
+    plots(cfg)
+
+
+if __name__ == "__main__":
+    main()

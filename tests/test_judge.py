@@ -1,0 +1,250 @@
+"""The chat client and the GPT-4 judge against a real HTTP server on 127.0.0.1 (no mocked client): retries on 429,
+5xx and timeouts, the on-disk cache (a rerun sends nothing), unparsable replies, and the key never written."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from gpt4llm.evaluation.judge import judge, parse_scores
+from gpt4llm.openai_client import ChatClient, ChatError
+
+KEY = "sk-test-NEVER-WRITE-THIS-0123456789"
+
+
+class ChatServer:
+    """An OpenAI-compatible /v1/chat/completions. `cues` are consumed one per request: an int status code, "slow"
+    (answers after the client's timeout), or None (a normal answer). `reply(request)` writes the answer text."""
+
+    def __init__(self, reply=lambda request: "ok", cues=()):
+        self.reply, self.cues, self.requests, self.auth = reply, list(cues), [], []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append(body)
+                    server.auth.append(self.headers.get("Authorization"))
+                    cue = server.cues.pop(0) if server.cues else None
+                if self.path != "/v1/chat/completions":
+                    return self.send_error(404)
+                if cue == "slow":
+                    time.sleep(2.5)
+                elif isinstance(cue, int):
+                    self.send_response(cue)
+                    if cue == 429:
+                        self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
+                text = server.reply(body)
+                payload = json.dumps({
+                    "id": "x", "object": "chat.completion", "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+                }).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(**kwargs):
+        servers.append(ChatServer(**kwargs))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+    return KEY
+
+
+def client(srv, tmp_path, **kwargs) -> ChatClient:
+    options = dict(api_key_env="JUDGE_TEST_KEY", cache_path=tmp_path / "cache.jsonl", timeout=1.0, backoff=0.01, max_retries=3)
+    return ChatClient(srv.base_url, "judge-model", **(options | kwargs))
+
+
+def test_chat_sends_key_returns_result_and_caches(server, key, tmp_path):
+    srv = server(reply=lambda r: "hello " + r["messages"][-1]["content"])
+    c = client(srv, tmp_path)
+    result = c.chat([{"role": "user", "content": "there"}], temperature=0.2, max_tokens=5)
+    assert (result.text, result.finish_reason, result.usage["completion_tokens"], result.cached) == ("hello there", "stop", 3, False)
+    assert srv.auth == [f"Bearer {KEY}"]
+    assert srv.requests[0] == {"model": "judge-model", "messages": [{"role": "user", "content": "there"}], "temperature": 0.2, "max_tokens": 5}
+
+    again = client(srv, tmp_path).chat([{"role": "user", "content": "there"}], temperature=0.2, max_tokens=5)
+    assert again.text == "hello there" and again.cached and len(srv.requests) == 1  # a new client, same cache file
+    other = c.chat([{"role": "user", "content": "there"}], temperature=0.7, max_tokens=5)  # other params: a new answer
+    assert not other.cached and len(srv.requests) == 2
+    c.chat([{"role": "user", "content": "there"}], sample=1, temperature=0.2, max_tokens=5)  # another sample: new too
+    assert len(srv.requests) == 3
+    assert KEY not in (tmp_path / "cache.jsonl").read_text()
+
+
+def test_retries_rate_limits_server_errors_and_timeouts(server, key, tmp_path, caplog):
+    srv = server(cues=[429, 503, "slow"])
+    c = client(srv, tmp_path)
+    assert c.chat([{"role": "user", "content": "q"}]).text == "ok"
+    assert len(srv.requests) == 4 and c.stats.retried == 3
+    assert KEY not in caplog.text
+
+
+def test_gives_up_after_bounded_retries_and_on_client_errors(server, key, tmp_path):
+    srv = server(cues=[500] * 10)
+    with pytest.raises(ChatError, match="gave up after 4 attempts") as err:
+        client(srv, tmp_path).chat([{"role": "user", "content": "q"}])
+    assert len(srv.requests) == 4 and KEY not in str(err.value)
+
+    srv = server(cues=[401])
+    with pytest.raises(ChatError, match=r"HTTP 401.*JUDGE_TEST_KEY") as err:
+        client(srv, tmp_path).chat([{"role": "user", "content": "q"}])
+    assert len(srv.requests) == 1 and KEY not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "reply, count, expected",
+    [
+        ("8 7\nAssistant 1 was better.", 2, [8.0, 7.0]),
+        ("8, 7.5", 2, [8.0, 7.5]),
+        ("Assistant 1: 9  Assistant 2: 6\n...", 2, [9.0, 6.0]),
+        ("\n9\nGood.", 1, [9.0]),
+        ("Score: 8/10", 1, [8.0]),
+        ("N/A", 1, None),
+        ("N/A\n8", 1, None),  # the score must be on the first line
+        ("8", 2, None),
+        ("11 3", 2, None),
+        ("", 1, None),
+    ],
+)
+def test_parse_scores(reply, count, expected):
+    assert parse_scores(reply, count) == expected
+
+
+def answer_file(path, model, answers: dict, layout="ours"):
+    with open(path, "w") as f:
+        for qid, (category, text) in answers.items():
+            if layout == "ours":
+                line = {"id": qid, "model": model, "category": category, "instruction": f"Question {qid}?", "input": "", "response": text}
+            else:  # FastChat's answer table
+                line = {"question_id": qid, "model_id": model, "text": text, "answer_id": f"a{qid}"}
+            f.write(json.dumps(line) + "\n")
+    return path
+
+
+def review_reply(request) -> str:
+    """Scores from the answers' text ("score N" in an answer), "N/A" for question 3 until its second sample."""
+    prompt = request["messages"][-1]["content"]
+    if "Question 3?" in prompt and not hasattr(review_reply, "seen3"):
+        review_reply.seen3 = True
+        return "N/A"
+    if "Question 4?" in prompt:
+        return "I cannot rate this."
+    return " ".join(re.findall(r"score (\d+)", prompt)) + "\nExplanation."
+
+
+def test_pairwise_relative_scores_retries_unparsable_and_reruns_for_free(server, key, tmp_path):
+    from gpt4llm.evaluation.responses import read_responses
+
+    if hasattr(review_reply, "seen3"):
+        del review_reply.seen3
+    srv = server(reply=review_reply, cues=[429])
+    mine = read_responses(answer_file(tmp_path / "mine.jsonl", "ours", {
+        1: ("generic", "score 8"), 2: ("generic", "score 6"), 3: ("math", "score 5"), 4: ("math", "score 9"), 5: ("math", ""),
+    }))
+    theirs = read_responses(answer_file(tmp_path / "gpt35.jsonl", "gpt-3.5", {
+        1: (None, "score 9"), 2: (None, "score 7"), 3: (None, "score 10"), 4: (None, "score 1"),
+    }, layout="fastchat"))
+    reviews, summary = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, max_parse_retries=2)
+
+    assert summary["model"] == "ours" and summary["opponent"] == "gpt-3.5"
+    assert summary["totals"] == [19.0, 26.0] and summary["relative"] == pytest.approx(100 * 19 / 26)
+    assert summary["per_category"]["generic"]["totals"] == [14.0, 16.0]
+    assert summary["per_category"]["math"]["totals"] == [5.0, 10.0]  # question 3, after one unparsable reply
+    assert summary["problems"]["unparsable (left out)"] == {"count": 1, "ids": [4]}
+    assert summary["problems"]["no opponent answer (left out)"] == {"count": 1, "ids": [5]}
+    by_id = {r["id"]: r for r in reviews}
+    assert by_id[3]["replies"] == [["N/A", "5 10\nExplanation."]] and by_id[4]["status"] == "unparsable"
+    assert len(by_id[4]["replies"][0]) == 3  # first ask + max_parse_retries
+    # The math questions get FastChat's math reviewer prompt, the others the general one.
+    math_prompt = next(r for r in srv.requests if "Question 3?" in r["messages"][-1]["content"])["messages"][-1]["content"]
+    assert "math problem" in math_prompt and math_prompt.startswith("[Question]\nQuestion 3?\n\n[The Start of Assistant 1's Answer]\nscore 5")
+    sent = len(srv.requests)
+    assert sent == 1 + 4 + 2 + 1  # the 429, four questions, question 3 and 4 again, question 4 a third time
+
+    reviews_again, summary_again = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, 2)
+    assert len(srv.requests) == sent, "a rerun must be answered from the cache"
+    assert summary_again["totals"] == summary["totals"] and summary_again["requests"]["cached"] == 7
+
+
+def test_single_answer_scoring_uses_the_papers_prompt(server, key, tmp_path):
+    from gpt4llm.evaluation.responses import read_responses
+
+    srv = server(reply=lambda r: re.search(r"score (\d+)", r["messages"][-1]["content"])[1] + "\nFine.")
+    mine = read_responses(answer_file(tmp_path / "mine.jsonl", "ours", {1: ("a", "score 8"), 2: ("b", "score 4")}))
+    theirs = read_responses(answer_file(tmp_path / "gpt4.jsonl", "gpt-4", {1: ("a", "score 10"), 2: ("b", "score 6")}))
+    _, summary = judge(client(srv, tmp_path), mine, theirs, "single")
+    assert summary["totals"] == [12.0, 16.0] and summary["relative"] == 75.0
+    assert len(srv.requests) == 4 and all(len(r["messages"]) == 1 for r in srv.requests)  # no system prompt
+    prompts = sorted(r["messages"][0]["content"] for r in srv.requests)  # sent concurrently: any order
+    assert prompts[0].startswith("### Instruction\nQuestion 1?\n### Response\nscore 10\n### End of Response\nWe would like")
+
+    _, alone = judge(client(srv, tmp_path), mine, None, "single")
+    assert alone["opponent"] is None and alone["mean"] == 6.0 and len(srv.requests) == 4  # cached
+
+
+@pytest.mark.slow
+def test_judge_cli_writes_summary_and_never_the_key(server, key, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    srv = server(reply=lambda r: "7 8\nClose.")
+    mine = answer_file(tmp_path / "mine.jsonl", "ours", {1: ("generic", "a"), 2: ("math", "b")})
+    theirs = answer_file(tmp_path / "theirs.jsonl", "chatgpt", {1: (None, "c"), 2: (None, "d")})
+    args = [
+        "metric=judge", f"responses={mine}", f"metric.opponent={theirs}", f"metric.base_url={srv.base_url}",
+        "metric.model=gpt-4", "metric.api_key_env=JUDGE_TEST_KEY", f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "gpt4llm.evaluate", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(srv.requests) == 2  # the second run was answered from data/cache
+    summary = json.loads((tmp_path / "run" / "judge_summary_ours.json").read_text())
+    assert summary["totals"] == [14.0, 16.0] and "14 : 16 = 88%" in proc.stdout
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if KEY in p.read_text(errors="replace")], "the API key was written to disk"
+    assert KEY not in proc.stdout + proc.stderr
