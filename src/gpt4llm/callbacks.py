@@ -17,6 +17,9 @@ class TokenThroughput(L.Callback):
     Time runs from one batch's end to the next, so data loading and the optimizer step count as well.
     """
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last = time.perf_counter()  # a run resumed in mid-epoch does not start that epoch again
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last = time.perf_counter()
 

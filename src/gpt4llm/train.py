@@ -34,9 +34,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from gpt4llm.config import check_config
     from gpt4llm.export import export_hf
+    from gpt4llm.hardware import check_launch, check_precision, cuda_capabilities
     from gpt4llm.models.hf import prepare_tokenizer
 
     check_config(cfg)
+    check_launch()  # under torchrun/srun every rank must name the same run directory
+    if cfg.trainer.accelerator != "cpu":  # bf16 asked for on a GPU without it (V100) stops here, not in a kernel
+        check_precision(cfg.trainer.precision, cfg.trainer.accelerator, *cuda_capabilities())
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
@@ -62,8 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     out = Path(cfg.paths.output_dir)
-    if cfg.export and trainer.is_global_zero:
-        export_hf(module.model, tokenizer, out / "export")
+    if cfg.export:  # on every rank: ZeRO-3 and FSDP gather the weights collectively; rank 0 writes and verifies
+        export_hf(module.model, tokenizer, out / "export", trainer=trainer)
     if trainer.is_global_zero:
         checkpoint = trainer.checkpoint_callback
         print(f"\nRun directory: {out}")

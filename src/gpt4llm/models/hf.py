@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -44,7 +46,18 @@ def resize_embeddings_with_mean(model: PreTrainedModel, new_size: int) -> None:
     old = model.get_input_embeddings().num_embeddings
     model.resize_token_embeddings(new_size, mean_resizing=False)
     embeddings = model.get_input_embeddings().weight
-    embeddings[old:] = embeddings[:old].mean(dim=0, keepdim=True)
     head = model.get_output_embeddings()
-    if head is not None and head.weight is not embeddings:  # untied output head (LLaMA)
-        head.weight[old:] = head.weight[:old].mean(dim=0, keepdim=True)
+    weights = [embeddings] + ([head.weight] if head is not None and head.weight is not embeddings else [])  # untied (LLaMA)
+    with gathered(weights):  # under ZeRO-3 each rank holds a slice: rank 0 writes the full rows, then they re-shard
+        for weight in weights:
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+
+
+def gathered(params: list[torch.nn.Parameter]):
+    """The full parameters inside the block when DeepSpeed ZeRO-3 has partitioned them (a partitioned parameter's
+    data is an empty placeholder: writing to it would silently do nothing), written back from rank 0 on exit."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

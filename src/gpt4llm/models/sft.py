@@ -13,6 +13,7 @@ from transformers import get_scheduler
 
 from gpt4llm.data.sft import IGNORE_INDEX
 from gpt4llm.models.hf import load_causal_lm
+from gpt4llm.strategies import hf_deepspeed_config
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +45,11 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         # Built here rather than in __init__ so that sharded strategies can take over its construction.
         if self.model is None:
+            # Under DeepSpeed ZeRO-3 Lightning calls this inside deepspeed.zero.Init. Registering the config with
+            # transformers (kept for the run: it holds a weak reference) makes from_pretrained load the checkpoint into
+            # the partitioned model, rank 0 reading it and every rank keeping its shard, instead of materialising the
+            # whole model on every rank; None under any other strategy.
+            self._zero3_config = hf_deepspeed_config(self._trainer.strategy if self._trainer is not None else None)
             self.model = load_causal_lm(self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing)
             self.model.train()  # from_pretrained returns it in eval mode, and Lightning keeps a submodule's mode
 
