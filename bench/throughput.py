@@ -54,7 +54,7 @@ def train_once(cfg, tokenizer, train_loader, val_loader, args) -> dict[str, floa
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-        gradient_clip_val=1.0, callbacks=[clock.callback], num_sanity_val_steps=0, limit_val_batches=0,
+        gradient_clip_val=1.0, callbacks=[clock.callback], num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=train_loader)
     val_loss = trainer.validate(module, dataloaders=val_loader, verbose=False)[0]["val/loss"]
@@ -74,8 +74,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the cores you have to yourself)")
     parser.add_argument("--work-dir", default=str(ROOT / "data"), help="where the tiny model, demo and caches go")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -110,9 +114,11 @@ def main() -> None:
     val = DataLoader(datamodule.splits["validation"].select_columns(["input_ids", "labels"]), batch_size=16, collate_fn=padded)
 
     runs = {"stanford": [], "ours": []}
+    loaders = {"stanford": lambda: stanford, "ours": datamodule.train_dataloader}
     for repeat in range(args.repeats):
-        runs["stanford"].append(train_once(cfg, tokenizer, stanford, val, args))
-        runs["ours"].append(train_once(cfg, tokenizer, datamodule.train_dataloader(), val, args))
+        # Alternating which way goes first, so neither always meets a cold or a warm process.
+        for way in (("stanford", "ours") if repeat % 2 == 0 else ("ours", "stanford")):
+            runs[way].append(train_once(cfg, tokenizer, loaders[way](), val, args))
         print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.0f} tok/s" for k, v in runs.items()), flush=True)
 
     print(f"\n{args.examples} examples of {data}, model {cfg.model.path}, batch 4, {args.repeats} repeats (median)")

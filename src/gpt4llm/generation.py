@@ -1,8 +1,9 @@
 """Batched generation from an instruction-tuned model with the training prompt template.
 
-`generate_responses` is the in-memory form (held-out exact match, best-of-N); `generate_to_file` is the form behind
-`python -m gpt4llm.generate`: it appends one JSON line per record as each batch finishes and, run again on the same
-file, skips the ids already there, so a killed run loses at most the batch it was in.
+`generate_responses` is the in-memory form (held-out exact match, best-of-N); `generate_completions` the batch-level
+form that `gpt4llm.serve` runs its batches through; `generate_to_file` is the form behind `python -m gpt4llm.generate`:
+it appends one JSON line per record as each batch finishes and, run again on the same file, skips the ids already
+there, so a killed run loses at most the batch it was in.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Completion:
     text: str
     num_tokens: int  # generated tokens before EOS (EOS itself not counted)
     finish_reason: str  # "eos": the model ended it; "length": max_new_tokens cut it
+    token_ids: tuple[int, ...] = ()  # the `num_tokens` generated ids (the server cuts a batch's answers per request)
 
 
 @torch.no_grad()
@@ -87,7 +89,16 @@ def _completion(tokenizer, tokens: list[int], eos: int) -> Completion:
         tokens, reason = tokens[: tokens.index(eos)], "eos"
     else:
         reason = "length"
-    return Completion(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), reason)
+    return Completion(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), reason, tuple(tokens))
+
+
+def truncate_completion(tokenizer, completion: Completion, max_tokens: int) -> Completion:
+    """`completion` cut to its first `max_tokens` tokens ("length" when that cut anything). Greedy decoding gives the
+    same first tokens whatever max_new_tokens was, so one batch can serve requests that asked for different limits."""
+    if completion.num_tokens <= max_tokens:
+        return completion
+    ids = completion.token_ids[:max_tokens]
+    return Completion(tokenizer.decode(list(ids), skip_special_tokens=True), len(ids), "length", ids)
 
 
 def generate_responses(

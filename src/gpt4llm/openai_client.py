@@ -2,9 +2,10 @@
 server), with what a long paid job needs: bounded retries with exponential backoff, a concurrency limit, and an
 on-disk answer cache, so that a rerun pays for nothing twice.
 
-    client = ChatClient("https://api.openai.com/v1", "gpt-4", cache_path="data/cache/chat/answers.jsonl")
+    client = ChatClient("https://api.openai.com/v1", "gpt-4", cache_path="data/cache/chat/answers.jsonl",
+                        prices={"prompt": 0.03, "completion": 0.06})
     result = client.chat([{"role": "user", "content": "Hi"}], temperature=0.2, max_tokens=64)
-    result.text, result.finish_reason, result.usage
+    result.text, result.finish_reason, result.usage, client.estimated_cost()
 
 Only the standard library is used (urllib), so no SDK pins our dependencies. The API key is read from the
 environment variable the caller names, sent in the Authorization header, and never logged, cached, or put in an
@@ -25,7 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -50,7 +51,10 @@ class ChatResult:
 
 @dataclass
 class ClientStats:
-    """What a run cost: requests sent (each retry counts), answers read from the cache, retries, token usage."""
+    """What a run cost: requests sent (each retry counts), answers read from the cache, retries, token usage.
+
+    `prompt_tokens`/`completion_tokens` are the tokens paid for in this run (answers received); the `cached_*` ones
+    are the usage recorded with the answers the cache returned instead, i.e. what the cache saved."""
 
     sent: int = 0
     cached: int = 0
@@ -58,6 +62,8 @@ class ClientStats:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:
@@ -118,13 +124,30 @@ class ChatClient:
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         concurrency: int = 4,
+        prices: dict[str, float] | None = None,
     ):
+        """`prices`: US$ per 1,000 tokens, {"prompt": ..., "completion": ...}, for `estimated_cost` (None: unknown)."""
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
         self.concurrency = max(1, concurrency)
         self.cache = AnswerCache(cache_path) if cache_path else None
         self.stats = ClientStats()
+        self.cancelled = threading.Event()  # set when a chat_many is interrupted: in-flight requests stop retrying
+        self.prices = dict(prices) if prices else None
+        if self.prices and set(self.prices) - {"prompt", "completion"}:
+            raise ValueError(f"prices={self.prices}: expected the keys 'prompt' and 'completion' (US$ per 1K tokens)")
+
+    def estimated_cost(self, cached: bool = False) -> float | None:
+        """US$ for the tokens paid in this run (`cached=True`: for those the cache saved), from `prices`."""
+        if not self.prices:
+            return None
+        s = self.stats
+        if cached:
+            prompt, completion = s.cached_prompt_tokens, s.cached_completion_tokens
+        else:
+            prompt, completion = s.prompt_tokens, s.completion_tokens
+        return (prompt * self.prices.get("prompt", 0.0) + completion * self.prices.get("completion", 0.0)) / 1000
 
     def cache_key(self, messages: list[dict], params: dict, sample: int) -> str:
         # The key is not part of it: the same request with another key is the same question.
@@ -139,9 +162,12 @@ class ChatClient:
         """
         key = self.cache_key(messages, params, sample)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            usage = hit.get("usage") or {}
             with self.stats.lock:
                 self.stats.cached += 1
-            return ChatResult(hit["text"], hit.get("finish_reason"), hit.get("usage") or {}, cached=True)
+                self.stats.cached_prompt_tokens += int(usage.get("prompt_tokens") or 0)
+                self.stats.cached_completion_tokens += int(usage.get("completion_tokens") or 0)
+            return ChatResult(hit["text"], hit.get("finish_reason"), usage, cached=True)
         reply = self._post({"model": self.model, "messages": messages, **params})
         try:
             choice = reply["choices"][0]
@@ -159,10 +185,15 @@ class ChatClient:
 
     def chat_many(self, requests: Iterable[dict], progress: str | None = None) -> list[ChatResult | ChatError]:
         """`chat(**request)` for each request, `concurrency` at a time, in input order. A request that fails for
-        good yields its ChatError in its place instead of stopping the others (whose answers are cached)."""
+        good yields its ChatError in its place instead of stopping the others (whose answers are cached).
+
+        The progress bar (when `progress` names it) shows the tokens paid so far, the estimated cost, and the
+        answers taken from the cache. Interrupted (Ctrl-C), the requests not yet started are cancelled and the
+        ones in flight finish into the cache, so the rerun finds them."""
         from tqdm.auto import tqdm
 
         requests = list(requests)
+        results: list[ChatResult | ChatError | None] = [None] * len(requests)
 
         def one(request: dict) -> ChatResult | ChatError:
             try:
@@ -172,9 +203,39 @@ class ChatClient:
                     self.stats.failed += 1
                 return err
 
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            results = pool.map(one, requests)
-            return list(tqdm(results, total=len(requests), desc=progress, disable=progress is None))
+        self.cancelled.clear()
+        pool = ThreadPoolExecutor(self.concurrency)
+        bar = tqdm(total=len(requests), desc=progress, unit="req", disable=progress is None)
+        try:
+            futures = {pool.submit(one, request): i for i, request in enumerate(requests)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+                if progress is not None:
+                    bar.set_postfix_str(self.progress_note(), refresh=False)
+        except BaseException:
+            self.cancelled.set()
+            raise
+        finally:
+            # On an exception (KeyboardInterrupt included) nothing new starts; in-flight requests end in the cache.
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def progress_note(self) -> str:
+        """'tokens 12.3k, ~$0.41, cached 10, failed 1': what the run has paid, for progress bars and logs."""
+        s = self.stats
+        note = f"tokens {_short(s.prompt_tokens + s.completion_tokens)}"
+        cost = self.estimated_cost()
+        if cost is not None:
+            note += f", ~${cost:.2f}"
+        if s.cached:
+            note += f", cached {s.cached}"
+        if s.retried:
+            note += f", retries {s.retried}"
+        if s.failed:
+            note += f", failed {s.failed}"
+        return note
 
     def _post(self, body: dict) -> dict:
         data = json.dumps(body, ensure_ascii=False).encode()
@@ -204,12 +265,18 @@ class ChatClient:
                 problem = f"reply is not JSON ({err.msg})"
             if attempt == self.max_retries:
                 raise ChatError(f"{self.url}: gave up after {attempt + 1} attempts; last: {problem}")
+            if self.cancelled.is_set():
+                raise ChatError(f"{self.url}: interrupted; last: {problem}")
             delay = min(self.max_backoff, wait if wait is not None else self.backoff * 2**attempt * random.uniform(0.5, 1.0))
             log.warning(f"{self.url}: {problem}; retry {attempt + 1}/{self.max_retries} in {delay:.1f}s")
             with self.stats.lock:
                 self.stats.retried += 1
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def _body_excerpt(err: urllib.error.HTTPError) -> str:
