@@ -1,0 +1,400 @@
+"""Comparison data for the reward model: a file of ranked responses -> (prompt, chosen, rejected) pairs -> tokenized,
+cached train/validation splits -> batches with every chosen and rejected sequence stacked for one forward pass.
+
+Three layouts are read, detected record by record, into the same pairs:
+
+  comparison_data_v2   {"user_input", "responses_and_scores": [{"response", "score", "source"}, ...]}
+                       every two responses with different scores make a pair, the higher score preferred;
+                       tied pairs are dropped and counted
+  comparison_data (v1) {"user_input", "completion_a", "completion_b"}: completion_a preferred
+  plain                {"prompt", "chosen", "rejected"}
+
+A reward-model sequence is `prompt + response + EOS` (the SFT text, so the reward is read where the policy stops),
+right-truncated at `max_length`, and the reward is read at its last token. `build_pair_splits` is the one code path
+shared by training and `gpt4llm.prepare`, and `encode_responses` the one shared with `gpt4llm.score`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+from lightning.pytorch.utilities import rank_zero_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from gpt4llm.data.datamodule import file_sha256, tokenizer_fingerprint
+from gpt4llm.data.demo_pairs import write_demo_pairs_file
+from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.sources import ensure_file
+from gpt4llm.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
+
+CACHE_VERSION = 1  # bump when parsing, tokenization or the split change what the cache holds
+RESPONSE_TAG = "### Response:"
+# The first paragraph of each Alpaca template: a prompt that starts with one was templated already.
+PREAMBLES = (PROMPT_INPUT.split("\n\n")[0], PROMPT_NO_INPUT.split("\n\n")[0])
+LAYOUTS = {  # name -> the fields that only this layout has
+    "comparison_data_v2": ("responses_and_scores",),
+    "comparison_data_v1": ("completion_a", "completion_b"),
+    "plain": ("chosen", "rejected"),
+}
+
+
+def alpaca_prompt(text: str) -> str:
+    """`text` as the Alpaca prompt the SFT model answers: wrapped in the no-input template unless it already holds a
+    template (the GPT-4-LLM comparison files do), and ending in '### Response:', which comparison_data_v2 leaves off."""
+    if not text.lstrip().startswith(PREAMBLES):
+        return format_prompt(text)
+    body = text.strip()
+    return body if body.endswith(RESPONSE_TAG) else body + "\n\n" + RESPONSE_TAG
+
+
+class _Problem(ValueError):
+    """A record that cannot be read as it is; becomes a RecordError (or a counted skip with skip_invalid)."""
+
+
+def _layout(record: dict) -> str:
+    for name, fields in LAYOUTS.items():
+        if any(f in record for f in fields):
+            return name
+    raise _Problem(
+        "is not a comparison record: expected 'responses_and_scores' (comparison_data_v2), "
+        "'completion_a'/'completion_b' (v1) or 'prompt'/'chosen'/'rejected'"
+    )
+
+
+def _string(record: dict, name: str, where: str = "") -> str:
+    label = f"{where}.{name}" if where else name
+    if name not in record:
+        raise _Problem(f"field '{label}' is missing")
+    if not isinstance(record[name], str):
+        raise _Problem(f"field '{label}' is {type(record[name]).__name__}, not a string")
+    return record[name]
+
+
+def _score(item: dict, where: str) -> float:
+    if "score" not in item:
+        raise _Problem(f"field '{where}.score' is missing")
+    score = item["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise _Problem(f"field '{where}.score' is {score!r} ({type(score).__name__}), not a number")
+    return float(score)
+
+
+def _ranked_responses(record: dict, layout: str) -> tuple[str, list[tuple[str, float]]]:
+    """The raw prompt and (response, score) pairs of one record, higher score preferred; raises _Problem."""
+    if layout == "plain":
+        return _string(record, "prompt"), [(_string(record, "chosen"), 1.0), (_string(record, "rejected"), 0.0)]
+    prompt = _string(record, "user_input")
+    if layout == "comparison_data_v1":
+        return prompt, [(_string(record, "completion_a"), 1.0), (_string(record, "completion_b"), 0.0)]
+    items = record["responses_and_scores"]
+    if not isinstance(items, list):
+        raise _Problem(f"field 'responses_and_scores' is {type(items).__name__}, not a list")
+    ranked = []
+    for j, item in enumerate(items):
+        where = f"responses_and_scores[{j}]"
+        if not isinstance(item, dict):
+            raise _Problem(f"field '{where}' is {type(item).__name__}, not an object with 'response' and 'score'")
+        ranked.append((_string(item, "response", where), _score(item, where)))
+    return prompt, ranked
+
+
+def read_comparison_pairs(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict], dict[str, Any]]:
+    """Every (prompt, chosen, rejected) pair of a comparison file, each with its record's index, and what was dropped.
+
+    Structural problems (not an object, a missing or non-string field, a missing or non-numeric score) stop with the
+    file, record and field, unless `skip_invalid`; a record with fewer than two responses, tied scores, identical
+    responses and repeated pairs are always dropped and counted.
+    """
+    raw = read_json_records(path)
+    layouts: Counter = Counter()
+    skipped: dict[str, list[int]] = defaultdict(list)  # reason -> record indices
+    dropped: dict[str, list[int]] = defaultdict(list)  # reason -> record index of each dropped pair
+    templated = candidates = 0
+    pairs, seen = [], set()
+    for index, record in enumerate(raw):
+        try:
+            if not isinstance(record, dict):
+                raise _Problem(f"is a JSON {type(record).__name__}, not an object")
+            layout = _layout(record)
+            raw_prompt, ranked = _ranked_responses(record, layout)
+        except _Problem as problem:
+            if not skip_invalid:
+                raise RecordError(f"{path}: record {index}: {problem} (set data.skip_invalid=true to skip such records)") from None
+            skipped[str(problem)].append(index)
+            continue
+        layouts[layout] += 1
+        if not raw_prompt.strip():
+            skipped["empty prompt"].append(index)
+            continue
+        if len(ranked) < 2:
+            skipped["fewer than two responses"].append(index)
+            continue
+        templated += raw_prompt.lstrip().startswith(PREAMBLES)
+        prompt = alpaca_prompt(raw_prompt)
+        for a in range(len(ranked)):
+            for b in range(a + 1, len(ranked)):
+                candidates += 1
+                (text_a, score_a), (text_b, score_b) = ranked[a], ranked[b]
+                chosen, rejected = (text_a, text_b) if score_a > score_b else (text_b, text_a)
+                if score_a == score_b:
+                    dropped["tied scores"].append(index)
+                elif text_a == text_b:
+                    dropped["identical responses"].append(index)
+                elif (prompt, chosen, rejected) in seen:
+                    dropped["duplicate pair"].append(index)
+                else:
+                    seen.add((prompt, chosen, rejected))
+                    pairs.append({"index": index, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+    report = {
+        "records": len(raw),
+        "layouts": dict(layouts),
+        "prompts_already_templated": templated,
+        "candidate_pairs": candidates,
+        "skipped_records": _counted(skipped),
+        "dropped_pairs": _counted(dropped),
+    }
+    return pairs, report
+
+
+def _counted(reasons: dict[str, list[int]]) -> dict[str, dict]:
+    return {reason: {"count": len(ix), "first_indices": sorted(set(ix))[:10]} for reason, ix in reasons.items()}
+
+
+def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids of `prompt + response + EOS`, right-truncated at `max_length`, and each untruncated length."""
+    texts = [p + r + tokenizer.eos_token for p, r in zip(prompts, responses)]
+    ids = tokenizer(texts)["input_ids"]
+    lengths = [len(x) for x in ids]
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long:  # the few over the limit again, with the tokenizer's own truncation (as the SFT data does)
+        for i, cut in zip(too_long, tokenizer([texts[i] for i in too_long], max_length=max_length, truncation=True)["input_ids"]):
+            ids[i] = cut
+    return ids, lengths
+
+
+def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
+    """`datasets.map(batched=True)` function: pairs -> chosen/rejected ids and audit columns."""
+    chosen, chosen_len = encode_responses(tokenizer, batch["prompt"], batch["chosen"], max_length)
+    rejected, rejected_len = encode_responses(tokenizer, batch["prompt"], batch["rejected"], max_length)
+    return {
+        "chosen_input_ids": chosen,
+        "rejected_input_ids": rejected,
+        "untruncated_tokens": [max(a, b) for a, b in zip(chosen_len, rejected_len)],
+        "truncated": [max(a, b) > max_length for a, b in zip(chosen_len, rejected_len)],
+        # Identical ids carry no preference (their loss is log 2 whatever the model): responses that differ only
+        # past max_length, or in text the tokenizer maps to the same ids.
+        "identical_ids": [a == b for a, b in zip(chosen, rejected)],
+    }
+
+
+def build_pair_splits(
+    path: str | Path,
+    tokenizer,
+    max_length: int,
+    val_size: int,
+    split_seed: int,
+    cache_dir: str | Path,
+    skip_invalid: bool = False,
+) -> tuple[DatasetDict, dict[str, Any]]:
+    """Tokenized train/validation pairs and the audit report, from the cache when this was prepared before.
+
+    `val_size` counts prompts: all pairs of a held-out prompt are held out (comparison_data_v2 gives up to three
+    pairs per prompt, and a prompt seen in training would flatter the held-out accuracy).
+    """
+    path = Path(path)
+    settings = dict(max_length=max_length, val_size=val_size, split_seed=split_seed, skip_invalid=skip_invalid)
+    key = hashlib.sha256(
+        json.dumps([CACHE_VERSION, file_sha256(path), tokenizer_fingerprint(tokenizer), settings]).encode()
+    ).hexdigest()[:20]
+    target = Path(cache_dir) / f"pairs-{path.stem}-{key}"
+    if (target / "report.json").exists():
+        return load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
+
+    pairs, read_report = read_comparison_pairs(path, skip_invalid=skip_invalid)
+    if not pairs:
+        raise ValueError(f"{path}: no usable pairs ({json.dumps(read_report)})")
+    tokenized = Dataset.from_list(pairs).map(
+        tokenize_pairs,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        num_proc=os.cpu_count() if len(pairs) >= 20_000 else None,  # process start-up costs more than it saves
+        desc=f"Tokenizing {path.name}",
+    )
+    identical = [i for i, same in enumerate(tokenized["identical_ids"]) if same]
+    usable = [i for i, same in enumerate(tokenized["identical_ids"]) if not same]
+    column = tokenized["prompt"]
+    prompts = list(dict.fromkeys(column[i] for i in usable))  # unique, in file order
+    if val_size >= len(prompts):
+        raise ValueError(f"{path}: data.val_size={val_size} prompts leaves none to train on ({len(prompts)} prompts)")
+    held_out = set(random.Random(split_seed).sample(prompts, val_size))
+    splits = DatasetDict(
+        train=tokenized.select([i for i in usable if column[i] not in held_out]),
+        validation=tokenized.select([i for i in usable if column[i] in held_out]),
+    )
+    report = _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer)
+
+    # Written beside the target and renamed into place, so an interrupted run never leaves a half-written cache.
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits.save_to_disk(str(tmp / "splits"))
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return load_from_disk(str(target / "splits")), report
+
+
+def _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer) -> dict[str, Any]:
+    indices = tokenized["index"]
+    lengths = np.asarray(tokenized["untruncated_tokens"])
+    truncated = [indices[i] for i, cut in enumerate(tokenized["truncated"]) if cut]
+    dropped = dict(read_report["dropped_pairs"])
+    if identical:
+        dropped["identical after tokenization"] = {
+            "count": len(identical), "first_indices": sorted({indices[i] for i in identical})[:10]
+        }
+    return {
+        "file": str(path),
+        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "max_length": max_length,
+        **{k: v for k, v in read_report.items() if k != "dropped_pairs"},
+        "pairs": len(splits["train"]) + len(splits["validation"]),
+        "dropped_pairs": dropped,
+        "ties_dropped": dropped.get("tied scores", {}).get("count", 0),
+        "splits": {name: len(split) for name, split in splits.items()},
+        "validation_prompts": val_size,
+        # a pair is truncated when either sequence is; a truncated response loses its end and its EOS
+        "truncated": {"count": len(truncated), "first_indices": truncated[:10]},
+        "token_length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99)}
+        | {"max": int(lengths.max())},
+    }
+
+
+def pad_right(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids padded on the right to the longest, and an attention mask built from the lengths (not from
+    `ids != pad`, so a pad token that is also EOS never hides the real EOS)."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class PairCollator:
+    """B pairs -> one batch of 2B sequences, the B chosen first, then the B rejected in the same order."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        sequences = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
+        return pad_right(sequences, self.pad_token_id)
+
+
+class PairDataModule(L.LightningDataModule):
+    """Comparison records from one file (local, downloaded, or the generated demo) as reward-model batches."""
+
+    audit_columns = ("index", "chosen_input_ids", "rejected_input_ids")  # what `gpt4llm.prepare` writes per pair
+
+    def __init__(
+        self,
+        tokenizer,
+        path: str,
+        url: str | None = None,
+        sha256: str | None = None,
+        num_records: int | None = None,
+        required_fields: list[str] | None = None,
+        demo: dict | None = None,
+        max_length: int = 512,
+        val_size: int = 200,
+        split_seed: int = 0,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+        cache_dir: str = "data/cache",
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.path, self.url, self.sha256, self.num_records, self.demo = Path(path), url, sha256, num_records, demo
+        self.required_fields = tuple(required_fields or ())
+        self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
+        self.splits: DatasetDict | None = None
+        self.report: dict[str, Any] | None = None
+        self._train_loader: StatefulDataLoader | None = None
+        self._train_loader_state: dict | None = None  # from a checkpoint, applied to the next train loader
+
+    def source_file(self) -> Path:
+        if self.demo is not None and not self.path.exists():
+            return write_demo_pairs_file(self.path, **self.demo)
+        if not self.url and not self.path.exists():
+            raise FileNotFoundError(
+                f"{self.path}: no such file. Point data.path at your comparison file (.json or .jsonl): "
+                "prompt/chosen/rejected, user_input/completion_a/completion_b, or user_input/responses_and_scores."
+            )
+        return ensure_file(
+            self.path, self.url, sha256=self.sha256, num_records=self.num_records, required_fields=self.required_fields
+        )
+
+    def build(self) -> tuple[DatasetDict, dict[str, Any]]:
+        return build_pair_splits(
+            self.source_file(), self.tokenizer, self.max_length, self.val_size, self.split_seed, self.cache_dir, self.skip_invalid
+        )
+
+    def prepare_data(self) -> None:
+        self.build()  # downloads and tokenizes once per node; `setup` then reads the cache on every rank
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits, self.report = self.build()
+            dropped = {reason: d["count"] for reason, d in self.report["dropped_pairs"].items()}
+            skipped = {reason: s["count"] for reason, s in self.report["skipped_records"].items()}
+            rank_zero_info(
+                f"Pairs {self.report['file']}: {self.report['splits']}; records skipped {skipped or 'none'}; "
+                f"pairs dropped {dropped or 'none'}; truncated at {self.max_length} tokens: {self.report['truncated']['count']}"
+            )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        self._train_loader = self._loader("train", self.batch_size, shuffle=True)
+        if self._train_loader_state is not None:
+            self._train_loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        return self._train_loader
+
+    # As in SFTDataModule: the loader's position travels with the data module's state, so a resumed run continues
+    # with the batches it would have seen (Lightning-AI/pytorch-lightning#20550).
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_loader_state = state_dict.get("train_loader")
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader("validation", self.eval_batch_size, shuffle=False)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            self.splits[split].select_columns(["chosen_input_ids", "rejected_input_ids"]),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.split_seed) if shuffle else None,
+            collate_fn=PairCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )

@@ -1,0 +1,176 @@
+"""Comparison files -> exact (prompt, chosen, rejected) pairs in every layout; bad records; tokenized splits; batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import gpt4llm.data.pairs as pairs_module
+from gpt4llm.data.demo import make_demo_records
+from gpt4llm.data.demo_pairs import KINDS, make_demo_pairs, write_demo_pairs_file
+from gpt4llm.data.pairs import PairCollator, alpaca_prompt, build_pair_splits, read_comparison_pairs
+from gpt4llm.data.records import RecordError
+from gpt4llm.prompts import format_prompt
+
+# As in comparison_data_v2.json: the template is already there, without its final '### Response:'.
+V2_PROMPT = format_prompt("Give three tips for staying healthy.").removesuffix("\n\n### Response:")
+V1_PROMPT = format_prompt("Add the numbers.", "2 and 3")  # v1 kept the whole template
+
+
+def write(tmp_path, records, name="pairs.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def triples(pairs):
+    return [(p["index"], p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+
+
+def test_prompts_are_wrapped_once():
+    assert alpaca_prompt("Name a color.") == format_prompt("Name a color.")
+    assert alpaca_prompt(V2_PROMPT) == format_prompt("Give three tips for staying healthy.")  # tag appended
+    assert alpaca_prompt(V1_PROMPT) == V1_PROMPT
+    assert alpaca_prompt(V1_PROMPT + "\n") == V1_PROMPT
+    for text in ("Name a color.", V1_PROMPT, V2_PROMPT):
+        assert alpaca_prompt(alpaca_prompt(text)) == alpaca_prompt(text)
+        assert alpaca_prompt(text).count("Below is an instruction") == 1
+
+
+def test_v2_every_differently_scored_pair_higher_preferred(tmp_path):
+    path = write(tmp_path, [
+        {"user_input": V2_PROMPT, "responses_and_scores": [
+            {"response": "A", "score": 9.0, "source": "gpt4"},
+            {"response": "B", "score": 7.5, "source": "text-davinci-003"},
+            {"response": "C", "score": 9, "source": "icm-1.3b"},  # ties with A
+        ]},
+        {"user_input": V2_PROMPT, "responses_and_scores": [{"response": "only one", "score": 8.0, "source": "gpt4"}]},
+        {"user_input": "Say hi.", "responses_and_scores": [
+            {"response": "low", "score": 0, "source": "icm-1.3b"}, {"response": "hi", "score": 10, "source": "gpt4"},
+            {"response": "hi", "score": 9.5, "source": "text-davinci-003"},  # the same text as a better-scored one
+        ]},
+    ])
+    pairs, report = read_comparison_pairs(path)
+    full = format_prompt("Give three tips for staying healthy.")
+    # Record 2's "hi" (9.5) over "low" repeats the pair "hi" (10) over "low": dropped as a duplicate.
+    assert triples(pairs) == [(0, full, "A", "B"), (0, full, "C", "B"), (2, format_prompt("Say hi."), "hi", "low")]
+    assert report["layouts"] == {"comparison_data_v2": 3} and report["candidate_pairs"] == 6
+    assert report["prompts_already_templated"] == 1  # record 1 is skipped before it is counted
+    assert report["skipped_records"] == {"fewer than two responses": {"count": 1, "first_indices": [1]}}
+    assert {k: v["count"] for k, v in report["dropped_pairs"].items()} == {
+        "tied scores": 1, "identical responses": 1, "duplicate pair": 1
+    }
+
+
+def test_v1_and_plain_layouts(tmp_path):
+    path = write(tmp_path, [
+        {"user_input": V1_PROMPT, "completion_a": "5", "completion_b": "6"},
+        {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
+        {"prompt": V1_PROMPT, "chosen": "5", "rejected": "five hundred"},
+        {"prompt": "Name a color.", "chosen": "Red.", "rejected": "Red."},
+    ])
+    pairs, report = read_comparison_pairs(path)
+    assert triples(pairs) == [
+        (0, V1_PROMPT, "5", "6"), (1, format_prompt("Name a color."), "Blue.", "Seven."), (2, V1_PROMPT, "5", "five hundred"),
+    ]
+    assert report["layouts"] == {"comparison_data_v1": 1, "plain": 3}
+    assert report["dropped_pairs"] == {"identical responses": {"count": 1, "first_indices": [3]}}
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"user_input": "Q", "responses_and_scores": [{"response": "a"}, {"response": "b", "score": 1}]},
+         r"record 1: field 'responses_and_scores\[0\]\.score' is missing"),
+        ({"user_input": "Q", "responses_and_scores": [{"response": "a", "score": "nine"}, {"response": "b", "score": 1}]},
+         r"record 1: field 'responses_and_scores\[0\]\.score' is 'nine' \(str\), not a number"),
+        ({"user_input": "Q", "responses_and_scores": [{"response": "a", "score": None}, {"response": "b", "score": 1}]},
+         r"record 1: field 'responses_and_scores\[0\]\.score' is None"),
+        ({"user_input": "Q", "responses_and_scores": [{"score": 2}, {"response": "b", "score": 1}]},
+         r"record 1: field 'responses_and_scores\[0\]\.response' is missing"),
+        ({"user_input": "Q", "completion_a": "a", "completion_b": 3}, r"record 1: field 'completion_b' is int, not a string"),
+        ({"prompt": "Q", "chosen": "a"}, r"record 1: field 'rejected' is missing"),
+        ({"prompt": "Q", "response": "a"}, r"record 1: is not a comparison record"),
+        ({"prompt": "Q", "rejected": "a"}, r"record 1: field 'chosen' is missing"),
+        (["not", "an", "object"], r"record 1: is a JSON list"),
+    ],
+)
+def test_bad_records_name_file_record_and_field(tmp_path, record, message):
+    path = write(tmp_path, [{"prompt": "Q", "chosen": "a", "rejected": "b"}, record])
+    with pytest.raises(RecordError, match=message) as err:
+        read_comparison_pairs(path)
+    assert str(path) in str(err.value) and "data.skip_invalid=true" in str(err.value)
+    pairs, report = read_comparison_pairs(path, skip_invalid=True)  # or counted and skipped
+    assert len(pairs) == 1 and [s["first_indices"] for s in report["skipped_records"].values()] == [[1]]
+
+
+def test_splits_tokenize_truncate_and_cache(tmp_path, tokenizer, monkeypatch):
+    records = [{"prompt": f"Repeat the number {i}.", "chosen": str(i), "rejected": str(i + 1)} for i in range(12)]
+    records += [  # differ only after 64 tokens: identical once truncated, so useless to train on
+        {"prompt": "Long.", "chosen": "word " * 80 + "end", "rejected": "word " * 80 + "stop"},
+        {"prompt": "Longer.", "chosen": "word " * 80, "rejected": "no"},  # truncated, but still different
+    ]
+    path = write(tmp_path, records)
+    kwargs = dict(tokenizer=tokenizer, max_length=64, val_size=3, split_seed=0, cache_dir=tmp_path / "cache")
+    splits, report = build_pair_splits(path, **kwargs)
+    assert report["splits"] == {"train": 10, "validation": 3} and report["pairs"] == 13
+    assert report["dropped_pairs"]["identical after tokenization"] == {"count": 1, "first_indices": [12]}
+    assert report["truncated"] == {"count": 2, "first_indices": [12, 13]} and report["ties_dropped"] == 0
+    assert set(splits["train"]["prompt"]).isdisjoint(splits["validation"]["prompt"])
+
+    rows = {r["index"]: r for split in splits.values() for r in split}
+    row = rows[0]
+    eos = tokenizer.eos_token
+    assert row["chosen_input_ids"] == tokenizer(format_prompt("Repeat the number 0.") + "0" + eos)["input_ids"]
+    assert row["rejected_input_ids"] == tokenizer(format_prompt("Repeat the number 0.") + "1" + eos)["input_ids"]
+    assert row["chosen_input_ids"][-1] == tokenizer.eos_token_id
+    long = rows[13]
+    assert len(long["chosen_input_ids"]) == 64 and long["chosen_input_ids"][-1] != tokenizer.eos_token_id
+
+    # Same file, tokenizer and settings: read back from the cache, nothing is tokenized again.
+    monkeypatch.setattr(pairs_module, "tokenize_pairs", lambda *a, **k: pytest.fail("tokenized twice"))
+    again, report_again = build_pair_splits(path, **kwargs)
+    assert report_again == report and again["train"]["chosen_input_ids"] == splits["train"]["chosen_input_ids"]
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))
+
+
+def test_collator_stacks_chosen_then_rejected():
+    batch = PairCollator(pad_token_id=0)([
+        {"chosen_input_ids": [5, 6, 7], "rejected_input_ids": [5, 8]},
+        {"chosen_input_ids": [9], "rejected_input_ids": [9, 4, 4, 4]},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [9, 0, 0, 0], [5, 8, 0, 0], [9, 4, 4, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_demo_pairs_prefer_the_exact_answer(tmp_path):
+    pairs = make_demo_pairs(330, seed=1)
+    assert pairs == make_demo_pairs(330, seed=1)
+    records = make_demo_records(330, seed=1)
+    assert [p["chosen"] for p in pairs] == [r["output"] for r in records]
+    assert [p["prompt"] for p in pairs] == [format_prompt(r["instruction"], r["input"]) for r in records]
+    assert all(p["rejected"] != p["chosen"] for p in pairs)
+    assert {p["kind"] for p in pairs} == set(KINDS)
+    truncated = [p for p in pairs if p["kind"] == "truncated"]
+    assert all(p["chosen"].startswith(p["rejected"]) for p in truncated)
+
+    path = write_demo_pairs_file(tmp_path / "demo" / "p.json", num_records=60, seed=0)
+    read, report = read_comparison_pairs(path)
+    assert len(read) == 60 and report["layouts"] == {"plain": 60} and report["prompts_already_templated"] == 60
+
+
+def test_prepare_audits_the_demo_pairs(tmp_path):
+    from conftest import TINY_OVERRIDES, compose_train
+    from gpt4llm.prepare import prepare
+
+    cfg = compose_train([
+        "task=rm", "data=demo_pairs", f"paths.data_dir={tmp_path / 'data'}", *TINY_OVERRIDES,
+        "data.demo.num_records=120", "data.val_size=20",
+    ])
+    cfg.paths.output_dir = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    report = prepare(cfg)
+    assert report["splits"] == {"train": 100, "validation": 20} and report["ties_dropped"] == 0
+    row = json.loads((tmp_path / "run" / "validation.jsonl").read_text().splitlines()[0])
+    assert set(row) == {"index", "chosen_input_ids", "rejected_input_ids"}
