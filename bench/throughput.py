@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--batching", help="override data.batching for (b) (packed, grouped, random)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the cores you have to yourself)")
     parser.add_argument("--work-dir", default=str(ROOT / "data"), help="where the tiny model, demo and caches go")
     args = parser.parse_args()
@@ -94,6 +95,7 @@ def main() -> None:
     overrides = [
         *model, "data=local", f"data.path={data}", f"paths.data_dir={args.work_dir}", "data.batch_size=4",
         f"data.val_size={args.val_size}", f"model.max_length={args.max_length}", "data.num_workers=0",
+        *([f"data.batching={args.batching}"] if args.batching else []),
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
