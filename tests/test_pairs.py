@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -152,8 +153,14 @@ def test_demo_pairs_prefer_the_exact_answer(tmp_path):
     assert [p["prompt"] for p in pairs] == [format_prompt(r["instruction"], r["input"]) for r in records]
     assert all(p["rejected"] != p["chosen"] for p in pairs)
     assert {p["kind"] for p in pairs} == set(KINDS)
-    truncated = [p for p in pairs if p["kind"] == "truncated"]
-    assert all(p["chosen"].startswith(p["rejected"]) for p in truncated)
+    for p in pairs:
+        if p["kind"] == "truncated":
+            assert p["chosen"].startswith(p["rejected"])
+        elif p["kind"] == "run_on":
+            assert p["rejected"].startswith(p["chosen"]) and len(p["rejected"]) > len(p["chosen"])
+        elif p["kind"] == "other":  # an answer copied from the prompt, against one the prompt does not hold
+            assert all(item in p["prompt"] for item in re.split(r", |、| ", p["chosen"]))
+            assert not all(item in p["prompt"] for item in re.split(r", |、| ", p["rejected"]))
 
     path = write_demo_pairs_file(tmp_path / "demo" / "p.json", num_records=60, seed=0)
     read, report = read_comparison_pairs(path)

@@ -54,9 +54,10 @@ def test_training_step_and_validation_statistics(tiny_model_dir, tokenizer):
     module = RewardModule(tokenizer, str(tiny_model_dir), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), max_length=64)
     module.configure_model()
     eos = tokenizer.eos_token_id
+    ids = {text: tokenizer(text)["input_ids"] + [eos] for text in ("right", "wrong answer", "yes", "no")}
     batch = PairCollator(tokenizer.pad_token_id)([
-        {"chosen_input_ids": tokenizer("right")["input_ids"] + [eos], "rejected_input_ids": tokenizer("wrong answer")["input_ids"] + [eos]},
-        {"chosen_input_ids": tokenizer("yes")["input_ids"] + [eos], "rejected_input_ids": tokenizer("no")["input_ids"] + [eos]},
+        {"chosen_input_ids": ids["right"], "rejected_input_ids": ids["wrong answer"]},
+        {"chosen_input_ids": ids["yes"], "rejected_input_ids": ids["no"]},
     ])
     chosen, rejected = module(**batch).chunk(2)  # one forward pass: the first half chosen, the second rejected
     assert chosen.dtype == torch.float32 and chosen.shape == (2,)
@@ -67,7 +68,9 @@ def test_training_step_and_validation_statistics(tiny_model_dir, tokenizer):
 
     import lightning as L
 
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     metrics = trainer.validate(module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)[0]
     rewards = torch.cat([chosen, rejected]).detach()
     assert metrics["val/loss"] == pytest.approx(loss.item(), abs=1e-5)
@@ -124,7 +127,8 @@ def test_score_records_matches_the_model_and_templates_once(exported_rm, reward_
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6) and len(rewards) == 4
     ids = tokenizer(format_prompt("Name a color.") + "blue" + tokenizer.eos_token)["input_ids"]
     with torch.no_grad():
-        assert rewards[3] == pytest.approx(sequence_rewards(reward_model, **pad_right([ids], tokenizer.pad_token_id)).item(), abs=1e-5)
+        direct = sequence_rewards(reward_model, **pad_right([ids], tokenizer.pad_token_id)).item()
+    assert rewards[3] == pytest.approx(direct, abs=1e-5)
     normalized = score_records(exported_rm, records, normalize=True)
     assert normalized == pytest.approx([(r - 0.5) / 2.0 for r in rewards], abs=1e-5)
     reloaded = AutoModelForSequenceClassification.from_pretrained(exported_rm)
@@ -149,8 +153,9 @@ def test_best_of_n_ranks_samples_and_keeps_the_greedy_baseline(tiny_model_dir, e
     ]))
     prompts = read_prompts(path)
     assert [p["id"] for p in prompts] == ["q1", 1] and prompts[1]["input"] == ""
-    rows = best_of_n(tiny_model_dir, exported_rm, prompts, n=3, max_new_tokens=6, batch_size=2, temperature=1.0, top_p=1.0, seed=1)
-    assert rows == best_of_n(tiny_model_dir, exported_rm, prompts, n=3, max_new_tokens=6, batch_size=2, temperature=1.0, top_p=1.0, seed=1)
+    settings = dict(n=3, max_new_tokens=6, batch_size=2, temperature=1.0, top_p=1.0, seed=1)
+    rows = best_of_n(tiny_model_dir, exported_rm, prompts, **settings)
+    assert rows == best_of_n(tiny_model_dir, exported_rm, prompts, **settings)  # seeded draws: repeatable
     assert [r["id"] for r in rows] == ["q1", 1]
     for prompt, row in zip(prompts, rows):
         assert [c["rank"] for c in row["ranked"]] == [1, 2, 3] and sorted(c["draw"] for c in row["ranked"]) == [0, 1, 2]

@@ -53,7 +53,8 @@ def test_cli_reward_model_demo_trains_exports_scores_and_ranks(tmp_path):
     # Score the held-out demo pairs' responses with the export, from the command line.
     pairs = json.loads(next((tmp_path / "data" / "demo").glob("demo_pairs_*.json")).read_text())[:6]
     responses = tmp_path / "responses.jsonl"
-    responses.write_text("".join(json.dumps({"prompt": p["prompt"], "response": p[k]}) + "\n" for p in pairs for k in ("chosen", "rejected")))
+    lines = [json.dumps({"prompt": p["prompt"], "response": p[k]}) for p in pairs for k in ("chosen", "rejected")]
+    responses.write_text("\n".join(lines) + "\n")
     run_cli("gpt4llm.score", [f"reward_model={export}", f"input={responses}", f"hydra.run.dir={tmp_path / 'score'}"], cwd=tmp_path)
     scored = [json.loads(line) for line in (tmp_path / "responses.scored.jsonl").read_text().splitlines()]
     assert len(scored) == 12 and all({"prompt", "response", "reward", "reward_normalized"} <= set(s) for s in scored)
@@ -83,7 +84,8 @@ def test_rm_commands_compose_offline():
     for args in (["task=rm", "model=opt1.3b", "data=comparison_gpt4"], ["task=rm", "data=local_pairs", "data.path=mine.jsonl"]):
         cfg = compose_train(args)
         check_config(cfg)
-        assert cfg.task._target_ == "gpt4llm.models.reward.RewardModule" and cfg.data._target_ == "gpt4llm.data.pairs.PairDataModule"
+        assert cfg.task._target_ == "gpt4llm.models.reward.RewardModule"
+        assert cfg.data._target_ == "gpt4llm.data.pairs.PairDataModule"
     proc = run_cli("gpt4llm.train", ["experiment=paper_rm_opt1.3b", "--cfg", "job"], cwd=ROOT)
     c = OmegaConf.create(proc.stdout)
     c.paths.output_dir = "/tmp/run"

@@ -41,10 +41,11 @@ def read_prompts(path: str | Path) -> list[dict]:
     for index, record in enumerate(read_json_records(path)):
         if not isinstance(record, dict):
             raise RecordError(f"{path}: record {index}: is a JSON {type(record).__name__}, not an object")
+        if "instruction" not in record:
+            raise RecordError(f"{path}: record {index}: field 'instruction' is missing")
         for name in ("instruction", "input"):
-            if (name in record or name == "instruction") and not isinstance(record.get(name), str):
-                problem = "is missing" if name not in record else f"is {type(record[name]).__name__}, not a string"
-                raise RecordError(f"{path}: record {index}: field '{name}' {problem}")
+            if name in record and not isinstance(record[name], str):
+                raise RecordError(f"{path}: record {index}: field '{name}' is {type(record[name]).__name__}, not a string")
         prompts.append({"id": record.get("id", index), "instruction": record["instruction"], "input": record.get("input", "")})
     return prompts
 
@@ -70,37 +71,27 @@ def best_of_n(
 
     tokenizer = load_tokenizer(str(sft_model))
     model = AutoModelForCausalLM.from_pretrained(str(sft_model)).to("cuda" if torch.cuda.is_available() else "cpu")
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     draws = []
     for k in range(n):
         torch.manual_seed(seed + k)  # one seed per draw: any draw can be reproduced on its own
-        draws.append(
-            generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample=True, temperature=temperature, top_p=top_p)
-        )
+        draws.append(generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, **sampling))
         log.info(f"Draw {k + 1}/{n}: {len(prompts)} responses")
-    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)
+    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)  # greedy
     del model  # the reward model needs the memory next
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+    # All n + 1 responses of every prompt in one scoring pass: draw 0 of every prompt, then draw 1, ..., baseline.
     candidates = [*draws, baseline]
-    rewards = score_records(
-        reward_model,
-        [{"instruction": p["instruction"], "input": p["input"], "response": r} for responses in candidates for p, r in zip(prompts, responses)],
-        batch_size,
-    )
+    records = [p | {"response": r} for responses in candidates for p, r in zip(prompts, responses)]
+    rewards = score_records(reward_model, records, batch_size)
     by_draw = [rewards[k * len(prompts) : (k + 1) * len(prompts)] for k in range(len(candidates))]
     rows = []
     for i, prompt in enumerate(prompts):
         order = sorted(range(n), key=lambda k: -by_draw[k][i])  # stable: equal rewards keep draw order
-        rows.append(
-            prompt
-            | {
-                "ranked": [
-                    {"rank": rank, "response": draws[k][i], "reward": by_draw[k][i], "draw": k} for rank, k in enumerate(order, 1)
-                ],
-                "baseline": {"response": baseline[i], "reward": by_draw[n][i]},
-            }
-        )
+        ranked = [{"rank": rank, "response": draws[k][i], "reward": by_draw[k][i], "draw": k} for rank, k in enumerate(order, 1)]
+        rows.append(prompt | {"ranked": ranked, "baseline": {"response": baseline[i], "reward": by_draw[n][i]}})
     return rows
 
 
