@@ -9,7 +9,9 @@
 #      train/max_memory_gib, and exports; the export verifies itself (complete tensors, logits as in training);
 #   3. a DeepSpeed ZeRO-3 run killed after a checkpoint resumes from checkpoints/last.ckpt (a directory of shards)
 #      and ends with the same weights as an uninterrupted run;
-#   4. a ~0.8B-parameter LLaMA-shaped model's peak memory per strategy against the plan's figure.
+#   4. a ~0.8B-parameter LLaMA-shaped model's peak memory per strategy against the plan's figure;
+#   5. throughput and MFU of a ~1.1B LLaMA (random init, bf16) on one GPU: bench/throughput.py, stanford's batches
+#      against ours, MFU against the GPU's measured bf16 matmul peak (issue target: >= 45% on an H100).
 # Needs the train.py change from the scale-out report (export on every rank with trainer=trainer, launch checks) and
 # the models/hf.py + models/sft.py changes (ZeRO-3 loading); step 2 says which are missing.
 #
@@ -94,5 +96,33 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 ev = EventAccumulator(sys.argv[1] + "/tensorboard").Reload()
 print("  measured peak allocated (rank 0): %.2f GiB" % max(e.value for e in ev.Scalars("train/max_memory_gib")))
 PY
+done
+
+echo "== 5. throughput and MFU of a ~1.1B LLaMA in bf16 on one GPU"
+PEAK=$(python - <<'PY'
+import time, torch
+a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+for _ in range(3): a @ b
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(50): a @ b
+torch.cuda.synchronize()
+print(f"{50 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12:.0f}")
+PY
+)
+echo "  measured bf16 matmul peak: $PEAK TFLOP/s"
+python - "$OUT/llama-1.1b" <<'PY'
+import sys
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from gpt4llm.models.tiny import build_tiny_model
+tokenizer = AutoTokenizer.from_pretrained(build_tiny_model("data/models/tiny-llama"))  # built locally, nothing downloaded
+config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
+                     num_key_value_heads=16, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+LlamaForCausalLM(config).save_pretrained(sys.argv[1]); tokenizer.save_pretrained(sys.argv[1])
+PY
+DATA=$([ -f ../shared/data/alpaca_gpt4_sample_1k.json ] && echo "--data ../shared/data/alpaca_gpt4_sample_1k.json" || echo "")
+for BATCH in 4 16; do
+  CUDA_VISIBLE_DEVICES=0 python bench/throughput.py --model-dir "$OUT/llama-1.1b" $DATA --accelerator gpu --precision bf16-mixed \
+    --batch-size $BATCH --max-length 2048 --repeats 3 --peak-tflops "$PEAK" --attn-implementation sdpa_varlen 2>&1 | tail -8 | tee "$OUT/throughput-1.1b-b$BATCH.txt"
 done
 echo "Logs: $OUT"

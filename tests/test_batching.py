@@ -6,9 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt4llm.data.datamodule import padding_report
+from conftest import compose_train
+from gpt4llm.data.datamodule import padding_report, resolve_batching
 from gpt4llm.data.sft import IGNORE_INDEX, LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
-from gpt4llm.models.sft import masked_lm_loss
+from gpt4llm.models.sft import SFTModule, token_loss
+
+
+
+def masked_lm_loss(logits, labels):
+    """The next-token loss from logits at every position, as transformers computes it with `labels=`."""
+    return token_loss(logits[:, :-1], labels[:, 1:])
+
 
 RECORDS = [
     {"instruction": "Sort the numbers.", "input": "3, 1, 2", "output": "1, 2, 3"},
@@ -17,11 +25,13 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_and_examples(tiny_model_dir, tokenizer):
-    from transformers import AutoModelForCausalLM
+# transformers' SDPA (one block-diagonal mask over the packed row) and ours (each example its own SDPA call).
+@pytest.fixture(scope="module", params=["sdpa", "sdpa_varlen"])
+def model_and_examples(request, tiny_model_dir, tokenizer):
+    from gpt4llm.models.hf import load_causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    model = load_causal_lm(str(tiny_model_dir), tokenizer, attn_implementation=request.param).eval()
+    assert model.config._attn_implementation == request.param
     columns = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}
     tokenized = tokenize_batch(columns, tokenizer, max_length=128)
     examples = [{"input_ids": i, "labels": l} for i, l in zip(tokenized["input_ids"], tokenized["labels"])]
@@ -96,3 +106,54 @@ def test_padding_report_counts_what_each_batching_wastes():
     report = padding_report([10, 10, 2, 2], batch_size=2, seed=0, batching="grouped")
     assert report["pad_fraction"]["grouped"] == 0.0 and report["pad_fraction"]["packed"] == 0.0
     assert 0.0 <= report["pad_fraction"]["random"] <= 1 - 24 / 40
+
+
+@pytest.mark.parametrize(
+    "attention, batching",
+    [("flash_attention_2", "packed"), ("sdpa_varlen", "packed"), ("sdpa", "grouped"), (None, "grouped")],
+)
+def test_auto_batching_packs_only_where_attention_runs_examples_apart(attention, batching):
+    from hydra.utils import instantiate
+
+    cfg = compose_train(["model=llama7b", "data=alpaca_gpt4", f"model.attn_implementation={attention or 'null'}"])
+    assert cfg.task.attn_implementation == attention
+    assert instantiate(cfg.data, tokenizer=None).batching == batching
+    assert resolve_batching("random", attention) == "random"  # an explicit choice is kept
+
+
+@torch.no_grad()
+def test_sdpa_varlen_is_transformers_sdpa_on_padded_batches(tiny_model_dir, tokenizer):
+    from gpt4llm.models.hf import load_causal_lm
+
+    columns = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}
+    tokenized = tokenize_batch(columns, tokenizer, max_length=128)
+    padded = SFTCollator(tokenizer.pad_token_id)([{"input_ids": i, "labels": i} for i in tokenized["input_ids"]])
+    # Left padding too, as generation lays prompts out: the mask transformers builds must still be applied.
+    for ids, mask in ((padded["input_ids"], padded["attention_mask"]), (padded["input_ids"].flip(1), padded["attention_mask"].flip(1))):
+        logits = [
+            load_causal_lm(str(tiny_model_dir), tokenizer, attn_implementation=name).eval()(input_ids=ids, attention_mask=mask).logits
+            for name in ("sdpa", "sdpa_varlen")
+        ]
+        real = mask.bool()
+        torch.testing.assert_close(logits[1][real], logits[0][real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_module_loss_computes_logits_only_where_supervised_and_is_the_full_loss(layout, tiny_model_dir, tokenizer):
+    module = SFTModule(tokenizer, str(tiny_model_dir), optimizer=torch.optim.AdamW, attn_implementation="sdpa_varlen")
+    module.configure_model()
+    columns = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}
+    tokenized = tokenize_batch(columns, tokenizer, max_length=128)
+    examples = [{"input_ids": i, "labels": l} for i, l in zip(tokenized["input_ids"], tokenized["labels"])]
+    batch = (PackedCollator() if layout == "packed" else SFTCollator(tokenizer.pad_token_id))(examples)
+    seen = []
+    module.model.lm_head.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[:2]))
+    loss, tokens = module.loss(batch)
+    full_loss, full_tokens = masked_lm_loss(module(batch), batch["labels"])
+    torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-6)
+    assert tokens == full_tokens
+    rows, positions = seen[0]
+    if layout == "packed":  # exactly the supervised tokens go through the output layer
+        assert (rows, positions) == (1, tokens)
+    else:  # positions no row is trained on (the shortest prompt's) are left out
+        assert positions < batch["input_ids"].size(1) - 1

@@ -90,14 +90,14 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
     import gpt4llm.models.sft as sft
     from gpt4llm.train import train
 
-    real_loss, calls = sft.masked_lm_loss, []
+    real_loss, calls = sft.token_loss, []
 
-    def loss_going_nan(logits, labels):
-        loss, tokens = real_loss(logits, labels)
+    def loss_going_nan(logits, targets):
+        loss, tokens = real_loss(logits, targets)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 6 else loss), tokens  # the 6th training batch: step 5
 
-    monkeypatch.setattr(sft, "masked_lm_loss", loss_going_nan)
+    monkeypatch.setattr(sft, "token_loss", loss_going_nan)
     cfg = compose_train(demo_overrides(
         tmp_path, "trainer.max_steps=8", "validate_first=false", "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.exact_match=null",

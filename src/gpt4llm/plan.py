@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gpt4llm.cli import CONFIG_PATH, use_hydra_logging
+from gpt4llm.flops import training_flops
 
 GIB = 2**30
 ADAM_BYTES = 8  # Adam's two fp32 moments per parameter
@@ -335,11 +336,10 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> dict:
         steps = math.ceil(math.ceil(examples / (micro * s.world)) / accumulation) * epochs
     if int(cfg.trainer.get("max_steps", -1)) > 0:
         steps = int(cfg.trainer.max_steps)
-    # Training FLOPs: 6 per parameter per token (forward 2, backward 4) on all but the embedding lookup, plus
-    # attention's scores and weighted sum, 12 L h s per token (PaLM, appendix B). Recomputation under gradient
-    # checkpointing is not useful work: it is part of what keeps utilisation below 1.
-    attention_flops = 12 * arch.num_hidden_layers * arch.hidden_size * tokens_per_example
-    flops_per_token = 6 * (counts["total"] - counts["embedding"]) + attention_flops
+    # Useful training FLOPs (gpt4llm.flops, the formula `train/mfu` measures with): recomputation under gradient
+    # checkpointing is not counted, it is part of what keeps utilisation below 1.
+    matmul_params = counts["total"] - (0 if arch.tie_word_embeddings else counts["embedding"])
+    flops_per_token = training_flops(matmul_params, arch.num_hidden_layers, arch.hidden_size, [tokens_per_example]) / tokens_per_example
     tokens = steps * global_batch * tokens_per_example if steps else None
     flops = flops_per_token * tokens if tokens else None
     peak = hw.tflops.get(s.precision)

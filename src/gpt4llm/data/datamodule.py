@@ -24,11 +24,21 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
 from gpt4llm.data.sft import LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
+from gpt4llm.models.attention import VARLEN
 from gpt4llm.data.sources import ensure_file
 
 # How training batches are laid out: "packed" (one row, no padding: data.sft.PackedCollator), "grouped" (padded
-# batches of similar lengths: data.sft.LengthGroupedSampler), "random" (padded, in random order).
-BATCHING = ("packed", "grouped", "random")
+# batches of similar lengths: data.sft.LengthGroupedSampler), "random" (padded, in random order), or "auto".
+BATCHING = ("auto", "packed", "grouped", "random")
+
+
+def resolve_batching(batching: str, attn_implementation: str | None) -> str:
+    """`auto`: packed where the attention runs each packed example on its own (flash attention's variable-length
+    kernels, or models.attention's sdpa_varlen), grouped elsewhere: through plain SDPA, eager or flex attention a
+    packed row is one block-masked attention over the sum of the lengths."""
+    if batching != "auto":
+        return batching
+    return "packed" if attn_implementation in VARLEN else "grouped"
 CACHE_VERSION = 1  # bump when tokenize_batch or the split changes what it produces
 
 
@@ -163,25 +173,29 @@ class SFTDataModule(L.LightningDataModule):
         max_length: int = 512,
         val_size: int = 200,
         split_seed: int = 0,
+        shuffle_seed: int | None = None,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         skip_invalid: bool = False,
         cache_dir: str = "data/cache",
         exact_match_examples: int = 0,
-        batching: str = "grouped",
+        batching: str = "auto",
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.path, self.url, self.sha256, self.num_records, self.demo = Path(path), url, sha256, num_records, demo
         self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
+        # The training order's seed: the split's unless given, so a sweep over it keeps the held-out set fixed.
+        self.shuffle_seed = split_seed if shuffle_seed is None else shuffle_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
         # For datasets whose answers are exact (the demo), generation on this many held-out records is scored.
         self.exact_match_examples = exact_match_examples
         if batching not in BATCHING:
             raise ValueError(f"data.batching={batching!r}: choose one of {', '.join(BATCHING)}")
-        self.batching = batching
+        self.batching = resolve_batching(batching, attn_implementation)
         self.splits: DatasetDict | None = None
         self.report: dict[str, Any] | None = None
         self._train_loader: StatefulDataLoader | None = None
@@ -198,7 +212,7 @@ class SFTDataModule(L.LightningDataModule):
         splits, report = build_sft_splits(
             self.source_file(), self.tokenizer, self.max_length, self.val_size, self.split_seed, self.cache_dir, self.skip_invalid
         )
-        padding = padding_report(splits["train"]["num_tokens"], self.batch_size, self.split_seed, self.batching)
+        padding = padding_report(splits["train"]["num_tokens"], self.batch_size, self.shuffle_seed, self.batching)
         return splits, report | {"padding": padding}
 
     def prepare_data(self) -> None:
@@ -222,7 +236,7 @@ class SFTDataModule(L.LightningDataModule):
         if self.batching == "packed":
             self._train_loader = self._loader(split, PackedCollator(), generator=self._generator())
         elif self.batching == "grouped":
-            sampler = LengthGroupedSampler(split["num_tokens"], self.batch_size, seed=self.split_seed)
+            sampler = LengthGroupedSampler(split["num_tokens"], self.batch_size, seed=self.shuffle_seed)
             self._train_loader = self._loader(split, padded, sampler=sampler)
         else:
             self._train_loader = self._loader(split, padded, generator=self._generator())
@@ -245,7 +259,7 @@ class SFTDataModule(L.LightningDataModule):
         return self._loader(self.splits["validation"], padded, batch_size=self.eval_batch_size)
 
     def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.split_seed)
+        return torch.Generator().manual_seed(self.shuffle_seed)
 
     def _loader(self, split: Dataset, collate, batch_size: int | None = None, generator=None, sampler=None) -> StatefulDataLoader:
         return StatefulDataLoader(

@@ -7,6 +7,8 @@ from contextlib import nullcontext
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from gpt4llm.models import attention
+
 PAD_TOKEN = "[PAD]"  # stanford_alpaca's DEFAULT_PAD_TOKEN
 
 
@@ -29,8 +31,14 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     return tokenizer
 
 
-def load_causal_lm(path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None)
+def load_causal_lm(
+    path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False, attn_implementation: str | None = None
+) -> PreTrainedModel:
+    # attn_implementation None: transformers' choice (SDPA where the model supports it).
+    if attn_implementation == attention.NAME:
+        attention.register()
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None, **extra)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         resize_embeddings_with_mean(model, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
