@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: Lightning's table of GPUs)")
     parser.add_argument("--batching", help="override data.batching for (b) (auto, packed, grouped, random)")
     parser.add_argument("--attn-implementation", help="override model.attn_implementation (e.g. sdpa_varlen for --model-dir)")
+    parser.add_argument("--order-control", action="store_true",
+                        help="also train (b)'s layout in (a)'s file order: its val loss should equal (a)'s, so a gap is the order's")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the cores you have to yourself)")
     parser.add_argument("--work-dir", default=str(ROOT / "data"), help="where the tiny model, demo and caches go")
     args = parser.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from gpt4llm.data.demo import write_demo_file
-    from gpt4llm.data.sft import SFTCollator
+    from gpt4llm.data.sft import PackedCollator, SFTCollator
     from gpt4llm.models.hf import prepare_tokenizer
 
     data = args.data or str(write_demo_file(Path(args.work_dir) / "demo" / "bench_demo.json", 4000, seed=0))
@@ -153,30 +155,41 @@ def main() -> None:
     val = DataLoader(datamodule.splits["validation"].select_columns(["input_ids", "labels"]), batch_size=16, collate_fn=padded)
 
     runs = {"stanford": [], "ours": []}
+    if args.order_control:
+        if datamodule.batching != "packed":
+            sys.exit(f"--order-control compares packed batches in file order; (b) here is {datamodule.batching}")
+        runs["ours_file_order"] = []
+        file_order = DataLoader(train.select_columns(["input_ids", "labels"]), batch_size=args.batch_size, collate_fn=PackedCollator())
     for repeat in range(args.repeats):
         datamodule.shuffle_seed = repeat
         loaders = {"stanford": stanford, "ours": datamodule.train_dataloader()}
+        if args.order_control:
+            loaders["ours_file_order"] = file_order
         # Alternating which way goes first, so neither always meets a cold or a warm process.
-        for way in (("stanford", "ours") if repeat % 2 == 0 else ("ours", "stanford")):
+        for way in (list(loaders) if repeat % 2 == 0 else list(reversed(loaders))):
             runs[way].append(train_once(cfg, tokenizer, loaders[way], val, args, seed=repeat, stanford=way == "stanford"))
         print(f"repeat {repeat + 1}: " + ", ".join(
             f"{k} {v[-1]['tokens_per_s']:.0f} tok/s, val loss {v[-1]['val_loss']:.4f}" for k, v in runs.items()), flush=True)
 
     print(f"\n{args.examples} examples of {data}, model {cfg.model.path}, batch {args.batch_size}, {args.repeats} repeats (median)")
     print(f"ours = data.batching={cfg.data.batching} ({datamodule.batching}), attention {cfg.model.attn_implementation}")
-    print(f"{'way':10s} {'real tok/s':>11s} {'pad frac':>9s} {'seconds':>8s} {'val loss':>9s} {'MFU':>7s}")
+    print(f"{'way':16s} {'real tok/s':>11s} {'pad frac':>9s} {'seconds':>8s} {'val loss':>9s} {'MFU':>7s}")
     median = {}
     for way, results in runs.items():
         median[way] = {k: statistics.median(r[k] for r in results) for k in results[0]}
         m = median[way]
         mfu = "n/a" if math.isnan(m["mfu"]) else f"{m['mfu']:.1%}"  # no known peak (CPUs): see --peak-tflops
-        print(f"{way:10s} {m['tokens_per_s']:11.0f} {m['pad_fraction']:9.3f} {m['seconds']:8.1f} {m['val_loss']:9.4f} {mfu:>7s}")
+        print(f"{way:16s} {m['tokens_per_s']:11.0f} {m['pad_fraction']:9.3f} {m['seconds']:8.1f} {m['val_loss']:9.4f} {mfu:>7s}")
     ratios = [o["tokens_per_s"] / s["tokens_per_s"] for s, o in zip(runs["stanford"], runs["ours"])]
     print(f"ratio ours/stanford (real tokens/s): median {statistics.median(ratios):.2f}  (each repeat: "
           + ", ".join(f"{r:.2f}" for r in ratios) + ")")
     gaps = [o["val_loss"] - s["val_loss"] for s, o in zip(runs["stanford"], runs["ours"])]
     print(f"val loss ours - stanford: median {statistics.median(gaps):+.4f}  (each repeat: "
           + ", ".join(f"{g:+.4f}" for g in gaps) + ")")
+    if args.order_control:  # the same batches in the same order, laid out packed: only float rounding differs
+        gaps = [o["val_loss"] - s["val_loss"] for s, o in zip(runs["stanford"], runs["ours_file_order"])]
+        print(f"val loss ours in file order - stanford: largest |difference| {max(map(abs, gaps)):.4f}  (each repeat: "
+              + ", ".join(f"{g:+.4f}" for g in gaps) + ")")
 
 
 if __name__ == "__main__":

@@ -6,21 +6,19 @@ shows exactly what the model is trained on, and both read the same cache.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict
 from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from gpt4llm.data.cache import cached_splits
 from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
 from gpt4llm.data.sft import LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
@@ -42,27 +40,6 @@ def resolve_batching(batching: str, attn_implementation: str | None) -> str:
 CACHE_VERSION = 1  # bump when tokenize_batch or the split changes what it produces
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever the ids a tokenizer produces could change (vocabulary, merges, special tokens)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        # Truncation and padding are call-time state that the fast tokenizer keeps from its last call: not identity.
-        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-        body = json.dumps(state, sort_keys=True)
-    else:
-        body = json.dumps(sorted(tokenizer.get_vocab().items()))
-    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return hashlib.sha256((type(tokenizer).__name__ + specials + body).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_sft_splits(
     path: str | Path,
     tokenizer,
@@ -75,41 +52,29 @@ def build_sft_splits(
     """Tokenized train/validation splits and the audit report, from the cache when this was prepared before."""
     path = Path(path)
     settings = dict(max_length=max_length, val_size=val_size, split_seed=split_seed, skip_invalid=skip_invalid)
-    key = hashlib.sha256(
-        json.dumps([CACHE_VERSION, file_sha256(path), tokenizer_fingerprint(tokenizer), settings]).encode()
-    ).hexdigest()[:20]
-    target = Path(cache_dir) / f"sft-{path.stem}-{key}"
-    if (target / "report.json").exists():
-        return load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
 
-    records, load_report = load_instruction_records(path, skip_invalid=skip_invalid)
-    if not records:
-        raise ValueError(f"{path}: no usable records ({load_report.summary()['skipped']})")
-    tokenized = Dataset.from_list(records).map(
-        tokenize_batch,
-        batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-        num_proc=os.cpu_count() if len(records) >= 20_000 else None,  # process start-up costs more than it saves
-        desc=f"Tokenizing {path.name}",
-    )
-    # A prompt that fills the whole length leaves nothing to learn from (stanford_alpaca kept such rows; their
-    # loss is 0/0), so they are dropped and reported.
-    no_target = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n == 0]
-    usable = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n > 0]
-    if val_size >= len(usable):
-        raise ValueError(f"{path}: data.val_size={val_size} leaves no training examples ({len(usable)} usable)")
-    order = random.Random(split_seed).sample(usable, len(usable))
-    splits = DatasetDict(train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size])))
-    report = _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer)
+    def build() -> tuple[DatasetDict, dict[str, Any]]:
+        records, load_report = load_instruction_records(path, skip_invalid=skip_invalid)
+        if not records:
+            raise ValueError(f"{path}: no usable records ({load_report.summary()['skipped']})")
+        tokenized = Dataset.from_list(records).map(
+            tokenize_batch,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+            num_proc=os.cpu_count() if len(records) >= 20_000 else None,  # process start-up costs more than it saves
+            desc=f"Tokenizing {path.name}",
+        )
+        # A prompt that fills the whole length leaves nothing to learn from (stanford_alpaca kept such rows; their
+        # loss is 0/0), so they are dropped and reported.
+        no_target = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n == 0]
+        usable = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n > 0]
+        if val_size >= len(usable):
+            raise ValueError(f"{path}: data.val_size={val_size} leaves no training examples ({len(usable)} usable)")
+        order = random.Random(split_seed).sample(usable, len(usable))
+        splits = DatasetDict(train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size])))
+        return splits, _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer)
 
-    # Written beside the target and renamed into place, so an interrupted run never leaves a half-written cache.
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    splits.save_to_disk(str(tmp / "splits"))
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return load_from_disk(str(target / "splits")), report
+    return cached_splits("sft", CACHE_VERSION, path, tokenizer, settings, cache_dir, build)
 
 
 def _report(path, load_summary, tokenized, no_target, splits, max_length, tokenizer) -> dict[str, Any]:

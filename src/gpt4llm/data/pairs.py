@@ -16,12 +16,10 @@ shared by training and `gpt4llm.prepare`, and `encode_responses` the one shared 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict
 from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt4llm.data.datamodule import file_sha256, tokenizer_fingerprint
+from gpt4llm.data.cache import cached_splits
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
 from gpt4llm.data.records import RecordError, read_json_records
 from gpt4llm.data.sources import ensure_file
@@ -215,44 +213,32 @@ def build_pair_splits(
     """
     path = Path(path)
     settings = dict(max_length=max_length, val_size=val_size, split_seed=split_seed, skip_invalid=skip_invalid)
-    key = hashlib.sha256(
-        json.dumps([CACHE_VERSION, file_sha256(path), tokenizer_fingerprint(tokenizer), settings]).encode()
-    ).hexdigest()[:20]
-    target = Path(cache_dir) / f"pairs-{path.stem}-{key}"
-    if (target / "report.json").exists():
-        return load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
 
-    pairs, read_report = read_comparison_pairs(path, skip_invalid=skip_invalid)
-    if not pairs:
-        raise ValueError(f"{path}: no usable pairs ({json.dumps(read_report)})")
-    tokenized = Dataset.from_list(pairs).map(
-        tokenize_pairs,
-        batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-        num_proc=os.cpu_count() if len(pairs) >= 20_000 else None,  # process start-up costs more than it saves
-        desc=f"Tokenizing {path.name}",
-    )
-    identical = [i for i, same in enumerate(tokenized["identical_ids"]) if same]
-    usable = [i for i, same in enumerate(tokenized["identical_ids"]) if not same]
-    column = tokenized["prompt"]
-    prompts = list(dict.fromkeys(column[i] for i in usable))  # unique, in file order
-    if val_size >= len(prompts):
-        raise ValueError(f"{path}: data.val_size={val_size} prompts leaves none to train on ({len(prompts)} prompts)")
-    held_out = set(random.Random(split_seed).sample(prompts, val_size))
-    splits = DatasetDict(
-        train=tokenized.select([i for i in usable if column[i] not in held_out]),
-        validation=tokenized.select([i for i in usable if column[i] in held_out]),
-    )
-    report = _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer)
+    def build() -> tuple[DatasetDict, dict[str, Any]]:
+        pairs, read_report = read_comparison_pairs(path, skip_invalid=skip_invalid)
+        if not pairs:
+            raise ValueError(f"{path}: no usable pairs ({json.dumps(read_report)})")
+        tokenized = Dataset.from_list(pairs).map(
+            tokenize_pairs,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+            num_proc=os.cpu_count() if len(pairs) >= 20_000 else None,  # process start-up costs more than it saves
+            desc=f"Tokenizing {path.name}",
+        )
+        identical = [i for i, same in enumerate(tokenized["identical_ids"]) if same]
+        usable = [i for i, same in enumerate(tokenized["identical_ids"]) if not same]
+        column = tokenized["prompt"]
+        prompts = list(dict.fromkeys(column[i] for i in usable))  # unique, in file order
+        if val_size >= len(prompts):
+            raise ValueError(f"{path}: data.val_size={val_size} prompts leaves none to train on ({len(prompts)} prompts)")
+        held_out = set(random.Random(split_seed).sample(prompts, val_size))
+        splits = DatasetDict(
+            train=tokenized.select([i for i in usable if column[i] not in held_out]),
+            validation=tokenized.select([i for i in usable if column[i] in held_out]),
+        )
+        return splits, _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer)
 
-    # Written beside the target and renamed into place, so an interrupted run never leaves a half-written cache.
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    splits.save_to_disk(str(tmp / "splits"))
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return load_from_disk(str(target / "splits")), report
+    return cached_splits("pairs", CACHE_VERSION, path, tokenizer, settings, cache_dir, build)
 
 
 def _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer) -> dict[str, Any]:

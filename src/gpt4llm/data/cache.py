@@ -1,0 +1,62 @@
+"""The tokenized-splits cache shared by the SFT and the reward-model pipelines.
+
+A cache entry is keyed on everything that can change what it holds (the file's bytes, the tokenizer's identity, the
+settings and the builder's version), so a second run on the same data and tokenizer loads it in seconds, and any
+change builds a new one instead of reading a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from datasets import DatasetDict, load_from_disk
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the ids a tokenizer produces could change (vocabulary, merges, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # Truncation and padding are call-time state that the fast tokenizer keeps from its last call: not identity.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        body = json.dumps(state, sort_keys=True)
+    else:
+        body = json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((type(tokenizer).__name__ + specials + body).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_splits(
+    kind: str,
+    version: int,
+    path: Path,
+    tokenizer,
+    settings: dict[str, Any],
+    cache_dir: str | Path,
+    build: Callable[[], tuple[DatasetDict, dict[str, Any]]],
+) -> tuple[DatasetDict, dict[str, Any]]:
+    """The splits and report `build()` makes from `path`, from the cache when they were made before."""
+    key = hashlib.sha256(json.dumps([version, file_sha256(path), tokenizer_fingerprint(tokenizer), settings]).encode())
+    target = Path(cache_dir) / f"{kind}-{path.stem}-{key.hexdigest()[:20]}"
+    if not (target / "report.json").exists():
+        splits, report = build()
+        # Written beside the target and renamed into place, so an interrupted run never leaves a half-written cache.
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        splits.save_to_disk(str(tmp / "splits"))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
