@@ -11,7 +11,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
@@ -21,6 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from gpt4llm.data.cache import cached_splits
 from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
+from gpt4llm.data.resumable import ResumableDataModule
 from gpt4llm.data.sft import LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
 from gpt4llm.models.attention import VARLEN
 from gpt4llm.data.sources import ensure_file
@@ -122,7 +122,7 @@ def padding_report(lengths: list[int], batch_size: int, seed: int, batching: str
     }
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(ResumableDataModule):
     """Alpaca-format records from one file (local, downloaded, or the generated demo) as SFT batches."""
 
     audit_columns = ("index", "input_ids", "labels")  # what `gpt4llm.prepare` writes of each processed example
@@ -163,8 +163,6 @@ class SFTDataModule(L.LightningDataModule):
         self.batching = resolve_batching(batching, attn_implementation)
         self.splits: DatasetDict | None = None
         self.report: dict[str, Any] | None = None
-        self._train_loader: StatefulDataLoader | None = None
-        self._train_loader_state: dict | None = None  # from a checkpoint, applied to the next train loader
 
     def source_file(self) -> Path:
         if self.demo is not None and not self.path.exists():
@@ -179,9 +177,6 @@ class SFTDataModule(L.LightningDataModule):
         )
         padding = padding_report(splits["train"]["num_tokens"], self.batch_size, self.shuffle_seed, self.batching)
         return splits, report | {"padding": padding}
-
-    def prepare_data(self) -> None:
-        self.build()  # downloads and tokenizes once per node; `setup` then reads the cache on every rank
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
@@ -199,25 +194,11 @@ class SFTDataModule(L.LightningDataModule):
         split = self.splits["train"]
         padded = SFTCollator(self.tokenizer.pad_token_id)
         if self.batching == "packed":
-            self._train_loader = self._loader(split, PackedCollator(), generator=self._generator())
-        elif self.batching == "grouped":
+            return self.resume(self._loader(split, PackedCollator(), generator=self._generator()))
+        if self.batching == "grouped":
             sampler = LengthGroupedSampler(split["num_tokens"], self.batch_size, seed=self.shuffle_seed)
-            self._train_loader = self._loader(split, padded, sampler=sampler)
-        else:
-            self._train_loader = self._loader(split, padded, generator=self._generator())
-        if self._train_loader_state is not None:
-            self._train_loader.load_state_dict(self._train_loader_state)
-            self._train_loader_state = None
-        return self._train_loader
-
-    # The loader's position is saved with the data module's state, because Lightning drops the one it saves itself
-    # when `estimated_stepping_batches` (our LR schedule's length) builds the loader before the restore
-    # (Lightning-AI/pytorch-lightning#20550). The data module is restored first, so its state is there in time.
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._train_loader_state = state_dict.get("train_loader")
+            return self.resume(self._loader(split, padded, sampler=sampler))
+        return self.resume(self._loader(split, padded, generator=self._generator()))
 
     def val_dataloader(self) -> StatefulDataLoader:
         padded = SFTCollator(self.tokenizer.pad_token_id)

@@ -24,7 +24,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
@@ -34,6 +33,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from gpt4llm.data.cache import cached_splits
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
 from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.resumable import ResumableDataModule
 from gpt4llm.data.sources import ensure_file
 from gpt4llm.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
 
@@ -290,7 +290,7 @@ class PairCollator:
         return pad_right(sequences, self.pad_token_id)
 
 
-class PairDataModule(L.LightningDataModule):
+class PairDataModule(ResumableDataModule):
     """Comparison records from one file (local, downloaded, or the generated demo) as reward-model batches."""
 
     audit_columns = ("index", "chosen_input_ids", "rejected_input_ids")  # what `gpt4llm.prepare` writes per pair
@@ -322,8 +322,6 @@ class PairDataModule(L.LightningDataModule):
         self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
         self.splits: DatasetDict | None = None
         self.report: dict[str, Any] | None = None
-        self._train_loader: StatefulDataLoader | None = None
-        self._train_loader_state: dict | None = None  # from a checkpoint, applied to the next train loader
 
     def source_file(self) -> Path:
         if self.demo is not None and not self.path.exists():
@@ -342,9 +340,6 @@ class PairDataModule(L.LightningDataModule):
             self.source_file(), self.tokenizer, self.max_length, self.val_size, self.split_seed, self.cache_dir, self.skip_invalid
         )
 
-    def prepare_data(self) -> None:
-        self.build()  # downloads and tokenizes once per node; `setup` then reads the cache on every rank
-
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits, self.report = self.build()
@@ -356,19 +351,7 @@ class PairDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> StatefulDataLoader:
-        self._train_loader = self._loader("train", self.batch_size, shuffle=True)
-        if self._train_loader_state is not None:
-            self._train_loader.load_state_dict(self._train_loader_state)
-            self._train_loader_state = None
-        return self._train_loader
-
-    # As in SFTDataModule: the loader's position travels with the data module's state, so a resumed run continues
-    # with the batches it would have seen (Lightning-AI/pytorch-lightning#20550).
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._train_loader_state = state_dict.get("train_loader")
+        return self.resume(self._loader("train", self.batch_size, shuffle=True))
 
     def val_dataloader(self) -> StatefulDataLoader:
         return self._loader("validation", self.eval_batch_size, shuffle=False)
