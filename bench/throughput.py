@@ -13,6 +13,8 @@ and shuffles (b) with seed r, so the validation losses are compared over inits a
 real (non-pad) tokens per second of each way, the ratio (b)/(a), the median over --repeats, each way's validation
 loss after training (the same padded validation batches for both) and, where the device's peak is known (Lightning's
 table of GPUs, or --peak-tflops), the model FLOPs utilisation (gpt4llm.flops: useful FLOPs of real tokens only).
+--order-control adds (b)'s layout in (a)'s file order, whose validation loss should equal (a)'s: what then separates
+(b) from (a) is the order of the examples, not the layout.
 """
 
 from __future__ import annotations
