@@ -35,11 +35,12 @@ def test_cli_demo_run_writes_everything(tmp_path):
     assert f"Run directory: {run}" in proc.stdout and "Export:" in proc.stdout
 
     logged = scalars(run)
-    for tag in ("train/loss", "val/loss", "val/ppl", "train/lr", "train/tokens_per_s", "val/exact_match"):
+    for tag in ("train/loss", "val/loss", "val/ppl", "train/lr", "train/tokens_per_s", "train/pad_fraction", "val/exact_match"):
         assert tag in logged, f"{tag} missing from TensorBoard: {sorted(logged)}"
     assert len(logged["train/loss"]) == 6
     assert len(logged["val/loss"]) == 2  # before training, and after the epoch
     assert max(logged["train/lr"]) == pytest.approx(3e-3) and logged["train/tokens_per_s"][-1] > 0
+    assert set(logged["train/pad_fraction"]) == {0.0}  # the tiny model's attention packs by default
 
     assert (run / "checkpoints" / "last.ckpt").exists()
     assert (run / ".hydra" / "config.yaml").exists()
