@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from datasets import DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -36,6 +36,18 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tokenize_rows(rows: list[dict], tokenize: Callable, tokenizer, max_length: int, path: Path) -> Dataset:
+    """`tokenize(batch, tokenizer, max_length)` over the rows read from `path`: batched through the fast tokenizer,
+    on every core for a large file."""
+    return Dataset.from_list(rows).map(
+        tokenize,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        num_proc=os.cpu_count() if len(rows) >= 20_000 else None,  # process start-up costs more than it saves
+        desc=f"Tokenizing {path.name}",
+    )
 
 
 def cached_splits(

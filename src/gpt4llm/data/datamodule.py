@@ -6,7 +6,6 @@ shows exactly what the model is trained on, and both read the same cache.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from datasets import Dataset, DatasetDict
 from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt4llm.data.cache import cached_splits
+from gpt4llm.data.cache import cached_splits, tokenize_rows
 from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
 from gpt4llm.data.resumable import ResumableDataModule
@@ -57,13 +56,7 @@ def build_sft_splits(
         records, load_report = load_instruction_records(path, skip_invalid=skip_invalid)
         if not records:
             raise ValueError(f"{path}: no usable records ({load_report.summary()['skipped']})")
-        tokenized = Dataset.from_list(records).map(
-            tokenize_batch,
-            batched=True,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-            num_proc=os.cpu_count() if len(records) >= 20_000 else None,  # process start-up costs more than it saves
-            desc=f"Tokenizing {path.name}",
-        )
+        tokenized = tokenize_rows(records, tokenize_batch, tokenizer, max_length, path)
         # A prompt that fills the whole length leaves nothing to learn from (stanford_alpaca kept such rows; their
         # loss is 0/0), so they are dropped and reported.
         no_target = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n == 0]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -26,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
 from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt4llm.data.cache import cached_splits
+from gpt4llm.data.cache import cached_splits, tokenize_rows
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
 from gpt4llm.data.records import RecordError, read_json_records
 from gpt4llm.data.resumable import ResumableDataModule
@@ -218,13 +217,7 @@ def build_pair_splits(
         pairs, read_report = read_comparison_pairs(path, skip_invalid=skip_invalid)
         if not pairs:
             raise ValueError(f"{path}: no usable pairs ({json.dumps(read_report)})")
-        tokenized = Dataset.from_list(pairs).map(
-            tokenize_pairs,
-            batched=True,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-            num_proc=os.cpu_count() if len(pairs) >= 20_000 else None,  # process start-up costs more than it saves
-            desc=f"Tokenizing {path.name}",
-        )
+        tokenized = tokenize_rows(pairs, tokenize_pairs, tokenizer, max_length, path)
         identical = [i for i, same in enumerate(tokenized["identical_ids"]) if same]
         usable = [i for i, same in enumerate(tokenized["identical_ids"]) if not same]
         column = tokenized["prompt"]
