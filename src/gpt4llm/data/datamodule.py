@@ -21,8 +21,8 @@ from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
 from gpt4llm.data.resumable import ResumableDataModule
 from gpt4llm.data.sft import LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
-from gpt4llm.models.attention import VARLEN
 from gpt4llm.data.sources import ensure_file
+from gpt4llm.models.attention import VARLEN
 
 # How training batches are laid out: "packed" (one row, no padding: data.sft.PackedCollator), "grouped" (padded
 # batches of similar lengths: data.sft.LengthGroupedSampler), "random" (padded, in random order), or "auto".
@@ -36,6 +36,8 @@ def resolve_batching(batching: str, attn_implementation: str | None) -> str:
     if batching != "auto":
         return batching
     return "packed" if attn_implementation in VARLEN else "grouped"
+
+
 CACHE_VERSION = 1  # bump when tokenize_batch or the split changes what it produces
 
 

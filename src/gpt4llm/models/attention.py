@@ -27,12 +27,20 @@ def packed_lengths(position_ids: torch.Tensor) -> list[int]:
     return [end - start for start, end in zip(starts, starts[1:] + [len(position_ids)])]
 
 
+# Every layer of a forward pass gets the same position-ids tensor: its segments are read off once, not once per layer
+# (on a GPU each read waits for the device). Holding the tensor keeps its identity from being reused.
+_last_segments: tuple[torch.Tensor, list[int] | None] | None = None
+
+
 def packed_segments(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
     """The example lengths of a single packed row of `length` tokens; None if the batch is not one."""
+    global _last_segments
     if position_ids is None or position_ids.dim() != 2 or position_ids.size(0) != 1 or position_ids.size(1) != length:
         return None
-    lengths = packed_lengths(position_ids[0])
-    return lengths if len(lengths) > 1 else None
+    if _last_segments is None or _last_segments[0] is not position_ids:
+        lengths = packed_lengths(position_ids[0])
+        _last_segments = position_ids, (lengths if len(lengths) > 1 else None)
+    return _last_segments[1]
 
 
 def sdpa_varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
