@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,17 @@ def demo_overrides(tmp: Path, *extra: str) -> list[str]:
         "trainer.log_every_n_steps=1",
         *extra,
     ]
+
+
+def rm_overrides(tmp: Path, *extra: str) -> list[str]:
+    """The SFT demo's fast settings (tiny model, few records and steps), with the pairs demo and the RM task."""
+    sft_only = ("data.exact_match_examples",)  # instruction data only
+    return ["task=rm", "data=demo_pairs", *(o for o in demo_overrides(tmp) if not o.startswith(sft_only)), *extra]
+
+
+def run_cli(module: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` offline in `cwd`; fails the test with the end of its output unless it exits 0."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc

@@ -140,7 +140,7 @@ def test_sdpa_varlen_is_transformers_sdpa_on_padded_batches(tiny_model_dir, toke
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_module_loss_computes_logits_only_where_supervised_and_is_the_full_loss(layout, tiny_model_dir, tokenizer):
-    module = SFTModule(tokenizer, str(tiny_model_dir), optimizer=torch.optim.AdamW, attn_implementation="sdpa_varlen")
+    module = SFTModule(tokenizer, str(tiny_model_dir), optimizer={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}, attn_implementation="sdpa_varlen")
     module.configure_model()
     columns = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}
     tokenized = tokenize_batch(columns, tokenizer, max_length=128)

@@ -171,3 +171,11 @@ def test_plan_cli_writes_plan_json(tmp_path):
 def test_plan_for_the_tiny_demo_needs_no_download(tmp_path):
     plan = make_plan(compose_plan(demo_overrides(tmp_path)), device="cpu")
     assert plan["parameters"]["total"] > 0 and plan["fits"] is None and plan["optimizer_steps"] == 6
+
+
+@pytest.mark.parametrize("strategy, optimizer", [
+    ("deepspeed_zero3_offload", "DeepSpeed's CPU Adam"), ("deepspeed_zero3", "torch's fused AdamW"), ("ddp", "torch's fused AdamW"),
+])
+def test_the_plan_names_the_optimizer_the_strategy_gets(strategy, optimizer):
+    plan = make_plan(compose_plan(["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", f"strategy={strategy}"]), "V100-32GB")
+    assert plan["optimizer"].startswith(optimizer)

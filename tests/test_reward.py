@@ -51,7 +51,7 @@ def test_reward_is_read_at_the_last_token_under_both_paddings(reward_model, toke
 
 
 def test_training_step_and_validation_statistics(tiny_model_dir, tokenizer):
-    module = RewardModule(tokenizer, str(tiny_model_dir), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), max_length=64)
+    module = RewardModule(tokenizer, str(tiny_model_dir), optimizer={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}, max_length=64)
     module.configure_model()
     eos = tokenizer.eos_token_id
     ids = {text: tokenizer(text)["input_ids"] + [eos] for text in ("right", "wrong answer", "yes", "no")}

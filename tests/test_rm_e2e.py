@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import demo_overrides
+from conftest import rm_overrides, run_cli
 
 pytestmark = pytest.mark.slow
-
-
-def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def rm_overrides(tmp: Path, *extra: str) -> list[str]:
-    """The SFT demo's fast settings (tiny model, few records and steps), with the pairs demo and the RM task."""
-    sft_only = ("data.exact_match_examples",)  # instruction data only
-    return ["task=rm", "data=demo_pairs", *(o for o in demo_overrides(tmp) if not o.startswith(sft_only)), *extra]
 
 
 def test_cli_reward_model_demo_trains_exports_scores_and_ranks(tmp_path):

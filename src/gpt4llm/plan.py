@@ -285,6 +285,7 @@ def examples_per_epoch(cfg: DictConfig) -> int | None:
 
 def make_plan(cfg: DictConfig, device: str | None = None) -> dict:
     from gpt4llm.hardware import LaunchError, check_precision
+    from gpt4llm.models.optim import CHOICES, optimizer_choice
 
     plan_cfg = cfg.plan
     device = device or plan_cfg.device
@@ -371,6 +372,8 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> dict:
         "device_memory_gib": hw.memory_gib,
         "node_memory_gib": hw.node_memory_gib,
         "setup": asdict(s) | {"label": s.label, "world": s.world},
+        # what HFBackboneModule.configure_optimizers will build for this strategy (plans are for GPUs)
+        "optimizer": CHOICES[optimizer_choice(s.strategy == "deepspeed" and s.offload_optimizer, "gpu")],
         "micro_batch": micro,
         "max_length": seq,
         "accumulation": accumulation,
@@ -429,6 +432,7 @@ def format_plan(plan: dict) -> str:
         f"embedding {plan['parameters']['embedding']:,}, vocabulary rows {plan['arch']['vocab_size']:,})",
         f"  batch: {plan['micro_batch']} per device x {s['world']} devices x accumulation {plan['accumulation']} = "
         f"{plan['global_batch']} sequences of up to {plan['max_length']} tokens",
+        f"  optimizer: {plan['optimizer']}",
         "",
         "  memory per device                                GiB",
         f"    parameters                               {gib(g['parameters'])}",
@@ -464,7 +468,7 @@ def format_plan(plan: dict) -> str:
         total = f", >= {traffic['seconds_total'] / 3600:.1f} h in all" if traffic.get("seconds_total") else ""
         lines.append(
             f"  offload traffic: {traffic['bytes_per_gpu_per_step'] / 1e9:.1f} GB per GPU per optimizer step over PCIe: "
-            f">= {traffic['seconds_per_step']:.2f} s/step{total} (plus DeepSpeed's CPU Adam)"
+            f">= {traffic['seconds_per_step']:.2f} s/step{total} (plus the optimizer step on the CPU)"
         )
     lines += [f"  PROBLEM: {p}" for p in plan["problems"]]
     return "\n".join(lines)

@@ -365,7 +365,7 @@ def check_task(task: DictConfig) -> str:
     name = task.get("name") if isinstance(task, DictConfig) else None
     if name not in TASKS:
         raise ValueError(
-            f"task: synthesize runs task=answer, task=translate or task=score (conf/task/ holds the training tasks)"
+            "task: synthesize runs task=answer, task=translate or task=score (conf/task/ holds the training tasks)"
         )
     return name
 

@@ -45,8 +45,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = instantiate(cfg.task, tokenizer=tokenizer)
+    validating = cfg.data.val_size > 0
+    if not validating:
+        log.info("data.val_size=0: nothing is held out (as in the paper); training runs with no validation loop")
     trainer: L.Trainer = instantiate(
         cfg.trainer,
+        **({} if validating else {"limit_val_batches": 0}),
         strategy=instantiate(cfg.strategy),
         callbacks=[instantiate(c) for c in cfg.callbacks.values() if c],
         logger=[instantiate(c) for c in cfg.logger.values() if c],
@@ -57,10 +61,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    if cfg.validate_first and not cfg.ckpt_path:
+    if validating and cfg.validate_first and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if module.validated_at_step != trainer.global_step and not trainer.interrupted:
+    if validating and module.validated_at_step != trainer.global_step and not trainer.interrupted:
         # Stopped by max_steps between two validations: the final figures should be those of the final model.
         trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

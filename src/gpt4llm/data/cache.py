@@ -67,8 +67,13 @@ def cached_splits(
         # Written beside the target and renamed into place, so an interrupted run never leaves a half-written cache.
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        splits.save_to_disk(str(tmp / "splits"))
+        # datasets cannot save an empty split (data.val_size=0 holds nothing out): it is left out, and made again below
+        DatasetDict({name: split for name, split in splits.items() if len(split)}).save_to_disk(str(tmp / "splits"))
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-    return load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
+    splits, report = load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
+    for name in report["splits"]:  # the empty ones, with the columns of the others
+        if name not in splits:
+            splits[name] = splits["train"].select([])
+    return splits, report

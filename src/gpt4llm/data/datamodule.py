@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
 from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gpt4llm.data.cache import cached_splits, tokenize_rows
 from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
-from gpt4llm.data.resumable import ResumableDataModule
+from gpt4llm.data.samplers import ShuffledSampler
+from gpt4llm.data.splits import SplitsDataModule
 from gpt4llm.data.sft import LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
 from gpt4llm.data.sources import ensure_file
 from gpt4llm.models.attention import VARLEN
@@ -103,7 +103,7 @@ def _report(path, load_summary, tokenized, no_target, splits, max_length, tokeni
 
 def padding_report(lengths: list[int], batch_size: int, seed: int, batching: str) -> dict[str, Any]:
     """The share of computed training tokens that are padding in an epoch, for each way of batching."""
-    random_order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    random_order = ShuffledSampler(len(lengths), seed).order(0)
     grouped_order = LengthGroupedSampler(lengths, batch_size, seed=seed).order(0)
 
     def pad_fraction(order: list[int]) -> float:
@@ -117,7 +117,7 @@ def padding_report(lengths: list[int], batch_size: int, seed: int, batching: str
     }
 
 
-class SFTDataModule(ResumableDataModule):
+class SFTDataModule(SplitsDataModule):
     """Alpaca-format records from one file (local, downloaded, or the generated demo) as SFT batches."""
 
     audit_columns = ("index", "input_ids", "labels")  # what `gpt4llm.prepare` writes of each processed example
@@ -184,36 +184,18 @@ class SFTDataModule(ResumableDataModule):
             )
 
     def train_dataloader(self) -> StatefulDataLoader:
-        # Stateful and seeded, so a resumed run continues with the very batches it would have seen. The same
-        # examples make each batch whichever the layout; validation is always padded, so val/loss compares.
-        split = self.splits["train"]
+        # The same examples make each batch whichever the layout; validation is always padded, so val/loss compares.
+        split = self.splits["train"].select_columns(["input_ids", "labels"])
         padded = SFTCollator(self.tokenizer.pad_token_id)
-        if self.batching == "packed":
-            return self.resume(self._loader(split, PackedCollator(), generator=self._generator()))
         if self.batching == "grouped":
-            sampler = LengthGroupedSampler(split["num_tokens"], self.batch_size, seed=self.shuffle_seed)
-            return self.resume(self._loader(split, padded, sampler=sampler))
-        return self.resume(self._loader(split, padded, generator=self._generator()))
+            sampler = LengthGroupedSampler(self.splits["train"]["num_tokens"], self.batch_size, self.shuffle_seed, **self.shard())
+            return self.loader(split, sampler, self.batch_size, padded)
+        collate = PackedCollator() if self.batching == "packed" else padded
+        return self.loader(split, self.shuffled(split, self.shuffle_seed), self.batch_size, collate)
 
     def val_dataloader(self) -> StatefulDataLoader:
-        padded = SFTCollator(self.tokenizer.pad_token_id)
-        return self._loader(self.splits["validation"], padded, batch_size=self.eval_batch_size)
-
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.shuffle_seed)
-
-    def _loader(self, split: Dataset, collate, batch_size: int | None = None, generator=None, sampler=None) -> StatefulDataLoader:
-        return StatefulDataLoader(
-            split.select_columns(["input_ids", "labels"]),
-            batch_size=batch_size or self.batch_size,
-            shuffle=generator is not None,
-            generator=generator,
-            sampler=sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        split = self.splits["validation"].select_columns(["input_ids", "labels"])
+        return self.loader(split, self.in_order(split), self.eval_batch_size, SFTCollator(self.tokenizer.pad_token_id))
 
     def exact_match_records(self) -> list[dict[str, str]]:
         """The held-out records (instruction, input, output) that `val/exact_match` is scored on."""

@@ -32,7 +32,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from gpt4llm.data.cache import cached_splits, tokenize_rows
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
 from gpt4llm.data.records import RecordError, read_json_records
-from gpt4llm.data.resumable import ResumableDataModule
+from gpt4llm.data.splits import SplitsDataModule
 from gpt4llm.data.sources import ensure_file
 from gpt4llm.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
 
@@ -283,7 +283,7 @@ class PairCollator:
         return pad_right(sequences, self.pad_token_id)
 
 
-class PairDataModule(ResumableDataModule):
+class PairDataModule(SplitsDataModule):
     """Comparison records from one file (local, downloaded, or the generated demo) as reward-model batches."""
 
     audit_columns = ("index", "chosen_input_ids", "rejected_input_ids")  # what `gpt4llm.prepare` writes per pair
@@ -344,19 +344,9 @@ class PairDataModule(ResumableDataModule):
             )
 
     def train_dataloader(self) -> StatefulDataLoader:
-        return self.resume(self._loader("train", self.batch_size, shuffle=True))
+        split = self.splits["train"].select_columns(["chosen_input_ids", "rejected_input_ids"])
+        return self.loader(split, self.shuffled(split, self.split_seed), self.batch_size, PairCollator(self.tokenizer.pad_token_id))
 
     def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader("validation", self.eval_batch_size, shuffle=False)
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> StatefulDataLoader:
-        return StatefulDataLoader(
-            self.splits[split].select_columns(["chosen_input_ids", "rejected_input_ids"]),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.split_seed) if shuffle else None,
-            collate_fn=PairCollator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        split = self.splits["validation"].select_columns(["chosen_input_ids", "rejected_input_ids"])
+        return self.loader(split, self.in_order(split), self.eval_batch_size, PairCollator(self.tokenizer.pad_token_id))

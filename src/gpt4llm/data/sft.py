@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Sampler
 
+from gpt4llm.data.samplers import EpochSampler
 from gpt4llm.prompts import format_prompt
 
 IGNORE_INDEX = -100  # torch's cross-entropy default ignore_index
@@ -90,45 +90,31 @@ class PackedCollator:
         return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None]}
 
 
-class LengthGroupedSampler(Sampler[int]):
+class LengthGroupedSampler(EpochSampler):
     """Random batches of examples of similar length, so a padded batch wastes little.
 
     Each epoch shuffles the examples, sorts each group of `group_batches` batches by length (longest first), cuts
-    it into batches and shuffles the batches. Deterministic by seed and epoch, and stateful (epoch, examples
-    yielded) so a resumed run continues with the batches it would have seen.
+    it into batches and shuffles the batches. Over several processes the unit is one batch for each of them: the
+    processes' batches of a step are cut from one sorted run, so each is of similar lengths too.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 64) -> None:
-        self.lengths, self.batch_size, self.seed, self.group_batches = lengths, batch_size, seed, group_batches
-        self.epoch, self._yielded, self._skip = 0, 0, 0
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 64, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__(len(lengths), seed, rank, world_size)
+        self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches
 
     def order(self, epoch: int) -> list[int]:
         rng = random.Random(f"{self.seed}-{epoch}")
         indices = list(range(len(self.lengths)))
         rng.shuffle(indices)
-        group = self.batch_size * self.group_batches
+        unit = self.batch_size * self.world_size
+        group = unit * self.group_batches
         batches = []
         for start in range(0, len(indices), group):
             chunk = sorted(indices[start : start + group], key=self.lengths.__getitem__, reverse=True)
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i : i + unit] for i in range(0, len(chunk), unit)]
         # Only the very last batch can be short; it stays last so every other batch keeps its size.
-        last = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        last = [batches.pop()] if len(batches[-1]) < unit else []
         rng.shuffle(batches)
         return [i for batch in batches + last for i in batch]
-
-    def __iter__(self):
-        order = self.order(self.epoch)
-        self._yielded, self._skip = self._skip, 0
-        for index in order[self._yielded :]:
-            self._yielded += 1
-            yield index
-        self.epoch, self._yielded = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self._yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._skip = state["epoch"], state["yielded"]

@@ -5,7 +5,12 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from gpt4llm.models import attention
 
@@ -29,6 +34,17 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     if tokenizer.eos_token is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token; SFT targets end with it, so it must exist")
     return tokenizer
+
+
+def import_model_code(path: str, auto_mapping) -> None:
+    """Imports torch._dynamo and the backbone's modeling module (transformers imports a model's code lazily, on first
+    use). Call it before entering a sharded-init context: with torch 2.13, a first import of torch._dynamo inside
+    deepspeed.zero.Init fails with "Signature mismatch ... tensor_pynew"."""
+    import torch._dynamo  # noqa: F401
+
+    config = AutoConfig.from_pretrained(path)
+    if auto_mapping is not None and type(config) in auto_mapping:
+        auto_mapping[type(config)]  # the lookup imports the class's module
 
 
 def load_causal_lm(

@@ -11,17 +11,17 @@ pad id and padding side.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+)
 
+from gpt4llm.models.base import HFBackboneModule
 from gpt4llm.models.hf import resize_embeddings_with_mean
-from gpt4llm.models.sft import SFTModule
-from gpt4llm.strategies import hf_deepspeed_config
 
 
 def load_reward_model(path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False) -> PreTrainedModel:
@@ -57,39 +57,22 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(chosen.float() - rejected.float()).mean()
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(HFBackboneModule):
     """Batches hold 2B sequences: B chosen, then their B rejected (gpt4llm.data.pairs.PairCollator)."""
 
-    def __init__(
-        self,
-        tokenizer,
-        model_path: str,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        lr_scheduler: str = "cosine",
-        warmup_ratio: float = 0.03,
-        dtype: str | None = None,
-        gradient_checkpointing: bool = False,
-        max_length: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.model_path, self.dtype_name, self.gradient_checkpointing = model_path, dtype, gradient_checkpointing
-        self.optimizer_factory, self.lr_scheduler, self.warmup_ratio = optimizer, lr_scheduler, warmup_ratio
+    auto_mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    def __init__(self, *args, max_length: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # HFBackboneModule's settings
         self.max_length = max_length  # recorded in the export, so scoring truncates as training did
-        self.model = None
         self.val_loss, self.val_acc, self.val_margin = MeanMetric(), MeanMetric(), MeanMetric()
         # First and second moments of every validation reward: mean and std, summed correctly across devices.
         self.val_reward, self.val_reward_sq = MeanMetric(), MeanMetric()
-        self.validated_at_step: int | None = None  # lets `train` add a final validation when fit did not end on one
 
-    def configure_model(self) -> None:
-        # Built here rather than in __init__ so that sharded strategies can take over its construction; under
-        # ZeRO-3 the DeepSpeed config is registered with transformers first, as SFTModule.configure_model explains.
-        if self.model is None:
-            self._zero3_config = hf_deepspeed_config(self._trainer.strategy if self._trainer is not None else None)
-            self.model = load_reward_model(self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing)
-            self.model.config.reward_max_length = self.max_length
-            self.model.train()  # from_pretrained returns it in eval mode, and Lightning keeps a submodule's mode
+    def load_backbone(self) -> PreTrainedModel:
+        model = load_reward_model(self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing)
+        model.config.reward_max_length = self.max_length
+        return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return sequence_rewards(self.model, input_ids, attention_mask)
@@ -129,6 +112,3 @@ class RewardModule(L.LightningModule):
         self.val_reward.reset()
         self.val_reward_sq.reset()
         self.validated_at_step = self.global_step
-
-    # The same optimizer and schedule as SFT: AdamW without decay on biases and norms, warmup, then `lr_scheduler`.
-    configure_optimizers = SFTModule.configure_optimizers

@@ -1,0 +1,67 @@
+"""Samplers whose order is a function of (seed, epoch) alone, sharded over the processes of a run.
+
+Every loader of our data modules takes its order from one of these, and the trainers run with
+`use_distributed_sampler: false`, so Lightning never rebuilds a loader with a sampler of its own. That matters twice:
+Lightning's replacement did not shuffle at all with torchdata's StatefulDataLoader (it saw no torch RandomSampler),
+and a rebuilt loader does not carry the saved position of the one it replaces. The samplers keep their epoch and
+how many indices they have yielded in their state, so a run resumed anywhere, across epoch boundaries included,
+sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import random
+
+from torch.utils.data import Sampler
+
+
+class EpochSampler(Sampler[int]):
+    """The indices of `order(epoch)` that fall to `rank` of `world_size`, as torch's DistributedSampler shards them
+    (every world_size-th index, the order padded from its start so each rank gets as many)."""
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes")
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self._yielded, self._skip = 0, 0, 0
+
+    def order(self, epoch: int) -> list[int]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size)
+
+    def shard(self, epoch: int) -> list[int]:
+        order = self.order(epoch)
+        padded = order + order[: len(self) * self.world_size - len(order)]
+        return padded[self.rank :: self.world_size]
+
+    def __iter__(self):
+        shard = self.shard(self.epoch)
+        self._yielded, self._skip = self._skip, 0
+        for index in shard[self._yielded :]:
+            self._yielded += 1
+            yield index
+        self.epoch, self._yielded = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip = state["epoch"], state["yielded"]
+
+
+class ShuffledSampler(EpochSampler):
+    """A fresh random order every epoch."""
+
+    def order(self, epoch: int) -> list[int]:
+        indices = list(range(self.size))
+        random.Random(f"{self.seed}-{epoch}").shuffle(indices)
+        return indices
+
+
+class InOrderSampler(EpochSampler):
+    """The file's order every epoch (evaluation)."""
+
+    def order(self, epoch: int) -> list[int]:
+        return list(range(self.size))

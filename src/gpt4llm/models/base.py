@@ -1,0 +1,101 @@
+"""What the SFT and the reward LightningModules share: a Hugging Face backbone built where the strategy wants it,
+AdamW of the implementation the strategy needs, and warmup followed by the configured schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedModel, get_scheduler
+
+from gpt4llm.models.hf import import_model_code
+from gpt4llm.models.optim import (
+    CHOICES,
+    build_adamw,
+    decay_parameter_names,
+    optimizer_choice,
+    parameter_groups,
+    strategy_offloads_optimizer,
+)
+from gpt4llm.strategies import hf_deepspeed_config
+
+
+class HFBackboneModule(L.LightningModule):
+    """Subclasses say how to load their backbone (`load_backbone`) and add their loss and metrics.
+
+    `optimizer` holds AdamW's hyperparameters (lr, betas, eps, weight_decay); which AdamW runs them follows the
+    strategy (gpt4llm.models.optim).
+    """
+
+    auto_mapping: Any = None  # transformers' auto mapping of the backbone's class (for import_model_code)
+
+    def __init__(
+        self,
+        tokenizer,
+        model_path: str,
+        optimizer: dict[str, Any],
+        lr_scheduler: str = "cosine",
+        warmup_ratio: float = 0.03,
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model_path, self.dtype_name, self.gradient_checkpointing = model_path, dtype, gradient_checkpointing
+        self.optimizer_settings = dict(optimizer)
+        self.lr_scheduler, self.warmup_ratio = lr_scheduler, warmup_ratio
+        self.model: PreTrainedModel | None = None
+        self.validated_at_step: int | None = None  # lets `train` add a final validation when fit did not end on one
+
+    def load_backbone(self) -> PreTrainedModel:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls configure_model inside deepspeed.zero.Init under ZeRO-3, where a first import of the model's
+        # code (and of torch._dynamo with it) fails; import it here, before.
+        import_model_code(self.model_path, self.auto_mapping)
+
+    def configure_model(self) -> None:
+        # Built here rather than in __init__ so that sharded strategies can take over its construction.
+        if self.model is None:
+            # Under DeepSpeed ZeRO-3 Lightning calls this inside deepspeed.zero.Init. Registering the config with
+            # transformers (kept for the run: it holds a weak reference) makes from_pretrained load the checkpoint into
+            # the partitioned model, rank 0 reading it and every rank keeping its shard, instead of materialising the
+            # whole model on every rank; None under any other strategy.
+            self._zero3_config = hf_deepspeed_config(self._trainer.strategy if self._trainer is not None else None)
+            self.model = self.load_backbone()
+            self.model.train()  # from_pretrained returns it in eval mode, and Lightning keeps a submodule's mode
+
+    def configure_optimizers(self):
+        settings = dict(self.optimizer_settings)
+        weight_decay = settings.pop("weight_decay", 0.0)
+        groups = parameter_groups(self.model, weight_decay)
+        strategy = self.trainer.strategy
+        choice = optimizer_choice(strategy_offloads_optimizer(strategy), strategy.root_device.type)
+        optimizer = build_adamw(groups, choice, **settings)
+        decayed = len(decay_parameter_names(self.model))
+        rank_zero_info(
+            f"Optimizer: {CHOICES[choice]}, lr {settings['lr']:g}, weight decay {weight_decay:g} on {decayed} of "
+            f"{sum(len(g['params']) for g in groups)} parameter tensors (never on biases and norms)"
+        )
+        total = schedule_length(self.trainer)
+        scheduler = get_scheduler(self.lr_scheduler, optimizer, math.ceil(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def schedule_length(trainer) -> int:
+    """The run's optimizer steps, counted as Lightning's `trainer.estimated_stepping_batches` counts them, but from
+    the data module's batch count: that property builds the training loader, and a loader built before the checkpoint
+    is restored loses its saved position (gpt4llm.data.splits)."""
+    batches_per_epoch = getattr(trainer.datamodule, "batches_per_epoch", None)
+    if batches_per_epoch is None:  # data not from our data modules
+        return trainer.estimated_stepping_batches
+    if trainer.max_epochs == -1:
+        return trainer.max_steps
+    batches = batches_per_epoch(trainer.world_size)
+    limit = trainer.limit_train_batches
+    batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
+    steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+    return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
