@@ -34,6 +34,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sentencepiece_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with a SentencePiece BPE made like LLaMA's: the stand-in for LLaMA."""
+    from gpt4llm.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sp", **TINY_SPEC, tokenizer_type="sentencepiece")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     from gpt4llm.models.hf import load_tokenizer
 

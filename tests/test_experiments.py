@@ -76,16 +76,14 @@ def comparison_file(instruction_file, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_runs_end_to_end(experiment, tmp_path, tiny_model_dir, tiny_opt_dir, instruction_file, comparison_file):
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+def test_experiment_runs_end_to_end(experiment, tmp_path, sentencepiece_model_dir, tiny_opt_dir, instruction_file, comparison_file):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from gpt4llm.models.hf import load_tokenizer
 
     recipe = compose_train([f"experiment={experiment}"])
     rm = recipe.task._target_.endswith("RewardModule")
-    substitute = {"llama": tiny_model_dir, "opt": tiny_opt_dir}[recipe.model.arch.model_type]
+    substitute = {"llama": sentencepiece_model_dir, "opt": tiny_opt_dir}[recipe.model.arch.model_type]
     run = tmp_path / "run"
     run_cli(
         "gpt4llm.train",
@@ -104,6 +102,8 @@ def test_experiment_runs_end_to_end(experiment, tmp_path, tiny_model_dir, tiny_o
     log = (run / "train.log").read_text()
     accumulation = recipe.global_batch_size // recipe.data.batch_size
     assert f"Global batch {recipe.global_batch_size}: gradient accumulation {accumulation}" in log
+    # LLaMA's stand-in ships a SentencePiece model: its ids come from SentencePiece itself, as stanford_alpaca's did
+    assert f"ids by {'sentencepiece' if substitute == sentencepiece_model_dir else 'tokenizers'}" in log
     logged = scalars(run)
     assert len(logged["train/loss"]) == STEPS and all(map(torch.isfinite, torch.tensor(logged["train/loss"])))
     # warmup (ceil of the ratio of the steps) then the schedule, never above the recipe's peak
@@ -120,7 +120,7 @@ def test_experiment_runs_end_to_end(experiment, tmp_path, tiny_model_dir, tiny_o
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == STEPS
     from_checkpoint.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True)
-    tokenizer = AutoTokenizer.from_pretrained(run / "export")
+    tokenizer = load_tokenizer(str(run / "export"))
     batch = tokenizer(["Give three tips for staying healthy.", "把这句话翻译成英文。"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, from_checkpoint(**batch).logits, rtol=0, atol=1e-5)

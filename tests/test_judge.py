@@ -10,8 +10,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import CONF, SHARED_DATA
 
-from gpt4llm.evaluation.judge import judge, parse_scores
+from gpt4llm.evaluation.judge import fastchat_scores, judge, parse_scores, reader
+from gpt4llm.evaluation.judge_prompts import FastChatReviewers
 from gpt4llm.openai_client import ChatClient, ChatError
 
 KEY = "sk-test-NEVER-WRITE-THIS-0123456789"
@@ -91,6 +93,29 @@ def key(monkeypatch):
     return KEY
 
 
+SYSTEM = "You check answers."
+TEMPLATE = ("[Question]\n{question}\n\n[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]\n\n"
+            "[The Start of Assistant 2's Answer]\n{answer_2}\n\n[The End of Assistant 2's Answer]\n\n[System]\n{prompt}\n\n")
+
+
+def write_fastchat_files(directory):
+    """Files in the layout of FastChat's prompt.jsonl and reviewer.jsonl, with our own instruction texts."""
+    texts = {"general": "Rate both; two scores on the first line.", "coding": "Review the code; two scores first.",
+             "math": "Solve it first. Finally, please output a Python tuple containing two numerical scores."}
+    prompts = [{"prompt_id": i, "system_prompt": SYSTEM, "prompt_template": TEMPLATE, "defaults": {"prompt": text},
+                "description": cat, "category": cat} for i, (cat, text) in enumerate(texts.items(), 1)]
+    reviewers = [{"reviewer_id": f"r-{cat}", "prompt_id": i, "metadata": {}, "description": cat, "category": cat}
+                 for i, cat in enumerate(texts, 1)]
+    for name, rows in (("prompt.jsonl", prompts), ("reviewer.jsonl", reviewers)):
+        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory / "prompt.jsonl", directory / "reviewer.jsonl"
+
+
+@pytest.fixture
+def reviewers(tmp_path):
+    return FastChatReviewers.from_files(*write_fastchat_files(tmp_path))
+
+
 def client(srv, tmp_path, **kwargs) -> ChatClient:
     options = dict(api_key_env="JUDGE_TEST_KEY", cache_path=tmp_path / "cache.jsonl", timeout=1.0, backoff=0.01, max_retries=3)
     return ChatClient(srv.base_url, "judge-model", **(options | kwargs))
@@ -152,6 +177,77 @@ def test_parse_scores(reply, count, expected):
     assert parse_scores(reply, count) == expected
 
 
+@pytest.mark.parametrize(
+    "reply, expected",
+    [  # what FastChat's parse_score returns for each (None: its [-1, -1])
+        ("8 7", [8.0, 7.0]),
+        ("8 7\nAssistant 1 was more detailed.", [8.0, 7.0]),
+        ("8,7", [8.0, 7.0]),
+        ("8.5 6", [8.5, 6.0]),
+        ("8, 7", None),  # the comma becomes a space: "8  7" splits into three fields
+        ("Assistant 1: 8", None),
+        ("Assistant 1: 8\nAssistant 2: 7", None),
+        ("8 7 ", None),  # a trailing space is a third, empty field
+        ("\n8 7", None),  # only the first line is read
+        ("N/A", None),
+        ("", None),
+    ],
+)
+def test_fastchat_rule_reads_what_fastchat_read(reply, expected):
+    assert fastchat_scores(reply) == expected
+    assert reader("fastchat", 2)(reply) == (expected, "first line" if expected else None)
+
+
+def test_math_tuple_is_read_as_fastchat_users_fixed_it_and_only_for_the_math_prompt():
+    review = "First, I will solve the problem independently:\n\n3x + 2 = 11, so x = 3.\n\nAssistant 1 is wrong.\n\nOutput: (1, 7)"
+    assert fastchat_scores(review) is None
+    assert reader("fastchat", 2, math_tuple=True)(review) == ([1.0, 7.0], "math tuple")
+    assert reader("fastchat", 2, math_tuple=False)(review) == (None, None)
+    assert reader("lenient", 2, math_tuple=True)(review) == (None, None)  # lenient re-asks instead
+
+
+def test_fastchat_rule_never_asks_again_and_says_what_it_read(server, key, tmp_path, reviewers):
+    from gpt4llm.evaluation.responses import read_responses
+
+    replies = {"Question 1?": "8 7\nGood.", "Question 2?": "8, 7\nGood.", "Question 3?": "Let me solve it.\n...\n(2, 9)"}
+    srv = server(reply=lambda r: next(v for k, v in replies.items() if k in r["messages"][-1]["content"]))
+    mine = read_responses(answer_file(tmp_path / "mine.jsonl", "ours", {1: ("generic", "a"), 2: ("coding", "b"), 3: ("math", "c")}))
+    theirs = read_responses(answer_file(tmp_path / "theirs.jsonl", "gpt-3.5", {1: (None, "x"), 2: (None, "y"), 3: (None, "z")}, layout="fastchat"))
+    reviews, summary = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, max_parse_retries=2,
+                             reviewers=reviewers)
+    assert len(srv.requests) == 3  # nothing asked twice under FastChat's rule
+    assert summary["score_rule"] == "fastchat" and summary["totals"] == [10.0, 16.0]
+    assert summary["replies_read"] == {"first line": 1, "math tuple": 1} and summary["replies_unparsable"] == 1
+    assert summary["problems"]["unparsable (left out)"]["ids"] == [2]
+    sent = {r["messages"][-1]["content"].split("\n")[1]: r["messages"] for r in srv.requests}
+    assert sent["Question 2?"][0] == {"role": "system", "content": SYSTEM}
+    assert sent["Question 2?"][1]["content"].endswith("[System]\nReview the code; two scores first.\n\n")
+    assert "[System]\nRate both" in sent["Question 1?"][1]["content"]  # generic: FastChat's default reviewer
+
+
+def test_fastchat_files_are_the_pinned_ones_and_build_fastchats_prompts():
+    """FastChat's own files (../shared, FastChat commit 6d987107): their git blob ids are the ones the judge config
+    pins, and the messages are FastChat's gen_prompt output, byte for byte."""
+    from omegaconf import OmegaConf
+
+    from gpt4llm.data.sources import verify_checksum
+
+    directory = SHARED_DATA / "fastchat"
+    if not (directory / "prompt.jsonl").exists():
+        pytest.skip(f"{directory} is absent (../shared is for development only)")
+    pinned = OmegaConf.load(CONF / "metric" / "judge.yaml").fastchat
+    verify_checksum(directory / "prompt.jsonl", pinned.prompts.checksum)
+    verify_checksum(directory / "reviewer.jsonl", pinned.reviewers.checksum)
+    raw = [json.loads(line) for line in (directory / "prompt.jsonl").read_text().splitlines()]
+    r = FastChatReviewers.from_files(directory / "prompt.jsonl", directory / "reviewer.jsonl")
+    for category, prompt in (("generic", raw[0]), ("writing", raw[0]), ("coding", raw[1]), ("math", raw[2])):
+        system, user = r.messages(category, "Q?", "A1", "A2")
+        assert system == {"role": "system", "content": prompt["system_prompt"]}
+        assert user["content"] == (prompt["prompt_template"].replace("{question}", "Q?").replace("{answer_1}", "A1")
+                                   .replace("{answer_2}", "A2").replace("{prompt}", prompt["defaults"]["prompt"]))
+    assert r.asks_for_tuple("math") and not r.asks_for_tuple("coding") and not r.asks_for_tuple("generic")
+
+
 def answer_file(path, model, answers: dict, layout="ours"):
     with open(path, "w") as f:
         for qid, (category, text) in answers.items():
@@ -174,7 +270,7 @@ def review_reply(request) -> str:
     return " ".join(re.findall(r"score (\d+)", prompt)) + "\nExplanation."
 
 
-def test_pairwise_relative_scores_retries_unparsable_and_reruns_for_free(server, key, tmp_path):
+def test_pairwise_relative_scores_retries_unparsable_and_reruns_for_free(server, key, tmp_path, reviewers):
     from gpt4llm.evaluation.responses import read_responses
 
     if hasattr(review_reply, "seen3"):
@@ -186,7 +282,8 @@ def test_pairwise_relative_scores_retries_unparsable_and_reruns_for_free(server,
     theirs = read_responses(answer_file(tmp_path / "gpt35.jsonl", "gpt-3.5", {
         1: (None, "score 9"), 2: (None, "score 7"), 3: (None, "score 10"), 4: (None, "score 1"),
     }, layout="fastchat"))
-    reviews, summary = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, max_parse_retries=2)
+    reviews, summary = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, max_parse_retries=2,
+                             reviewers=reviewers, score_rule="lenient")
 
     assert summary["model"] == "ours" and summary["opponent"] == "gpt-3.5"
     assert summary["totals"] == [19.0, 26.0] and summary["relative"] == pytest.approx(100 * 19 / 26)
@@ -199,11 +296,12 @@ def test_pairwise_relative_scores_retries_unparsable_and_reruns_for_free(server,
     assert len(by_id[4]["replies"][0]) == 3  # first ask + max_parse_retries
     # The math questions get FastChat's math reviewer prompt, the others the general one.
     math_prompt = next(r for r in srv.requests if "Question 3?" in r["messages"][-1]["content"])["messages"][-1]["content"]
-    assert "math problem" in math_prompt and math_prompt.startswith("[Question]\nQuestion 3?\n\n[The Start of Assistant 1's Answer]\nscore 5")
+    assert "Python tuple" in math_prompt and math_prompt.startswith("[Question]\nQuestion 3?\n\n[The Start of Assistant 1's Answer]\nscore 5")
     sent = len(srv.requests)
     assert sent == 1 + 4 + 2 + 1  # the 429, four questions, question 3 and 4 again, question 4 a third time
 
-    reviews_again, summary_again = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, 2)
+    reviews_again, summary_again = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, 2,
+                                         reviewers=reviewers, score_rule="lenient")
     assert len(srv.requests) == sent, "a rerun must be answered from the cache"
     assert summary_again["totals"] == summary["totals"] and summary_again["requests"]["cached"] == 7
 
@@ -231,11 +329,13 @@ def test_judge_cli_writes_summary_and_never_the_key(server, key, tmp_path):
     import sys
 
     srv = server(reply=lambda r: "7 8\nClose.")
+    prompts, reviewer_file = write_fastchat_files(tmp_path)
     mine = answer_file(tmp_path / "mine.jsonl", "ours", {1: ("generic", "a"), 2: ("math", "b")})
     theirs = answer_file(tmp_path / "theirs.jsonl", "chatgpt", {1: (None, "c"), 2: (None, "d")})
     args = [
         "metric=judge", f"responses={mine}", f"metric.opponent={theirs}", f"metric.base_url={srv.base_url}",
         "metric.model=gpt-4", "metric.api_key_env=JUDGE_TEST_KEY", f"paths.data_dir={tmp_path / 'data'}",
+        f"metric.fastchat.prompts.path={prompts}", f"metric.fastchat.reviewers.path={reviewer_file}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -245,6 +345,7 @@ def test_judge_cli_writes_summary_and_never_the_key(server, key, tmp_path):
     assert len(srv.requests) == 2  # the second run was answered from data/cache
     summary = json.loads((tmp_path / "run" / "judge_summary_ours.json").read_text())
     assert summary["totals"] == [14.0, 16.0] and "14 : 16 = 88%" in proc.stdout
+    assert summary["score_rule"] == "fastchat" and "score rule fastchat: replies read 2 by first line; unparsable 0" in proc.stdout
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if KEY in p.read_text(errors="replace")], "the API key was written to disk"
     assert KEY not in proc.stdout + proc.stderr

@@ -1,4 +1,5 @@
-"""SFT examples must be exactly what stanford_alpaca's preprocess() builds (same input_ids, same labels)."""
+"""SFT examples must be exactly what stanford_alpaca's preprocess() builds (same input_ids, same labels), and for a
+SentencePiece model, ids exactly as the sentencepiece library gives them (stanford_alpaca's use_fast=False)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from gpt4llm.data.sft import IGNORE_INDEX, SFTCollator, tokenize_batch
 from gpt4llm.prompts import format_prompt
 
@@ -56,16 +57,91 @@ def test_matches_stanford_alpaca_on_tiny_tokenizer(tokenizer):
     assert_same_as_stanford(RECORDS, tokenizer, MAX_LENGTH)
 
 
-def test_matches_stanford_alpaca_on_llama_tokenizer():
-    model_file = SHARED_DATA / "llama_tokenizer" / "tokenizer.model"
-    if not model_file.exists():
-        pytest.skip(f"{model_file} is absent (../shared is for development only)")
-    from transformers import LlamaTokenizer
+# Where the paper's tokenizer and ours could part: indentation, runs of spaces, tabs, CJK, emoji, trailing spaces,
+# a special-token string inside the text, and a record past the length limit.
+HARD_RECORDS = [
+    {"instruction": "Fix the code.", "input": "def f(x):\n    for i in range(x):\n\tprint(i)  ", "output": "def f(x):\n    for i in range(x):\n        print(i)\n"},
+    {"instruction": "Explain  double  spaces.", "input": "", "output": "Two  spaces,   three,\t\ttabs.  "},
+    {"instruction": "把这个句子翻译成英文。", "input": "我喜欢 学习 🙂", "output": "I like   learning 🙂🚀  "},
+    {"instruction": "Repeat.", "input": "</s> and <s>", "output": "The text says </s>."},
+    {"instruction": "List numbers.", "input": "", "output": "    " + "  ".join(str(i) for i in range(200))},
+]
 
-    # As a LLaMA checkpoint's tokenizer_config.json sets it up: BOS in front, no pad token of its own.
-    tokenizer = LlamaTokenizer.from_pretrained(str(model_file.parent), add_bos_token=True, padding_side="right")
-    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    assert_same_as_stanford(RECORDS, tokenizer, MAX_LENGTH)
+
+def sentencepiece_oracle(records, model_file, bos_id, eos_id, max_length):
+    """stanford_alpaca's ids and labels computed with the sentencepiece library alone: BOS, the text's pieces (a
+    special-token string in the text becomes its id, as the slow LlamaTokenizer split it out), EOS; cut at
+    max_length; labels mask the prompt's own token count."""
+    import re
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    specials = {sp.id_to_piece(i): i for i in (bos_id, eos_id)}
+
+    def encode(text):
+        parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", text)
+        return [bos_id] + [i for k, p in enumerate(parts) if p for i in ([specials[p]] if k % 2 else sp.encode(p))]
+
+    ids, labels = [], []
+    for r in records:
+        prompt = format_prompt(r["instruction"], r["input"])
+        full = encode(prompt + r["output"] + sp.id_to_piece(eos_id))[:max_length]
+        n = min(len(encode(prompt)), len(full))
+        ids.append(full)
+        labels.append([IGNORE_INDEX] * n + full[n:])
+    return ids, labels
+
+
+def assert_same_as_sentencepiece(records, tokenizer, model_file, max_length):
+    expected_ids, expected_labels = sentencepiece_oracle(records, model_file, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length)
+    got = ours(records, tokenizer, max_length)
+    mismatched = [i for i in range(len(records)) if got["input_ids"][i] != expected_ids[i] or got["labels"][i] != expected_labels[i]]
+    assert not mismatched, f"{len(mismatched)} of {len(records)} records differ from SentencePiece, first {mismatched[:5]}"
+
+
+def test_sentencepiece_model_gives_sentencepiece_ids(sentencepiece_model_dir):
+    from gpt4llm.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(str(sentencepiece_model_dir))
+    assert_same_as_sentencepiece(HARD_RECORDS, tokenizer, sentencepiece_model_dir / "tokenizer.model", MAX_LENGTH)
+    assert ours(HARD_RECORDS[4:], tokenizer, MAX_LENGTH)["untruncated_tokens"][0] > MAX_LENGTH  # the cut is tested
+    # decoding gives the text back (byte-fallback pieces included), so generation answers are what the model wrote
+    for r in HARD_RECORDS:
+        if "</s>" not in r["output"]:  # (after a special token, legacy SentencePiece adds its dummy-prefix space)
+            assert tokenizer.decode(tokenizer(r["output"])["input_ids"], skip_special_tokens=True) == r["output"]
+
+
+def llama_tokenizer_dir():
+    directory = SHARED_DATA / "llama_tokenizer"
+    if not (directory / "tokenizer.model").exists():
+        pytest.skip(f"{directory} is absent (../shared is for development only)")
+    return directory
+
+
+def test_llama_tokenizer_gives_sentencepiece_ids_on_gpt4_records():
+    """LLaMA's own tokenizer.model on the hard records and on 1k real GPT-4 records (51 of them differ through
+    transformers 5's converted tokenizer: the code and indentation ones)."""
+    import json
+
+    from gpt4llm.models.hf import load_tokenizer
+
+    directory = llama_tokenizer_dir()
+    tokenizer = load_tokenizer(str(directory))
+    records = HARD_RECORDS + [
+        {"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
+        for r in json.loads((SHARED_DATA / "alpaca_gpt4_sample_1k.json").read_text())
+    ]
+    assert_same_as_sentencepiece(records, tokenizer, directory / "tokenizer.model", 512)
+    assert tokenizer("\n    for")["input_ids"] == [1, 29871, 13, 1678, 363]  # the issue's example, SentencePiece's ids
+
+
+def test_matches_stanford_alpaca_on_llama_tokenizer():
+    from gpt4llm.models.hf import load_tokenizer
+
+    # stanford's preprocess() structure (per-record calls, padding="longest", prompt length by non-pad count)
+    tokenizer = load_tokenizer(str(llama_tokenizer_dir()))
+    assert_same_as_stanford(RECORDS + HARD_RECORDS, tokenizer, MAX_LENGTH)
     got = ours(RECORDS[:1], tokenizer, MAX_LENGTH)
     assert got["input_ids"][0][0] == tokenizer.bos_token_id and got["labels"][0][-1] == tokenizer.eos_token_id
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -68,13 +69,19 @@ def leftovers(directory):
     return [p.name for p in directory.iterdir() if ".part" in p.name]
 
 
-def test_download_validates_and_is_cached(tmp_path, server):
+def git_blob_id(body: bytes) -> str:
+    """The oracle for git-sha1 checksums: git itself."""
+    return subprocess.run(["git", "hash-object", "--stdin"], input=body, capture_output=True, check=True).stdout.decode().strip()
+
+
+@pytest.mark.parametrize("algorithm", ["git-sha1", "sha256"])
+def test_download_validates_and_is_cached(tmp_path, server, algorithm):
     srv = server()
     target = tmp_path / "data" / "alpaca_gpt4_data.json"
-    sha = hashlib.sha256(BODY).hexdigest()
-    ensure_file(target, srv.url, sha256=sha, num_records=500, required_fields=("instruction", "output"))
+    checksum = f"{algorithm}:" + (git_blob_id(BODY) if algorithm == "git-sha1" else hashlib.sha256(BODY).hexdigest())
+    ensure_file(target, srv.url, checksum=checksum, num_records=500, required_fields=("instruction", "output"))
     assert target.read_bytes() == BODY and srv.requests == 1
-    ensure_file(target, srv.url, sha256=sha, num_records=500)  # a second run does not touch the network
+    ensure_file(target, srv.url, checksum=checksum, num_records=500)  # a second run does not touch the network
     assert srv.requests == 1
 
 
@@ -105,7 +112,8 @@ def test_offline_says_which_file_and_which_override(tmp_path):
     "body, kwargs, message",
     [
         (BODY, {"num_records": 52002}, "500 records, expected 52002"),
-        (BODY, {"sha256": "0" * 64}, "sha256 is"),
+        (BODY, {"checksum": "sha256:" + "0" * 64}, "sha256 is [0-9a-f]{64}, expected 0{64} .*Delete it"),
+        (BODY, {"checksum": "git-sha1:" + "0" * 40}, "git-sha1 is [0-9a-f]{40}, expected 0{40} .*Delete it"),
         (json.dumps([{"instruction": "x"}]).encode(), {"required_fields": ("instruction", "output")}, "record 0: field 'output' is missing"),
         (b"<html>rate limited</html>", {}, "not valid JSON"),
     ],

@@ -50,6 +50,17 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
 
         questions = {str(r["id"]): r for r in load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))}
     opponent = read_responses(m.opponent) if m.opponent else None
+    reviewers = None
+    if m.mode == "pairwise":
+        from gpt4llm.data.sources import ensure_file
+        from gpt4llm.evaluation.judge_prompts import (
+            PROMPT_FIELDS,
+            REVIEWER_FIELDS,
+            FastChatReviewers,
+        )
+
+        files = {k: ensure_file(**m.fastchat[k], required_fields=f) for k, f in (("prompts", PROMPT_FIELDS), ("reviewers", REVIEWER_FIELDS))}
+        reviewers = FastChatReviewers.from_files(files["prompts"], files["reviewers"])
     client = ChatClient(
         m.base_url, m.model, api_key_env=m.api_key_env, cache_path=m.cache, timeout=m.timeout,
         max_retries=m.max_retries, backoff=m.backoff, concurrency=m.concurrency,
@@ -59,9 +70,11 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
         name = _slug(mine[0]["model"])
         reviews, summary = judge(
             client, mine, opponent, m.mode, {"temperature": m.temperature, "max_tokens": m.max_tokens},
-            m.max_parse_retries, questions,
+            m.max_parse_retries, questions, reviewers, m.score_rule,
         )
         summary["judge"] = {"base_url": m.base_url, "model": m.model, "temperature": m.temperature}
+        if reviewers is not None:
+            summary["judge"]["fastchat_files"] = {k: OmegaConf.to_container(m.fastchat[k]) for k in ("prompts", "reviewers")}
         with open(out / f"judge_reviews_{name}.jsonl", "w", encoding="utf-8") as f:
             for review in reviews:
                 f.write(json.dumps(review, ensure_ascii=False) + "\n")
@@ -82,6 +95,8 @@ def _print_judge(s: dict) -> None:
         return f"{a:g} : {b:g} = {rel} ({block['scored']} scored)"
 
     print(f"\n{s['model']} vs {s['opponent'] or '(no opponent)'} ({s['mode']}): {cell(s)}")
+    read = ", ".join(f"{n} by {how}" for how, n in s["replies_read"].items() if n)
+    print(f"  score rule {s['score_rule']}: replies read {read or 'none'}; unparsable {s['replies_unparsable']}")
     for category, block in s["per_category"].items():
         print(f"  {category:16s} {cell(block)}")
 
@@ -95,7 +110,12 @@ def _print_problems(problems: dict[str, dict]) -> None:
 
 def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
     from gpt4llm.evaluation.responses import read_responses
-    from gpt4llm.evaluation.reward import is_best_of_n, ranking_groups, score_answers, summarize_rewards
+    from gpt4llm.evaluation.reward import (
+        is_best_of_n,
+        ranking_groups,
+        score_answers,
+        summarize_rewards,
+    )
 
     summary: dict[str, dict] = {}
     for path in paths:

@@ -51,7 +51,7 @@ def generate(cfg: DictConfig) -> Path:
     decoding = decoding_settings(cfg.decoding)
     records = load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.path, padding_side="left")
+    tokenizer = load_tokenizer(cfg.model.path, padding_side="left", backend=cfg.model.tokenizer)
     model = load_causal_lm(cfg.model.path, tokenizer, dtype=cfg.model.dtype)
     device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -22,7 +22,7 @@ def prepare(cfg: DictConfig) -> dict:
     from gpt4llm.models.hf import prepare_tokenizer
 
     check_config(cfg.data, "data")
-    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
+    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny, cfg.model.tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     splits, report = datamodule.build()
     out = Path(cfg.paths.output_dir)

@@ -17,7 +17,7 @@
 - translate: each distinct instruction and input text translated once (the paper had ChatGPT translate Alpaca's
   instructions, then GPT-4 answer them in Chinese).
 - score: every response scored on its own with the paper's scoring prompt (GPT-4-LLM issue #8, the one copy in
-  evaluation/judge_prompts.py), the score read from the reply's first line by the judge's parser; an unparsable reply
+  evaluation/judge_prompts.py), the score read from the reply's first line by the judge's lenient rule; an unparsable reply
   is asked for again (a new sample) up to task.max_parse_retries times.
 
 Every reply goes to the client's on-disk cache as it arrives, and the output is rebuilt from the cache: a killed run,
@@ -291,7 +291,12 @@ def score(client, sources: dict[str, list[dict]], task: Any, limit: int | None =
 
     Responses are matched across sources by (instruction, input); the prompts are taken in the order they first
     appear. A prompt keeps the responses that got a score; one with none is left out (and listed)."""
-    from gpt4llm.evaluation.judge import ask_for_scores, question_text, single_messages
+    from gpt4llm.evaluation.judge import (
+        ask_for_scores,
+        question_text,
+        reader,
+        single_messages,
+    )
 
     prompts: dict[tuple[str, str], dict[str, dict]] = {}
     duplicates: dict[str, list[int]] = defaultdict(list)
@@ -311,7 +316,7 @@ def score(client, sources: dict[str, list[dict]], task: Any, limit: int | None =
             asks.append(conversations.setdefault(json.dumps(messages, ensure_ascii=False), len(conversations)))
     params = {"temperature": task.temperature, "max_tokens": task.max_tokens}
     unique = [json.loads(m) for m in conversations]
-    verdicts = ask_for_scores(client, unique, 1, params, task.max_parse_retries, progress)
+    verdicts = ask_for_scores(client, unique, [reader("lenient", 1)] * len(unique), params, task.max_parse_retries, progress)
 
     comparison, reviews = [], []
     scores: dict[str, list[float]] = {s: [] for s in sources}

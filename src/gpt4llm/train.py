@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.trainer.accelerator != "cpu":  # bf16 asked for on a GPU without it (V100) stops here, not in a kernel
         check_precision(cfg.trainer.precision, cfg.trainer.accelerator, *cuda_capabilities())
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
+    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny, cfg.model.tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = instantiate(cfg.task, tokenizer=tokenizer)
     validating = cfg.data.val_size > 0

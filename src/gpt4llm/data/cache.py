@@ -20,7 +20,11 @@ from datasets import Dataset, DatasetDict, load_from_disk
 def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the ids a tokenizer produces could change (vocabulary, merges, special tokens)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    if hasattr(tokenizer, "sp_model"):  # SentencePiece: the model file itself, and what is added around it
+        body = hashlib.sha256(tokenizer.sp_model.serialized_model_proto()).hexdigest() + json.dumps(
+            [sorted(tokenizer.get_added_vocab().items()), tokenizer.special_tokens_pattern]
+        )
+    elif backend is not None:
         # Truncation and padding are call-time state that the fast tokenizer keeps from its last call: not identity.
         state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
         body = json.dumps(state, sort_keys=True)

@@ -19,10 +19,16 @@ from gpt4llm.data.cache import cached_splits, tokenize_rows
 from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
 from gpt4llm.data.samplers import ShuffledSampler
-from gpt4llm.data.splits import SplitsDataModule
-from gpt4llm.data.sft import LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
+from gpt4llm.data.sft import (
+    LengthGroupedSampler,
+    PackedCollator,
+    SFTCollator,
+    tokenize_batch,
+)
 from gpt4llm.data.sources import ensure_file
+from gpt4llm.data.splits import SplitsDataModule
 from gpt4llm.models.attention import VARLEN
+from gpt4llm.models.tokenizer import describe
 
 # How training batches are laid out: "packed" (one row, no padding: data.sft.PackedCollator), "grouped" (padded
 # batches of similar lengths: data.sft.LengthGroupedSampler), "random" (padded, in random order), or "auto".
@@ -86,7 +92,7 @@ def _report(path, load_summary, tokenized, no_target, splits, max_length, tokeni
     missing_eos = [indices[i] for i, ok in enumerate(tokenized["ends_with_eos"]) if not ok and i not in dropped]
     return {
         "file": str(path),
-        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "tokenizer": describe(tokenizer),
         "max_length": max_length,
         "records": load_summary["records"],
         "usable": len(splits["train"]) + len(splits["validation"]),
@@ -127,7 +133,7 @@ class SFTDataModule(SplitsDataModule):
         tokenizer,
         path: str,
         url: str | None = None,
-        sha256: str | None = None,
+        checksum: str | None = None,
         num_records: int | None = None,
         demo: dict | None = None,
         max_length: int = 512,
@@ -145,7 +151,7 @@ class SFTDataModule(SplitsDataModule):
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
-        self.path, self.url, self.sha256, self.num_records, self.demo = Path(path), url, sha256, num_records, demo
+        self.path, self.url, self.checksum, self.num_records, self.demo = Path(path), url, checksum, num_records, demo
         self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
         # The training order's seed: the split's unless given, so a sweep over it keeps the held-out set fixed.
         self.shuffle_seed = split_seed if shuffle_seed is None else shuffle_seed
@@ -163,7 +169,7 @@ class SFTDataModule(SplitsDataModule):
         if self.demo is not None and not self.path.exists():
             return write_demo_file(self.path, **self.demo)
         return ensure_file(
-            self.path, self.url, sha256=self.sha256, num_records=self.num_records, required_fields=("instruction", "output")
+            self.path, self.url, checksum=self.checksum, num_records=self.num_records, required_fields=("instruction", "output")
         )
 
     def build(self) -> tuple[DatasetDict, dict[str, Any]]:
@@ -178,7 +184,8 @@ class SFTDataModule(SplitsDataModule):
             self.splits, self.report = self.build()
             skipped = {reason: s["count"] for reason, s in self.report["skipped"].items()}
             rank_zero_info(
-                f"Data {self.report['file']}: {self.report['splits']} examples; skipped {skipped or 'none'}; "
+                f"Data {self.report['file']}: {self.report['splits']} examples; ids by {self.report['tokenizer']['backend']}; "
+                f"skipped {skipped or 'none'}; "
                 f"truncated at {self.max_length} tokens: {self.report['truncated']['count']}; "
                 f"padding by batching: {self.report['padding']['pad_fraction']} (data.batching={self.batching})"
             )

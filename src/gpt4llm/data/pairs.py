@@ -32,8 +32,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from gpt4llm.data.cache import cached_splits, tokenize_rows
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
 from gpt4llm.data.records import RecordError, read_json_records
-from gpt4llm.data.splits import SplitsDataModule
 from gpt4llm.data.sources import ensure_file
+from gpt4llm.data.splits import SplitsDataModule
+from gpt4llm.models.tokenizer import describe
 from gpt4llm.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
 
 CACHE_VERSION = 1  # bump when parsing, tokenization or the split change what the cache holds
@@ -245,7 +246,7 @@ def _report(path, read_report, tokenized, identical, splits, val_size, max_lengt
         }
     return {
         "file": str(path),
-        "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "tokenizer": describe(tokenizer),
         "max_length": max_length,
         **{k: v for k, v in read_report.items() if k != "dropped_pairs"},
         "pairs": len(splits["train"]) + len(splits["validation"]),
@@ -293,7 +294,7 @@ class PairDataModule(SplitsDataModule):
         tokenizer,
         path: str,
         url: str | None = None,
-        sha256: str | None = None,
+        checksum: str | None = None,
         num_records: int | None = None,
         required_fields: list[str] | None = None,
         demo: dict | None = None,
@@ -308,7 +309,7 @@ class PairDataModule(SplitsDataModule):
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
-        self.path, self.url, self.sha256, self.num_records, self.demo = Path(path), url, sha256, num_records, demo
+        self.path, self.url, self.checksum, self.num_records, self.demo = Path(path), url, checksum, num_records, demo
         self.required_fields = tuple(required_fields or ())
         self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -325,7 +326,7 @@ class PairDataModule(SplitsDataModule):
                 "prompt/chosen/rejected, user_input/completion_a/completion_b, or user_input/responses_and_scores."
             )
         return ensure_file(
-            self.path, self.url, sha256=self.sha256, num_records=self.num_records, required_fields=self.required_fields
+            self.path, self.url, checksum=self.checksum, num_records=self.num_records, required_fields=self.required_fields
         )
 
     def build(self) -> tuple[DatasetDict, dict[str, Any]]:
@@ -339,7 +340,8 @@ class PairDataModule(SplitsDataModule):
             dropped = {reason: d["count"] for reason, d in self.report["dropped_pairs"].items()}
             skipped = {reason: s["count"] for reason, s in self.report["skipped_records"].items()}
             rank_zero_info(
-                f"Pairs {self.report['file']}: {self.report['splits']}; records skipped {skipped or 'none'}; "
+                f"Pairs {self.report['file']}: {self.report['splits']}; ids by {self.report['tokenizer']['backend']}; "
+                f"records skipped {skipped or 'none'}; "
                 f"pairs dropped {dropped or 'none'}; truncated at {self.max_length} tokens: {self.report['truncated']['count']}"
             )
 

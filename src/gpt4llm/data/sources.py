@@ -2,6 +2,8 @@
 
 A download is written beside its target and renamed into place only after it is complete (its length matches the
 server's Content-Length), parses as JSON records with the expected fields, and has the expected count and checksum.
+Checksums are written `git-sha1:<hex>` (the file's git blob id, as GitHub lists it: sha1(b"blob <size>\0" + content),
+checkable without git) or `sha256:<hex>`.
 A cut connection or a bad file therefore never leaves anything at the target path, and a second run finds the file
 and does not touch the network.
 """
@@ -33,7 +35,7 @@ class IncompleteDownload(OSError):
 def ensure_file(
     path: str | Path,
     url: str | None = None,
-    sha256: str | None = None,
+    checksum: str | None = None,
     num_records: int | None = None,
     required_fields: tuple[str, ...] = (),
     attempts: int = 3,
@@ -60,7 +62,7 @@ def ensure_file(
             f"On a machine without internet, copy the file to {path}, or set data.path=/path/to/{path.name}."
         ) from last_error
     try:
-        validate_records_file(path, sha256=sha256, num_records=num_records, required_fields=required_fields)
+        validate_records_file(path, checksum=checksum, num_records=num_records, required_fields=required_fields)
     except RecordError:
         path.unlink()  # a file that fails validation must not be mistaken for the dataset next time
         raise
@@ -85,14 +87,32 @@ def _download(url: str, path: Path, timeout: float) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def file_digest(path: Path, algorithm: str) -> str:
+    content = path.read_bytes()
+    if algorithm == "git-sha1":
+        return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+    if algorithm == "sha256":
+        return hashlib.sha256(content).hexdigest()
+    raise ValueError(f"checksum algorithm {algorithm!r}: expected git-sha1 or sha256")
+
+
+def verify_checksum(path: Path, checksum: str) -> None:
+    """Raises RecordError, with both digests and what to do, unless `path` has `checksum` ("git-sha1:<hex>")."""
+    algorithm, _, expected = checksum.partition(":")
+    digest = file_digest(path, algorithm)
+    if digest != expected.lower():
+        raise RecordError(
+            f"{path}: {algorithm} is {digest}, expected {expected} (a different version or a damaged download). "
+            f"Delete it to download the pinned version again, or point data.path at your own copy."
+        )
+
+
 def validate_records_file(
-    path: Path, sha256: str | None = None, num_records: int | None = None, required_fields: tuple[str, ...] = ()
+    path: Path, checksum: str | None = None, num_records: int | None = None, required_fields: tuple[str, ...] = ()
 ) -> None:
     """Raises RecordError, naming the file (and record and field), unless `path` is the dataset it should be."""
-    if sha256:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != sha256:
-            raise RecordError(f"{path}: sha256 is {digest}, expected {sha256} (a different or damaged file)")
+    if checksum:
+        verify_checksum(path, checksum)
     records = read_json_records(path)
     if num_records is not None and len(records) != num_records:
         raise RecordError(f"{path}: {len(records)} records, expected {num_records}")

@@ -35,6 +35,7 @@ def load_eval_set(
     format: str,
     path: str | None = None,
     url: str | None = None,
+    checksum: str | None = None,
     num_records: int | None = None,
     demo: dict | None = None,
     **_: Any,  # name and other descriptive keys of conf/eval/*.yaml
@@ -43,7 +44,7 @@ def load_eval_set(
         return demo_eval_records(**(demo or {}))
     if format not in REQUIRED:
         raise ValueError(f"eval.format={format!r}: expected one of {', '.join([*REQUIRED, 'demo'])}")
-    file = ensure_file(path, url, num_records=num_records, required_fields=REQUIRED[format])
+    file = ensure_file(path, url, checksum=checksum, num_records=num_records, required_fields=REQUIRED[format])
     raw = read_json_records(file)
     records = [_convert(format, file, index, record) for index, record in enumerate(raw)]
     seen: dict[str, int] = {}

@@ -19,15 +19,18 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed, and none is touched
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
 
-from gpt4llm.data.records import RecordError, read_json_records  # noqa: E402
+from gpt4llm.data.records import RecordError, read_json_records
 
 BUCKETS = ("0-2", "3-5", "6-10", "10-")  # the file-name labels; the x axis says ">10" for "10-"
 TABLE_FILE = re.compile(r"^(?P<prefix>.*)_len(?P<bucket>0-2|3-5|6-10|10-|ALL)\.json$")
-# cmp_data_scores.json's keys, named as in the paper's Figure 2.
-SOURCE_NAMES = {"icm-1.3b": "OPT-IML", "text-davinci-003": "GPT-3.5", "gpt4": "GPT-4"}
+# cmp_data_scores.json's keys, named as the notebook's Figure 2 columns.
+SOURCE_NAMES = {"icm-1.3b": "OPT-IML", "text-davinci-003": "GPT3.5", "gpt4": "GPT4"}
+# The result tables call the paper's model "Alpaca-GPT4"; the notebook's legends (and the paper) say LLaMA-GPT4.
+DISPLAY_NAMES = {"Alpaca-GPT4": "LLaMA-GPT4"}
 RANKING_MODEL = re.compile(r"^(rank|group)[ _-]?\d+$|^B$", re.IGNORECASE)  # best-of-N groups 1..N and baseline B
 
 
@@ -59,9 +62,15 @@ def read_rouge_tables(files: list[Path]) -> dict[str, dict[str, dict[str, Any]]]
     return models
 
 
+def notebook_difference(value: float) -> str:
+    """A difference as the notebook wrote it: truncated, not rounded ('+' + str(b)[:6], '-' + str(b)[1:6])."""
+    return "+" + str(value)[:6] if value > 0 else "-" + str(value)[1:6]
+
+
 def draw_rouge_by_length(models: dict[str, dict[str, dict]], reference: str = "GPT4"):
-    """Grouped bars of ROUGE-L per length bucket, one colour per model; the legend holds each model's ALL mean and
-    the bars of the other models are annotated with their difference from `reference` (when it is there)."""
+    """Grouped bars of ROUGE-L per length bucket, one colour per model; the legend holds each model's ALL mean
+    ("{:.2f}", as the notebook) and the bars of the other models are annotated with their difference from
+    `reference` (when it is there), truncated and coloured green / red as the notebook did."""
     names = list(models)
     fig, ax = plt.subplots(figsize=(max(6, 4 + 1.2 * len(names)), 4))
     width = 0.8 / max(1, len(names))
@@ -69,19 +78,21 @@ def draw_rouge_by_length(models: dict[str, dict[str, dict]], reference: str = "G
     for k, name in enumerate(names):
         values = [_value(models[name].get(b)) for b in BUCKETS]
         overall = _value(models[name].get("ALL"))
-        label = f"{name} (ALL: {overall:.4f})" if not np.isnan(overall) else name
+        shown = DISPLAY_NAMES.get(name, name)
+        label = f"{shown}: {overall:.2f}" if not np.isnan(overall) else shown
         bars = ax.bar(x + (k - (len(names) - 1) / 2) * width, values, width, label=label)
         if reference in models and name != reference:
             for bar, bucket, v in zip(bars, BUCKETS, values):
                 diff = v - _value(models[reference].get(bucket))
                 if not np.isnan(diff):
-                    ax.annotate(f"{diff:+.4f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
+                    ax.annotate(notebook_difference(diff), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points",
+                                color="green" if diff > 0 else "red")
     # n under each bucket when every table has the same count (tables of different eval sets do not)
     counts = {b: {m[b]["NumInstance"] for m in models.values() if b in m} for b in BUCKETS}
     ax.set_xticks(x, [(">10" if b == "10-" else b) + (f"\n(n={counts[b].pop()})" if len(counts[b]) == 1 else "") for b in BUCKETS])
-    ax.set_xlabel("Ground-truth response length (words)")
-    ax.set_ylabel("ROUGE-L")
+    ax.set_xlabel("Groundtruth Response Length")
+    ax.set_ylabel("RougeL")
     ax.set_ylim(0, max(0.05, np.nanmax([_value(m.get(b)) for m in models.values() for b in BUCKETS] + [0]) * 1.4))
     ax.legend(fontsize=8, loc="upper center", ncol=min(3, len(names)))  # above the bars and their annotations
     return fig
@@ -105,22 +116,27 @@ def read_score_lists(path: Path) -> dict[str, list[float]]:
     return data
 
 
-def draw_score_distributions(scores: dict[str, list[float]]):
-    """Density of the GPT-4 scores of each model's responses, the lists truncated to the shortest one as the
-    notebook did (they are not aligned per prompt, so this only equalises the counts). Drawn as the notebook's
-    seaborn KDE: a Gaussian kernel density with Scott's bandwidth."""
+def score_densities(scores: dict[str, list[float]], grid: np.ndarray) -> dict[str, np.ndarray]:
+    """Each list's density on `grid`, the lists truncated to the shortest one as the notebook did (they are not
+    aligned per prompt, so this only equalises the counts), normalised together as seaborn's `displot(kind="kde")`
+    does by default (common_norm=True): each curve integrates to its share of all the scores, here 1/3."""
     n = min(len(v) for v in scores.values())
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return {key: gaussian_kde(np.asarray(values[:n], dtype=float), grid) / len(scores) for key, values in scores.items()}
+
+
+def draw_score_distributions(scores: dict[str, list[float]]):
+    """The notebook's Figure 2 (seaborn KDE of the three columns: Gaussian kernels, Scott's bandwidth), on its axes."""
     grid = np.linspace(0, 11, 500)
-    for key, values in scores.items():
-        data = np.asarray(values[:n], dtype=float)
-        density = gaussian_kde(data, grid)
-        ax.plot(grid, density, label=f"{SOURCE_NAMES.get(key, key)} (mean {data.mean():.2f})")
-        ax.fill_between(grid, density, alpha=0.15)
-    ax.set_xlabel("Score")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    densities = score_densities(scores, grid)
+    for key, density in densities.items():
+        ax.plot(grid, density, label=SOURCE_NAMES.get(key, key))
+        ax.fill_between(grid, density, alpha=0.25)
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 1.5)  # the notebook's; on the paper's data GPT4's peak (2.06) runs off the top, as it did there
+    ax.set_xlabel("Score", fontsize=11)
     ax.set_ylabel("Density")
-    ax.set_title(f"GPT-4 scores of the comparison data (n={n} each)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(0.25, 0.95))
     return fig
 
 
@@ -143,17 +159,17 @@ def read_judge_summary(path: Path) -> dict[str, Any]:
 
 
 def draw_relative_scores(bars: list[tuple[str, float, float]], opponent: str):
-    """One bar per model at a/b x 100, labelled "{:.0f}%" above and "a : b" inside, as in the notebook."""
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(bars)), 4))
-    heights = [100 * a / b for _, a, b in bars]
-    drawn = ax.bar(range(len(bars)), heights, color="tab:blue")
-    for bar, (_, a, b), h in zip(drawn, bars, heights):
-        x = bar.get_x() + bar.get_width() / 2
-        ax.text(x, h + 1, f"{h:.0f}%", ha="center", va="bottom", fontsize=9)
-        ax.text(x, h / 2, f"{a:g} : {b:g}", ha="center", va="center", rotation=90, fontsize=8, color="white")
-    ax.set_xticks(range(len(bars)), [name for name, _, _ in bars], rotation=30, ha="right")
-    ax.set_ylabel(f"Relative score vs {opponent} (%)")
-    ax.set_ylim(0, max(heights + [100]) * 1.15)
+    """One horizontal bar per model at a/b x 100, labelled "{:.0f}%" after it and "a : b" ("{:.0f}", so half points
+    round to even) inside its end, as the notebook's barh charts."""
+    fig, ax = plt.subplots(figsize=(6, max(3, 0.5 * len(bars) + 1)))
+    widths = [100 * a / b for _, a, b in bars]
+    ax.barh([name for name, _, _ in bars], widths, color="tab:blue")
+    for index, ((_, a, b), w) in enumerate(zip(bars, widths)):
+        ax.text(w + 1, index - 0.2, f"{w:.0f}%")
+        ax.text(w - 8, index - 0.2, f"{a:.0f} : {b:.0f}", ha="right", color="white")
+    ax.set_xlim(0, max(widths + [100]) * 1.15)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(decimals=0))
+    ax.set_xlabel(f"Relative score vs {opponent}")
     return fig
 
 
@@ -162,9 +178,10 @@ def draw_output_lengths(lengths: dict[str, list[int]]):
     """Frequency of output lengths in words, bins linspace(0, 512, 100), log y, as the notebook."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in lengths.items():
-        ax.hist(values, bins=np.linspace(0, 512, 100), alpha=0.5, label=f"{name} (mean {np.mean(values):.0f})")
+        ax.hist(values, bins=np.linspace(0, 512, 100), alpha=0.5, label=name)
+    ax.set_xlim(-4, 512)
     ax.set_yscale("log")
-    ax.set_xlabel("Output length (words)")
+    ax.set_xlabel("Output Sequence Length")
     ax.set_ylabel("Frequency")
-    ax.legend()
+    ax.legend(loc="upper right")
     return fig

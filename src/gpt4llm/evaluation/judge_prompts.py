@@ -1,12 +1,20 @@
-"""The GPT-4 judge's prompts: data, in one place, each with its source.
+"""The GPT-4 judge's prompts, each from its source.
 
-Placeholders are `str.format` fields. Every prompt asks for the score(s) alone on the first line of the reply,
-which is where `judge.parse_scores` reads them.
+Single-answer scoring: the paper's prompt, from GPT-4-LLM issue #8 (the authors' answer on how responses were scored;
+docs/paper_spec.md, "Scoring prompt"), verbatim; sent as the only (user) message, as the issue shows no system prompt.
+
+Pairwise review (Vicuna-80): FastChat's own files, read as data and never retyped: `prompt.jsonl` (system prompt,
+template and one instruction per category) and `reviewer.jsonl` (which prompt each category gets) from FastChat
+commit 6d987107 (release v0.1.10), the review the paper ran. conf/metric/judge.yaml pins their URLs and checksums.
 """
 
-# --- Single-answer scoring -------------------------------------------------------------------------------------
-# Source: GPT-4-LLM issue #8, the authors' answer on how responses were scored (docs/paper_spec.md, "Scoring
-# prompt"); verbatim. It is sent as the only (user) message: the issue shows no system prompt.
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt4llm.data.records import RecordError, read_json_records
+
 SINGLE_SYSTEM = None
 SINGLE_TEMPLATE = (
     "### Instruction\n{instruction}\n### Response\n{response}\n### End of Response\n"
@@ -17,44 +25,41 @@ SINGLE_TEMPLATE = (
     "please provide a comprehensive explanation of your evaluation, avoiding any potential bias."
 )
 
-# --- Pairwise review (Vicuna-80) -------------------------------------------------------------------------------
-# Source: FastChat v0.1.10, fastchat/eval (eval_gpt_review.py with table/reviewer.jsonl and table/prompt.jsonl),
-# the review the paper ran on Vicuna's 80 questions. The system prompt and the template's layout are FastChat's as
-# recorded in docs/paper_spec.md 3(b). The three reviewer instructions below are NOT FastChat's text (it could not
-# be fetched here): they are our wording of what FastChat's general, coding and math prompts ask for (the criteria,
-# the 1-10 scale, the two scores alone on the first line, an explanation after it, no position bias). For a run
-# meant to match published Vicuna-style numbers, replace them with FastChat's prompt.jsonl texts.
-PAIRWISE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-PAIRWISE_TEMPLATE = (
-    "[Question]\n{question}\n\n"
-    "[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]\n\n"
-    "[The Start of Assistant 2's Answer]\n{answer_2}\n\n[The End of Assistant 2's Answer]\n\n"
-    "[System]\n{prompt}\n\n"
-)
-REVIEW_PROMPTS = {
-    "general": (
-        "Please give us your feedback on how well the two AI assistants answered the user question shown above. "
-        "Rate the helpfulness, relevance, accuracy and level of detail of each answer. Each assistant gets an overall "
-        "score from 1 to 10, where a higher score means better overall performance.\n"
-        "First output one line that contains only the two scores, for Assistant 1 and Assistant 2 in that order, "
-        "separated by a space. On the following lines, explain your evaluation in full, without bias, and make sure "
-        "the order in which the answers were presented does not influence your judgment."
-    ),
-    "coding": (
-        "Your task is to judge the coding ability of the two assistants above, who were asked to write a program for "
-        "the given problem. Review their code: whether it solves the problem correctly, how efficient it is, how "
-        "clear its structure and naming are, and whether comments explain the non-obvious parts. Point out mistakes "
-        "and suggest improvements.\n"
-        "First output one line that contains only the two scores from 1 to 10, for Assistant 1 and Assistant 2 in "
-        "that order, separated by a space. On the following lines, give your review."
-    ),
-    "math": (
-        "Your task is to judge the answers of the two assistants above to a math problem. Solve the problem yourself "
-        "step by step first, then check each assistant's solution step by step against yours, noting any error in "
-        "the method or in the arithmetic, and whether the final answer is correct.\n"
-        "First output one line that contains only the two scores from 1 to 10, for Assistant 1 and Assistant 2 in "
-        "that order, separated by a space. On the following lines, give your solution and your review."
-    ),
-}
-# FastChat's reviewer table routes Vicuna's `coding` and `math` questions to their own prompts; all others to general.
-CATEGORY_PROMPT = {"coding": "coding", "math": "math"}
+PROMPT_FIELDS = ("prompt_id", "system_prompt", "prompt_template", "defaults")
+REVIEWER_FIELDS = ("reviewer_id", "prompt_id", "category")
+
+
+@dataclass(frozen=True)
+class FastChatReviewers:
+    """FastChat's `gen_prompt`: the first reviewer whose category is the question's, else the first reviewer
+    (general); its prompt is `prompts[prompt_id - 1]`; the template is filled with the question, both answers and
+    the prompt's `defaults` (the category's instruction)."""
+
+    prompts: list[dict]
+    reviewers: list[dict]
+
+    @classmethod
+    def from_files(cls, prompt_file: str | Path, reviewer_file: str | Path) -> FastChatReviewers:
+        prompts, reviewers = read_json_records(Path(prompt_file)), read_json_records(Path(reviewer_file))
+        for file, records, fields in ((prompt_file, prompts, PROMPT_FIELDS), (reviewer_file, reviewers, REVIEWER_FIELDS)):
+            for index, record in enumerate(records):
+                missing = [f for f in fields if f not in record]
+                if missing:
+                    raise RecordError(f"{file}: record {index}: field '{missing[0]}' is missing (not FastChat's file?)")
+        for index, reviewer in enumerate(reviewers):
+            if not 1 <= reviewer["prompt_id"] <= len(prompts) or prompts[reviewer["prompt_id"] - 1]["prompt_id"] != reviewer["prompt_id"]:
+                raise RecordError(f"{reviewer_file}: record {index}: prompt_id {reviewer['prompt_id']} is not line {reviewer['prompt_id']} of {prompt_file}")
+        return cls(prompts, reviewers)
+
+    def prompt_for(self, category: str | None) -> dict:
+        reviewer = next((r for r in self.reviewers if r["category"] == category), self.reviewers[0])
+        return self.prompts[reviewer["prompt_id"] - 1]
+
+    def messages(self, category: str | None, question: str, answer_1: str, answer_2: str) -> list[dict]:
+        prompt = self.prompt_for(category)
+        user = prompt["prompt_template"].format(question=question, answer_1=answer_1, answer_2=answer_2, **prompt["defaults"])
+        return [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user}]
+
+    def asks_for_tuple(self, category: str | None) -> bool:
+        """FastChat's math prompt has GPT-4 solve the problem first and give the scores as a Python tuple at the end."""
+        return "Python tuple" in self.prompt_for(category)["defaults"].get("prompt", "")

@@ -8,27 +8,28 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
 )
 
 from gpt4llm.models import attention
+from gpt4llm.models.tokenizer import load_pretrained_tokenizer
 
 PAD_TOKEN = "[PAD]"  # stanford_alpaca's DEFAULT_PAD_TOKEN
 
 
-def prepare_tokenizer(path: str, tiny: dict | None = None):
+def prepare_tokenizer(path: str, tiny: dict | None = None, backend: str = "auto"):
     """The tokenizer of the configured model (`cfg.model`), building the local tiny model first if it is the one."""
     if tiny:
         from gpt4llm.models.tiny import build_tiny_model
 
         build_tiny_model(path, **tiny)
-    return load_tokenizer(path)
+    return load_tokenizer(path, backend=backend)
 
 
-def load_tokenizer(path: str, padding_side: str = "right"):
-    """The model's tokenizer with a pad token; LLaMA has none, so one is added as stanford_alpaca did."""
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+def load_tokenizer(path: str, padding_side: str = "right", backend: str = "auto"):
+    """The model's tokenizer (SentencePiece's ids where it ships tokenizer.model: gpt4llm.models.tokenizer) with a pad
+    token; LLaMA has none, so one is added as stanford_alpaca did."""
+    tokenizer = load_pretrained_tokenizer(path, backend, padding_side=padding_side)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if tokenizer.eos_token is None:

@@ -1,4 +1,5 @@
-"""The `tiny` model: a random-init LLaMA-architecture model with a byte-level BPE tokenizer trained on the demo text.
+"""The `tiny` model: a random-init LLaMA-architecture model with a tokenizer trained on the demo text: a byte-level
+BPE (the demo's), or a SentencePiece BPE made like LLaMA's (the stand-in for LLaMA in tests of the paper's runs).
 
 Built locally and deterministically, so the demo, the tests and every CLI run offline with nothing downloaded.
 """
@@ -62,6 +63,24 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokeni
     )
 
 
+def build_tiny_sentencepiece(corpus: list[str], vocab_size: int, directory: Path):
+    """A SentencePiece BPE with LLaMA's settings (byte fallback, split digits, whitespace kept as is, ids 0/1/2 for
+    <unk>/<s>/</s>, no pad), saved as `tokenizer.model` with its tokenizer config."""
+    import sentencepiece
+
+    from gpt4llm.models.tokenizer import load_pretrained_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2,
+    )
+    (directory / "tokenizer.vocab").unlink()
+    return load_pretrained_tokenizer(directory, "sentencepiece")
+
+
 def build_tiny_model(
     path: str | Path,
     vocab_size: int = 1024,
@@ -72,6 +91,7 @@ def build_tiny_model(
     max_position_embeddings: int = 512,
     seed: int = 0,
     corpus_records: int = 4000,
+    tokenizer_type: str = "bpe",
 ) -> Path:
     """Writes tokenizer and random-init weights to `path`, once per spec: later calls with the same spec reuse it."""
     path = Path(path)
@@ -79,14 +99,21 @@ def build_tiny_model(
     spec = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, seed=seed,
+        max_position_embeddings=max_position_embeddings, seed=seed, tokenizer_type=tokenizer_type,
         # the corpus itself, so that a change to the demo tasks rebuilds the tokenizer trained on them
         corpus_sha256=hashlib.sha256(json.dumps(corpus).encode()).hexdigest(),
     )
     spec_file = path / "tiny_spec.json"
     if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
         return path
-    tokenizer = build_tiny_tokenizer(corpus, vocab_size)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if tokenizer_type == "sentencepiece":
+        tokenizer = build_tiny_sentencepiece(corpus, vocab_size, tmp)
+    elif tokenizer_type == "bpe":
+        tokenizer = build_tiny_tokenizer(corpus, vocab_size)
+    else:
+        raise ValueError(f"model.tiny.tokenizer_type={tokenizer_type!r}: choose bpe or sentencepiece")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -102,9 +129,7 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    # Written aside and renamed, so concurrent or interrupted builds never leave a half-written model.
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Written aside (tmp) and renamed, so concurrent or interrupted builds never leave a half-written model.
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "tiny_spec.json").write_text(json.dumps(spec))
