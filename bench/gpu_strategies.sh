@@ -35,7 +35,7 @@ esac
 
 echo "== 1. machine, capability, plan ($NGPU x $GPU_NAME -> plan.device=$DEVICE)"
 nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv | tee "$OUT/nvidia-smi.csv"
-python -c "from gpt4llm.hardware import cuda_capabilities; print('bf16 supported (no emulation), device:', cuda_capabilities())"
+python -c "from gpt4llm.training.hardware import cuda_capabilities; print('bf16 supported (no emulation), device:', cuda_capabilities())"
 python -m gpt4llm.plan experiment=paper_sft_llama7b_gpt4 trainer=gpu trainer.devices=$NGPU plan.device=$DEVICE \
   hydra.run.dir="$OUT/plan-llama7b" | tee "$OUT/plan-llama7b.txt"
 

@@ -128,7 +128,7 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT / "src"))
     from gpt4llm.data.demo import make_demo_records
-    from gpt4llm.prompts import format_prompt
+    from gpt4llm.data.prompts import format_prompt
 
     server = None
     if args.model_dir:

@@ -12,7 +12,7 @@ starts both ways from the same weights (with model=tiny, a fresh random init see
 and shuffles (b) with seed r, so the validation losses are compared over inits and orders, not one draw. Printed:
 real (non-pad) tokens per second of each way, the ratio (b)/(a), the median over --repeats, each way's validation
 loss after training (the same padded validation batches for both) and, where the device's peak is known (Lightning's
-table of GPUs, or --peak-tflops), the model FLOPs utilisation (gpt4llm.flops: useful FLOPs of real tokens only).
+table of GPUs, or --peak-tflops), the model FLOPs utilisation (gpt4llm.training.flops: useful FLOPs of real tokens only).
 --order-control adds (b)'s layout in (a)'s file order, whose validation loss should equal (a)'s: what then separates
 (b) from (a) is the order of the examples, not the layout.
 """
@@ -36,8 +36,8 @@ class Clock:
     def __init__(self):
         import lightning as L
 
-        from gpt4llm.callbacks import example_lengths
-        from gpt4llm.flops import matmul_parameters, training_flops
+        from gpt4llm.training.callbacks import example_lengths
+        from gpt4llm.training.flops import matmul_parameters, training_flops
 
         outer = self
 
@@ -72,7 +72,7 @@ def train_once(cfg, tokenizer, train_loader, val_loader, args, seed: int, stanfo
     from hydra.utils import instantiate
     from transformers import AutoModelForCausalLM
 
-    from gpt4llm.flops import available_flops
+    from gpt4llm.training.flops import available_flops
 
     L.seed_everything(seed, verbose=False)
     module = instantiate(cfg.task, tokenizer=tokenizer)

@@ -11,6 +11,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from gpt4llm.app import resolvers
+
+resolvers.register()  # what every command does on start (gpt4llm.app.cli), for the configs composed here
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -12,7 +12,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 
-from gpt4llm.strategies import DeepSpeedStrategy
+from gpt4llm.training.strategies import DeepSpeedStrategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

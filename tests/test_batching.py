@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose_train
-from gpt4llm.data.datamodule import padding_report, resolve_batching
-from gpt4llm.data.sft import IGNORE_INDEX, LengthGroupedSampler, PackedCollator, SFTCollator, tokenize_batch
-from gpt4llm.models.sft import SFTModule, token_loss
 
+from gpt4llm.data.datamodule import padding_report, resolve_batching
+from gpt4llm.data.sft import (
+    IGNORE_INDEX,
+    LengthGroupedSampler,
+    PackedCollator,
+    SFTCollator,
+    tokenize_batch,
+)
+from gpt4llm.models.sft import SFTModule, token_loss
 
 
 def masked_lm_loss(logits, labels):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF, compose_train
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_train
-from gpt4llm.config import ConfigError, check_config
-from gpt4llm.train import derive_accumulation
+from gpt4llm.app.checks import ConfigError, check_config
+from gpt4llm.training.hardware import derive_accumulation
 
 
 def options(group: str) -> list[str]:
@@ -74,6 +74,11 @@ def test_a_misspelled_key_is_named():
     cfg = compose_train(["+trainer.max_epoch=4"])
     with pytest.raises(ConfigError, match=r"trainer\.max_epoch: .*Did you mean 'max_epochs'"):
         check_config(cfg)
+    # keys a subclass passes on to its base with **kwargs are checked against the base's parameters
+    for overrides, key in ((["+task.warmup_ration=0.1"], r"task\.warmup_ration: .*Did you mean 'warmup_ratio'"),
+                           (["task=rm", "data=demo_pairs", "+data.val_sise=3"], r"data\.val_sise: .*Did you mean 'val_size'")):
+        with pytest.raises(ConfigError, match=key):
+            check_config(compose_train(overrides))
 
 
 def test_a_bad_target_is_named():

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import gpt4llm.data.datamodule as datamodule
+from gpt4llm.data.cache import SplitSettings
 from gpt4llm.data.datamodule import SFTDataModule, build_sft_splits
 from gpt4llm.data.sft import IGNORE_INDEX
 
@@ -23,7 +24,7 @@ def records_file(tmp_path, n=30):
 
 def test_splits_report_and_cache(tmp_path, tokenizer, monkeypatch):
     path = records_file(tmp_path)
-    splits, report = build_sft_splits(path, tokenizer, max_length=128, val_size=5, split_seed=0, cache_dir=tmp_path / "cache")
+    splits, report = build_sft_splits(path, tokenizer, SplitSettings(max_length=128, val_size=5), tmp_path / "cache")
     assert report["records"] == 33 and report["usable"] == 30
     assert {k: v["count"] for k, v in report["skipped"].items()} == {
         "duplicate record": 1, "empty output": 1, "prompt fills max_length": 1
@@ -36,7 +37,7 @@ def test_splits_report_and_cache(tmp_path, tokenizer, monkeypatch):
 
     # Same file, tokenizer and settings: read back from the cache, nothing is tokenized again.
     monkeypatch.setattr(datamodule, "tokenize_batch", lambda *a, **k: pytest.fail("tokenized twice"))
-    again, report_again = build_sft_splits(path, tokenizer, max_length=128, val_size=5, split_seed=0, cache_dir=tmp_path / "cache")
+    again, report_again = build_sft_splits(path, tokenizer, SplitSettings(max_length=128, val_size=5), tmp_path / "cache")
     assert report_again == report and again["train"]["input_ids"] == splits["train"]["input_ids"]
     assert not list((tmp_path / "cache").glob("*.tmp-*"))
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import ROOT, compose_train, demo_overrides
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +76,9 @@ def test_resume_after_the_process_was_killed(tmp_path):
     assert checkpoints == ["last.ckpt", "step4.ckpt", "step8.ckpt"], checkpoints
     assert torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
 
-    from gpt4llm.train import train  # the resumed and the uninterrupted run, in this process
+    from gpt4llm.train import (
+        train,  # the resumed and the uninterrupted run, in this process
+    )
 
     def run(name: str, *extra: str) -> Path:
         cfg = compose_train(overrides(tmp_path, None, *common, *extra))

@@ -44,8 +44,8 @@ def test_best_of_n_groups_in_the_papers_layout(tmp_path):
 
 
 def test_rewards_of_a_responses_file_are_the_reward_models(tmp_path, tiny_model_dir, tokenizer):
+    from gpt4llm.inference.rewards import score_records
     from gpt4llm.models.reward import load_reward_model
-    from gpt4llm.score import score_records
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

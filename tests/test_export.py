@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt4llm.export import (
+from gpt4llm.models.export import (
     ExportError,
     _write_verified,
     check_complete,

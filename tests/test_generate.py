@@ -14,8 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from gpt4llm.data.demo import make_demo_records
-from gpt4llm.generation import generate_completions, generate_responses, generate_to_file
-from gpt4llm.prompts import format_prompt
+from gpt4llm.data.prompts import format_prompt
+from gpt4llm.inference.generation import (
+    generate_completions,
+    generate_responses,
+    generate_to_file,
+)
 
 RECORDS = make_demo_records(6, seed=7)
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "num_samples": 1}

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import compose_train
-from gpt4llm.hardware import LaunchError, check_launch, check_precision, cuda_capabilities, external_launcher
+
+from gpt4llm.training.hardware import (
+    LaunchError,
+    check_launch,
+    check_precision,
+    cuda_capabilities,
+    external_launcher,
+)
 
 
 def test_bf16_on_a_v100_stops_with_what_to_use():
@@ -53,9 +59,8 @@ def test_single_processes_need_nothing(env):
 
 
 def test_run_directory_follows_the_run_id(monkeypatch):
-    from hydra import compose, initialize_config_dir
-
     from conftest import CONF
+    from hydra import compose, initialize_config_dir
 
     monkeypatch.setenv("GPT4LLM_RUN_ID", "shared-by-all-ranks")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import compose_train, demo_overrides
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from conftest import compose_train, demo_overrides
-from gpt4llm.health import NonFiniteError, TrainingHealth, deepspeed_fp16_state
+from gpt4llm.training.health import NonFiniteError, TrainingHealth, deepspeed_fp16_state
 
 
 class InfGrad(torch.autograd.Function):

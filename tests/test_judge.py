@@ -14,7 +14,7 @@ from conftest import CONF, SHARED_DATA
 
 from gpt4llm.evaluation.judge import fastchat_scores, judge, parse_scores, reader
 from gpt4llm.evaluation.judge_prompts import FastChatReviewers
-from gpt4llm.openai_client import ChatClient, ChatError
+from gpt4llm.inference.openai_client import ChatClient, ChatError
 
 KEY = "sk-test-NEVER-WRITE-THIS-0123456789"
 

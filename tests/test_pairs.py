@@ -8,11 +8,12 @@ import re
 import pytest
 
 import gpt4llm.data.pairs as pairs_module
+from gpt4llm.data.cache import SplitSettings
 from gpt4llm.data.demo import make_demo_records
 from gpt4llm.data.demo_pairs import KINDS, make_demo_pairs, write_demo_pairs_file
-from gpt4llm.data.pairs import PairCollator, alpaca_prompt, build_pair_splits, read_comparison_pairs
+from gpt4llm.data.pairs import PairCollator, build_pair_splits, read_comparison_pairs
+from gpt4llm.data.prompts import alpaca_prompt, format_prompt
 from gpt4llm.data.records import RecordError
-from gpt4llm.prompts import format_prompt
 
 # As in comparison_data_v2.json: the template is already there, without its final '### Response:'.
 V2_PROMPT = format_prompt("Give three tips for staying healthy.").removesuffix("\n\n### Response:")
@@ -113,7 +114,7 @@ def test_splits_tokenize_truncate_and_cache(tmp_path, tokenizer, monkeypatch):
         {"prompt": "Longer.", "chosen": "word " * 80, "rejected": "no"},  # truncated, but still different
     ]
     path = write(tmp_path, records)
-    kwargs = dict(tokenizer=tokenizer, max_length=64, val_size=3, split_seed=0, cache_dir=tmp_path / "cache")
+    kwargs = dict(tokenizer=tokenizer, settings=SplitSettings(max_length=64, val_size=3), cache_dir=tmp_path / "cache")
     splits, report = build_pair_splits(path, **kwargs)
     assert report["splits"] == {"train": 10, "validation": 3} and report["pairs"] == 13
     assert report["dropped_pairs"]["identical after tokenization"] == {"count": 1, "first_indices": [12]}
@@ -169,6 +170,7 @@ def test_demo_pairs_prefer_the_exact_answer(tmp_path):
 
 def test_prepare_audits_the_demo_pairs(tmp_path):
     from conftest import TINY_OVERRIDES, compose_train
+
     from gpt4llm.prepare import prepare
 
     cfg = compose_train([

@@ -11,10 +11,19 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONF, demo_overrides
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, demo_overrides
-from gpt4llm.plan import GIB, Arch, Setup, activation_bytes, arch_of, llama_parameters, make_plan, model_states
+from gpt4llm.training.planning import (
+    GIB,
+    Arch,
+    Setup,
+    activation_bytes,
+    arch_of,
+    llama_parameters,
+    make_plan,
+    model_states,
+)
 
 LLAMA7B = Arch(4096, 32, 32, 32, 11008, 32001)
 LLAMA13B = Arch(5120, 40, 40, 40, 13824, 32001)
@@ -65,7 +74,9 @@ GRID = [(P, L, g, n) for P, L in ((6_738_423_808, 131_076_096), (13_015_874_560,
 @pytest.mark.parametrize("total, largest, gpus, nodes", GRID)
 def test_model_states_agree_with_deepspeeds_estimators(total, largest, gpus, nodes):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+    )
 
     def ours(stage, offload_optimizer, offload_parameters=False):
         s = Setup("deepspeed", gpus, nodes, "16-mixed", zero_stage=stage, offload_optimizer=offload_optimizer,

@@ -10,8 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from gpt4llm.data.pairs import PairCollator, pad_right
-from gpt4llm.models.reward import RewardModule, load_reward_model, pairwise_loss, sequence_rewards
+from gpt4llm.data.encoding import padded_batch
+from gpt4llm.data.pairs import PairCollator
+from gpt4llm.models.reward import (
+    RewardModule,
+    load_reward_model,
+    pairwise_loss,
+    sequence_rewards,
+)
 
 
 def test_loss_matches_a_hand_computed_value():
@@ -41,10 +47,10 @@ def test_reward_is_read_at_the_last_token_under_both_paddings(reward_model, toke
     sequences = [tokenizer(t)["input_ids"] + [eos] for t in ("Sort 3, 1, 2.", "Hi", "Reverse the order of the words please.")]
     pad = eos if pad_is_eos else tokenizer.pad_token_id
     with torch.no_grad():
-        alone = torch.cat([sequence_rewards(reward_model, **pad_right([s], pad)) for s in sequences])
-        right = sequence_rewards(reward_model, **pad_right(sequences, pad))
+        alone = torch.cat([sequence_rewards(reward_model, **padded_batch([s], pad)) for s in sequences])
+        right = sequence_rewards(reward_model, **padded_batch(sequences, pad))
         left = sequence_rewards(reward_model, **left_pad(sequences, pad))
-        without_eos = torch.cat([sequence_rewards(reward_model, **pad_right([s[:-1]], pad)) for s in sequences])
+        without_eos = torch.cat([sequence_rewards(reward_model, **padded_batch([s[:-1]], pad)) for s in sequences])
     torch.testing.assert_close(right, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(left, alone, rtol=0, atol=1e-5)
     assert (without_eos - alone).abs().min() > 1e-4  # the final EOS itself is read, even when it is also the pad
@@ -97,8 +103,8 @@ def test_opt_backbone_reads_the_same_reward_left_or_right_padded(tmp_path, token
     model = load_reward_model(str(tmp_path / "opt"), tokenizer).eval()
     sequences = [tokenizer(t)["input_ids"] for t in ("a b c d e f", "x", "one two")]
     with torch.no_grad():
-        alone = torch.cat([sequence_rewards(model, **pad_right([s], tokenizer.pad_token_id)) for s in sequences])
-        right = sequence_rewards(model, **pad_right(sequences, tokenizer.pad_token_id))
+        alone = torch.cat([sequence_rewards(model, **padded_batch([s], tokenizer.pad_token_id)) for s in sequences])
+        right = sequence_rewards(model, **padded_batch(sequences, tokenizer.pad_token_id))
         left = sequence_rewards(model, **left_pad(sequences, tokenizer.pad_token_id))
     torch.testing.assert_close(right, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(left, alone, rtol=0, atol=1e-5)
@@ -107,15 +113,15 @@ def test_opt_backbone_reads_the_same_reward_left_or_right_padded(tmp_path, token
 @pytest.fixture(scope="module")
 def exported_rm(tmp_path_factory, reward_model, tokenizer):
     """An exported reward model as `train task=rm` writes it (weights, tokenizer, statistics in the config)."""
-    from gpt4llm.export import export_hf
+    from gpt4llm.models.export import export_hf
 
     reward_model.config.reward_mean, reward_model.config.reward_std, reward_model.config.reward_max_length = 0.5, 2.0, 64
     return export_hf(reward_model, tokenizer, tmp_path_factory.mktemp("rm") / "export")
 
 
 def test_score_records_matches_the_model_and_templates_once(exported_rm, reward_model, tokenizer):
-    from gpt4llm.prompts import format_prompt
-    from gpt4llm.score import score_records
+    from gpt4llm.data.prompts import format_prompt
+    from gpt4llm.inference.rewards import score_records
 
     records = [
         {"instruction": "Sort the numbers.", "input": "3, 1", "response": "1, 3"},
@@ -127,7 +133,7 @@ def test_score_records_matches_the_model_and_templates_once(exported_rm, reward_
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6) and len(rewards) == 4
     ids = tokenizer(format_prompt("Name a color.") + "blue" + tokenizer.eos_token)["input_ids"]
     with torch.no_grad():
-        direct = sequence_rewards(reward_model, **pad_right([ids], tokenizer.pad_token_id)).item()
+        direct = sequence_rewards(reward_model, **padded_batch([ids], tokenizer.pad_token_id)).item()
     assert rewards[3] == pytest.approx(direct, abs=1e-5)
     normalized = score_records(exported_rm, records, normalize=True)
     assert normalized == pytest.approx([(r - 0.5) / 2.0 for r in rewards], abs=1e-5)
@@ -137,15 +143,15 @@ def test_score_records_matches_the_model_and_templates_once(exported_rm, reward_
 
 def test_score_records_names_the_bad_record(exported_rm):
     from gpt4llm.data.records import RecordError
-    from gpt4llm.score import score_records
+    from gpt4llm.inference.rewards import score_records
 
     with pytest.raises(RecordError, match=r"record 1: field 'response' is missing"):
         score_records(exported_rm, [{"prompt": "a", "response": "b"}, {"prompt": "a"}])
 
 
 def test_best_of_n_ranks_samples_and_keeps_the_greedy_baseline(tiny_model_dir, exported_rm, tmp_path):
-    from gpt4llm.bestofn import best_of_n, read_prompts
-    from gpt4llm.score import score_records
+    from gpt4llm.inference.best_of_n import best_of_n, read_prompts
+    from gpt4llm.inference.rewards import score_records
 
     path = tmp_path / "q.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [
@@ -167,8 +173,8 @@ def test_best_of_n_ranks_samples_and_keeps_the_greedy_baseline(tiny_model_dir, e
 
 
 def test_bad_prompt_file_names_record_and_field(tmp_path):
-    from gpt4llm.bestofn import read_prompts
     from gpt4llm.data.records import RecordError
+    from gpt4llm.inference.best_of_n import read_prompts
 
     path = tmp_path / "q.json"
     path.write_text(json.dumps([{"instruction": "ok"}, {"input": "no instruction"}]))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import rm_overrides, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +58,10 @@ def test_cli_reward_model_demo_trains_exports_scores_and_ranks(tmp_path):
 
 
 def test_rm_commands_compose_offline():
+    from conftest import ROOT, compose_train
     from omegaconf import OmegaConf
 
-    from conftest import ROOT, compose_train
-    from gpt4llm.config import check_config
+    from gpt4llm.app.checks import check_config
 
     for args in (["task=rm", "model=opt1.3b", "data=comparison_gpt4"], ["task=rm", "data=local_pairs", "data.path=mine.jsonl"]):
         cfg = compose_train(args)

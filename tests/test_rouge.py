@@ -7,9 +7,9 @@ import json
 from statistics import mean
 
 import pytest
+from conftest import SHARED_DATA
 from rouge_score.rouge_scorer import RougeScorer
 
-from conftest import SHARED_DATA
 from gpt4llm.data.records import RecordError
 from gpt4llm.evaluation.eval_sets import load_eval_set
 from gpt4llm.evaluation.responses import read_responses

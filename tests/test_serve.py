@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from gpt4llm.data.demo import make_demo_records
-from gpt4llm.prompts import format_prompt
-from gpt4llm.serve import load_server, prompt_from_messages
+from gpt4llm.data.prompts import format_prompt
+from gpt4llm.inference.server import load_server, prompt_from_messages
 
 KEY = "sk-serve-NEVER-WRITE-THIS-777"
 RECORDS = make_demo_records(6, seed=11)
@@ -73,7 +73,7 @@ def test_models_health_and_key(server):
 
 
 def test_greedy_answer_is_the_models_answer_to_the_template(server, tiny_model_dir, tokenizer):
-    from gpt4llm.generation import generate_responses
+    from gpt4llm.inference.generation import generate_responses
 
     r = RECORDS[0]
     status, body = chat(server, format_prompt(r["instruction"], r["input"]), temperature=0, max_tokens=8)
@@ -212,8 +212,8 @@ def test_cli_serve_then_synthesize_against_it(tiny_model_dir, tmp_path):
         seed = tmp_path / "seed.json"
         seed.write_text(json.dumps([{"instruction": r["instruction"], "input": r["input"]} for r in RECORDS]))
         proc = subprocess.run(
-            [sys.executable, "-m", "gpt4llm.synthesize", "task=answer", f"instructions={seed}", f"teacher.base_url={base_url}",
-             "teacher.model=tiny", "teacher.api_key_env=TEACHER_KEY", "teacher.prices=null", "task.max_tokens=8",
+            [sys.executable, "-m", "gpt4llm.synthesize", "job=answer", f"instructions={seed}", f"teacher.base_url={base_url}",
+             "teacher.model=tiny", "teacher.api_key_env=TEACHER_KEY", "teacher.prices=null", "job.max_tokens=8",
              f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
         )

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
+from gpt4llm.data.prompts import format_prompt
 from gpt4llm.data.sft import IGNORE_INDEX, SFTCollator, tokenize_batch
-from gpt4llm.prompts import format_prompt
 
 RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.\n2. Sleep.\n3. Move."},

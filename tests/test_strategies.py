@@ -6,10 +6,10 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from conftest import SHARED_DATA, compose_train
 from hydra.utils import instantiate
 
-from conftest import SHARED_DATA, compose_train
-from gpt4llm.config import ConfigError, check_config
+from gpt4llm.app.checks import ConfigError, check_config
 
 PAPER = ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16"]
 # ds_config.json's "auto" values as Hugging Face's Trainer fills them for LLaMA-7B (hidden 4096)
@@ -88,8 +88,8 @@ def test_fsdp_exposes_original_parameters():
 def test_zero3_loading_is_announced_to_transformers_while_the_config_lives():
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from gpt4llm.export import transformers_zero3_off
-    from gpt4llm.strategies import hf_deepspeed_config
+    from gpt4llm.models.export import transformers_zero3_off
+    from gpt4llm.training.strategies import hf_deepspeed_config
 
     strategy = instantiate(compose_train(PAPER + ["strategy=deepspeed_zero3_offload"]).strategy)
     zero2 = instantiate(compose_train(PAPER + ["strategy=deepspeed_zero2"]).strategy)

@@ -16,11 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 
 import gpt4llm.synthesize as S
-from conftest import CONF
-from gpt4llm.prompts import format_prompt
+from gpt4llm.data.prompts import format_prompt
 
 KEY = "sk-teacher-NEVER-WRITE-THIS-4242"
 
@@ -159,7 +159,7 @@ INSTRUCTIONS = [
 
 def test_answer_uses_the_papers_settings_retries_lists_problems_and_reruns_for_free(teacher, key, tmp_path, capsys, caplog):
     srv = teacher()
-    cfg = synth_cfg(tmp_path, srv.base_url, "task=answer", f"instructions={write(tmp_path / 'seed.json', INSTRUCTIONS)}")
+    cfg = synth_cfg(tmp_path, srv.base_url, "job=answer", f"instructions={write(tmp_path / 'seed.json', INSTRUCTIONS)}")
     report = S.synthesize(cfg)
 
     # The paper's Algorithm 1: the Alpaca prompt as the one user message, temperature 1, top_p 1, 512 tokens.
@@ -197,8 +197,8 @@ def test_answer_uses_the_papers_settings_retries_lists_problems_and_reruns_for_f
 def test_drop_truncated_leaves_cut_answers_out_but_lists_them(teacher, key, tmp_path):
     srv = teacher()
     records = [{"instruction": i, "input": ""} for i in ("CUE:length Tell me.", "CUE:empty Hm.", "Ok.")]
-    cfg = synth_cfg(tmp_path, srv.base_url, f"instructions={write(tmp_path / 'i.json', records)}", "task.drop_truncated=true",
-                    "task.max_tokens=64", "output=" + str(tmp_path / "a.json"))
+    cfg = synth_cfg(tmp_path, srv.base_url, f"instructions={write(tmp_path / 'i.json', records)}", "job.drop_truncated=true",
+                    "job.max_tokens=64", "output=" + str(tmp_path / "a.json"))
     report = S.synthesize(cfg)
     assert json.loads((tmp_path / "a.json").read_text()) == [{"instruction": "Ok.", "input": "", "output": "Answer: Ok."}]
     assert report["cut_by_length"] == {"count": 1, "indices": [0], "kept": False}
@@ -213,7 +213,7 @@ def test_translate_then_answer_gives_a_zh_data_file(teacher, key, tmp_path):
         {"instruction": "Sort the numbers.", "input": "3, 1, 2", "output": "1, 2, 3"},
         {"instruction": "Name a color.", "input": "warm", "output": "Orange."},
     ]
-    cfg = synth_cfg(tmp_path, srv.base_url, "task=translate", f"instructions={write(tmp_path / 'seed.json', records)}")
+    cfg = synth_cfg(tmp_path, srv.base_url, "job=translate", f"instructions={write(tmp_path / 'seed.json', records)}")
     report = S.synthesize(cfg)
     translated = tmp_path / "out" / "seed.Chinese.json"
     assert json.loads(translated.read_text()) == [
@@ -224,7 +224,7 @@ def test_translate_then_answer_gives_a_zh_data_file(teacher, key, tmp_path):
     assert report["distinct_texts"] == 4 and len(srv.requests) == 4  # "Name a color." translated once
     assert "into Chinese" in srv.requests[0]["messages"][0]["content"] and srv.requests[0]["temperature"] == 0.0
 
-    cfg = synth_cfg(tmp_path, srv.base_url, "task=answer", f"instructions={translated}", f"output={tmp_path / 'zh.json'}")
+    cfg = synth_cfg(tmp_path, srv.base_url, "job=answer", f"instructions={translated}", f"output={tmp_path / 'zh.json'}")
     S.synthesize(cfg)
     zh = json.loads((tmp_path / "zh.json").read_text())
     assert zh[1] == {"instruction": "ZH[Sort the numbers.]", "input": "ZH[3, 1, 2]", "output": "Answer: ZH[Sort the numbers.]"}
@@ -246,8 +246,8 @@ def test_score_writes_comparison_v2_that_trains_as_reward_pairs(teacher, key, tm
            for k, (q, i) in enumerate(questions)]
     files = [write(tmp_path / "gpt4.json", gpt4), tmp_path / "davinci.jsonl", write(tmp_path / "icm.json", icm)]
     files[1].write_text("".join(json.dumps(r) + "\n" for r in davinci))
-    cfg = synth_cfg(tmp_path, srv.base_url, "task=score", f"responses={{gpt4:{files[0]},text-davinci-003:{files[1]},icm-1.3b:{files[2]}}}",
-                    "task.max_parse_retries=1")
+    cfg = synth_cfg(tmp_path, srv.base_url, "job=score", f"responses={{gpt4:{files[0]},text-davinci-003:{files[1]},icm-1.3b:{files[2]}}}",
+                    "job.max_parse_retries=1")
     report = S.synthesize(cfg)
 
     out = tmp_path / "out" / "comparison_data_v2.json"
@@ -270,7 +270,7 @@ def test_score_writes_comparison_v2_that_trains_as_reward_pairs(teacher, key, tm
     assert sum("CUE:badscore" in r["messages"][0]["content"] for r in srv.requests) == 2  # asked once more, then listed
     assert read_score_lists(tmp_path / "out" / "cmp_data_scores.json") == {
         "gpt4": [9.0, 8.0, 9.0, 8.0], "text-davinci-003": [7.0, 7.0, 9.0], "icm-1.3b": [2.0, 4.0, 5.0]}
-    from gpt4llm.plots import find_inputs
+    from gpt4llm.evaluation.figures import find_inputs
 
     assert find_inputs([tmp_path / "out"])["scores"] == [tmp_path / "out" / "cmp_data_scores.json"]  # Figure 2's input
 
@@ -293,11 +293,13 @@ def test_score_writes_comparison_v2_that_trains_as_reward_pairs(teacher, key, tm
 
 def test_task_and_inputs_are_checked_at_start(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        with pytest.raises(Exception, match="task.max_tokns"):
-            compose(config_name="synthesize", overrides=["task.max_tokns=3"])
-        cfg = compose(config_name="synthesize", overrides=["task=sft", "output=x.json"])
-    with pytest.raises(ValueError, match="task=answer, task=translate or task=score"):
-        S.synthesize(cfg)
+        with pytest.raises(Exception, match="job.max_tokns"):
+            compose(config_name="synthesize", overrides=["job.max_tokns=3"])
+        # train's task group is not synthesize's: refused while composing, before anything runs
+        with pytest.raises(Exception, match="Could not override 'task'"):
+            compose(config_name="synthesize", overrides=["task=sft"])
+        with pytest.raises(Exception, match="job/sft"):
+            compose(config_name="synthesize", overrides=["job=sft"])
     cfg = synth_cfg(tmp_path, "http://127.0.0.1:9/v1", f"instructions={write(tmp_path / 'bad.json', [{'instruction': 3}])}")
     with pytest.raises(Exception, match=r"record 0: field 'instruction' is int"):
         S.synthesize(cfg)
@@ -306,7 +308,7 @@ def test_task_and_inputs_are_checked_at_start(tmp_path):
 # --- the whole loop against our own server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    from gpt4llm.serve import load_server
+    from gpt4llm.inference.server import load_server
 
     server = load_server(str(tiny_model_dir), name="tiny", api_key=KEY, max_batch=8).start()
     yield server
@@ -317,23 +319,23 @@ def test_answer_translate_score_and_judge_against_our_server(served, key, tmp_pa
     from gpt4llm.data.demo import make_demo_records
     from gpt4llm.evaluation.judge import judge
     from gpt4llm.evaluation.responses import read_responses
-    from gpt4llm.openai_client import ChatClient
+    from gpt4llm.inference.openai_client import ChatClient
 
     seed = write(tmp_path / "demo.json", [{"instruction": r["instruction"], "input": r["input"]} for r in make_demo_records(6, seed=3)])
     common = ["teacher.model=tiny", "teacher.prices=null", "teacher.timeout=60"]
-    answered = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, f"instructions={seed}", "task.max_tokens=6"))
+    answered = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, f"instructions={seed}", "job.max_tokens=6"))
     out = json.loads((tmp_path / "out" / "demo.answers.json").read_text())
     # A random tiny model: answers are noise, but every one came back, and the cut ones are listed, not lost.
     assert answered["requests"]["sent"] == 6 and answered["estimated_cost_usd"] is None
     assert len(out) + answered["empty_answer (left out)"]["count"] == 6
     assert answered["cut_by_length"]["count"] >= 1 and answered["requests"]["completion_tokens"] <= 36
 
-    translated = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, "task=translate", f"instructions={seed}", "task.max_tokens=6"))
+    translated = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, "job=translate", f"instructions={seed}", "job.max_tokens=6"))
     assert translated["requests"]["sent"] == translated["distinct_texts"] > 0
 
     gpt4 = write(tmp_path / "gpt4.json", [{"instruction": r["instruction"], "input": r["input"], "output": "An answer."} for r in out])
-    scored = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, "task=score", f"responses=[{gpt4},{tmp_path / 'out' / 'demo.answers.json'}]",
-                                    "task.max_tokens=4", "task.max_parse_retries=0"))
+    scored = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, "job=score", f"responses=[{gpt4},{tmp_path / 'out' / 'demo.answers.json'}]",
+                                    "job.max_tokens=4", "job.max_parse_retries=0"))
     assert scored["sources"] == {"gpt4": len(out), "demo.answers": len(out)}
     # The tiny model does not answer with a score: each response is listed as unparsable (or, by chance, scored).
     listed = sum(v["count"] for v in scored["unparsable (left out; indices into each source's file)"].values())

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt4llm import callbacks
-from gpt4llm.callbacks import TokenThroughput, example_lengths
 from gpt4llm.data.sft import PackedCollator, SFTCollator
-from gpt4llm.flops import matmul_parameters, training_flops
+from gpt4llm.training import callbacks
+from gpt4llm.training.callbacks import TokenThroughput, example_lengths
+from gpt4llm.training.flops import matmul_parameters, training_flops
 
 EXAMPLES = [
     {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},

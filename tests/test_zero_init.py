@@ -22,7 +22,7 @@ FRESH_INTERPRETER = textwrap.dedent(
     assert "torch._dynamo" not in sys.modules and "transformers.models.llama.modeling_llama" not in sys.modules
 
     from gpt4llm.models.hf import import_model_code
-    from gpt4llm.strategies import ZeroConfigForTransformers
+    from gpt4llm.training.strategies import ZeroConfigForTransformers
 
     import_model_code(path, MODEL_FOR_CAUSAL_LM_MAPPING)  # what HFBackboneModule.setup does, before configure_model
     assert "torch._dynamo" in sys.modules and "transformers.models.llama.modeling_llama" in sys.modules

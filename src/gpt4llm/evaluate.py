@@ -17,7 +17,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from gpt4llm.cli import CONFIG_PATH
+from gpt4llm.app.cli import CONFIG_PATH
+from gpt4llm.io import atomic
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,9 @@ def evaluate_rouge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
 
     tables, per_pair, problems = evaluate_rouge(answers, use_stemmer=cfg.metric.use_stemmer)
     files = write_tables(tables, out, cfg.metric.prefix)
-    with open(out / f"{cfg.metric.prefix}_scores.jsonl", "w", encoding="utf-8") as f:
-        for row in per_pair:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic.write_jsonl(out / f"{cfg.metric.prefix}_scores.jsonl", per_pair)
     report = {"use_stemmer": cfg.metric.use_stemmer, "problems": problems, "tables": [str(p) for p in files]}
-    (out / f"{cfg.metric.prefix}_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    atomic.write_text(out / f"{cfg.metric.prefix}_report.json", json.dumps(report, indent=2, ensure_ascii=False))
     print(format_table(tables))
     _print_problems(problems)
     print(f"\nTables: {out}/{cfg.metric.prefix}_len{{0-2,3-5,6-10,10-,ALL}}.json  (per pair: {cfg.metric.prefix}_scores.jsonl)")
@@ -41,7 +40,7 @@ def evaluate_rouge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
 def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) -> list[dict]:
     from gpt4llm.evaluation.judge import judge
     from gpt4llm.evaluation.responses import read_responses
-    from gpt4llm.openai_client import ChatClient
+    from gpt4llm.inference.openai_client import client_from_config
 
     m = cfg.metric
     questions = None
@@ -61,10 +60,7 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
 
         files = {k: ensure_file(**m.fastchat[k], required_fields=f) for k, f in (("prompts", PROMPT_FIELDS), ("reviewers", REVIEWER_FIELDS))}
         reviewers = FastChatReviewers.from_files(files["prompts"], files["reviewers"])
-    client = ChatClient(
-        m.base_url, m.model, api_key_env=m.api_key_env, cache_path=m.cache, timeout=m.timeout,
-        max_retries=m.max_retries, backoff=m.backoff, concurrency=m.concurrency,
-    )
+    client = client_from_config(m)
     summaries = []
     for mine in answers:
         name = _slug(mine[0]["model"])
@@ -75,10 +71,8 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
         summary["judge"] = {"base_url": m.base_url, "model": m.model, "temperature": m.temperature}
         if reviewers is not None:
             summary["judge"]["fastchat_files"] = {k: OmegaConf.to_container(m.fastchat[k]) for k in ("prompts", "reviewers")}
-        with open(out / f"judge_reviews_{name}.jsonl", "w", encoding="utf-8") as f:
-            for review in reviews:
-                f.write(json.dumps(review, ensure_ascii=False) + "\n")
-        (out / f"judge_summary_{name}.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        atomic.write_jsonl(out / f"judge_reviews_{name}.jsonl", reviews)
+        atomic.write_text(out / f"judge_summary_{name}.json", json.dumps(summary, indent=2, ensure_ascii=False))
         summaries.append(summary)
         _print_judge(summary)
         _print_problems({name: summary["problems"]})
@@ -121,7 +115,7 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
     for path in paths:
         if is_best_of_n(path):  # rewards are in the file: summarise the ranking groups, write each for the judge
             for name, answers in ranking_groups(path).items():
-                _write_jsonl(out / "ranking_groups" / name / "responses.jsonl", answers)
+                atomic.write_jsonl(out / "ranking_groups" / name / "responses.jsonl", answers)
                 summary[name] = summarize_rewards(answers) | {"source": str(path)}
             continue
         if not cfg.metric.model:
@@ -130,10 +124,10 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
         for answer, reward in zip(answers, score_answers(cfg.metric.model, answers, cfg.metric.batch_size)):
             answer["reward"] = reward
         name = answers[0]["model"]
-        _write_jsonl(out / f"reward_scores_{_slug(name)}.jsonl",
+        atomic.write_jsonl(out / f"reward_scores_{_slug(name)}.jsonl",
                      [{k: a.get(k) for k in ("id", "model", "category", "reward")} for a in answers])
         summary[name] = summarize_rewards(answers) | {"source": str(path), "reward_model": str(cfg.metric.model)}
-    (out / "reward_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic.write_text(out / "reward_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     print("| model / group | scored | mean reward |\n|---|---:|---:|")
     for name, s in summary.items():
         mean = "-" if s["mean_reward"] is None else f"{s['mean_reward']:.4f}"
@@ -147,13 +141,6 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
 def _slug(name: str) -> str:
     """A model name as part of a file name."""
     return re.sub(r"[^\w.-]+", "_", name)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def evaluate(cfg: DictConfig):

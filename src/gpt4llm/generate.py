@@ -13,20 +13,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gpt4llm.cli import CONFIG_PATH
+from gpt4llm.app.cli import CONFIG_PATH
 
 log = logging.getLogger(__name__)
-
-
-def model_name(path: str | None) -> str:
-    """A name for a model directory: its own name, or its run's name for a training export (<run>/export)."""
-    if not path:
-        return "model"
-    p = Path(str(path).rstrip("/"))
-    return p.parent.name if p.name == "export" and p.parent.name else p.name or "model"
-
-
-OmegaConf.register_new_resolver("gpt4llm.model_name", model_name, replace=True)
 
 
 def decoding_settings(decoding: DictConfig) -> dict:
@@ -43,7 +32,7 @@ def generate(cfg: DictConfig) -> Path:
     import torch
 
     from gpt4llm.evaluation.eval_sets import load_eval_set
-    from gpt4llm.generation import generate_to_file
+    from gpt4llm.inference.generation import generate_to_file
     from gpt4llm.models.hf import load_causal_lm, load_tokenizer
 
     if not cfg.model.path:

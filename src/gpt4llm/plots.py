@@ -15,26 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from gpt4llm.cli import CONFIG_PATH
-
-
-def find_inputs(directories: list[Path]) -> dict[str, list[Path]]:
-    from gpt4llm.evaluation.figures import TABLE_FILE
-
-    found: dict[str, list[Path]] = defaultdict(list)
-    for directory in directories:
-        if not directory.is_dir():
-            raise FileNotFoundError(f"results={directory}: not a directory")
-        for path in sorted(directory.rglob("*")):
-            if TABLE_FILE.match(path.name):
-                found["rouge"].append(path)
-            elif path.name == "cmp_data_scores.json":
-                found["scores"].append(path)
-            elif path.name.startswith("judge_summary") and path.suffix == ".json":
-                found["judge"].append(path)
-            elif path.name == "responses.jsonl":
-                found["responses"].append(path)
-    return found
+from gpt4llm.app.cli import CONFIG_PATH
 
 
 def plots(cfg: DictConfig) -> dict[str, list[str]]:
@@ -42,6 +23,8 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
     from gpt4llm.evaluation.responses import read_responses
 
     directories = [Path(d) for d in (cfg.results if isinstance(cfg.results, ListConfig) else [cfg.results])]
+    from gpt4llm.evaluation.figures import find_inputs
+
     found = find_inputs(directories)
     out, formats = Path(cfg.paths.output_dir), tuple(cfg.formats)
     drawn: dict[str, list[str]] = {}

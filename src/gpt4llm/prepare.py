@@ -12,13 +12,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.cli import CONFIG_PATH, use_hydra_logging
+from gpt4llm.app.cli import CONFIG_PATH, use_hydra_logging
 
 
 def prepare(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
-    from gpt4llm.config import check_config
+    from gpt4llm.app.checks import check_config
     from gpt4llm.models.hf import prepare_tokenizer
 
     check_config(cfg.data, "data")

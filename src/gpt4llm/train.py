@@ -11,20 +11,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gpt4llm.cli import CONFIG_PATH, use_hydra_logging
+from gpt4llm.app.cli import CONFIG_PATH, use_hydra_logging
 
 log = logging.getLogger(__name__)
-
-
-def derive_accumulation(global_batch_size: int, batch_size: int, world_size: int) -> int:
-    """Gradient accumulation that makes batch_size x world_size x accumulation equal the global batch."""
-    per_step = batch_size * world_size
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not a multiple of data.batch_size ({batch_size}) x "
-            f"{world_size} devices; change data.batch_size or global_batch_size"
-        )
-    return global_batch_size // per_step
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -32,10 +21,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from gpt4llm.config import check_config
-    from gpt4llm.export import export_hf
-    from gpt4llm.hardware import check_launch, check_precision, cuda_capabilities
+    from gpt4llm.app.checks import check_config
+    from gpt4llm.models.export import export_hf
     from gpt4llm.models.hf import prepare_tokenizer
+    from gpt4llm.training.hardware import (
+        check_launch,
+        check_precision,
+        cuda_capabilities,
+        derive_accumulation,
+    )
 
     check_config(cfg)
     check_launch()  # under torchrun/srun every rank must name the same run directory

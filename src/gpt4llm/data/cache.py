@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from datasets import Dataset, DatasetDict, load_from_disk
+
+from gpt4llm.io import atomic
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -54,6 +56,16 @@ def tokenize_rows(rows: list[dict], tokenize: Callable, tokenizer, max_length: i
     )
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """What, beside the file and the tokenizer, decides the splits (and so the cache key)."""
+
+    max_length: int
+    val_size: int
+    split_seed: int = 0
+    skip_invalid: bool = False
+
+
 def cached_splits(
     kind: str,
     version: int,
@@ -68,14 +80,10 @@ def cached_splits(
     target = Path(cache_dir) / f"{kind}-{path.stem}-{key.hexdigest()[:20]}"
     if not (target / "report.json").exists():
         splits, report = build()
-        # Written beside the target and renamed into place, so an interrupted run never leaves a half-written cache.
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # datasets cannot save an empty split (data.val_size=0 holds nothing out): it is left out, and made again below
-        DatasetDict({name: split for name, split in splits.items() if len(split)}).save_to_disk(str(tmp / "splits"))
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        with atomic.atomic_path(target) as tmp:  # an interrupted run never leaves a half-written cache
+            # datasets cannot save an empty split (data.val_size=0 holds nothing out): left out, and made again below
+            DatasetDict({name: split for name, split in splits.items() if len(split)}).save_to_disk(str(tmp / "splits"))
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     splits, report = load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
     for name in report["splits"]:  # the empty ones, with the columns of the others
         if name not in splits:

@@ -7,15 +7,15 @@ shows exactly what the model is trained on, and both read the same cache.
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datasets import DatasetDict
-from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt4llm.data.cache import cached_splits, tokenize_rows
+from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.demo import write_demo_file
 from gpt4llm.data.records import load_instruction_records
 from gpt4llm.data.samplers import ShuffledSampler
@@ -25,7 +25,6 @@ from gpt4llm.data.sft import (
     SFTCollator,
     tokenize_batch,
 )
-from gpt4llm.data.sources import ensure_file
 from gpt4llm.data.splits import SplitsDataModule
 from gpt4llm.models.attention import VARLEN
 from gpt4llm.models.tokenizer import describe
@@ -47,18 +46,10 @@ def resolve_batching(batching: str, attn_implementation: str | None) -> str:
 CACHE_VERSION = 1  # bump when tokenize_batch or the split changes what it produces
 
 
-def build_sft_splits(
-    path: str | Path,
-    tokenizer,
-    max_length: int,
-    val_size: int,
-    split_seed: int,
-    cache_dir: str | Path,
-    skip_invalid: bool = False,
-) -> tuple[DatasetDict, dict[str, Any]]:
+def build_sft_splits(path: str | Path, tokenizer, settings: SplitSettings, cache_dir: str | Path) -> tuple[DatasetDict, dict[str, Any]]:
     """Tokenized train/validation splits and the audit report, from the cache when this was prepared before."""
     path = Path(path)
-    settings = dict(max_length=max_length, val_size=val_size, split_seed=split_seed, skip_invalid=skip_invalid)
+    max_length, val_size, split_seed, skip_invalid = settings.max_length, settings.val_size, settings.split_seed, settings.skip_invalid
 
     def build() -> tuple[DatasetDict, dict[str, Any]]:
         records, load_report = load_instruction_records(path, skip_invalid=skip_invalid)
@@ -75,7 +66,7 @@ def build_sft_splits(
         splits = DatasetDict(train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size])))
         return splits, _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer)
 
-    return cached_splits("sft", CACHE_VERSION, path, tokenizer, settings, cache_dir, build)
+    return cached_splits("sft", CACHE_VERSION, path, tokenizer, asdict(settings), cache_dir, build)
 
 
 def _report(path, load_summary, tokenized, no_target, splits, max_length, tokenizer) -> dict[str, Any]:
@@ -127,82 +118,57 @@ class SFTDataModule(SplitsDataModule):
     """Alpaca-format records from one file (local, downloaded, or the generated demo) as SFT batches."""
 
     audit_columns = ("index", "input_ids", "labels")  # what `gpt4llm.prepare` writes of each processed example
+    model_columns = ("input_ids", "labels")
+    required_fields = ("instruction", "output")
+    missing_file_hint = "Point data.path at your Alpaca-format .json or .jsonl file."
 
     def __init__(
         self,
-        tokenizer,
-        path: str,
-        url: str | None = None,
-        checksum: str | None = None,
-        num_records: int | None = None,
-        demo: dict | None = None,
-        max_length: int = 512,
-        val_size: int = 200,
-        split_seed: int = 0,
+        *args,
         shuffle_seed: int | None = None,
-        batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        skip_invalid: bool = False,
-        cache_dir: str = "data/cache",
         exact_match_examples: int = 0,
         batching: str = "auto",
         attn_implementation: str | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.path, self.url, self.checksum, self.num_records, self.demo = Path(path), url, checksum, num_records, demo
-        self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
+        super().__init__(*args, **kwargs)  # SplitsDataModule's: the file, split, batch size, cache
         # The training order's seed: the split's unless given, so a sweep over it keeps the held-out set fixed.
-        self.shuffle_seed = split_seed if shuffle_seed is None else shuffle_seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
+        self.shuffle_seed = self.split_seed if shuffle_seed is None else shuffle_seed
         # For datasets whose answers are exact (the demo), generation on this many held-out records is scored.
         self.exact_match_examples = exact_match_examples
         if batching not in BATCHING:
             raise ValueError(f"data.batching={batching!r}: choose one of {', '.join(BATCHING)}")
         self.batching = resolve_batching(batching, attn_implementation)
-        self.splits: DatasetDict | None = None
-        self.report: dict[str, Any] | None = None
 
-    def source_file(self) -> Path:
-        if self.demo is not None and not self.path.exists():
-            return write_demo_file(self.path, **self.demo)
-        return ensure_file(
-            self.path, self.url, checksum=self.checksum, num_records=self.num_records, required_fields=("instruction", "output")
-        )
+    def write_demo(self, path: Path, **settings) -> Path:
+        return write_demo_file(path, **settings)
 
-    def build(self) -> tuple[DatasetDict, dict[str, Any]]:
-        splits, report = build_sft_splits(
-            self.source_file(), self.tokenizer, self.max_length, self.val_size, self.split_seed, self.cache_dir, self.skip_invalid
-        )
+    def build_splits(self, file: Path) -> tuple[DatasetDict, dict[str, Any]]:
+        splits, report = build_sft_splits(file, self.tokenizer, self.split_settings(), self.cache_dir)
         padding = padding_report(splits["train"]["num_tokens"], self.batch_size, self.shuffle_seed, self.batching)
         return splits, report | {"padding": padding}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
-            self.splits, self.report = self.build()
-            skipped = {reason: s["count"] for reason, s in self.report["skipped"].items()}
-            rank_zero_info(
-                f"Data {self.report['file']}: {self.report['splits']} examples; ids by {self.report['tokenizer']['backend']}; "
-                f"skipped {skipped or 'none'}; "
-                f"truncated at {self.max_length} tokens: {self.report['truncated']['count']}; "
-                f"padding by batching: {self.report['padding']['pad_fraction']} (data.batching={self.batching})"
-            )
+    def summary(self) -> str:
+        r = self.report
+        skipped = {reason: s["count"] for reason, s in r["skipped"].items()}
+        return (
+            f"Data {r['file']}: {r['splits']} examples; ids by {r['tokenizer']['backend']}; skipped {skipped or 'none'}; "
+            f"truncated at {self.max_length} tokens: {r['truncated']['count']}; "
+            f"padding by batching: {r['padding']['pad_fraction']} (data.batching={self.batching})"
+        )
+
+    def eval_collate(self) -> SFTCollator:
+        return SFTCollator(self.tokenizer.pad_token_id)  # validation is always padded, so val/loss compares
 
     def train_dataloader(self) -> StatefulDataLoader:
-        # The same examples make each batch whichever the layout; validation is always padded, so val/loss compares.
-        split = self.splits["train"].select_columns(["input_ids", "labels"])
+        # The same examples make each batch whichever the layout.
+        split = self.splits["train"].select_columns(list(self.model_columns))
         padded = SFTCollator(self.tokenizer.pad_token_id)
         if self.batching == "grouped":
             sampler = LengthGroupedSampler(self.splits["train"]["num_tokens"], self.batch_size, self.shuffle_seed, **self.shard())
             return self.loader(split, sampler, self.batch_size, padded)
         collate = PackedCollator() if self.batching == "packed" else padded
         return self.loader(split, self.shuffled(split, self.shuffle_seed), self.batch_size, collate)
-
-    def val_dataloader(self) -> StatefulDataLoader:
-        split = self.splits["validation"].select_columns(["input_ids", "labels"])
-        return self.loader(split, self.in_order(split), self.eval_batch_size, SFTCollator(self.tokenizer.pad_token_id))
 
     def exact_match_records(self) -> list[dict[str, str]]:
         """The held-out records (instruction, input, output) that `val/exact_match` is scored on."""

@@ -8,9 +8,10 @@ of training on a tiny model take held-out exact match from zero to far above it.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
+
+from gpt4llm.io import atomic
 
 WORDS = (
     "apple river stone cloud green tiger piano garden silver window rocket candle forest orange mirror planet "
@@ -126,9 +127,4 @@ def make_demo_records(num_records: int, seed: int = 0) -> list[dict[str, str]]:
 
 def write_demo_file(path: str | Path, num_records: int = 4000, seed: int = 0) -> Path:
     """Writes the demo records as an Alpaca JSON file (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(make_demo_records(num_records, seed), ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, json.dumps(make_demo_records(num_records, seed), ensure_ascii=False, indent=1))

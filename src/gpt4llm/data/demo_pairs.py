@@ -15,12 +15,12 @@ The prompt is written already templated, as in GPT-4-LLM's comparison files. Det
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 from gpt4llm.data.demo import TASKS, make_demo_records
-from gpt4llm.prompts import format_prompt
+from gpt4llm.data.prompts import format_prompt
+from gpt4llm.io import atomic
 
 KINDS = ("off_topic", "truncated", "run_on", "other")
 KIND_CYCLE = ("truncated", "run_on", "off_topic", "other", "truncated", "run_on", "off_topic", "off_topic")
@@ -69,9 +69,4 @@ def make_demo_pairs(num_records: int, seed: int = 0) -> list[dict[str, str]]:
 
 def write_demo_pairs_file(path: str | Path, num_records: int = 4000, seed: int = 0) -> Path:
     """Writes the demo pairs as a JSON list (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(make_demo_pairs(num_records, seed), ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, json.dumps(make_demo_pairs(num_records, seed), ensure_ascii=False, indent=1))

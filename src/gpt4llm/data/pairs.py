@@ -11,7 +11,7 @@ Three layouts are read, detected record by record, into the same pairs:
 
 A reward-model sequence is `prompt + response + EOS` (the SFT text, so the reward is read where the policy stops),
 right-truncated at `max_length`, and the reward is read at its last token. `build_pair_splits` is the one code path
-shared by training and `gpt4llm.prepare`, and `encode_responses` the one shared with `gpt4llm.score`.
+shared by training and `gpt4llm.prepare`, and `encode_responses` the one shared with `gpt4llm.inference.rewards`.
 """
 
 from __future__ import annotations
@@ -20,41 +20,29 @@ import json
 import math
 import random
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import DatasetDict
-from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt4llm.data.cache import cached_splits, tokenize_rows
+from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
+from gpt4llm.data.encoding import encode_truncated, padded_batch
+from gpt4llm.data.prompts import PREAMBLES, alpaca_prompt
 from gpt4llm.data.records import RecordError, read_json_records
-from gpt4llm.data.sources import ensure_file
 from gpt4llm.data.splits import SplitsDataModule
 from gpt4llm.models.tokenizer import describe
-from gpt4llm.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
 
 CACHE_VERSION = 1  # bump when parsing, tokenization or the split change what the cache holds
-RESPONSE_TAG = "### Response:"
-# The first paragraph of each Alpaca template: a prompt that starts with one was templated already.
-PREAMBLES = (PROMPT_INPUT.split("\n\n")[0], PROMPT_NO_INPUT.split("\n\n")[0])
 LAYOUTS = {  # name -> the fields that only this layout has
     "comparison_data_v2": ("responses_and_scores",),
     "comparison_data_v1": ("completion_a", "completion_b"),
     "plain": ("chosen", "rejected"),
 }
-
-
-def alpaca_prompt(text: str) -> str:
-    """`text` as the Alpaca prompt the SFT model answers: wrapped in the no-input template unless it already holds a
-    template (the GPT-4-LLM comparison files do), and ending in '### Response:', which comparison_data_v2 leaves off."""
-    if not text.lstrip().startswith(PREAMBLES):
-        return format_prompt(text)
-    body = text.strip()
-    return body if body.endswith(RESPONSE_TAG) else body + "\n\n" + RESPONSE_TAG
 
 
 class _Problem(ValueError):
@@ -172,14 +160,7 @@ def _counted(reasons: dict[str, list[int]]) -> dict[str, dict]:
 
 def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> tuple[list[list[int]], list[int]]:
     """Token ids of `prompt + response + EOS`, right-truncated at `max_length`, and each untruncated length."""
-    texts = [p + r + tokenizer.eos_token for p, r in zip(prompts, responses)]
-    ids = tokenizer(texts)["input_ids"]
-    lengths = [len(x) for x in ids]
-    too_long = [i for i, n in enumerate(lengths) if n > max_length]
-    if too_long:  # the few over the limit again, with the tokenizer's own truncation (as the SFT data does)
-        for i, cut in zip(too_long, tokenizer([texts[i] for i in too_long], max_length=max_length, truncation=True)["input_ids"]):
-            ids[i] = cut
-    return ids, lengths
+    return encode_truncated(tokenizer, [p + r + tokenizer.eos_token for p, r in zip(prompts, responses)], max_length)
 
 
 def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
@@ -197,22 +178,14 @@ def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int) -> dict[s
     }
 
 
-def build_pair_splits(
-    path: str | Path,
-    tokenizer,
-    max_length: int,
-    val_size: int,
-    split_seed: int,
-    cache_dir: str | Path,
-    skip_invalid: bool = False,
-) -> tuple[DatasetDict, dict[str, Any]]:
+def build_pair_splits(path: str | Path, tokenizer, settings: SplitSettings, cache_dir: str | Path) -> tuple[DatasetDict, dict[str, Any]]:
     """Tokenized train/validation pairs and the audit report, from the cache when this was prepared before.
 
     `val_size` counts prompts: all pairs of a held-out prompt are held out (comparison_data_v2 gives up to three
     pairs per prompt, and a prompt seen in training would flatter the held-out accuracy).
     """
     path = Path(path)
-    settings = dict(max_length=max_length, val_size=val_size, split_seed=split_seed, skip_invalid=skip_invalid)
+    max_length, val_size, split_seed, skip_invalid = settings.max_length, settings.val_size, settings.split_seed, settings.skip_invalid
 
     def build() -> tuple[DatasetDict, dict[str, Any]]:
         pairs, read_report = read_comparison_pairs(path, skip_invalid=skip_invalid)
@@ -232,7 +205,7 @@ def build_pair_splits(
         )
         return splits, _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer)
 
-    return cached_splits("pairs", CACHE_VERSION, path, tokenizer, settings, cache_dir, build)
+    return cached_splits("pairs", CACHE_VERSION, path, tokenizer, asdict(settings), cache_dir, build)
 
 
 def _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer) -> dict[str, Any]:
@@ -261,18 +234,6 @@ def _report(path, read_report, tokenized, identical, splits, val_size, max_lengt
     }
 
 
-def pad_right(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """input_ids padded on the right to the longest, and an attention mask built from the lengths (not from
-    `ids != pad`, so a pad token that is also EOS never hides the real EOS)."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.as_tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 class PairCollator:
     """B pairs -> one batch of 2B sequences, the B chosen first, then the B rejected in the same order."""
 
@@ -281,74 +242,41 @@ class PairCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
-        return pad_right(sequences, self.pad_token_id)
+        return padded_batch(sequences, self.pad_token_id)
 
 
 class PairDataModule(SplitsDataModule):
     """Comparison records from one file (local, downloaded, or the generated demo) as reward-model batches."""
 
     audit_columns = ("index", "chosen_input_ids", "rejected_input_ids")  # what `gpt4llm.prepare` writes per pair
+    model_columns = ("chosen_input_ids", "rejected_input_ids")
+    missing_file_hint = (
+        "Point data.path at your comparison file (.json or .jsonl): "
+        "prompt/chosen/rejected, user_input/completion_a/completion_b, or user_input/responses_and_scores."
+    )
 
-    def __init__(
-        self,
-        tokenizer,
-        path: str,
-        url: str | None = None,
-        checksum: str | None = None,
-        num_records: int | None = None,
-        required_fields: list[str] | None = None,
-        demo: dict | None = None,
-        max_length: int = 512,
-        val_size: int = 200,
-        split_seed: int = 0,
-        batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        skip_invalid: bool = False,
-        cache_dir: str = "data/cache",
-    ) -> None:
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.path, self.url, self.checksum, self.num_records, self.demo = Path(path), url, checksum, num_records, demo
+    def __init__(self, *args, required_fields: list[str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # SplitsDataModule's: the file, split, batch size, cache
         self.required_fields = tuple(required_fields or ())
-        self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
-        self.splits: DatasetDict | None = None
-        self.report: dict[str, Any] | None = None
 
-    def source_file(self) -> Path:
-        if self.demo is not None and not self.path.exists():
-            return write_demo_pairs_file(self.path, **self.demo)
-        if not self.url and not self.path.exists():
-            raise FileNotFoundError(
-                f"{self.path}: no such file. Point data.path at your comparison file (.json or .jsonl): "
-                "prompt/chosen/rejected, user_input/completion_a/completion_b, or user_input/responses_and_scores."
-            )
-        return ensure_file(
-            self.path, self.url, checksum=self.checksum, num_records=self.num_records, required_fields=self.required_fields
+    def write_demo(self, path: Path, **settings) -> Path:
+        return write_demo_pairs_file(path, **settings)
+
+    def build_splits(self, file: Path) -> tuple[DatasetDict, dict[str, Any]]:
+        return build_pair_splits(file, self.tokenizer, self.split_settings(), self.cache_dir)
+
+    def summary(self) -> str:
+        r = self.report
+        dropped = {reason: d["count"] for reason, d in r["dropped_pairs"].items()}
+        skipped = {reason: s["count"] for reason, s in r["skipped_records"].items()}
+        return (
+            f"Pairs {r['file']}: {r['splits']}; ids by {r['tokenizer']['backend']}; records skipped {skipped or 'none'}; "
+            f"pairs dropped {dropped or 'none'}; truncated at {self.max_length} tokens: {r['truncated']['count']}"
         )
 
-    def build(self) -> tuple[DatasetDict, dict[str, Any]]:
-        return build_pair_splits(
-            self.source_file(), self.tokenizer, self.max_length, self.val_size, self.split_seed, self.cache_dir, self.skip_invalid
-        )
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
-            self.splits, self.report = self.build()
-            dropped = {reason: d["count"] for reason, d in self.report["dropped_pairs"].items()}
-            skipped = {reason: s["count"] for reason, s in self.report["skipped_records"].items()}
-            rank_zero_info(
-                f"Pairs {self.report['file']}: {self.report['splits']}; ids by {self.report['tokenizer']['backend']}; "
-                f"records skipped {skipped or 'none'}; "
-                f"pairs dropped {dropped or 'none'}; truncated at {self.max_length} tokens: {self.report['truncated']['count']}"
-            )
+    def eval_collate(self) -> PairCollator:
+        return PairCollator(self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> StatefulDataLoader:
-        split = self.splits["train"].select_columns(["chosen_input_ids", "rejected_input_ids"])
-        return self.loader(split, self.shuffled(split, self.split_seed), self.batch_size, PairCollator(self.tokenizer.pad_token_id))
-
-    def val_dataloader(self) -> StatefulDataLoader:
-        split = self.splits["validation"].select_columns(["chosen_input_ids", "rejected_input_ids"])
-        return self.loader(split, self.in_order(split), self.eval_batch_size, PairCollator(self.tokenizer.pad_token_id))
+        split = self.splits["train"].select_columns(list(self.model_columns))
+        return self.loader(split, self.shuffled(split, self.split_seed), self.batch_size, self.eval_collate())

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt4llm.data.encoding import encode_truncated, pad_right
+from gpt4llm.data.prompts import format_prompt
 from gpt4llm.data.samplers import EpochSampler
-from gpt4llm.prompts import format_prompt
 
 IGNORE_INDEX = -100  # torch's cross-entropy default ignore_index
 
@@ -22,15 +23,7 @@ def tokenize_batch(batch: dict[str, list], tokenizer, max_length: int) -> dict[s
     """`datasets.map(batched=True)` function: Alpaca records -> input_ids, labels and audit columns."""
     prompts = [format_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
     texts = [p + o + tokenizer.eos_token for p, o in zip(prompts, batch["output"])]
-    # Untruncated first, so the audit knows true lengths; the few over the limit are re-tokenized with the
-    # tokenizer's own truncation, which is what stanford_alpaca did for every record.
-    full = tokenizer(texts)["input_ids"]
-    true_lengths = [len(ids) for ids in full]
-    too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
-    if too_long:
-        cut = tokenizer([texts[i] for i in too_long], max_length=max_length, truncation=True)["input_ids"]
-        for i, ids in zip(too_long, cut):
-            full[i] = ids
+    full, true_lengths = encode_truncated(tokenizer, texts, max_length)
     prompt_lens = [len(ids) for ids in tokenizer(prompts, max_length=max_length, truncation=True)["input_ids"]]
     labels = [[IGNORE_INDEX] * min(n, len(ids)) + ids[n:] for ids, n in zip(full, prompt_lens)]
     eos = tokenizer.eos_token_id
@@ -59,14 +52,8 @@ class SFTCollator:
         longest = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(example["input_ids"])
-            labels[row, :n] = torch.as_tensor(example["labels"])
-            attention_mask[row, :n] = 1
+        input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], self.pad_token_id, longest)
+        labels, _ = pad_right([e["labels"] for e in examples], IGNORE_INDEX, longest)
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.io import atomic
 
 CHUNK = 1 << 16
 
@@ -70,9 +70,7 @@ def ensure_file(
 
 
 def _download(url: str, path: Path, timeout: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.part-{os.getpid()}")
-    try:
+    with atomic.atomic_path(path, suffix="part") as tmp:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
             expected = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=expected, unit="B", unit_scale=True, desc=f"Downloading {path.name}") as bar:
@@ -82,9 +80,6 @@ def _download(url: str, path: Path, timeout: float) -> None:
             received = out.tell()
         if expected is not None and received != expected:
             raise IncompleteDownload(f"connection closed after {received} of {expected} bytes")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def file_digest(path: Path, algorithm: str) -> str:

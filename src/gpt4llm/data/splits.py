@@ -1,34 +1,107 @@
-"""The base of the SFT and the reward-model data modules: cached splits built once per node, and the number of
-training batches known without building the training loader."""
+"""The base of the SFT and the reward-model data modules, the pipeline both run:
+
+    file (local, downloaded and checked, or generated) -> validated records -> tokenized, cached train/validation
+    splits and a report -> loaders in an epoch-seeded order -> batches
+
+Subclasses say what differs: how a file becomes splits (`build_splits`), the one-line summary, the training loader,
+and the collator of validation batches."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
+from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from gpt4llm.data.cache import SplitSettings
 from gpt4llm.data.samplers import EpochSampler, InOrderSampler, ShuffledSampler
+from gpt4llm.data.sources import ensure_file
 
 
 class SplitsDataModule(L.LightningDataModule):
-    """Subclasses build their cached splits (`self.splits`) in `build()` and batch `batch_size` examples.
+    """Records from one file as cached splits (`self.splits`, `self.report`) and batches of `batch_size` examples.
 
     Loaders take their order from gpt4llm.data.samplers, sharded over the run's processes here (the trainers run
-    with `use_distributed_sampler: false`). The training loaders are torchdata's StatefulDataLoader: Lightning saves their position in each checkpoint and
-    restores it before the first batch of a resumed run, so a run resumed mid-epoch continues with the very batches
-    it would have seen. That holds as long as nothing builds the loader before the checkpoint is restored (Lightning
-    then drops the position, Lightning-AI/pytorch-lightning#20550, and DeepSpeed restores only after setup): the LR
-    schedule's length comes from `batches_per_epoch`, not from `trainer.estimated_stepping_batches`.
+    with `use_distributed_sampler: false`). The training loaders are torchdata's StatefulDataLoader: Lightning saves
+    their position in each checkpoint and restores it before the first batch of a resumed run, so a run resumed
+    mid-epoch continues with the very batches it would have seen. That holds as long as nothing builds the loader
+    before the checkpoint is restored (Lightning then drops the position, Lightning-AI/pytorch-lightning#20550, and
+    DeepSpeed restores only after setup): the LR schedule's length comes from `batches_per_epoch`, not from
+    `trainer.estimated_stepping_batches`.
     """
 
-    batch_size: int
-    num_workers: int = 0
+    required_fields: tuple[str, ...] = ()  # what every record of a downloaded file must have
+    model_columns: tuple[str, ...] = ()  # the columns a batch is made of
+    missing_file_hint = "Point data.path at your data file (.json or .jsonl)."
 
-    def build(self):
+    def __init__(
+        self,
+        tokenizer,
+        path: str,
+        url: str | None = None,
+        checksum: str | None = None,
+        num_records: int | None = None,
+        demo: dict | None = None,
+        max_length: int = 512,
+        val_size: int = 200,
+        split_seed: int = 0,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        skip_invalid: bool = False,
+        cache_dir: str = "data/cache",
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.path, self.url, self.checksum, self.num_records, self.demo = Path(path), url, checksum, num_records, demo
+        self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
+        self.splits: DatasetDict | None = None
+        self.report: dict[str, Any] | None = None
+
+    # --- what subclasses say ---
+    def write_demo(self, path: Path, **settings) -> Path:
         raise NotImplementedError
+
+    def build_splits(self, file: Path) -> tuple[DatasetDict, dict[str, Any]]:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def eval_collate(self):
+        raise NotImplementedError
+
+    # --- the pipeline ---
+    def source_file(self) -> Path:
+        if self.demo is not None and not self.path.exists():
+            return self.write_demo(self.path, **self.demo)
+        if not self.url and not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such file. {self.missing_file_hint}")
+        return ensure_file(
+            self.path, self.url, checksum=self.checksum, num_records=self.num_records, required_fields=self.required_fields
+        )
+
+    def split_settings(self) -> SplitSettings:
+        return SplitSettings(self.max_length, self.val_size, self.split_seed, self.skip_invalid)
+
+    def build(self) -> tuple[DatasetDict, dict[str, Any]]:
+        return self.build_splits(self.source_file())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits, self.report = self.build()
+            rank_zero_info(self.summary())
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        split = self.splits["validation"].select_columns(list(self.model_columns))
+        return self.loader(split, self.in_order(split), self.eval_batch_size, self.eval_collate())
 
     def prepare_data(self) -> None:
         self.build()  # downloads and tokenizes once per node; `setup` then reads the cache on every rank

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,22 @@ def draw_output_lengths(lengths: dict[str, list[int]]):
     ax.set_ylabel("Frequency")
     ax.legend(loc="upper right")
     return fig
+
+
+# --- Inputs ----------------------------------------------------------------------------------------------------
+def find_inputs(directories: list[Path]) -> dict[str, list[Path]]:
+    """The result files under `directories`, by the figure input they are (rouge, scores, judge, responses)."""
+    found: dict[str, list[Path]] = defaultdict(list)
+    for directory in directories:
+        if not directory.is_dir():
+            raise FileNotFoundError(f"results={directory}: not a directory")
+        for path in sorted(directory.rglob("*")):
+            if TABLE_FILE.match(path.name):
+                found["rouge"].append(path)
+            elif path.name == "cmp_data_scores.json":
+                found["scores"].append(path)
+            elif path.name.startswith("judge_summary") and path.suffix == ".json":
+                found["judge"].append(path)
+            elif path.name == "responses.jsonl":
+                found["responses"].append(path)
+    return found

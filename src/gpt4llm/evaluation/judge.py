@@ -28,7 +28,7 @@ from typing import Any
 
 from gpt4llm.evaluation import judge_prompts as P
 from gpt4llm.evaluation.judge_prompts import FastChatReviewers
-from gpt4llm.openai_client import ChatClient, ChatError
+from gpt4llm.inference.openai_client import ChatClient, ChatError
 
 SCORE_RULES = ("fastchat", "lenient")
 MATH_TUPLE = re.compile(r"\(\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*\)")

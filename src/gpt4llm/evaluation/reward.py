@@ -1,6 +1,6 @@
 """Reward-model evaluation: rewards of a model's answers, and the paper's best-of-N ranking groups.
 
-Scoring is `gpt4llm.score.score_records` (the reward model's own code). A best-of-N file is `gpt4llm.bestofn`'s
+Scoring is `gpt4llm.inference.rewards.score_records` (the reward model's own code). A best-of-N file is `gpt4llm.bestofn`'s
 output: per prompt, N samples `ranked` 1..N by reward, and the greedy `baseline`. The paper's ranking group k is
 every prompt's k-th ranked answer and group B the baselines (section 3(e) of docs/paper_spec.md); each group is
 also written as a responses file (model name rank1..rankN, B), which `evaluate metric=judge` scores against an
@@ -48,7 +48,7 @@ def ranking_groups(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 def score_answers(model_dir: str | Path, answers: list[dict], batch_size: int = 8) -> list[float]:
     """The reward model's reward for each answer, with the prompt built from its instruction and input."""
-    from gpt4llm.score import score_records
+    from gpt4llm.inference.rewards import score_records
 
     return score_records(
         model_dir, [{"instruction": a["instruction"], "input": a.get("input", ""), "response": a["response"]} for a in answers], batch_size

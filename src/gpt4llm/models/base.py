@@ -19,7 +19,7 @@ from gpt4llm.models.optim import (
     parameter_groups,
     strategy_offloads_optimizer,
 )
-from gpt4llm.strategies import hf_deepspeed_config
+from gpt4llm.training.strategies import hf_deepspeed_config
 
 
 class HFBackboneModule(L.LightningModule):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,7 +23,8 @@ from tokenizers import (
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gpt4llm.data.demo import make_demo_records
-from gpt4llm.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
+from gpt4llm.data.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
+from gpt4llm.io import atomic
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -106,8 +105,14 @@ def build_tiny_model(
     spec_file = path / "tiny_spec.json"
     if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
         return path
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Written aside and renamed, so concurrent or interrupted builds never leave a half-written model.
+    with atomic.atomic_path(path) as tmp:
+        _write_tiny_model(tmp, corpus, spec)
+    return path
+
+
+def _write_tiny_model(tmp: Path, corpus: list[str], spec: dict) -> None:
+    vocab_size, tokenizer_type = spec["vocab_size"], spec["tokenizer_type"]
     if tokenizer_type == "sentencepiece":
         tokenizer = build_tiny_sentencepiece(corpus, vocab_size, tmp)
     elif tokenizer_type == "bpe":
@@ -116,23 +121,19 @@ def build_tiny_model(
         raise ValueError(f"model.tiny.tokenizer_type={tokenizer_type!r}: choose bpe or sentencepiece")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        max_position_embeddings=max_position_embeddings,
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_key_value_heads=spec["num_attention_heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(spec["seed"])
     model = LlamaForCausalLM(config)
-    # Written aside (tmp) and renamed, so concurrent or interrupted builds never leave a half-written model.
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "tiny_spec.json").write_text(json.dumps(spec))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path

@@ -30,16 +30,32 @@ def check_config(cfg: DictConfig, where: str = "") -> None:
             check_config(node, f"{where}[{i}]")
 
 
+def accepted_parameters(target) -> dict[str, inspect.Parameter] | None:
+    """The keyword parameters `target` accepts, None when it takes any. One of our classes whose __init__ passes
+    **kwargs on to its base (the data and model modules do) accepts its base's parameters too; elsewhere **kwargs
+    may go anywhere (Lightning's DDPStrategy hands them to torch's DDP), so anything is accepted."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a Python signature
+        return None
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    params = {name: p for name, p in signature.parameters.items() if p.kind not in kinds}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return params
+    if not (inspect.isclass(target) and target.__module__.startswith("gpt4llm.")):
+        return None
+    base = next((c for c in target.__mro__[1:] if "__init__" in c.__dict__), None)
+    inherited = accepted_parameters(base) if base is not None and base is not object else None
+    return None if inherited is None else inherited | params
+
+
 def _check_target(node: DictConfig, where: str) -> None:
     try:
         target = get_object(node._target_)
     except Exception as err:
         raise ConfigError(f"{where}._target_: cannot import '{node._target_}' ({err})") from err
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):  # builtins without a Python signature
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = accepted_parameters(target)
+    if params is None:
         return
     for key in node.keys():
         if str(key).startswith("_") or key in params:

@@ -65,3 +65,14 @@ def check_launch(env: Mapping[str, str] = os.environ) -> None:
             f"its own run directory after its start time. Set it once for the job, the same on every node, e.g. "
             f"`export {RUN_ID_VAR}=$(date +%Y-%m-%d_%H-%M-%S)` before srun/torchrun (README: Scaling out)."
         )
+
+
+def derive_accumulation(global_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Gradient accumulation that makes batch_size x world_size x accumulation equal the global batch."""
+    per_step = batch_size * world_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not a multiple of data.batch_size ({batch_size}) x "
+            f"{world_size} devices; change data.batch_size or global_batch_size"
+        )
+    return global_batch_size // per_step

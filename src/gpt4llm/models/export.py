@@ -19,14 +19,13 @@ A DeepSpeed checkpoint directory (checkpoints/last.ckpt/ under ZeRO) becomes a s
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from gpt4llm.prompts import format_prompt
+from gpt4llm.data.prompts import format_prompt
+from gpt4llm.io import atomic
 
 # Relative RMS difference of the logits allowed between the in-training model and the reloaded export, by the dtype
 # the in-training model computed in. fp32 is a round trip of the same numbers (CPU vs GPU kernels differ in
@@ -197,18 +196,11 @@ def check_complete(state_dict: dict[str, torch.Tensor], expected: dict[str, tupl
 
 def _write_verified(model, tokenizer, directory: Path, state_dict, reference, batch) -> None:
     check_complete(state_dict, expected_shapes(model))
-    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic.atomic_path(directory) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if reference is not None:
             verify_export(tmp, reference, batch, type(model))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
 
 
 @torch.no_grad()

@@ -8,15 +8,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from gpt4llm.flops import available_flops, matmul_parameters, training_flops
-from gpt4llm.generation import generate_responses
+from gpt4llm.inference.generation import generate_responses
 from gpt4llm.models.attention import packed_lengths
+from gpt4llm.training.flops import available_flops, matmul_parameters, training_flops
 
 
 class TokenThroughput(L.Callback):
     """`train/tokens_per_s`: real (non-pad) tokens per second across all devices; `train/pad_fraction`: the share of
     the tokens computed that were padding; `train/mfu`: model FLOPs utilisation, the useful FLOPs per second of
-    each device (gpt4llm.flops: real tokens only) over its dense peak for the trainer's precision.
+    each device (gpt4llm.training.flops: real tokens only) over its dense peak for the trainer's precision.
 
     The peak comes from Lightning's table of GPUs, or from `peak_tflops` (per device) for a device it does not
     know or a measured peak; without either (CPUs) `train/mfu` is not logged. Time runs from one batch's end to

@@ -15,7 +15,9 @@ from __future__ import annotations
 import inspect
 import os
 
-from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy as _LightningDeepSpeedStrategy,
+)
 
 # ZeRO-3 settings Lightning does not expose; each default is DeepSpeed's own.
 ZERO3_EXTRA_DEFAULTS = {
@@ -40,7 +42,7 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
 
 def _merged_signature() -> inspect.Signature:
-    """The parent's parameters plus ours, so gpt4llm.config.check_config still names a misspelled key."""
+    """The parent's parameters plus ours, so gpt4llm.app.checks.check_config still names a misspelled key."""
     parent = inspect.signature(_LightningDeepSpeedStrategy.__init__).parameters.values()
     params = [p for p in parent if p.name != "self"]
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in ZERO3_EXTRA_DEFAULTS.items()]

@@ -121,6 +121,8 @@ class TrainingHealth(L.Callback):
 
 
 def _is_deepspeed(trainer) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy  # the class only: deepspeed itself is not imported
+    from lightning.pytorch.strategies import (
+        DeepSpeedStrategy,  # the class only: deepspeed itself is not imported
+    )
 
     return isinstance(trainer.strategy, DeepSpeedStrategy)

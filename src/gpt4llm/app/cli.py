@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/ (an editable install)
+from gpt4llm.app import resolvers
+
+# The repository's top-level conf/, which the wheel ships as the package gpt4llm.conf (pyproject.toml, package-dir):
+# found the same way in a checkout, an editable install and a regular one, from any directory.
+CONFIG_PATH = "pkg://gpt4llm.conf"
+resolvers.register()
 
 
 def use_hydra_logging() -> None:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from gpt4llm.prompts import format_prompt
+from gpt4llm.data.prompts import format_prompt
 
 
 @dataclass(frozen=True)

@@ -293,3 +293,13 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None  # an HTTP date: fall back to our own backoff
+
+
+def client_from_config(block) -> ChatClient:
+    """A client from a config block laid out as conf/client/openai.yaml (the teacher's, the judge's)."""
+    prices = block.get("prices")
+    return ChatClient(
+        block.base_url, block.model, api_key_env=block.api_key_env, cache_path=block.cache, timeout=block.timeout,
+        max_retries=block.max_retries, backoff=block.backoff, max_backoff=block.max_backoff,
+        concurrency=block.concurrency, prices=dict(prices) if prices else None,
+    )

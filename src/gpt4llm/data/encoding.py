@@ -1,0 +1,36 @@
+"""Text to token ids and ids to padded tensors, the one way both the SFT and the reward-model data do it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def encode_truncated(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Each text's ids, cut at `max_length` by the tokenizer's own truncation (what stanford_alpaca did for every
+    record), and each text's untruncated length. Untruncated first, so reports know true lengths; only the few over
+    the limit are tokenized again."""
+    ids = tokenizer(texts)["input_ids"]
+    lengths = [len(x) for x in ids]
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long:
+        for i, cut in zip(too_long, tokenizer([texts[i] for i in too_long], max_length=max_length, truncation=True)["input_ids"]):
+            ids[i] = cut
+    return ids, lengths
+
+
+def pad_right(sequences: list[list[int]], pad_value: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences right-padded with `pad_value` to `length` (default: the longest), and the attention mask, built
+    from the lengths, not from `ids != pad`: a pad token that is also EOS never hides the real EOS."""
+    length = length or max(len(s) for s in sequences)
+    padded = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, values in enumerate(sequences):
+        padded[row, : len(values)] = torch.as_tensor(values)
+        mask[row, : len(values)] = 1
+    return padded, mask
+
+
+def padded_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A model's inputs for `sequences`: right-padded input_ids and their attention mask."""
+    input_ids, attention_mask = pad_right(sequences, pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,88 @@
+"""Best-of-N decoding (the paper's section 3(e)): sample N responses per prompt from an SFT model, rank them with a
+reward model, and keep the greedy single decode as the baseline B.
+
+    python -m gpt4llm.bestofn sft_model=<sft run>/export reward_model=<rm run>/export prompts=questions.jsonl n=5
+
+`prompts` is a JSON list or JSONL file of Alpaca records: `instruction`, optional `input`, optional `id` (default:
+the record's index). Draw k (k = 0..n-1) samples every prompt with the torch seed `seed + k`, so a run is repeatable.
+
+Output, `<run dir>/bestofn.jsonl` unless `output=` says otherwise: one JSON object per prompt, in input order:
+
+    {"id": ..., "instruction": "...", "input": "...",
+     "ranked": [{"rank": 1, "response": "...", "reward": 1.73, "draw": 3},    # the highest reward
+                ...,
+                {"rank": n, "response": "...", "reward": -0.41, "draw": 0}],  # the lowest
+     "baseline": {"response": "...", "reward": 0.52}}                        # greedy decoding: group B
+
+The paper's ranking group k is every prompt's `ranked[k-1]`; group B is `baseline`. Rewards are the reward model's
+raw scores (gpt4llm.inference.rewards.score_records), comparable within one reward model; equal rewards keep draw order.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Alpaca records with `id`, `instruction` and `input`; a clear error naming file, record and field otherwise."""
+    from gpt4llm.data.records import RecordError, read_json_records
+
+    prompts = []
+    for index, record in enumerate(read_json_records(path)):
+        if not isinstance(record, dict):
+            raise RecordError(f"{path}: record {index}: is a JSON {type(record).__name__}, not an object")
+        if "instruction" not in record:
+            raise RecordError(f"{path}: record {index}: field 'instruction' is missing")
+        for name in ("instruction", "input"):
+            if name in record and not isinstance(record[name], str):
+                raise RecordError(f"{path}: record {index}: field '{name}' is {type(record[name]).__name__}, not a string")
+        prompts.append({"id": record.get("id", index), "instruction": record["instruction"], "input": record.get("input", "")})
+    return prompts
+
+
+def best_of_n(
+    sft_model: str | Path,
+    reward_model: str | Path,
+    prompts: list[dict],
+    n: int = 5,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+) -> list[dict]:
+    """The output rows described in the module docstring, one per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gpt4llm.inference.generation import generate_responses
+    from gpt4llm.inference.rewards import score_records
+    from gpt4llm.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(str(sft_model))
+    model = AutoModelForCausalLM.from_pretrained(str(sft_model)).to("cuda" if torch.cuda.is_available() else "cpu")
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    draws = []
+    for k in range(n):
+        torch.manual_seed(seed + k)  # one seed per draw: any draw can be reproduced on its own
+        draws.append(generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, **sampling))
+        log.info(f"Draw {k + 1}/{n}: {len(prompts)} responses")
+    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)  # greedy
+    del model  # the reward model needs the memory next
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    # All n + 1 responses of every prompt in one scoring pass: draw 0 of every prompt, then draw 1, ..., baseline.
+    candidates = [*draws, baseline]
+    records = [p | {"response": r} for responses in candidates for p, r in zip(prompts, responses)]
+    rewards = score_records(reward_model, records, batch_size)
+    by_draw = [rewards[k * len(prompts) : (k + 1) * len(prompts)] for k in range(len(candidates))]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        order = sorted(range(n), key=lambda k: -by_draw[k][i])  # stable: equal rewards keep draw order
+        ranked = [{"rank": rank, "response": draws[k][i], "reward": by_draw[k][i], "draw": k} for rank, k in enumerate(order, 1)]
+        rows.append(prompt | {"ranked": ranked, "baseline": {"response": baseline[i], "reward": by_draw[n][i]}})
+    return rows

@@ -1,0 +1,85 @@
+"""Rewards of responses from a trained reward model export, sequences built and truncated as in its training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpt4llm.data.records import RecordError
+from gpt4llm.io import atomic
+
+
+def record_prompt(record: dict, index: int) -> str:
+    """The Alpaca prompt of a record to score, or a RecordError naming the record and the field."""
+    from gpt4llm.data.prompts import alpaca_prompt, format_prompt
+
+    if not isinstance(record, dict):
+        raise RecordError(f"record {index}: is a JSON {type(record).__name__}, not an object")
+    if "prompt" not in record and "instruction" not in record:
+        raise RecordError(f"record {index}: needs a 'prompt' or an 'instruction' field")
+    fields = ("response", "prompt") if "prompt" in record else ("response", "instruction", "input")
+    for name in fields:
+        if name not in record and name != "input":  # input is optional
+            raise RecordError(f"record {index}: field '{name}' is missing")
+        if name in record and not isinstance(record[name], str):
+            raise RecordError(f"record {index}: field '{name}' is {type(record[name]).__name__}, not a string")
+    if "prompt" in record:
+        return alpaca_prompt(record["prompt"])
+    return format_prompt(record["instruction"], record.get("input", ""))
+
+
+def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 8, normalize: bool = False) -> list[float]:
+    """One reward per record (`prompt` or `instruction`/`input`, and `response`), in input order.
+
+    Sequences are built and truncated exactly as in reward-model training, and the reward is read at the last token.
+    With `normalize`, rewards are shifted and scaled by the statistics in the export's config.
+    """
+    import torch
+
+    from gpt4llm.data.encoding import padded_batch
+    from gpt4llm.data.pairs import encode_responses
+    from gpt4llm.models.hf import load_tokenizer
+    from gpt4llm.models.reward import load_reward_model, sequence_rewards
+
+    prompts = [record_prompt(r, i) for i, r in enumerate(records)]
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_reward_model(str(model_dir), tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    max_length = getattr(model.config, "reward_max_length", None) or model.config.max_position_embeddings
+    ids, _ = encode_responses(tokenizer, prompts, [r["response"] for r in records], max_length)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
+    rewards = [0.0] * len(ids)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = {k: v.to(model.device) for k, v in padded_batch([ids[i] for i in rows], tokenizer.pad_token_id).items()}
+            for i, reward in zip(rows, sequence_rewards(model, **batch).tolist()):
+                rewards[i] = reward
+    if normalize:
+        mean, std = reward_statistics(model.config, model_dir)
+        rewards = [(r - mean) / std for r in rewards]
+    return rewards
+
+
+def reward_statistics(config, model_dir) -> tuple[float, float]:
+    """The validation reward mean and std that `train task=rm` stored in the exported config."""
+    mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
+    if mean is None or not std:
+        raise ValueError(f"{model_dir}: no reward_mean/reward_std in its config (trained without validation data)")
+    return mean, std
+
+
+def score_file(model_dir: str | Path, path: str | Path, output: str | Path | None = None, batch_size: int = 8) -> Path:
+    from transformers import AutoConfig
+
+    from gpt4llm.data.records import read_json_records
+
+    path = Path(path)
+    output = Path(output) if output else path.with_name(f"{path.stem}.scored.jsonl")
+    records = read_json_records(path)
+    try:
+        rewards = score_records(model_dir, records, batch_size)
+    except RecordError as err:
+        raise RecordError(f"{path}: {err}") from None
+    config = AutoConfig.from_pretrained(str(model_dir))
+    stats = reward_statistics(config, model_dir) if getattr(config, "reward_std", None) else None
+    normalized = [{"reward_normalized": (r - stats[0]) / stats[1]} if stats else {} for r in rewards]
+    return atomic.write_jsonl(output, [rec | {"reward": r} | n for rec, r, n in zip(records, rewards, normalized)])

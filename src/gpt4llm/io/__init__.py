@@ -1,0 +1,1 @@
+"""Files: writes that appear whole or not at all."""

@@ -1,0 +1,1 @@
+"""The LightningModules for SFT and reward models, Hugging Face loading and export, tokenizers, attention."""

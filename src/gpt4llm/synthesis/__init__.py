@@ -1,0 +1,1 @@
+"""Making the paper's data again with any OpenAI-compatible teacher: answers, translations, scores."""
