@@ -181,5 +181,5 @@ def test_prepare_audits_the_demo_pairs(tmp_path):
     (tmp_path / "run").mkdir()
     report = prepare(cfg)
     assert report["splits"] == {"train": 100, "validation": 20} and report["ties_dropped"] == 0
-    row = json.loads((tmp_path / "run" / "validation.jsonl").read_text().splitlines()[0])
+    row = json.loads((tmp_path / "run" / "prepared" / "validation.jsonl").read_text().splitlines()[0])
     assert set(row) == {"index", "chosen_input_ids", "rejected_input_ids"}

@@ -198,7 +198,7 @@ def test_drop_truncated_leaves_cut_answers_out_but_lists_them(teacher, key, tmp_
     srv = teacher()
     records = [{"instruction": i, "input": ""} for i in ("CUE:length Tell me.", "CUE:empty Hm.", "Ok.")]
     cfg = synth_cfg(tmp_path, srv.base_url, f"instructions={write(tmp_path / 'i.json', records)}", "job.drop_truncated=true",
-                    "job.max_tokens=64", "output=" + str(tmp_path / "a.json"))
+                    "job.max_tokens=64", "output=" + str(tmp_path / "a.json"), "min_success=0")  # most are left out here
     report = S.synthesize(cfg)
     assert json.loads((tmp_path / "a.json").read_text()) == [{"instruction": "Ok.", "input": "", "output": "Answer: Ok."}]
     assert report["cut_by_length"] == {"count": 1, "indices": [0], "kept": False}
@@ -322,7 +322,7 @@ def test_answer_translate_score_and_judge_against_our_server(served, key, tmp_pa
     from gpt4llm.inference.openai_client import ChatClient
 
     seed = write(tmp_path / "demo.json", [{"instruction": r["instruction"], "input": r["input"]} for r in make_demo_records(6, seed=3)])
-    common = ["teacher.model=tiny", "teacher.prices=null", "teacher.timeout=60"]
+    common = ["teacher.model=tiny", "teacher.prices=null", "teacher.timeout=60", "min_success=0"]  # a tiny model's answers
     answered = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, f"instructions={seed}", "job.max_tokens=6"))
     out = json.loads((tmp_path / "out" / "demo.answers.json").read_text())
     # A random tiny model: answers are noise, but every one came back, and the cut ones are listed, not lost.

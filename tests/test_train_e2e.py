@@ -56,9 +56,9 @@ def test_prepare_writes_processed_examples_and_report(tmp_path):
     proc = run_cli("gpt4llm.prepare", demo_overrides(tmp_path), cwd=tmp_path)
     run = tmp_path / "run"
 
-    report = json.loads((run / "report.json").read_text())
+    report = json.loads((run / "prepared" / "report.json").read_text())
     assert report["splits"] == {"train": 200, "validation": 40}
-    lines = (run / "train.jsonl").read_text().splitlines()
+    lines = (run / "prepared" / "train.jsonl").read_text().splitlines()
     assert len(lines) == 200 and set(json.loads(lines[0])) == {"index", "input_ids", "labels"}
     assert "supervised_token_fraction" in proc.stdout
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from gpt4llm.app.cli import CONFIG_PATH
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
 from gpt4llm.io import atomic
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def evaluate_rouge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
 def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) -> list[dict]:
     from gpt4llm.evaluation.judge import judge
     from gpt4llm.evaluation.responses import read_responses
-    from gpt4llm.inference.openai_client import client_from_config
+    from gpt4llm.inference.openai_client import check_success, client_from_config
 
     m = cfg.metric
     questions = None
@@ -77,6 +77,9 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
         _print_judge(summary)
         _print_problems({name: summary["problems"]})
     print(f"\nRequests: {client.stats.as_dict()}\nSummaries: {out}/judge_summary_*.json  (reviews: judge_reviews_*.jsonl)")
+    for summary in summaries:
+        check_success(summary["scored"], summary["questions"], m.min_success, f"reviews of {summary['model']}",
+                      "run the same command again: failed requests are asked again, answers come from the cache")
     return summaries
 
 
@@ -162,6 +165,7 @@ def evaluate(cfg: DictConfig):
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

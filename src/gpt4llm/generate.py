@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gpt4llm.app.cli import CONFIG_PATH
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def generate(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     generate(cfg)
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, use_hydra_logging
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plan")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     from gpt4llm.io import atomic
     from gpt4llm.training.planning import format_plan, make_plan

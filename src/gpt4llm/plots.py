@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from gpt4llm.app.cli import CONFIG_PATH
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
 
 
 def plots(cfg: DictConfig) -> dict[str, list[str]]:
@@ -97,6 +97,7 @@ def _save(fig, out: Path, name: str, formats: tuple[str, ...]) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plots")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     plots(cfg)
 

@@ -12,31 +12,36 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, use_hydra_logging
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
 
 
 def prepare(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
-    from gpt4llm.app.checks import check_config
+    from gpt4llm.app.checks import check_config, check_values
+    from gpt4llm.io import atomic
     from gpt4llm.models.hf import prepare_tokenizer
 
     check_config(cfg.data, "data")
+    check_values(cfg)
     tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny, cfg.model.tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     splits, report = datamodule.build()
-    out = Path(cfg.paths.output_dir)
-    for name, split in splits.items():
-        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in split.select_columns(list(datamodule.audit_columns)):
-                f.write(json.dumps(row) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    out = Path(cfg.paths.output_dir) / "prepared"
+    with atomic.atomic_path(out) as tmp:  # the examples and the report appear together or not at all
+        tmp.mkdir()
+        for name, split in splits.items():
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for row in split.select_columns(list(datamodule.audit_columns)):
+                    f.write(json.dumps(row) + "\n")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"\nProcessed examples: {', '.join(str(out / f'{n}.jsonl') for n in splits)}\nReport: {out / 'report.json'}")
     return report
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     use_hydra_logging()
     prepare(cfg)

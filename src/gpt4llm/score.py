@@ -12,10 +12,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, use_hydra_logging
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="score")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     from gpt4llm.inference.rewards import score_file
 

@@ -11,7 +11,7 @@ import signal
 import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def _stop(signum, frame) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     serve(cfg)
 

@@ -40,8 +40,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from gpt4llm.app.cli import CONFIG_PATH
-from gpt4llm.inference.openai_client import client_from_config
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.inference.openai_client import check_success, client_from_config
 from gpt4llm.io import atomic
 from gpt4llm.synthesis.tasks import (
     TASKS,
@@ -108,6 +108,8 @@ def synthesize(cfg: DictConfig) -> dict[str, Any]:
     }
     report_file = write_json(output.with_name(output.stem + ".report.json"), report, indent=2)
     _print_summary(name, report, output, report_file)
+    asked = report["records"] if name != "score" else found.get("prompts", report["written"])
+    check_success(report["written"], asked, cfg.min_success, "records", "run the same command again to ask for the rest")
     return report
 
 
@@ -140,6 +142,7 @@ def _print_summary(name: str, report: dict, output: Path, report_file: Path) -> 
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="synthesize")
+@reports_user_errors
 def main(cfg: DictConfig) -> None:
     try:
         synthesize(cfg)

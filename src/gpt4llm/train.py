@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gpt4llm.app.cli import CONFIG_PATH, use_hydra_logging
+from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from gpt4llm.app.checks import check_config
+    from gpt4llm.app.checks import check_config, check_values
     from gpt4llm.models.export import export_hf
     from gpt4llm.models.hf import prepare_tokenizer
     from gpt4llm.training.hardware import (
@@ -30,8 +30,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cuda_capabilities,
         derive_accumulation,
     )
+    from gpt4llm.training.resume import checkpoint_step
 
     check_config(cfg)
+    check_values(cfg)
     check_launch()  # under torchrun/srun every rank must name the same run directory
     if cfg.trainer.accelerator != "cpu":  # bf16 asked for on a GPU without it (V100) stops here, not in a kernel
         check_precision(cfg.trainer.precision, cfg.trainer.accelerator, *cuda_capabilities())
@@ -42,12 +44,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validating = cfg.data.val_size > 0
     if not validating:
         log.info("data.val_size=0: nothing is held out (as in the paper); training runs with no validation loop")
+    # A resumed run goes on in its run directory: TensorBoard drops what the interrupted run logged past the checkpoint.
+    purge = {"purge_step": checkpoint_step(cfg.ckpt_path)} if cfg.ckpt_path else {}
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         **({} if validating else {"limit_val_batches": 0}),
         strategy=instantiate(cfg.strategy),
         callbacks=[instantiate(c) for c in cfg.callbacks.values() if c],
-        logger=[instantiate(c) for c in cfg.logger.values() if c],
+        logger=[instantiate(c, **(purge if c._target_.endswith("TensorBoardLogger") else {})) for c in cfg.logger.values() if c],
     )
     if cfg.global_batch_size:
         trainer.accumulate_grad_batches = derive_accumulation(cfg.global_batch_size, cfg.data.batch_size, trainer.world_size)
@@ -79,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@reports_user_errors
 def main(cfg: DictConfig) -> float | None:
     use_hydra_logging()
     metrics = train(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -54,8 +55,20 @@ def groups_help(config_name: str) -> str:
     return "\n".join(lines) or "(none: set the keys below directly)"
 
 
+def run_dir(ckpt_path: str | None, default: str) -> str:
+    """A resumed run continues in the run directory of its checkpoint (<run>/checkpoints/<ckpt>), so its TensorBoard
+    curves, logs and export stay in one place; any other run gets `default`."""
+    if ckpt_path:
+        checkpoints = Path(str(ckpt_path)).resolve().parent
+        if checkpoints.name == "checkpoints":
+            return str(checkpoints.parent)
+    return default
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("gpt4llm.model_name", model_name, replace=True)
     OmegaConf.register_new_resolver("gpt4llm.stem", stem, replace=True)
     OmegaConf.register_new_resolver("gpt4llm.synth_file", synthesis_file, replace=True)
     OmegaConf.register_new_resolver("gpt4llm.groups_help", groups_help, replace=True)
+    OmegaConf.register_new_resolver("gpt4llm.run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("gpt4llm.pid", os.getpid, replace=True, use_cache=True)

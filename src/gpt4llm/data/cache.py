@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,11 +45,36 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class DiesWithParent:
+    """`function`, run in worker processes that end when the process that started them does: a killed `prepare`
+    or `train` leaves no tokenizer workers behind (Linux; elsewhere workers end when their pool's pipe closes)."""
+
+    def __init__(self, function: Callable) -> None:
+        self.function, self.parent, self.armed = function, os.getpid(), False
+
+    def __call__(self, *args, **kwargs):
+        if not self.armed and os.getpid() != self.parent:
+            self.armed = True
+            _end_with_parent(self.parent)
+        return self.function(*args, **kwargs)
+
+
+def _end_with_parent(parent: int) -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 def tokenize_rows(rows: list[dict], tokenize: Callable, tokenizer, max_length: int, path: Path) -> Dataset:
     """`tokenize(batch, tokenizer, max_length)` over the rows read from `path`: batched through the fast tokenizer,
     on every core for a large file."""
     return Dataset.from_list(rows).map(
-        tokenize,
+        DiesWithParent(tokenize),
         batched=True,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
         num_proc=os.cpu_count() if len(rows) >= 20_000 else None,  # process start-up costs more than it saves

@@ -17,7 +17,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.demo import write_demo_file
-from gpt4llm.data.records import load_instruction_records
+from gpt4llm.data.records import RecordError, load_instruction_records
 from gpt4llm.data.samplers import ShuffledSampler
 from gpt4llm.data.sft import (
     LengthGroupedSampler,
@@ -61,7 +61,11 @@ def build_sft_splits(path: str | Path, tokenizer, settings: SplitSettings, cache
         no_target = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n == 0]
         usable = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n > 0]
         if val_size >= len(usable):
-            raise ValueError(f"{path}: data.val_size={val_size} leaves no training examples ({len(usable)} usable)")
+            skipped = {reason: s["count"] for reason, s in load_report.summary()["skipped"].items()}
+            raise RecordError(
+                f"{path}: data.val_size={val_size} leaves no training examples ({len(usable)} usable of "
+                f"{load_report.total} records; skipped: {skipped or 'none'}; without a target: {len(no_target)})"
+            )
         order = random.Random(split_seed).sample(usable, len(usable))
         splits = DatasetDict(train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size])))
         return splits, _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer)

@@ -33,7 +33,7 @@ from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
 from gpt4llm.data.encoding import encode_truncated, padded_batch
 from gpt4llm.data.prompts import PREAMBLES, alpaca_prompt
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.records import RecordError, read_json_records, unicode_problem
 from gpt4llm.data.splits import SplitsDataModule
 from gpt4llm.models.tokenizer import describe
 
@@ -65,6 +65,8 @@ def _string(record: dict, name: str, where: str = "") -> str:
         raise _Problem(f"field '{label}' is missing")
     if not isinstance(record[name], str):
         raise _Problem(f"field '{label}' is {type(record[name]).__name__}, not a string")
+    if problem := unicode_problem(record[name]):
+        raise _Problem(f"field '{label}' {problem}")
     return record[name]
 
 

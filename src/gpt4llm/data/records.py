@@ -38,6 +38,8 @@ class LoadReport:
 def read_json_records(path: str | Path) -> list[Any]:
     """A JSON list or a JSONL file (one object per line) as a list of records."""
     path = Path(path)
+    if path.is_dir():
+        raise RecordError(f"{path}: a directory, not a records file: point at a .json list or a .jsonl file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -47,6 +49,8 @@ def read_json_records(path: str | Path) -> list[Any]:
     except json.JSONDecodeError as err:
         if err.msg != "Extra data":  # anything but "a second JSON value follows" is a malformed file
             raise RecordError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
+        if text.lstrip().startswith("["):  # a whole list, then more: the error is where the list ends, not in line 1
+            raise RecordError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: text after the list's end)") from err
         data = _read_jsonl(path, text)
     if isinstance(data, dict):  # a one-line JSONL file parses as a single object
         data = [data]
@@ -95,6 +99,15 @@ def load_instruction_records(path: str | Path, skip_invalid: bool = False) -> tu
     return records, report
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be stored (a lone surrogate such as "\\ud800" from a broken escape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"holds a lone surrogate at character {err.start} (not valid Unicode)"
+    return None
+
+
 def _structural_problem(record: Any) -> str | None:
     if not isinstance(record, dict):
         return f"is a JSON {type(record).__name__}, not an object with 'instruction', 'input', 'output'"
@@ -104,4 +117,6 @@ def _structural_problem(record: Any) -> str | None:
     for name in ("instruction", "input", "output"):
         if name in record and not isinstance(record[name], str):
             return f"field '{name}' is {type(record[name]).__name__}, not a string"
+        if name in record and (problem := unicode_problem(record[name])):
+            return f"field '{name}' {problem}"
     return None

@@ -70,6 +70,22 @@ class ClientStats:
         return {k: v for k, v in vars(self).items() if k != "lock"}
 
 
+EMPTY_REPLY_RETRIES = 2
+
+
+class TooFewSucceeded(RuntimeError):
+    """A run whose requests mostly failed: its outputs are written, and its exit status says it is incomplete."""
+
+
+def check_success(succeeded: int, asked: int, min_fraction: float, what: str, rerun: str) -> None:
+    """Raises TooFewSucceeded when nothing, or less than `min_fraction`, succeeded; `min_fraction` 0 checks nothing."""
+    if asked and min_fraction > 0 and (succeeded == 0 or succeeded / asked < min_fraction):
+        raise TooFewSucceeded(
+            f"only {succeeded} of {asked} {what} succeeded (below {min_fraction:.0%}); what did is written and cached: "
+            f"{rerun}"
+        )
+
+
 class AnswerCache:
     """JSON lines of {"key", "text", "finish_reason", "usage"}; appended one whole line per answer and flushed, so a
     killed run keeps every answer it received and a torn last line is ignored on the next start."""
@@ -168,18 +184,21 @@ class ChatClient:
                 self.stats.cached_prompt_tokens += int(usage.get("prompt_tokens") or 0)
                 self.stats.cached_completion_tokens += int(usage.get("completion_tokens") or 0)
             return ChatResult(hit["text"], hit.get("finish_reason"), usage, cached=True)
-        reply = self._post({"model": self.model, "messages": messages, **params})
-        try:
-            choice = reply["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError) as err:
-            raise ChatError(f"{self.url}: unexpected reply layout ({str(reply)[:300]})") from err
-        usage = reply.get("usage") or {}
-        with self.stats.lock:
-            self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+        for _ in range(1 + EMPTY_REPLY_RETRIES):  # an empty reply is a failure of the moment: asked again
+            reply = self._post({"model": self.model, "messages": messages, **params})
+            try:
+                choice = reply["choices"][0]
+                text = choice["message"].get("content") or ""
+            except (KeyError, IndexError, TypeError, AttributeError) as err:
+                raise ChatError(f"{self.url}: unexpected reply layout ({str(reply)[:300]})") from err
+            usage = reply.get("usage") or {}
+            with self.stats.lock:
+                self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+                self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+            if text.strip():
+                break
         result = ChatResult(text, choice.get("finish_reason"), usage)
-        if self.cache is not None:
+        if self.cache is not None and text.strip():  # never an empty reply: a rerun asks for it again
             self.cache.put(key, {"text": text, "finish_reason": result.finish_reason, "usage": usage})
         return result
 

@@ -22,6 +22,10 @@ from gpt4llm.models.optim import (
 from gpt4llm.training.strategies import hf_deepspeed_config
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model it is resumed into."""
+
+
 class HFBackboneModule(L.LightningModule):
     """Subclasses say how to load their backbone (`load_backbone`) and add their loss and metrics.
 
@@ -56,6 +60,22 @@ class HFBackboneModule(L.LightningModule):
         # Lightning calls configure_model inside deepspeed.zero.Init under ZeRO-3, where a first import of the model's
         # code (and of torch._dynamo with it) fails; import it here, before.
         import_model_code(self.model_path, self.auto_mapping)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another model (another size, vocabulary or architecture) stops with what differs, before
+        torch's "size mismatch". DeepSpeed's checkpoints carry no state_dict here: DeepSpeed checks its own."""
+        theirs = checkpoint.get("state_dict")
+        if not theirs:
+            return
+        ours = self.state_dict()
+        missing = sorted(set(ours) - set(theirs))
+        wrong = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in theirs.items() if k in ours and ours[k].numel() and v.shape != ours[k].shape]
+        if wrong or missing:
+            first = f"{wrong[0][0]} is {list(wrong[0][1])} there, {list(wrong[0][2])} here" if wrong else f"it has no {missing[0]}"
+            raise CheckpointError(
+                f"ckpt_path: the checkpoint is for another model ({first}; {len(wrong)} shapes differ, {len(missing)} "
+                f"tensors missing). Resume with the model and tokenizer it was trained with (model.path={self.model_path} now)."
+            )
 
     def configure_model(self) -> None:
         # Built here rather than in __init__ so that sharded strategies can take over its construction.
