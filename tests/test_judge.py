@@ -24,7 +24,7 @@ class ChatServer:
     (answers after the client's timeout), or None (a normal answer). `reply(request)` writes the answer text."""
 
     def __init__(self, reply=lambda request: "ok", cues=()):
-        self.reply, self.cues, self.requests, self.auth = reply, list(cues), [], []
+        self.reply, self.cues, self.requests, self.auth, self.agents = reply, list(cues), [], [], []
         self.lock = threading.Lock()
         server = self
 
@@ -34,9 +34,17 @@ class ChatServer:
                 with server.lock:
                     server.requests.append(body)
                     server.auth.append(self.headers.get("Authorization"))
+                    server.agents.append(self.headers.get("User-Agent", ""))
                     cue = server.cues.pop(0) if server.cues else None
                 if self.path != "/v1/chat/completions":
                     return self.send_error(404)
+                if cue == "garbage":  # a proxy's error page with status 200
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", "20")
+                    self.end_headers()
+                    self.wfile.write(b"<html>oops</html>   ")
+                    return
                 if cue == "slow":
                     time.sleep(2.5)
                 elif isinstance(cue, int):
@@ -144,6 +152,13 @@ def test_retries_rate_limits_server_errors_and_timeouts(server, key, tmp_path, c
     assert c.chat([{"role": "user", "content": "q"}]).text == "ok"
     assert len(srv.requests) == 4 and c.stats.retried == 3
     assert KEY not in caplog.text
+
+
+def test_goes_through_the_openai_sdk_and_retries_a_garbage_reply(server, key, tmp_path):
+    srv = server(cues=["garbage"])
+    c = client(srv, tmp_path)
+    assert c.chat([{"role": "user", "content": "q"}]).text == "ok" and c.stats.retried == 1
+    assert len(srv.requests) == 2 and all(agent.startswith("OpenAI/Python") for agent in srv.agents)
 
 
 def test_gives_up_after_bounded_retries_and_on_client_errors(server, key, tmp_path):

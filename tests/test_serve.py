@@ -228,3 +228,76 @@ def test_cli_serve_then_synthesize_against_it(tiny_model_dir, tmp_path):
     assert serve.returncode == 0, served_output[-3000:]
     written = [p for p in tmp_path.rglob("*") if p.is_file() and KEY in p.read_text(errors="replace")]
     assert not written and KEY not in served_output + proc.stdout + proc.stderr
+
+
+# --- with the client users have: the official `openai` package -------------------------------------------------------
+def sdk(server, **options):
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120, **options)
+
+
+def test_64_clients_at_once_are_all_answered(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i: int) -> str:  # a client of its own each: 64 connections opened together
+        reply = sdk(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Count to {i}."}],
+                                                    max_tokens=2, temperature=0)
+        return reply.choices[0].finish_reason
+
+    with ThreadPoolExecutor(64) as pool:
+        reasons = list(pool.map(ask, range(64)))
+    assert len(reasons) == 64 and set(reasons) <= {"stop", "length"}
+
+
+def test_streaming_n_and_stop_through_the_sdk(server):
+    client = sdk(server)
+    messages = [{"role": "user", "content": "Sort 3, 1, 2."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == whole.choices[0].message.content
+    several = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=1.0, n=3)
+    assert len(several.choices) == 3
+    text = whole.choices[0].message.content
+    if len(text) > 2:  # stop at the text's second character: usage counts what is sent, not what was generated
+        cut = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stop=[text[1:3]])
+        sent = cut.choices[0].message.content
+        assert sent == text[: text.find(text[1:3])] and cut.choices[0].finish_reason == "stop"
+        assert cut.usage.completion_tokens == len(server.tokenizer(sent, add_special_tokens=False)["input_ids"])
+
+
+def test_unsupported_fields_are_refused_by_name(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="not supported by this server: logprobs"):
+        sdk(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        sdk(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                            response_format={"type": "json_object"})
+
+
+def test_streams_whose_clients_hang_up_stop_generating(server):
+    import socket
+    import time
+
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400,
+                       "temperature": 0, "stream": True}).encode()
+    for _ in range(8):  # open a stream, read its first bytes, hang up
+        conn = socket.create_connection((server.host, server.port))
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        conn.recv(100)
+        conn.close()
+    started = time.monotonic()
+    sdk(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert time.monotonic() - started < 5, "generation went on for streams nobody was reading"
+
+
+def test_port_in_use_and_a_missing_export_are_said_plainly(server, tiny_model_dir, tmp_path):
+    from gpt4llm.inference.server import ServerStartError
+
+    with pytest.raises(ServerStartError, match=f"port {server.port} on 127.0.0.1 is in use"):
+        load_server(str(tiny_model_dir), port=server.port)
+    with pytest.raises(ServerStartError, match="no such directory"):
+        load_server(str(tmp_path / "nothing"))

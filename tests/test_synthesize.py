@@ -337,9 +337,12 @@ def test_answer_translate_score_and_judge_against_our_server(served, key, tmp_pa
     scored = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, "job=score", f"responses=[{gpt4},{tmp_path / 'out' / 'demo.answers.json'}]",
                                     "job.max_tokens=4", "job.max_parse_retries=0"))
     assert scored["sources"] == {"gpt4": len(out), "demo.answers": len(out)}
-    # The tiny model does not answer with a score: each response is listed as unparsable (or, by chance, scored).
+    # The tiny model does not answer with a score: each response is listed as unparsable (or, by chance, scored), or
+    # as failed where a request did not come back (on a loaded machine a tiny model's request can time out).
     listed = sum(v["count"] for v in scored["unparsable (left out; indices into each source's file)"].values())
-    assert listed + sum(scored["responses_scored"].values()) == 2 * len(out)
+    failed = sum(v["count"] for v in scored["failed (left out; a rerun asks again)"].values())
+    assert listed + failed + sum(scored["responses_scored"].values()) == 2 * len(out)
+    assert failed <= 1, scored["failed (left out; a rerun asks again)"]
 
     client = ChatClient(served.base_url, "tiny", api_key_env="SYNTH_TEST_KEY", cache_path=tmp_path / "judge.jsonl", timeout=60)
     lines = [{"id": k, "model": m, "instruction": r["instruction"], "input": r["input"], "response": r["output"] if m == "a" else "No."}

@@ -66,6 +66,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Stopped by max_steps between two validations: the final figures should be those of the final model.
         trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    hparams = flat_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
+    for logger in trainer.loggers:  # TensorBoard's HParams tab: this run's settings beside its final metrics
+        if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+            logger.log_hyperparams(hparams, metrics={f"hp/{k}": v for k, v in metrics.items()})
 
     out = Path(cfg.paths.output_dir)
     if cfg.export:  # on every rank: ZeRO-3 and FSDP gather the weights collectively; rank 0 writes and verifies
@@ -82,12 +86,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def flat_hyperparameters(config: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
+    """`task.optimizer.lr`-style keys and scalar values (TensorBoard's HParams take nothing else)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flat_hyperparameters(value, f"{name}.")
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @reports_user_errors
 def main(cfg: DictConfig) -> float | None:
     use_hydra_logging()
     metrics = train(cfg)
-    return metrics.get("val/loss")  # what a hyperparameter sweeper optimises
+    value = metrics.get(cfg.optimized_metric)  # what a hyperparameter sweeper optimises
+    if value is None:
+        log.warning(f"optimized_metric={cfg.optimized_metric} was not logged; the run logged {sorted(metrics)}")
+    else:
+        print(f"  Optimized metric {cfg.optimized_metric}: {value:.6g}")
+    return value
 
 
 if __name__ == "__main__":

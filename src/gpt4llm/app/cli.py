@@ -30,11 +30,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from gpt4llm.data.records import RecordError
     from gpt4llm.data.sources import DownloadError
     from gpt4llm.inference.openai_client import TooFewSucceeded
+    from gpt4llm.inference.server import ServerStartError
     from gpt4llm.io.atomic import WriteError
     from gpt4llm.models.base import CheckpointError
 
-    return (ConfigError, RecordError, DownloadError, WriteError, CheckpointError, TooFewSucceeded, FileNotFoundError,
-            IsADirectoryError, NotADirectoryError)
+    return (ConfigError, RecordError, DownloadError, WriteError, CheckpointError, TooFewSucceeded, ServerStartError,
+            FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 def reports_user_errors(main: Callable) -> Callable:

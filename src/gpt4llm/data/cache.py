@@ -38,10 +38,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """The digest of a data file, or of every file of a data directory (`datasets`' save_to_disk), names included."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]:
+        digest.update(str(file.relative_to(path) if Path(path).is_dir() else "").encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -43,7 +43,7 @@ def resolve_batching(batching: str, attn_implementation: str | None) -> str:
     return "packed" if attn_implementation in VARLEN else "grouped"
 
 
-CACHE_VERSION = 1  # bump when tokenize_batch or the split changes what it produces
+CACHE_VERSION = 2  # bump when reading, tokenize_batch or the split changes what it produces
 
 
 def build_sft_splits(path: str | Path, tokenizer, settings: SplitSettings, cache_dir: str | Path) -> tuple[DatasetDict, dict[str, Any]]:
@@ -90,6 +90,7 @@ def _report(path, load_summary, tokenized, no_target, splits, max_length, tokeni
         "tokenizer": describe(tokenizer),
         "max_length": max_length,
         "records": load_summary["records"],
+        "unused_fields": load_summary["unused_fields"],  # in the file, not trained on: said, never dropped silently
         "usable": len(splits["train"]) + len(splits["validation"]),
         "skipped": skipped,
         "splits": {name: len(split) for name, split in splits.items()},
@@ -157,6 +158,7 @@ class SFTDataModule(SplitsDataModule):
         skipped = {reason: s["count"] for reason, s in r["skipped"].items()}
         return (
             f"Data {r['file']}: {r['splits']} examples; ids by {r['tokenizer']['backend']}; skipped {skipped or 'none'}; "
+            f"fields not used: {r['unused_fields'] or 'none'}; "
             f"truncated at {self.max_length} tokens: {r['truncated']['count']}; "
             f"padding by batching: {r['padding']['pad_fraction']} (data.batching={self.batching})"
         )

@@ -42,3 +42,20 @@ def without_response_tag(prompt: str) -> str:
     if not prompt.endswith("\n\n" + RESPONSE_TAG):
         raise ValueError("not an Alpaca prompt: it does not end with '### Response:'")
     return prompt[: -len("\n\n" + RESPONSE_TAG)]
+
+
+def chat_template() -> str:
+    """A Jinja chat template that renders a conversation as the prompt the model was trained on: BOS, the no-input
+    Alpaca template around the last user message, and (for a finished conversation) the assistant's answer and EOS.
+    Exports carry it, so `apply_chat_template`, `transformers serve`, vLLM and TGI build the training prompt."""
+    preamble, after = PROMPT_NO_INPUT.split("{instruction}")
+    return (
+        "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
+        "{%- if not users -%}{{ raise_exception('an Alpaca prompt needs a user message: the instruction') }}{%- endif -%}"
+        "{{ bos_token }}" + _jinja_text(preamble) + "{{ users[-1]['content'] }}" + _jinja_text(after) +
+        "{%- if messages[-1]['role'] == 'assistant' -%}{{ messages[-1]['content'] }}{{ eos_token }}{%- endif -%}"
+    )
+
+
+def _jinja_text(text: str) -> str:
+    return "{{ " + repr(text) + " }}"

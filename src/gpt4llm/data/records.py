@@ -25,14 +25,40 @@ class LoadReport:
     kept: int = 0
     # reason -> indices (0-based, in file order) of the records skipped for it
     skipped: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    # fields the records had that training does not use (an `id`, a `source`, ...) -> how many records had them
+    unused_fields: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "records": self.total,
             "kept": self.kept,
+            "unused_fields": dict(sorted(self.unused_fields.items())),
             "skipped": {reason: {"count": len(ix), "first_indices": ix[:10]} for reason, ix in self.skipped.items()},
         }
+
+
+TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+def read_records(path: str | Path) -> list[Any]:
+    """Records from any file `datasets` reads: a JSON list or JSONL (our own reader, for errors that name the line),
+    Parquet, CSV, an Arrow file, or a directory written by `datasets`' save_to_disk."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise RecordError(f"{path}: a directory, but not one `datasets` saved (save_to_disk): point at a data file")
+        from datasets import DatasetDict, load_from_disk
+
+        data = load_from_disk(str(path))
+        if isinstance(data, DatasetDict):
+            data = data["train"] if "train" in data else next(iter(data.values()))
+        return data.to_list()
+    if path.suffix.lower() in TABLE_FORMATS:
+        from datasets import load_dataset
+
+        return load_dataset(TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train").to_list()
+    return read_json_records(path)
 
 
 def read_json_records(path: str | Path) -> list[Any]:
@@ -71,20 +97,63 @@ def _read_jsonl(path: Path, text: str) -> list[Any]:
     return records
 
 
+ALPACA_FIELDS = ("instruction", "input", "output")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class Skip(Exception):
+    """A record that is well-formed but cannot be trained in the paper's single-turn template (a counted skip)."""
+
+
+def as_alpaca(record: Any) -> tuple[dict[str, Any], set[str]]:
+    """A record of a common instruction layout as Alpaca fields, and the fields it had that are not used.
+
+    Alpaca (instruction, input, output); LLaMA-Factory's Alpaca (plus `system` and `history`: a record that uses
+    either cannot be put in the paper's template, and is skipped); single-turn ShareGPT (`conversations` of
+    {from: human|gpt, value}) and OpenAI `messages` ({role: user|assistant, content})."""
+    if not isinstance(record, dict):
+        return record, set()
+    if "conversations" in record or "messages" in record:
+        key = "conversations" if "conversations" in record else "messages"
+        turns = record[key]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return {"instruction": None}, set()  # reported as a structural problem below
+        who, say = ("from", "value") if key == "conversations" else ("role", "content")
+        roles = [ROLES.get(str(t.get(who)), str(t.get(who))) for t in turns]
+        if "system" in roles:
+            raise Skip(f"{key} has a system turn (the paper's template has none)")
+        if roles != ["user", "assistant"]:
+            raise Skip(f"{key} is not one user turn and one assistant turn ({len(turns)} turns)")
+        fields = {"instruction": turns[0].get(say), "input": "", "output": turns[1].get(say)}
+        return fields, set(record) - {key}
+    for name, reason in (("history", "history (earlier turns)"), ("system", "a system prompt")):
+        if record.get(name):
+            raise Skip(f"has {reason}: the paper's template has no place for it")
+    fields = {k: record[k] for k in ALPACA_FIELDS if k in record}
+    return fields, set(record) - set(ALPACA_FIELDS) - {"history", "system"}
+
+
 def load_instruction_records(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict], LoadReport]:
     """Valid, de-duplicated Alpaca records, each with its file index under `index`, and what was skipped."""
-    raw = read_json_records(path)
+    raw = read_records(path)
     report = LoadReport(path=str(path), total=len(raw))
     seen: dict[tuple[str, str, str], int] = {}
     records = []
     for index, record in enumerate(raw):
+        try:
+            record, unused = as_alpaca(record)
+        except Skip as reason:
+            report.skipped[str(reason)].append(index)
+            continue
+        for name in unused:
+            report.unused_fields[name] = report.unused_fields.get(name, 0) + 1
         problem = _structural_problem(record)
         if problem:
             if not skip_invalid:
                 raise RecordError(f"{path}: record {index}: {problem} (set data.skip_invalid=true to skip such records)")
             report.skipped[problem].append(index)
             continue
-        instruction, input_, output = record["instruction"], record.get("input", ""), record["output"]
+        instruction, input_, output = record["instruction"], record.get("input") or "", record["output"]
         if not instruction.strip():
             report.skipped["empty instruction"].append(index)
         elif not output.strip():
@@ -115,6 +184,8 @@ def _structural_problem(record: Any) -> str | None:
         if name not in record:
             return f"field '{name}' is missing"
     for name in ("instruction", "input", "output"):
+        if name == "input" and record.get(name) is None:
+            continue  # absent, or null in a table format: no input
         if name in record and not isinstance(record[name], str):
             return f"field '{name}' is {type(record[name]).__name__}, not a string"
         if name in record and (problem := unicode_problem(record[name])):

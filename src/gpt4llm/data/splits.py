@@ -9,6 +9,7 @@ and the collator of validation batches."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,28 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gpt4llm.data.cache import SplitSettings
 from gpt4llm.data.samplers import EpochSampler, InOrderSampler, ShuffledSampler
-from gpt4llm.data.sources import ensure_file
+from gpt4llm.data.sources import DownloadError, ensure_file
+from gpt4llm.io import atomic
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, with no such local path: a dataset on the Hugging Face hub
+
+
+def hub_snapshot(dataset_id: str, cache_dir: Path) -> Path:
+    """A hub dataset's train split (downloaded and cached by `datasets`) as a local JSONL file, written once per
+    version of the dataset, so the rest of the pipeline reads, checks, caches and reports it like any file."""
+    import datasets
+
+    try:
+        split = datasets.load_dataset(dataset_id, split="train")
+    except Exception as err:  # offline, unknown id, no train split: datasets' many error types
+        raise DownloadError(
+            f"data.path={dataset_id}: read as a Hugging Face hub dataset, which could not be loaded ({type(err).__name__}: "
+            f"{str(err)[:200]}). Offline, download it elsewhere and point data.path at a local file."
+        ) from err
+    target = cache_dir / "hub" / dataset_id.replace("/", "__") / f"{split._fingerprint}.jsonl"
+    if not target.exists():
+        atomic.write_jsonl(target, split.to_list())
+    return target
 
 
 class SplitsDataModule(L.LightningDataModule):
@@ -82,6 +104,8 @@ class SplitsDataModule(L.LightningDataModule):
     def source_file(self) -> Path:
         if self.demo is not None and not self.path.exists():
             return self.write_demo(self.path, **self.demo)
+        if not self.url and not self.path.exists() and HUB_ID.match(str(self.path)):
+            return hub_snapshot(str(self.path), Path(self.cache_dir))
         if not self.url and not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such file. {self.missing_file_hint}")
         return ensure_file(

@@ -18,28 +18,37 @@ here as they use GPT-4.
 - Streaming (`"stream": true`): server-sent events, `data: {chat.completion.chunk}` lines and `data: [DONE]`. A streamed
   request runs as a batch of its own (transformers' streamers take one sequence), in turn with the batches.
 - Decoding: temperature 0 is greedy; otherwise sampling with temperature and top_p (OpenAI's defaults: 1.0, 1.0).
-  `stop` strings cut the answer (not with streaming: refused). Other OpenAI fields (seed, penalties, user, ...) are
-  accepted and ignored.
+  `stop` strings cut the answer (not with streaming: refused), and usage counts the tokens sent. Any other OpenAI field
+  (logprobs, tools, response_format, seed, penalties, ...) is refused with a 400 that names it, unless it asks for
+  nothing (logprobs false, penalties 0); `user` is accepted.
 - Errors: OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 400 (malformed JSON, missing or bad
   fields, a prompt longer than the model's context), 401 (key), 404 (unknown path or model), 411/413 (no length,
   body over max_body_bytes), 503 (queue full; clients retry). The server keeps serving after each.
+- HTTP: FastAPI on uvicorn (a 2048-connection backlog, `max_connections` at once beyond which a 503 comes at once,
+  idle keep-alive connections closed after `idle_timeout` seconds). A client that hangs up is logged in one line; its
+  waiting request is dropped, and its stream's generation stops at the next token.
 - Security: bound to 127.0.0.1 unless host= says otherwise. When the environment variable named by api_key_env holds
   a key, every request but /health needs `Authorization: Bearer <key>`. The key is never logged.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+from fastapi import (
+    Request,  # at module level: FastAPI resolves the endpoints' annotations in this module
+)
 
 from gpt4llm.app.resolvers import model_name
 from gpt4llm.data.prompts import alpaca_prompt
@@ -48,6 +57,15 @@ log = logging.getLogger(__name__)
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 ERROR_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error"}
+SUPPORTED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "stream",
+             "stream_options", "user"}  # user: OpenAI's end-user id, for their abuse monitoring; nothing to do here
+# Fields accepted when they ask for nothing (a client library sending its defaults); any other value is refused.
+NEUTRAL = {"logprobs": (None, False), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+           "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none", "auto")}
+
+
+class ServerStartError(RuntimeError):
+    """The server cannot start (its port is taken, its model is missing); the message says what to do."""
 
 
 class RequestError(Exception):
@@ -122,8 +140,15 @@ class Job:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     streamer: Any = None
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # its client left: stop generating
+    notify: Any = None  # called (from the worker thread) when the job is done
     choices: list[Choice] | None = None
     error: BaseException | None = None
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.notify is not None:
+            self.notify()
 
     def key(self) -> tuple:
         """Requests with the same key can share a batch (max_tokens may differ: answers are cut per request)."""
@@ -174,6 +199,14 @@ class Batcher:
                 self.pending.remove(job)
             return batch
 
+    def cancel(self, job: Job) -> None:
+        """A job whose client left: dropped if still waiting, stopped if streaming."""
+        job.cancelled.set()
+        with self.cond:
+            if job in self.pending:
+                self.pending.remove(job)
+                job.finish()
+
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             self._run(batch)
@@ -188,7 +221,13 @@ class Batcher:
         if first.sampling is not None:
             kwargs |= {"do_sample": True, "temperature": first.sampling[0], "top_p": first.sampling[1]}
         if first.stream:
-            kwargs["streamer"] = first.streamer
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class ClientLeft(StoppingCriteria):  # a streaming client that hung up stops its generation at once
+                def __call__(self, input_ids, scores, **kw):
+                    return first.cancelled.is_set()
+
+            kwargs |= {"streamer": first.streamer, "stopping_criteria": StoppingCriteriaList([ClientLeft()])}
         started = time.perf_counter()
         try:
             for rows, completions in generate_completions(
@@ -197,7 +236,7 @@ class Batcher:
             ):
                 for i, samples in zip(rows, completions):
                     batch[i].choices = [self._choice(s, batch[i]) for s in samples]
-                    batch[i].done.set()
+                    batch[i].finish()
         except Exception as err:  # the batch fails, the server goes on
             log.exception("generation failed for a batch of %d", len(batch))
             for job in batch:
@@ -205,7 +244,7 @@ class Batcher:
                     job.error = err
                     if job.streamer is not None:
                         job.streamer.end()  # wakes the handler waiting on the stream
-                    job.done.set()
+                    job.finish()
         self.jobs_done += len(batch)
         log.debug("batch of %d in %.3fs", len(batch), time.perf_counter() - started)
 
@@ -215,8 +254,9 @@ class Batcher:
         completion = truncate_completion(self.tokenizer, completion, job.max_tokens)
         text, reason = completion.text, "length" if completion.finish_reason == "length" else "stop"
         cuts = [text.find(s) for s in job.stop if s and s in text]
-        if cuts:
+        if cuts:  # usage counts the tokens of what is sent, not of what was generated past the stop string
             text, reason = text[: min(cuts)], "stop"
+            return Choice(text, reason, len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
         return Choice(text, reason, completion.num_tokens)
 
 
@@ -240,6 +280,8 @@ class ModelServer:
         max_body_bytes: int = 1 << 20,
         max_queue: int = 256,
         max_context: int | None = None,
+        max_connections: int = 1024,
+        idle_timeout: float = 15.0,
     ):
         self.name, self.api_key = name, api_key or None
         self.tokenizer = tokenizer
@@ -251,27 +293,50 @@ class ModelServer:
         self.max_body_bytes = max_body_bytes
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
         self.created = int(time.time())
+        self.max_connections, self.idle_timeout = max_connections, idle_timeout
+        try:  # bound here, so a port in use is said at once, and port=0 gets a free one
+            self.socket = socket.create_server((host, port), backlog=2048)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ServerStartError(f"port {port} on {host} is in use: stop what listens there, or pass port=<another>") from None
+            raise ServerStartError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
         self.batcher = Batcher(model, tokenizer, max_batch, batch_wait, max_queue)
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True
-        self.host, self.port = host, self.httpd.server_address[1]
+        self.host, self.port = host, self.socket.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}/v1"
+        self._uvicorn = None
         self._thread: threading.Thread | None = None
 
     # -- running ------------------------------------------------------------------------------------------------
+    def _server(self):
+        import uvicorn
+
+        config = uvicorn.Config(
+            build_app(self), log_level="warning", access_log=False, lifespan="off",
+            limit_concurrency=self.max_connections,  # connections beyond it get a 503 at once
+            timeout_keep_alive=int(self.idle_timeout),  # idle keep-alive connections are closed after it
+        )
+        self._uvicorn = uvicorn.Server(config)
+        return self._uvicorn
+
     def start(self) -> "ModelServer":
         """Serves in a background thread (tests, benchmarks); `close()` stops it."""
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        server = self._server()
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self.socket]}, daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self
 
     def serve_forever(self) -> None:
-        self.httpd.serve_forever(poll_interval=0.2)
+        self._server().run(sockets=[self.socket])
 
     def close(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
         if self._thread is not None:
-            self.httpd.shutdown()
-        self.httpd.server_close()
+            self._thread.join(timeout=10)
+        self.socket.close()
         self.batcher.close()
 
     # -- requests -----------------------------------------------------------------------------------------------
@@ -288,6 +353,10 @@ class ModelServer:
         """The Job for a request body, or a RequestError saying what is wrong with it."""
         if not isinstance(body, dict):
             raise RequestError(400, f"the request body must be a JSON object, not a JSON {type(body).__name__}")
+        unsupported = sorted(k for k, v in body.items() if k not in SUPPORTED and v not in NEUTRAL.get(k, (None,)))
+        if unsupported:
+            raise RequestError(400, f"not supported by this server: {', '.join(unsupported)} (it supports: "
+                               f"{', '.join(sorted(SUPPORTED))})", unsupported[0], "unsupported_parameter")
         model = body.get("model")
         if model is not None and model != self.name:
             unknown = f"The model '{model}' does not exist; this server serves '{self.name}'"
@@ -330,10 +399,6 @@ class ModelServer:
             None if temperature == 0 else (temperature, top_p), tuple(stop or ()), stream,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         )
-        if stream:
-            from transformers import TextIteratorStreamer
-
-            job.streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         return job
 
     def completion(self, job: Job) -> dict:
@@ -368,135 +433,117 @@ def _typed(body: dict, name: str, kind, default):
     return value
 
 
-def _handler(server: ModelServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: a client may send many requests on one connection
-        server_version = "gpt4llm-serve"
-        timeout = 300  # an idle keep-alive connection is closed after this many seconds
+def build_app(server: ModelServer):
+    """The HTTP layer (FastAPI on uvicorn); generation is the Batcher's."""
+    import asyncio
 
-        def do_GET(self) -> None:
-            path = urlsplit(self.path).path.rstrip("/")
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="gpt4llm serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, err: RequestError):
+        return JSONResponse(err.body(), err.status, headers={"Retry-After": "1"} if err.status == 503 else None)
+
+    @app.exception_handler(404)
+    async def unknown_path(request: Request, err):
+        return JSONResponse(RequestError(404, f"Unknown path {request.url.path}: POST /v1/chat/completions or "
+                                              "GET /v1/models").body(), 404)
+
+    def check_key(request: Request) -> None:
+        if not server.authorized(request.headers.get("authorization")):
+            raise unauthorized()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    @app.get("/models/{name:path}")
+    async def model(name: str, request: Request):
+        check_key(request)
+        if name != server.name:
+            raise RequestError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return server.model_card()
+
+    @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
+    async def chat(request: Request):
+        check_key(request)
+        if "chunked" in request.headers.get("transfer-encoding", "").lower():
+            raise RequestError(411, "Send the body with a Content-Length (chunked bodies are not accepted)")
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit():
+            raise RequestError(411 if length is None else 400, "A valid Content-Length header is required")
+        if int(length) > server.max_body_bytes:
+            raise RequestError(413, f"The body is over {server.max_body_bytes} bytes", code="request_too_large")
+        try:
+            body = json.loads(await request.body())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RequestError(400, f"The body is not valid JSON ({err})") from None
+        job = await run_in_threadpool(server.parse_request, body)  # counts prompt tokens: not on the event loop
+        loop, finished = asyncio.get_running_loop(), asyncio.Event()
+        job.notify = lambda: loop.call_soon_threadsafe(finished.set)
+        if job.stream:
+            from transformers import AsyncTextIteratorStreamer
+
+            job.streamer = AsyncTextIteratorStreamer(server.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            server.batcher.submit(job)
+            return StreamingResponse(stream(job, finished), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        server.batcher.submit(job)
+        while not finished.is_set():
             try:
-                if path == "/health":
-                    return self._json(200, {"status": "ok"})
-                if not server.authorized(self.headers.get("Authorization")):
-                    raise unauthorized()
-                if path in ("/v1/models", "/models"):
-                    return self._json(200, {"object": "list", "data": [server.model_card()]})
-                if path in (f"/v1/models/{server.name}", f"/models/{server.name}"):
-                    return self._json(200, server.model_card())
-                if path.startswith(("/v1/models/", "/models/")):
-                    unknown = f"The model '{path.split('/models/', 1)[1]}' does not exist"
-                    raise RequestError(404, unknown, "model", "model_not_found")
-                raise RequestError(404, f"Unknown path {path}: try POST /v1/chat/completions or GET /v1/models")
-            except RequestError as err:
-                self._json(err.status, err.body())
+                await asyncio.wait_for(finished.wait(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():  # nobody to answer: not worth the model's time
+                    server.batcher.cancel(job)
+                    log.info("client left before its answer; request dropped")
+                    return JSONResponse({}, 499)
+        if job.error is not None:
+            raise RequestError(500, f"generation failed: {type(job.error).__name__}: {job.error}")
+        if job.cancelled.is_set():
+            raise RequestError(499, "cancelled")
+        return server.completion(job)
 
-        def do_POST(self) -> None:
-            started = time.perf_counter()
-            status = 500
-            try:
-                raw = self._read_body()
-                path = urlsplit(self.path).path.rstrip("/")
-                if path not in ("/v1/chat/completions", "/chat/completions"):
-                    raise RequestError(404, f"Unknown path {path}: POST /v1/chat/completions")
-                if not server.authorized(self.headers.get("Authorization")):
-                    raise unauthorized()
-                try:
-                    body = json.loads(raw)
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    raise RequestError(400, f"The body is not valid JSON ({err})") from None
-                job = server.parse_request(body)
-                server.batcher.submit(job)
-                if job.stream:
-                    status = 200
-                    return self._stream(job)
-                job.done.wait()
-                if job.error is not None:
-                    raise RequestError(500, f"generation failed: {type(job.error).__name__}: {job.error}")
-                status = 200
-                self._json(200, server.completion(job))
-            except RequestError as err:
-                status = err.status
-                self._json(err.status, err.body())
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True  # the client left
-            except Exception as err:  # a bug, not the request's fault: say so and keep serving
-                log.exception("request failed")
-                self._json(500, RequestError(500, f"internal error: {type(err).__name__}").body())
-            finally:
-                log.debug("POST %s %d %.3fs", self.path, status, time.perf_counter() - started)
+    async def stream(job: Job, finished):
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def _read_body(self) -> bytes:
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self.close_connection = True
-                raise RequestError(411, "Send the body with a Content-Length (chunked bodies are not accepted)")
-            length = self.headers.get("Content-Length")
-            try:
-                size = int(length) if length is not None else None
-            except ValueError:
-                size = -1
-            if size is None or size < 0:
-                self.close_connection = True
-                raise RequestError(411 if size is None else 400, "A valid Content-Length header is required")
-            if size > server.max_body_bytes:
-                if size <= 16 * server.max_body_bytes:  # read and drop it, so that the client gets to read the answer
-                    while size > 0 and (part := self.rfile.read(min(size, 1 << 16))):
-                        size -= len(part)
-                self.close_connection = True
-                raise RequestError(413, f"The body is over {server.max_body_bytes} bytes", code="request_too_large")
-            return self.rfile.read(size)
+        def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.name,
+                    "choices": choices, **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def _json(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload, ensure_ascii=False).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if status == 503:
-                self.send_header("Retry-After", "1")
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _stream(self, job: Job) -> None:
-            self.close_connection = True  # the stream ends when the connection does
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-            def chunk(delta: dict, finish: str | None = None, **extra) -> None:
-                body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-                self.wfile.write(f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode())
-                self.wfile.flush()
-
-            chunk({"role": "assistant", "content": ""})
-            for text in job.streamer:
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for text in job.streamer:
                 if text:
-                    chunk({"content": text})
-            job.done.wait()
+                    yield chunk({"content": text})
+            await finished.wait()
             if job.error is not None:
                 error = RequestError(500, f"generation failed: {type(job.error).__name__}: {job.error}").body()
-                self.wfile.write(f"data: {json.dumps(error)}\n\n".encode())
+                yield f"data: {json.dumps(error)}\n\n"
             else:
                 choice = job.choices[0]
-                chunk({}, choice.finish_reason)
+                yield chunk({}, choice.finish_reason)
                 if job.include_usage:
-                    usage = _usage(job.prompt_tokens, choice.completion_tokens)
-                    body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": server.name,
-                            "choices": [], "usage": usage}
-                    self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+                    yield chunk(None, usage=_usage(job.prompt_tokens, choice.completion_tokens))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not job.done.is_set():  # the client hung up mid-stream: stop generating for it
+                server.batcher.cancel(job)
+                log.info("streaming client left; its generation stopped")
 
-        def log_message(self, format: str, *args) -> None:  # http.server's access log would go to stderr
-            log.debug("%s " + format, self.address_string(), *args)
-
-    return Handler
+    return app
 
 
 def load_server(
@@ -505,6 +552,8 @@ def load_server(
     """A ModelServer for a model directory (an export of `gpt4llm.train`, or any local Hugging Face causal LM)."""
     import torch
 
+    if not Path(path).is_dir():
+        raise ServerStartError(f"model.path={path}: no such directory (a training run's export is <run dir>/export)")
     from gpt4llm.models.hf import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(str(path), padding_side="left")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gpt4llm.data.prompts import format_prompt
+from gpt4llm.data.prompts import chat_template, format_prompt
 from gpt4llm.io import atomic
 
 # Relative RMS difference of the logits allowed between the in-training model and the reloaded export, by the dtype
@@ -196,6 +196,8 @@ def check_complete(state_dict: dict[str, torch.Tensor], expected: dict[str, tupl
 
 def _write_verified(model, tokenizer, directory: Path, state_dict, reference, batch) -> None:
     check_complete(state_dict, expected_shapes(model))
+    # The template of the prompt the model learned (a base model's own template, copied by model=hf, would not be).
+    tokenizer.chat_template = chat_template()
     with atomic.atomic_path(directory) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
