@@ -338,21 +338,27 @@ def test_answer_translate_score_and_judge_against_our_server(served, key, tmp_pa
                                     "job.max_tokens=4", "job.max_parse_retries=0"))
     assert scored["sources"] == {"gpt4": len(out), "demo.answers": len(out)}
     # The tiny model does not answer with a score: each response is listed as unparsable (or, by chance, scored), or
-    # as failed where a request did not come back (on a loaded machine a tiny model's request can time out).
+    # as failed when the server refused it: a random answer's bytes can take many tokens and push the scoring prompt
+    # past the tiny model's 512-token context (a 400 the server names). Nothing else may fail.
     listed = sum(v["count"] for v in scored["unparsable (left out; indices into each source's file)"].values())
-    failed = sum(v["count"] for v in scored["failed (left out; a rerun asks again)"].values())
+    failures = scored["failed (left out; a rerun asks again)"]
+    failed = sum(v["count"] for v in failures.values())
     assert listed + failed + sum(scored["responses_scored"].values()) == 2 * len(out)
-    assert failed <= 1, scored["failed (left out; a rerun asks again)"]
+    errors = [e for v in failures.values() for e in v.get("errors", {}).values()]
+    assert all("context_length_exceeded" in e for e in errors) and len(errors) == failed, failures
 
     client = ChatClient(served.base_url, "tiny", api_key_env="SYNTH_TEST_KEY", cache_path=tmp_path / "judge.jsonl", timeout=60)
-    lines = [{"id": k, "model": m, "instruction": r["instruction"], "input": r["input"], "response": r["output"] if m == "a" else "No."}
+    # The first 8 characters of each noise answer: a random model's bytes can take many tokens, and a long one would
+    # push the judge's prompt past the tiny model's 512-token context (a 400, counted as failed).
+    lines = [{"id": k, "model": m, "instruction": r["instruction"], "input": r["input"], "response": r["output"][:8] if m == "a" else "No."}
              for m in ("a", "b") for k, r in enumerate(out)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[: len(out)]))
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[len(out):]))
     # The paper's single-answer prompt: FastChat's pairwise review is longer than the tiny model's 512-token context.
     reviews, summary = judge(client, read_responses(tmp_path / "a.jsonl"), read_responses(tmp_path / "b.jsonl"), "single",
                              {"temperature": 0.2, "max_tokens": 4}, max_parse_retries=0)
-    assert len(reviews) == len(out) and summary["requests"]["sent"] == 2 * len(out) and summary["requests"]["failed"] == 0
+    # (an empty reply is asked again, so more than one request per answer may go out)
+    assert len(reviews) == len(out) and summary["requests"]["sent"] >= 2 * len(out) and summary["requests"]["failed"] == 0
     assert all(r["status"] in ("ok", "unparsable") for r in reviews)
     assert_key_nowhere(tmp_path)
 
