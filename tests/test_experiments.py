@@ -124,3 +124,22 @@ def test_experiment_runs_end_to_end(experiment, tmp_path, sentencepiece_model_di
     batch = tokenizer(["Give three tips for staying healthy.", "把这句话翻译成英文。"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, from_checkpoint(**batch).logits, rtol=0, atol=1e-5)
+
+
+TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))
+# What a GPU trainer file needs to run on this CPU, and nothing more: its other keys (epochs, clipping, logging,
+# sampler, ...) run as written. bf16 stands in for a V100's fp16, which the CPU has no kernels for.
+ON_CPU = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=1"]
+CPU_PRECISION = {"v100x16": ["trainer.precision=bf16-mixed"]}
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_file_trains(trainer, tmp_path):
+    from conftest import demo_overrides
+
+    recipe = compose_train([f"trainer={trainer}"]).trainer
+    extra = ON_CPU + CPU_PRECISION.get(trainer, []) if recipe.accelerator != "cpu" else []
+    run_cli("gpt4llm.train", demo_overrides(tmp_path, f"trainer={trainer}", *extra, "trainer.max_steps=2",
+                                            "trainer.log_every_n_steps=1", "validate_first=false", "callbacks.exact_match=null"),
+            cwd=tmp_path)
+    assert len(scalars(tmp_path / "run")["train/loss"]) == 2 and (tmp_path / "run" / "export" / "config.json").exists()
