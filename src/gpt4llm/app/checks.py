@@ -67,12 +67,21 @@ def _check_target(node: DictConfig, where: str) -> None:
 
 # Settings that must be in range, checked before anything is built or written: key -> (test, what it must be).
 # A key a config does not have is skipped (prepare has no trainer block worth checking, the reward task no packing).
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _at_least(low):
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low
+    return lambda v: _number(v) and v >= low
+
+
+def _whole(low):
+    """A whole number >= low (2.5 held-out records or 0.5 batches mean a typo, not a setting)."""
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
 def _positive(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    return _number(v) and v > 0
 
 
 def _optional(test):
@@ -80,28 +89,25 @@ def _optional(test):
 
 
 RANGES: dict[str, tuple] = {
-    "model.max_length": (_at_least(1), "a whole number >= 1 (tokens)"),
+    "model.max_length": (_whole(1), "a whole number >= 1 (tokens)"),
     # data.* after model.*: data.max_length is ${model.max_length} unless set, and the key set is the one to name
-    "data.val_size": (_at_least(0), "a whole number >= 0 (records held out; 0 holds nothing out)"),
-    "data.batch_size": (_at_least(1), "a whole number >= 1"),
-    "data.eval_batch_size": (_optional(_at_least(1)), "null or a whole number >= 1"),
-    "data.max_length": (_at_least(1), "a whole number >= 1 (tokens)"),
-    "data.num_workers": (_at_least(0), "a whole number >= 0"),
-    "data.split_seed": (_at_least(0), "a whole number >= 0"),
+    "data.val_size": (_whole(0), "a whole number >= 0 (records held out; 0 holds nothing out)"),
+    "data.batch_size": (_whole(1), "a whole number >= 1"),
+    "data.eval_batch_size": (_optional(_whole(1)), "null or a whole number >= 1"),
+    "data.max_length": (_whole(1), "a whole number >= 1 (tokens)"),
+    "data.num_workers": (_whole(0), "a whole number >= 0"),
+    "data.split_seed": (_whole(0), "a whole number >= 0"),
     "task.optimizer.lr": (_positive, "> 0"),
     "task.optimizer.eps": (_positive, "> 0"),
     "task.optimizer.weight_decay": (_at_least(0), ">= 0"),
     "task.warmup_ratio": (lambda v: _at_least(0)(v) and v <= 1, "between 0 and 1"),
-    "global_batch_size": (_optional(_at_least(1)), "null or a whole number >= 1"),
-    "trainer.max_steps": (lambda v: v == -1 or _at_least(1)(v), "-1 (no limit) or a whole number >= 1"),
-    "trainer.max_epochs": (_optional(lambda v: v == -1 or _at_least(1)(v)), "null, -1 or a whole number >= 1"),
-    "trainer.accumulate_grad_batches": (_at_least(1), "a whole number >= 1"),
+    "global_batch_size": (_optional(_whole(1)), "null or a whole number >= 1"),
+    "trainer.max_steps": (lambda v: v == -1 or _whole(1)(v), "-1 (no limit) or a whole number >= 1"),
+    "trainer.max_epochs": (_optional(lambda v: v == -1 or _whole(1)(v)), "null, -1 or a whole number >= 1"),
+    "trainer.accumulate_grad_batches": (_whole(1), "a whole number >= 1"),
     "trainer.gradient_clip_val": (_optional(_at_least(0)), "null or >= 0"),
-    "trainer.log_every_n_steps": (_at_least(1), "a whole number >= 1"),
+    "trainer.log_every_n_steps": (_whole(1), "a whole number >= 1"),
 }
-INTEGERS = {"data.val_size", "data.batch_size", "data.eval_batch_size", "data.max_length", "data.num_workers",
-            "data.split_seed", "model.max_length", "global_batch_size", "trainer.max_steps", "trainer.max_epochs",
-            "trainer.accumulate_grad_batches", "trainer.log_every_n_steps"}
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -112,6 +118,5 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default="<absent>")
         if isinstance(value, str) and value == "<absent>":
             continue
-        whole = value is None or (isinstance(value, int) and not isinstance(value, bool)) or key not in INTEGERS
-        if not whole or not test(value):
+        if not test(value):
             raise ConfigError(f"{key}={value!r}: must be {expected}")
