@@ -14,7 +14,8 @@ import tomllib
 from conftest import ROOT, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
-COMMANDS = {"train", "prepare", "plan", "generate", "evaluate", "plots", "score", "bestofn", "synthesize", "serve"}
+COMMANDS = {"train", "prepare", "plan", "generate", "evaluate", "plots", "score", "bestofn", "synthesize", "serve",
+            "humaneval", "analyze"}
 SRC = ROOT / "src" / "gpt4llm"
 
 
@@ -44,6 +45,7 @@ def installed(tmp_path_factory) -> Path:
     [wheel] = out.glob("gpt4llm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "gpt4llm/conf/train.yaml" in names and "gpt4llm/conf/strategy/deepspeed_zero3_offload.yaml" in names
+    assert "gpt4llm/rating/static/rate.html" in names and "gpt4llm/rating/static/start.html" in names  # the rating pages
     target = out / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import SHARED_DATA
+from omegaconf import OmegaConf
 
 from gpt4llm.data.records import RecordError
 from gpt4llm.evaluation import figures as F
@@ -122,3 +124,53 @@ def test_kde_is_scipys_gaussian_kde():
     data = np.random.default_rng(0).integers(0, 11, 500).astype(float)
     grid = np.linspace(0, 11, 50)
     np.testing.assert_allclose(F.gaussian_kde(data, grid), stats.gaussian_kde(data)(grid), rtol=1e-10)
+
+
+def wedges(ax) -> list[tuple[str, float]]:
+    """(label, fraction of the circle) for each wedge of a pie, in drawing order."""
+    from matplotlib.patches import Wedge
+
+    pies = [p for p in ax.patches if isinstance(p, Wedge)]
+    labels = [t.get_text() for t in ax.texts if "%" not in t.get_text()]
+    return [(label, (w.theta2 - w.theta1) / 360) for label, w in zip(labels, pies)]
+
+
+def test_figure_3_from_the_papers_fractions_puts_each_wedge_under_its_label():
+    from gpt4llm.evaluation.paper import HHH, hhh_comparisons
+
+    vs_gpt4 = next(c for c in hhh_comparisons() if c["opponent"] == "GPT-4")
+    fig = F.draw_hhh_pies(vs_gpt4)
+    helpful = wedges(fig.axes[0])
+    # 3b: the notebook drew 44.11 under "LLaMA-GPT4" and 42.78 under "GPT-4"; here each size is its label's
+    assert [label for label, _ in helpful] == ["LLaMA-GPT4", "GPT-4", "Tie"]
+    assert [round(100 * f, 2) for _, f in helpful] == list(HHH[("LLaMA-GPT4", "GPT-4")]["helpfulness"])
+    percents = [t.get_text() for t in fig.axes[0].texts if "%" in t.get_text()]
+    assert percents == ["42.8%", "44.1%", "13.1%"]
+    assert [ax.get_title() for ax in fig.axes] == ["Helpfulness (755 votes)", "Honesty (755 votes)", "Harmlessness (755 votes)"]
+
+
+def test_plots_command_draws_study_reports_with_error_bars_and_the_papers_figure_3(tmp_path):
+    from gpt4llm.plots import plots
+
+    study = tmp_path / "results" / "pilot"
+    study.mkdir(parents=True)
+    criteria = {c: {"votes": 10, "fractions": {"win": 0.5, "lose": 0.3, "tie": 0.2},
+                    "ci": {"win": [0.2, 0.8], "lose": [0.1, 0.5], "tie": None}} for c in ("helpfulness", "honesty")}
+    (study / "humaneval_report.json").write_text(json.dumps({"comparisons": [
+        {"model": "ours", "opponent": "alpaca", "criteria": criteria}]}))
+    cfg = OmegaConf.create({"results": str(tmp_path / "results"), "paper": True, "data_files": [], "formats": ["png"],
+                            "paths": {"output_dir": str(tmp_path / "out")}})
+    (tmp_path / "out").mkdir()
+    drawn = plots(cfg)
+    names = sorted(Path(p).name for p in drawn["drawn"] if "hhh" in p or "pie" in p)
+    assert names == ["bar_hhh_LLaMA-GPT4_vs_Alpaca_paper.png", "bar_hhh_LLaMA-GPT4_vs_GPT-4_paper.png",
+                     "bar_hhh_ours_vs_alpaca_pilot.png", "pie_LLaMA-GPT4_vs_Alpaca_paper.png",
+                     "pie_LLaMA-GPT4_vs_GPT-4_paper.png", "pie_ours_vs_alpaca_pilot.png"]
+    bars = F.draw_hhh_bars({"model": "ours", "opponent": "alpaca", "criteria": criteria})
+    ax = bars.axes[0]
+    from matplotlib.container import BarContainer
+
+    groups = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [[b.get_height() for b in c] for c in groups] == [[50.0, 50.0], [30.0, 30.0], [20.0, 20.0]]
+    win_errors = groups[0].errorbar.lines[2][0].get_segments()
+    assert [tuple(np.round(s[:, 1], 6)) for s in win_errors] == [(20.0, 80.0), (20.0, 80.0)]

@@ -295,7 +295,7 @@ def test_streams_whose_clients_hang_up_stop_generating(server):
 
 
 def test_port_in_use_and_a_missing_export_are_said_plainly(server, tiny_model_dir, tmp_path):
-    from gpt4llm.inference.server import ServerStartError
+    from gpt4llm.app.http import ServerStartError
 
     with pytest.raises(ServerStartError, match=f"port {server.port} on 127.0.0.1 is in use"):
         load_server(str(tiny_model_dir), port=server.port)

@@ -62,11 +62,22 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
     for (kind, opponent), rows in sorted(bars.items()):
         if kind == "ranking":
             rows.sort(key=lambda r: (r[0].upper() == "B", int(re.sub(r"\D", "", r[0]) or 0)))
-        slug = re.sub(r"[^\w.-]+", "_", opponent)
         drawn[f"relative scores ({kind}) vs {opponent} (Figure 4)"] = _save(
-            F.draw_relative_scores(rows, opponent), out, f"bar_score_{kind}_vs_{slug}", formats)
+            F.draw_relative_scores(rows, opponent), out, f"bar_score_{kind}_vs_{F.slug(opponent)}", formats)
     if not found["judge"]:
         missing.append("Figure 4: no judge_summary*.json (python -m gpt4llm.evaluate metric=judge)")
+
+    # Figure 3: each study's comparisons, and the paper's published fractions when asked for.
+    comparisons = [(path.parent.name, c) for path in found["humaneval"] for c in F.read_humaneval_report(path)]
+    if cfg.get("paper"):
+        from gpt4llm.evaluation.paper import hhh_comparisons
+
+        comparisons += [("paper", c) for c in hhh_comparisons()]
+    for source, comparison in comparisons:
+        for fig, name in F.draw_hhh(comparison):
+            drawn[f"human evaluation {name} from {source} (Figure 3)"] = _save(fig, out, f"{name}_{source}", formats)
+    if not comparisons:
+        missing.append("Figure 3: no humaneval_report.json (python -m gpt4llm.humaneval ... report=true); paper=true draws the paper's")
 
     lengths: dict[str, list[int]] = {}
     for path in found["responses"]:

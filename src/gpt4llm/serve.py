@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 
 import hydra
 from omegaconf import DictConfig
@@ -44,17 +43,7 @@ def serve(cfg: DictConfig) -> None:
     header = f' -H "Authorization: Bearer ${cfg.api_key_env}"' if key else ""
     print(f"  try: curl {server.base_url}/chat/completions -H 'Content-Type: application/json'{header} "
           f"-d '{{\"model\": \"{server.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'", flush=True)
-    signal.signal(signal.SIGTERM, _stop)  # `kill` and container stops end it as Ctrl-C does
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-
-
-def _stop(signum, frame) -> None:
-    raise KeyboardInterrupt
+    server.serve_until_stopped()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")

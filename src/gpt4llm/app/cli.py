@@ -27,10 +27,10 @@ def use_hydra_logging() -> None:
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The errors whose message tells a user what to do (imported when one happens: commands start fast)."""
     from gpt4llm.app.checks import ConfigError
+    from gpt4llm.app.http import ServerStartError
     from gpt4llm.data.records import RecordError
     from gpt4llm.data.sources import DownloadError
     from gpt4llm.inference.openai_client import TooFewSucceeded
-    from gpt4llm.inference.server import ServerStartError
     from gpt4llm.io.atomic import WriteError
     from gpt4llm.models.base import CheckpointError
 

@@ -5,6 +5,7 @@
 | GPT-4 score distributions (Fig. 2)    | cmp_data_dist.png (saved blank)    | cmp_data_scores.json                         |
 | relative scores (Fig. 4)              | bar_score_all/ranking_vs_*.pdf     | judge_summary*.json of gpt4llm.evaluate      |
 | output lengths (Fig. 1d)              | cmp_seq_len_freq_gpt3_gpt4.pdf     | responses.jsonl, Alpaca data files           |
+| human evaluation (Fig. 3)             | pie_llama_gpt4_vs_*.pdf            | humaneval_report.json of gpt4llm.humaneval   |
 
 Each `draw_*` returns the matplotlib Figure (tests read the drawn values back from it); `save` writes PNG and PDF.
 """
@@ -175,17 +176,70 @@ def draw_relative_scores(bars: list[tuple[str, float, float]], opponent: str):
 
 
 # --- Output lengths (Figure 1d) ---------------------------------------------------------------------------------
-def draw_output_lengths(lengths: dict[str, list[int]]):
+def draw_output_lengths(lengths: dict[str, list[int]], xlabel: str = "Output Sequence Length"):
     """Frequency of output lengths in words, bins linspace(0, 512, 100), log y, as the notebook."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in lengths.items():
         ax.hist(values, bins=np.linspace(0, 512, 100), alpha=0.5, label=name)
     ax.set_xlim(-4, 512)
     ax.set_yscale("log")
-    ax.set_xlabel("Output Sequence Length")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("Frequency")
     ax.legend(loc="upper right")
     return fig
+
+
+# --- Human evaluation (Figure 3) ------------------------------------------------------------------------------
+HHH_OUTCOMES = ("win", "lose", "tie")  # wedges in the labels' order (the notebook swapped the first two in 3b)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def draw_hhh_pies(comparison: dict[str, Any]):
+    """One pie per criterion: the model's wins, the opponent's, ties, labelled in that order with their %."""
+    criteria = comparison["criteria"]
+    fig, axes = plt.subplots(1, len(criteria), figsize=(4 * len(criteria), 4))
+    labels = [comparison["model"], comparison["opponent"], "Tie"]
+    for ax, (criterion, row) in zip(np.atleast_1d(axes), criteria.items()):
+        sizes = [row["fractions"][o] or 0.0 for o in HHH_OUTCOMES]
+        ax.pie(sizes, labels=labels, autopct="%1.1f%%", startangle=90, counterclock=False,
+               colors=["tab:blue", "tab:orange", "tab:gray"])
+        ax.set_title(f"{criterion.capitalize()} ({row['votes']} votes)")
+    return fig
+
+
+def draw_hhh_bars(comparison: dict[str, Any]):
+    """The same fractions as grouped bars, with the bootstrap intervals as error bars where there are any."""
+    criteria = comparison["criteria"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(criteria))
+    names = [comparison["model"], comparison["opponent"], "Tie"]
+    for k, (outcome, name) in enumerate(zip(HHH_OUTCOMES, names)):
+        values = np.array([100 * (row["fractions"][outcome] or 0.0) for row in criteria.values()])
+        ci = [row["ci"][outcome] for row in criteria.values()]
+        errors = np.array([[v - 100 * c[0], 100 * c[1] - v] if c else [0.0, 0.0] for v, c in zip(values, ci)]).T
+        ax.bar(x + (k - 1) * 0.27, values, 0.27, yerr=errors if any(ci) else None, capsize=3, label=name)
+    ax.set_xticks(x, [c.capitalize() for c in criteria])
+    ax.set_ylabel("% of votes")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title(f"{comparison['model']} vs {comparison['opponent']}")
+    return fig
+
+
+def draw_hhh(comparison: dict[str, Any]):
+    """Figure 3's pies and the bars, each with its file name."""
+    pair = f"{slug(comparison['model'])}_vs_{slug(comparison['opponent'])}"
+    return [(draw_hhh_pies(comparison), f"pie_{pair}"), (draw_hhh_bars(comparison), f"bar_hhh_{pair}")]
+
+
+def read_humaneval_report(path: Path) -> list[dict[str, Any]]:
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(report, dict) or not isinstance(report.get("comparisons"), list):
+        raise RecordError(f"{path}: field 'comparisons' is missing (expected gpt4llm.humaneval's report)")
+    return report["comparisons"]
 
 
 # --- Inputs ----------------------------------------------------------------------------------------------------
@@ -202,6 +256,8 @@ def find_inputs(directories: list[Path]) -> dict[str, list[Path]]:
                 found["scores"].append(path)
             elif path.name.startswith("judge_summary") and path.suffix == ".json":
                 found["judge"].append(path)
+            elif path.name == "humaneval_report.json":
+                found["humaneval"].append(path)
             elif path.name == "responses.jsonl":
                 found["responses"].append(path)
     return found

@@ -33,11 +33,9 @@ here as they use GPT-4.
 
 from __future__ import annotations
 
-import errno
 import hmac
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -50,6 +48,7 @@ from fastapi import (
     Request,  # at module level: FastAPI resolves the endpoints' annotations in this module
 )
 
+from gpt4llm.app.http import ServerStartError, WebServer
 from gpt4llm.app.resolvers import model_name
 from gpt4llm.data.prompts import alpaca_prompt
 
@@ -62,10 +61,6 @@ SUPPORTED = {"model", "messages", "max_tokens", "max_completion_tokens", "temper
 # Fields accepted when they ask for nothing (a client library sending its defaults); any other value is refused.
 NEUTRAL = {"logprobs": (None, False), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
            "parallel_tool_calls": (None, True, False), "tools": (None, []), "tool_choice": (None, "none", "auto")}
-
-
-class ServerStartError(RuntimeError):
-    """The server cannot start (its port is taken, its model is missing); the message says what to do."""
 
 
 class RequestError(Exception):
@@ -260,7 +255,7 @@ class Batcher:
         return Choice(text, reason, completion.num_tokens)
 
 
-class ModelServer:
+class ModelServer(WebServer):
     """The HTTP front: parses and checks requests, hands them to the Batcher, writes the answers."""
 
     def __init__(
@@ -293,50 +288,20 @@ class ModelServer:
         self.max_body_bytes = max_body_bytes
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
         self.created = int(time.time())
-        self.max_connections, self.idle_timeout = max_connections, idle_timeout
-        try:  # bound here, so a port in use is said at once, and port=0 gets a free one
-            self.socket = socket.create_server((host, port), backlog=2048)
-        except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                raise ServerStartError(f"port {port} on {host} is in use: stop what listens there, or pass port=<another>") from None
-            raise ServerStartError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        super().__init__(
+            host, port,
+            limit_concurrency=max_connections,  # connections beyond it get a 503 at once
+            timeout_keep_alive=int(idle_timeout),  # idle keep-alive connections are closed after it
+        )
         self.batcher = Batcher(model, tokenizer, max_batch, batch_wait, max_queue)
-        self.host, self.port = host, self.socket.getsockname()[1]
         self.base_url = f"http://{host}:{self.port}/v1"
-        self._uvicorn = None
-        self._thread: threading.Thread | None = None
 
     # -- running ------------------------------------------------------------------------------------------------
-    def _server(self):
-        import uvicorn
-
-        config = uvicorn.Config(
-            build_app(self), log_level="warning", access_log=False, lifespan="off",
-            limit_concurrency=self.max_connections,  # connections beyond it get a 503 at once
-            timeout_keep_alive=int(self.idle_timeout),  # idle keep-alive connections are closed after it
-        )
-        self._uvicorn = uvicorn.Server(config)
-        return self._uvicorn
-
-    def start(self) -> "ModelServer":
-        """Serves in a background thread (tests, benchmarks); `close()` stops it."""
-        server = self._server()
-        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self
-
-    def serve_forever(self) -> None:
-        self._server().run(sockets=[self.socket])
+    def build_app(self):
+        return build_app(self)
 
     def close(self) -> None:
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self.socket.close()
+        super().close()
         self.batcher.close()
 
     # -- requests -----------------------------------------------------------------------------------------------
