@@ -14,7 +14,7 @@ import tomllib
 from conftest import ROOT, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
-COMMANDS = {"train", "prepare", "plan", "generate", "evaluate", "plots", "score", "bestofn", "synthesize", "serve",
+COMMANDS = {"train", "prepare", "plan", "generate", "evaluate", "plots", "score", "bestofn", "synthesize", "serve", "reproduce",
             "humaneval", "analyze"}
 SRC = ROOT / "src" / "gpt4llm"
 

@@ -57,6 +57,9 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
         if s["opponent"] is None or not s.get("totals"):
             missing.append(f"{path}: no opponent, so no relative score to draw")
             continue
+        if not s["totals"][1]:
+            missing.append(f"{path}: no question got scores ({s.get('scored', 0)} scored), so no relative score to draw")
+            continue
         kind = "ranking" if F.RANKING_MODEL.match(s["model"]) else "all"
         bars[(kind, s["opponent"])].append((s["model"], *s["totals"]))
     for (kind, opponent), rows in sorted(bars.items()):

@@ -5,6 +5,7 @@ With no arguments it fine-tunes the tiny model on the demo tasks, offline on CPU
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -75,6 +76,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.export:  # on every rank: ZeRO-3 and FSDP gather the weights collectively; rank 0 writes and verifies
         export_hf(module.model, tokenizer, out / "export", trainer=trainer)
     if trainer.is_global_zero:
+        from gpt4llm.io.atomic import write_text
+
+        # The final figures as a file, for what reads runs later (gpt4llm.reproduce's report).
+        write_text(out / "metrics.json", json.dumps({"global_step": trainer.global_step, **metrics}, indent=1))
         checkpoint = trainer.checkpoint_callback
         print(f"\nRun directory: {out}")
         print(f"  TensorBoard:  tensorboard --logdir {out}")

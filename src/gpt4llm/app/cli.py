@@ -33,8 +33,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from gpt4llm.inference.openai_client import TooFewSucceeded
     from gpt4llm.io.atomic import WriteError
     from gpt4llm.models.base import CheckpointError
+    from gpt4llm.reproduction.stages import StageFailed
 
     return (ConfigError, RecordError, DownloadError, WriteError, CheckpointError, TooFewSucceeded, ServerStartError,
+            StageFailed,
             FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 

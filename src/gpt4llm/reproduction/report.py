@@ -1,0 +1,291 @@
+"""The study's report: for each of the paper's tables and figures, the paper's value, ours and the difference, each
+of ours with the file it was read from; which stages ran, were reused or skipped, and why; and the provenance (the
+command, the config, package versions, data digests, hardware, wall times). Written as Markdown (report.md) and as
+one self-contained HTML page (report.html, the figures inlined).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gpt4llm.evaluation import figures as F
+from gpt4llm.evaluation import paper
+from gpt4llm.io.atomic import write_text
+from gpt4llm.reproduction.stages import Outcome, file_digest
+
+PACKAGES = ("gpt4llm", "torch", "transformers", "lightning", "deepspeed", "datasets", "hydra-core", "rouge-score",
+            "openai", "spacy")
+
+
+@dataclass
+class Section:
+    title: str
+    note: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+
+
+def _relative(totals) -> float | None:
+    return 100 * totals[0] / totals[1] if totals and totals[1] else None
+
+
+def _score(totals) -> str:
+    if not totals:
+        return "—"
+    value = _relative(totals)
+    return f"{totals[0]:g} : {totals[1]:g} = " + ("no relative score" if value is None else f"{value:.0f}%")
+
+
+def _difference(ours: float | None, theirs: float | None, digits: int, scale: float = 1.0) -> str:
+    if ours is None or theirs is None:
+        return "—"
+    return f"{scale * (ours - theirs):+.{digits}f}"
+
+
+def _points(difference: str) -> str:
+    return difference if difference == "—" else f"{difference} points"
+
+
+def _where(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def stage_section(outcomes: list[Outcome]) -> Section:
+    rows = [[str(k), o.stage.name, o.status, o.reason or "", "" if o.seconds is None else f"{o.seconds:.0f}",
+             f"`{o.command}`" if o.command else ""] for k, o in enumerate(outcomes, 1)]
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "reused", "skipped", "not selected")}
+    note = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    return Section("Stages", note, ["#", "stage", "status", "why", "seconds", "command"], rows)
+
+
+def judge_sections(root: Path, preset: DictConfig, outcomes: dict[str, Outcome]) -> list[Section]:
+    sections = []
+    for opponent in preset.judge.opponents:
+        outcome = outcomes.get(f"judge/{opponent}")
+        directory = root / "judge" / opponent
+        title = f"GPT-4 review on Vicuna-80 against {opponent} (Table b, Figure 4; best-of-N: Table e)"
+        done = outcome is not None and (outcome.status in ("ran", "reused") or outcome.status == "not selected" and outcome.fingerprint)
+        if not done:
+            why = outcome.reason if outcome else "not in this study"
+            rows = [[name, _score(t), "not run", "—", ""] for name, t in paper.RELATIVE.get(opponent, {}).items()]
+            sections.append(Section(title, f"Not run: {why}. The paper's values:", ["model", "paper", "ours", "difference", "source"], rows))
+            continue
+        rows = []
+        def order(path: Path):  # the study's models first, then the ranking groups 1..N and B
+            name = path.stem.removeprefix("judge_summary_")
+            return (bool(F.RANKING_MODEL.match(name)), name == "B", int(name[4:]) if name[4:].isdigit() else 0, name)
+
+        for path in sorted(directory.glob("judge_summary_*.json"), key=order):
+            summary = F.read_judge_summary(path)
+            name = summary["model"]
+            published = paper.BEST_OF_N.get(opponent, {}).get(name) or paper.RELATIVE.get(opponent, {}).get(
+                paper.RELATIVE_ROWS.get(name, ""))
+            ours = summary.get("totals")
+            scored = summary.get("scored", summary.get("n_scored"))
+            label = f"{name} (best-of-N group)" if F.RANKING_MODEL.match(name) else name
+            rows.append([label, _score(published) if published else "—",
+                         _score(ours) + (f" ({scored} scored)" if scored is not None else ""),
+                         _points(_difference(_relative(ours), _relative(published), 0)),
+                         _where(path, root)])
+        note = (f"Relative score = Σ model / Σ {opponent} × 100 over the questions both got scores for. "
+                f"Judge: {_judge_name(directory)}.")
+        sections.append(Section(title, note, ["model", "paper", "ours", "difference", "source"], rows))
+    return sections
+
+
+def _judge_name(directory: Path) -> str:
+    summaries = sorted(directory.glob("judge_summary_*.json"))
+    if not summaries:
+        return "—"
+    summary = json.loads(summaries[0].read_text())
+    judge = summary.get("judge", {})
+    how = {"pairwise": "FastChat's pairwise review", "single": "the paper's single-answer prompt"}.get(summary.get("mode"), summary.get("mode"))
+    return f"{judge.get('model')} at {judge.get('base_url')}, {how}, scores read by the {summary.get('score_rule')} rule"
+
+
+def rouge_section(root: Path, preset: DictConfig) -> Section:
+    files = sorted((root / "evaluate" / "rouge").glob("rouge_len*.json"))
+    title = "ROUGE-L on Unnatural Instructions by reference length (Table d, Figure 6)"
+    if not files:
+        return Section(title, "Not run (no rouge_len*.json).")
+    ours = F.read_rouge_tables(files)
+    rows = []
+    for bucket in ("0-2", "3-5", "6-10", "10-", "ALL"):
+        for model in preset.rouge.models:
+            row = ours.get(model, {}).get(bucket)
+            value = row.get("rougeL") if row else None
+            theirs = paper.ROUGE_L.get(model, {}).get(bucket)
+            rows.append([bucket.replace("10-", ">10"), model,
+                         f"{theirs:.4f} (n={paper.ROUGE_BUCKET_SIZES[bucket]})" if theirs is not None else "—",
+                         f"{value:.4f} (n={row['NumInstance']})" if value is not None else "—",
+                         _difference(value, theirs, 4), f"evaluate/rouge/rouge_len{bucket}.json"])
+    return Section(title, "", ["length", "model", "paper", "ours", "difference", "source"], rows)
+
+
+def reward_section(root: Path) -> Section:
+    rows = []
+    metrics_path = root / "train" / "reward_model" / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        for key in ("val/rm_acc", "val/loss", "train/loss"):
+            if key in metrics:
+                rows.append([f"reward model {key}", "not reported", f"{metrics[key]:.4f}", "train/reward_model/metrics.json"])
+    summary_path = root / "evaluate" / "reward" / "reward_summary.json"
+    if summary_path.exists():
+        for name, s in json.loads(summary_path.read_text()).items():
+            mean = s.get("mean_reward")
+            rows.append([f"mean reward of group {name}", "not reported", "—" if mean is None else f"{mean:.4f}",
+                         "evaluate/reward/reward_summary.json"])
+    note = "The paper reports no reward-model accuracy (its reward model was never released)."
+    return Section("Reward model and best-of-N ranking", note, ["what", "paper", "ours", "source"], rows)
+
+
+def training_section(root: Path, preset: DictConfig) -> Section:
+    rows = []
+    for model in [*preset.sft, "reward_model"]:
+        path = root / "train" / model / "metrics.json"
+        if path.exists():
+            m = json.loads(path.read_text())
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k != "global_step")
+            rows.append([model, str(m.get("global_step")), shown, f"train/{model}/metrics.json"])
+    return Section("Training runs", "The paper reports no training curves or final losses.",
+                   ["run", "steps", "final metrics", "source"], rows)
+
+
+def human_section(root: Path, preset: DictConfig) -> Section:
+    rows = []
+    for (model, opponent), published in paper.HHH.items():
+        for criterion in ("helpfulness", "honesty", "harmlessness"):
+            win, lose, tie = published[criterion]
+            rows.append([f"{model} vs {opponent}", criterion, f"{win:.2f} / {lose:.2f} / {tie:.2f}", "not run"])
+    files = [root / "generate" / m / "user_oriented252" / "responses.jsonl" for m in ("LLaMA-GPT4", "Alpaca")]
+    note = ("Human raters are not part of an automatic study. Run the blind study on this study's answers with "
+            f"`python -m gpt4llm.humaneval responses=[{','.join(map(str, files))}]`, then `report=true`.")
+    return Section("Human evaluation on User-Oriented-252 (Figure 3): % model / opponent / tie", note,
+                   ["comparison", "criterion", "paper", "ours"], rows)
+
+
+def chinese_section() -> Section:
+    rows = [[name, _score(totals), "not run"] for name, totals in paper.CHINESE.items()]
+    note = ("Not part of this study: the Chinese review needs the Vicuna questions translated by GPT-4 (`python -m "
+            "gpt4llm.synthesize job=translate`) and a judge. LLaMA-GPT4-CN's answers to the other sets are in "
+            "generate/LLaMA-GPT4-CN/.")
+    return Section("Chinese evaluation, everything in Chinese, against GPT-4 (Table c)", note, ["model", "paper", "ours"], rows)
+
+
+def provenance_section(root: Path, cfg: DictConfig, command: str, outcomes: list[Outcome], wall: float) -> Section:
+    import torch
+
+    rows = [["command", f"`{command}`"], ["output directory", str(root)],
+            ["written", datetime.now(timezone.utc).isoformat(timespec="seconds")],
+            ["wall time of this invocation", f"{wall:.0f} s"],
+            ["stage time, all stages (reused ones as first run)", f"{sum(o.seconds or 0 for o in outcomes):.0f} s"]]
+    for package in PACKAGES:
+        try:
+            rows.append([f"package {package}", version(package)])
+        except PackageNotFoundError:
+            pass
+    gpus = [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())]
+    rows += [["python", platform.python_version()], ["machine", f"{platform.platform()}, {os.cpu_count()} CPUs"],
+             ["GPUs", ", ".join(gpus) or "none"]]
+    for name, path in data_files(root, outcomes).items():
+        rows.append([f"data {name}", f"{path} sha256:{file_digest(path)[:16]}…"])
+    rows.append(["config", "config.yaml beside this report (the preset, resolved)"])
+    return Section("Provenance", "", ["what", "value"], rows)
+
+
+def data_files(root: Path, outcomes: list[Outcome]) -> dict[str, Path]:
+    """The data and eval files the stages read, from each stage's saved Hydra config."""
+    found = {}
+    for o in outcomes:
+        saved = root / o.stage.name / ".hydra" / "config.yaml"
+        if not saved.exists():
+            continue
+        conf = OmegaConf.load(saved)
+        for key in ("data.path", "eval.path"):
+            try:
+                value = OmegaConf.select(conf, key)
+            except Exception:  # an interpolation only Hydra's runtime resolves: nothing to read
+                continue
+            if value and Path(str(value)).is_file():
+                found[f"{o.stage.name} {key.split('.')[0]}"] = Path(str(value))
+    return found
+
+
+def figures_section(root: Path) -> Section:
+    images = sorted((root / "plots").glob("*.png"))
+    return Section("Figures", f"{len(images)} figures from `plots/` (PNG and PDF there).", images=images)
+
+
+def build(root: Path, cfg: DictConfig, outcomes: list[Outcome], command: str, wall: float) -> list[Section]:
+    by_name = {o.stage.name: o for o in outcomes}
+    p = cfg.preset
+    return [
+        *judge_sections(root, p, by_name), rouge_section(root, p), reward_section(root), training_section(root, p),
+        human_section(root, p), chinese_section(), figures_section(root), stage_section(outcomes),
+        provenance_section(root, cfg, command, outcomes, wall),
+    ]
+
+
+def to_markdown(title: str, intro: str, sections: list[Section]) -> str:
+    lines = [f"# {title}", "", intro, ""]
+    for s in sections:
+        lines += [f"## {s.title}", ""]
+        if s.note:
+            lines += [s.note, ""]
+        if s.header:
+            lines += ["| " + " | ".join(s.header) + " |", "|" + "---|" * len(s.header)]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in s.rows]
+            lines.append("")
+        lines += [f"![{image.stem}](plots/{image.name})" for image in s.images]
+        if s.images:
+            lines.append("")
+    return "\n".join(lines)
+
+
+def to_html(title: str, intro: str, sections: list[Section]) -> str:
+    def cell(text: str) -> str:
+        escaped = html.escape(text)
+        return f"<code>{escaped[1:-1]}</code>" if len(text) > 1 and text.startswith("`") and text.endswith("`") else escaped
+
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>",
+             "<style>body{font:14px/1.45 system-ui,sans-serif;max-width:80rem;margin:2rem auto;padding:0 1rem}"
+             "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+             "vertical-align:top;text-align:left}code{font-size:12px;word-break:break-all}img{max-width:48%;"
+             "margin:.5rem 1% .5rem 0;border:1px solid #eee}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"]
+    for s in sections:
+        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.note:
+            parts.append(f"<p>{cell(s.note)}</p>")
+        if s.header:
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.header) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in s.rows]
+            parts.append("</table>")
+        for image in s.images:  # inlined: the page is one file that opens anywhere
+            data = base64.b64encode(image.read_bytes()).decode()
+            parts.append(f'<img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">')
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(root: Path, cfg: DictConfig, outcomes: list[Outcome], command: str, wall: float) -> dict[str, Any]:
+    sections = build(root, cfg, outcomes, command, wall)
+    title = f"Instruction Tuning with GPT-4, reproduced: preset {cfg.preset.name}"
+    intro = " ".join(str(cfg.preset.about).split())
+    write_text(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    md = write_text(root / "report.md", to_markdown(title, intro, sections))
+    page = write_text(root / "report.html", to_html(title, intro, sections))
+    return {"markdown": md, "html": page, "sections": [s.title for s in sections]}

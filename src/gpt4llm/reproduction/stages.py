@@ -1,0 +1,209 @@
+"""A small stage runner: each stage is one of our commands (`python -m gpt4llm.<command> <overrides>`) run in a
+directory of its own, `<root>/<stage name>/`, and is done when that directory holds `stage.json`, written last.
+
+- Cached: a stage's fingerprint is the digest of its command, the fingerprints of the stages it reads, the content of
+  the outside files it reads, and our version. A rerun reuses every stage whose fingerprint is unchanged and redoes
+  the rest (their directory is emptied first, so nothing half-written is ever read: a directory without stage.json is
+  never used).
+- Failures stop the run with the stage's name, exit status, log and last lines; earlier stages keep what they made.
+- Progress: "[n/N] stage: ..." with an ETA from the stages' earlier durations.
+
+Why not DVC or Hydra's multirun: DVC wants the project to be a git + DVC repository and its own dvc.yaml beside our
+Hydra configs (two sources of truth for one command line); Hydra's multirun runs independent jobs of one command, not
+a chain of different commands that read each other's outputs. What is needed here (fingerprints, a done-marker, an
+order) is a hundred lines.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gpt4llm.io.atomic import write_text
+
+DONE = "stage.json"
+LOG = "stage.log"
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed: the message names the stage, its log and the log's last lines."""
+
+
+@dataclass
+class Stage:
+    name: str                     # also its directory under the root: train/LLaMA-GPT4
+    module: str                   # gpt4llm.train
+    args: list[str]               # the command's Hydra overrides (the run directory is added)
+    needs: list[str] = field(default_factory=list)   # the stages whose outputs it reads
+    after: list[str] = field(default_factory=list)   # stages it reads when they ran (a skipped one does not block it)
+    inputs: list[str] = field(default_factory=list)  # outside files whose content it reads
+    outputs: list[str] = field(default_factory=list)  # what its directory must hold when it succeeds
+    launcher: list[str] | None = None  # the multi-node prefix (srun, torchrun ...) for training stages
+    skip: str | None = None       # why it does not run (no judge key): said in the report
+    runtime_args: Callable[[], list[str]] | None = None  # settings known only when it runs (a served judge's URL)
+    describe: str = ""            # one line for the report: what the stage is
+
+
+@dataclass
+class Outcome:
+    stage: Stage
+    status: str                   # ran, reused, skipped, not selected, failed
+    reason: str = ""
+    seconds: float | None = None
+    command: str = ""
+    fingerprint: str = ""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("gpt4llm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Pipeline:
+    def __init__(self, root: str | Path, stages: list[Stage], force: list[str] = (), only: list[str] | None = None,
+                 echo: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.stages = stages
+        self.force, self.only = list(force), list(only) if only else None
+        self.echo = echo
+        self.fingerprints: dict[str, str] = {}
+        self.durations: list[float] = []  # of the stages run by this invocation, for the ETA
+        names = [s.name for s in stages]
+        for stage in stages:
+            unknown = [n for n in stage.needs + stage.after if n not in names[: names.index(stage.name)]]
+            if unknown:
+                raise ValueError(f"stage {stage.name} needs {unknown}, which do not come before it")
+
+    def directory(self, stage: Stage) -> Path:
+        return self.root / stage.name
+
+    def record(self, stage: Stage) -> dict[str, Any] | None:
+        path = self.directory(stage) / DONE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def fingerprint(self, stage: Stage) -> str:
+        missing = [p for p in stage.inputs if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"stage {stage.name}: {missing[0]}: no such file")
+        content = {
+            "module": stage.module, "args": stage.args, "version": version(),
+            "needs": {n: self.fingerprints.get(n) for n in stage.needs + stage.after},
+            "inputs": {str(p): file_digest(Path(p)) for p in stage.inputs},
+            "launcher": bool(stage.launcher),
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
+
+    def selected(self, stage: Stage) -> bool:
+        return self.only is None or any(fnmatch.fnmatch(stage.name, p) for p in self.only)
+
+    def run(self) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        by_name: dict[str, Outcome] = {}
+        started_all = time.monotonic()
+        for index, stage in enumerate(self.stages, 1):
+            where = f"[{index}/{len(self.stages)}] {stage.name}"
+            blocked = [n for n in stage.needs if by_name[n].status in ("skipped", "failed")]
+            record = self.record(stage)
+            if stage.skip or blocked:
+                reason = stage.skip or f"it needs {', '.join(blocked)}, which did not run"
+                outcome = Outcome(stage, "skipped", reason)
+            elif not self.selected(stage):
+                unfinished = [n for n in stage.needs if by_name[n].status == "not selected" and not by_name[n].fingerprint]
+                fp = None if unfinished else self.fingerprint(stage)
+                done = record is not None and record.get("fingerprint") == fp
+                if fp:
+                    self.fingerprints[stage.name] = fp
+                outcome = Outcome(stage, "not selected", "" if done else "not selected, and not done with these settings",
+                                  record.get("seconds") if done else None, record.get("command", "") if done else "",
+                                  fp if done else "")
+            else:
+                unfinished = [n for n in stage.needs if by_name[n].status == "not selected" and not by_name[n].fingerprint]
+                if unfinished:
+                    raise StageFailed(f"stage {stage.name} needs {', '.join(unfinished)}, which has not run with these "
+                                      f"settings: select it too (stages=[...]) or run without stages=")
+                fp = self.fingerprint(stage)
+                self.fingerprints[stage.name] = fp
+                if record and record.get("fingerprint") == fp and stage.name not in self.force:
+                    outcome = Outcome(stage, "reused", f"unchanged since {record['finished']}", record["seconds"],
+                                      record["command"], fp)
+                else:
+                    self.echo(f"{where}: running{self.eta(index)}")
+                    outcome = self.execute(stage, fp, "its settings or inputs changed" if record else "not done before")
+            by_name[stage.name] = outcome
+            outcomes.append(outcome)
+            if outcome.status != "ran":
+                self.echo(f"{where}: {outcome.status}{': ' + outcome.reason if outcome.reason else ''}")
+        self.echo(f"All {len(self.stages)} stages in {_duration(time.monotonic() - started_all)}")
+        return outcomes
+
+    def eta(self, index: int) -> str:
+        """From the remaining stages' durations last time (their stage.json, even stale ones) where known, else from
+        the mean of the stages run so far."""
+        left = self.stages[index - 1:]
+        known = [r["seconds"] for s in left if (r := self.record(s)) and r.get("seconds")]
+        if known:
+            return f" (the stages left took {_duration(sum(known))} last time)"
+        if self.durations:
+            mean = sum(self.durations) / len(self.durations)
+            return f" (ETA for {len(left)} stages left: about {_duration(mean * len(left))})"
+        return ""
+
+    def execute(self, stage: Stage, fingerprint: str, reason: str) -> Outcome:
+        directory = self.directory(stage)
+        if directory.exists():
+            shutil.rmtree(directory)  # a changed or half-made stage starts empty
+        directory.mkdir(parents=True)
+        args = [*stage.args, *(stage.runtime_args() if stage.runtime_args else [])]
+        command = [*(stage.launcher or [sys.executable]), "-m", stage.module, *args, f"hydra.run.dir={directory}"]
+        shown = " ".join(command[1:] if not stage.launcher else command)
+        started = time.monotonic()
+        env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
+        if stage.launcher:  # every rank the launcher starts writes to this one directory (training.hardware.check_launch)
+            env["GPT4LLM_RUN_ID"] = f"{stage.name.replace('/', '_')}_{fingerprint}"
+        with (directory / LOG).open("w") as log:
+            log.write(f"$ {shown}\n")
+            log.flush()
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        seconds = time.monotonic() - started
+        missing = [o for o in stage.outputs if not (directory / o).exists()]
+        if code != 0 or missing:
+            tail = "".join((directory / LOG).read_text(errors="replace").splitlines(keepends=True)[-15:])
+            what = f"exited with status {code}" if code else f"did not write {', '.join(missing)}"
+            raise StageFailed(f"stage {stage.name} {what}; its log: {directory / LOG}\n{tail}")
+        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_text(directory / DONE, json.dumps({
+            "stage": stage.name, "fingerprint": fingerprint, "command": shown, "seconds": round(seconds, 1),
+            "finished": finished, "outputs": stage.outputs,
+        }, indent=1))
+        self.durations.append(seconds)
+        self.echo(f"  {stage.name}: done in {_duration(seconds)} ({reason})")
+        return Outcome(stage, "ran", reason, round(seconds, 1), shown, fingerprint)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
