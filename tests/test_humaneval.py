@@ -50,6 +50,13 @@ def test_study_refuses_answers_to_other_questions_and_look_alike_models(tmp_path
     other = write_responses(tmp_path / "other", "gamma", ids=range(1, ITEMS + 1))
     with pytest.raises(RecordError, match=r"gamma/responses.jsonl: not the same questions .*1 ids missing, e\.g\. \['q0'\]"):
         create_study(tmp_path / "s1", [str(responses[0]), str(other)], CRITERIA)
+    tagged = []
+    for model, eval_set in (("gamma", "vicuna80"), ("delta", "user_oriented252")):
+        path = write_responses(tmp_path / "sets", model)
+        path.write_text(path.read_text().replace(f'"model": "{model}"', f'"model": "{model}", "eval": "{eval_set}"'))
+        tagged.append(str(path))
+    with pytest.raises(RecordError, match="answers to different eval sets"):
+        create_study(tmp_path / "s0", tagged, CRITERIA)
     twin = write_responses(tmp_path / "twin", "alpha")
     with pytest.raises(RecordError, match="name their model the same"):
         create_study(tmp_path / "s2", [str(responses[0]), str(twin)], CRITERIA)

@@ -117,7 +117,7 @@ def test_tiny_study_killed_mid_stage_then_completed_then_reused_whole(tmp_path):
         seen.append(line)
         if "generate/LLaMA-GPT4/vicuna80: running" in line or not line:
             break
-    time.sleep(3)  # inside the stage
+    time.sleep(1)  # inside the stage (a generate stage takes several seconds: torch alone takes more to import)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and the stage's process, as a lost node or kill -9 would
     proc.wait(timeout=60)
     assert "generate/LLaMA-GPT4/vicuna80: running" in "".join(seen), "".join(seen)

@@ -80,6 +80,9 @@ def create_study(directory: str | Path, responses: list[str], criteria: dict[str
         raise RecordError(f"names: {len(models)} names for {len(responses)} responses files")
     if len(set(models)) != len(models):
         raise RecordError(f"responses: two files name their model the same ({models}); set names=[...] to tell them apart")
+    sets = {path: rows[0].get("eval") for path, rows in zip(responses, answers)}  # generate's lines name their eval set
+    if len({name for name in sets.values() if name}) > 1:
+        raise RecordError(f"responses: answers to different eval sets ({sets}); compare answers to the same set")
     first_ids = [str(row["id"]) for row in answers[0]]
     for path, rows in zip(responses[1:], answers[1:]):
         ids = {str(row["id"]) for row in rows}
