@@ -88,7 +88,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.export:
             print(f"  Export:       {out / 'export'}  (AutoModelForCausalLM.from_pretrained)")
         print("  Final:        " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    _end_process_group()
     return metrics
+
+
+def _end_process_group() -> None:
+    """Each rank of a multi-process run stops its process group's threads before the interpreter exits: left to
+    the exit, a rank of a torchrun job was once killed by "terminate called without an active exception" (SIGABRT)
+    after a complete run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another still exports or writes
+        dist.destroy_process_group()
 
 
 def flat_hyperparameters(config: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
