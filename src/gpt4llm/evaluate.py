@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.evaluation.responses import slug
 from gpt4llm.io import atomic
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
     client = client_from_config(m)
     summaries = []
     for mine in answers:
-        name = _slug(mine[0]["model"])
+        name = slug(mine[0]["model"])
         reviews, summary = judge(
             client, mine, opponent, m.mode, {"temperature": m.temperature, "max_tokens": m.max_tokens},
             m.max_parse_retries, questions, reviewers, m.score_rule,
@@ -127,7 +127,7 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
         for answer, reward in zip(answers, score_answers(cfg.metric.model, answers, cfg.metric.batch_size)):
             answer["reward"] = reward
         name = answers[0]["model"]
-        atomic.write_jsonl(out / f"reward_scores_{_slug(name)}.jsonl",
+        atomic.write_jsonl(out / f"reward_scores_{slug(name)}.jsonl",
                      [{k: a.get(k) for k in ("id", "model", "category", "reward")} for a in answers])
         summary[name] = summarize_rewards(answers) | {"source": str(path), "reward_model": str(cfg.metric.model)}
     atomic.write_text(out / "reward_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
@@ -139,11 +139,6 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
         print(f"\nRanking groups as responses files (judge them with metric=judge): {out / 'ranking_groups'}/<group>/responses.jsonl")
     print(f"Summary: {out / 'reward_summary.json'}")
     return summary
-
-
-def _slug(name: str) -> str:
-    """A model name as part of a file name."""
-    return re.sub(r"[^\w.-]+", "_", name)
 
 
 def evaluate(cfg: DictConfig):

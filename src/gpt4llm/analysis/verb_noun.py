@@ -11,7 +11,6 @@ version, so a second run of the same data reads them back.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,7 +67,9 @@ def parse_pairs(texts: list[str], nlp, batch_size: int = 256, processes: int = 1
 def cache_key(file: Path, field: str, nlp) -> str:
     import spacy
 
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    from gpt4llm.data.sources import file_digest
+
+    digest = file_digest(file, "sha256")[:16]
     parser = f"{nlp.meta.get('lang')}_{nlp.meta.get('name')}-{nlp.meta.get('version')}-spacy{spacy.__version__}"
     return f"{file.stem}.{digest}.{field}.{parser}"
 

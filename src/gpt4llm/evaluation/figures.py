@@ -26,6 +26,7 @@ import matplotlib.ticker
 import numpy as np
 
 from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.evaluation.responses import slug  # noqa: F401  (file names here and in the commands)
 
 BUCKETS = ("0-2", "3-5", "6-10", "10-")  # the file-name labels; the x axis says ">10" for "10-"
 TABLE_FILE = re.compile(r"^(?P<prefix>.*)_len(?P<bucket>0-2|3-5|6-10|10-|ALL)\.json$")
@@ -191,10 +192,6 @@ def draw_output_lengths(lengths: dict[str, list[int]], xlabel: str = "Output Seq
 
 # --- Human evaluation (Figure 3) ------------------------------------------------------------------------------
 HHH_OUTCOMES = ("win", "lose", "tie")  # wedges in the labels' order (the notebook swapped the first two in 3b)
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name)
 
 
 def draw_hhh_pies(comparison: dict[str, Any]):

@@ -9,10 +9,16 @@ has (reference, category, instruction, input)}.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from gpt4llm.data.records import RecordError, read_json_records
+
+
+def slug(name: str) -> str:
+    """A model name as part of a file name."""
+    return re.sub(r"[^\w.-]+", "_", name)
 
 
 def read_responses(path: str | Path) -> list[dict[str, Any]]:

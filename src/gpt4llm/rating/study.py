@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt4llm.data.records import RecordError
+from gpt4llm.data.sources import file_digest
 from gpt4llm.io.atomic import write_text
 
 STUDY_FILE = "study.json"
@@ -134,4 +135,4 @@ def open_or_create(directory: str | Path, responses: list[str], criteria: dict[s
 def _sha256(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such responses file (write one with python -m gpt4llm.generate)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_digest(path, "sha256")

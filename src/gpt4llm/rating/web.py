@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
@@ -128,7 +128,7 @@ def build_app(rating: Rating) -> FastAPI:
         return rating.item(token, position)
 
     @app.post("/api/rate/{token}/items/{position}/vote")
-    def vote(token: str, position: int, body: Vote, request: Request):
+    def vote(token: str, position: int, body: Vote):
         return rating.vote(token, position, body)
 
     return app

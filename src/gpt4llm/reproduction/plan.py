@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,31 +56,31 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: "JudgeServer | None"
 
     for model, args in p.sft.items():
         stages.append(Stage(f"train/{model}", "gpt4llm.train", merged(p.train_common, args, paths),
-                            outputs=["export/config.json", "metrics.json"], launcher=launcher, describe=f"SFT: {model}"))
+                            outputs=["export/config.json", "metrics.json"], launcher=launcher))
     stages.append(Stage("train/reward_model", "gpt4llm.train", merged(p.train_common, p.reward_model, paths),
-                        outputs=["export/config.json", "metrics.json"], launcher=launcher, describe="the reward model"))
+                        outputs=["export/config.json", "metrics.json"], launcher=launcher))
     for model in p.sft:
         for eval_set, args in p.eval_sets.items():
             stages.append(Stage(
                 f"generate/{model}/{eval_set}", "gpt4llm.generate",
                 merged(args, p.generate_common, [f"model.path={export(model)}", f"model.name={model}"], paths),
-                needs=[f"train/{model}"], outputs=["responses.jsonl"], describe=f"{model} answers {eval_set}"))
+                needs=[f"train/{model}"], outputs=["responses.jsonl"]))
 
     rouge_inputs = [answers(m, p.rouge.eval_set) for m in p.rouge.models]
     stages.append(Stage("evaluate/rouge", "gpt4llm.evaluate",
                         ["metric=rouge", f"responses=[{','.join(map(str, rouge_inputs))}]", *paths],
                         needs=[f"generate/{m}/{p.rouge.eval_set}" for m in p.rouge.models],
-                        outputs=["rouge_lenALL.json"], describe="ROUGE-L by reference length (Figure 6)"))
+                        outputs=["rouge_lenALL.json"]))
 
     b = p.bestofn
     stages.append(Stage("bestofn", "gpt4llm.bestofn",
                         [f"sft_model={export(b.model)}", f"reward_model={export('reward_model')}",
                          f"prompts={answers(b.model, b.eval_set)}", *_strings(b.args), *paths],
                         needs=[f"train/{b.model}", "train/reward_model", f"generate/{b.model}/{b.eval_set}"],
-                        outputs=["bestofn.jsonl"], describe=f"best-of-N samples of {b.model}, ranked by the reward model"))
+                        outputs=["bestofn.jsonl"]))
     stages.append(Stage("evaluate/reward", "gpt4llm.evaluate",
                         ["metric=reward", f"responses={root / 'bestofn' / 'bestofn.jsonl'}", *paths],
-                        needs=["bestofn"], outputs=["reward_summary.json"], describe="the ranking groups"))
+                        needs=["bestofn"], outputs=["reward_summary.json"]))
 
     j = p.judge
     groups = ranking_group_names(_strings(b.args))
@@ -107,14 +108,12 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: "JudgeServer | None"
             args.append(f"metric.cache={root / 'judge' / opponent / 'replies.jsonl'}")  # the served model's own
             runtime = judge_server.arguments if judge_server else None
         stage = Stage(f"judge/{opponent}", "gpt4llm.evaluate", args, needs=list(dict.fromkeys(needs)), inputs=inputs,
-                      outputs=[f"judge_summary_{j.models[0]}.json"], skip=reason, runtime_args=runtime,
-                      describe=f"the FastChat review against {opponent}")
+                      outputs=[f"judge_summary_{j.models[0]}.json"], skip=reason, runtime_args=runtime)
         judge_stages.append(stage.name)
         stages.append(stage)
 
     stages.append(Stage("plots", "gpt4llm.plots", [f"results={root}", "paper=true", *paths],
-                        needs=["evaluate/rouge"], after=judge_stages + ["evaluate/reward"],
-                        describe="every figure from the results above"))
+                        needs=["evaluate/rouge"], after=judge_stages + ["evaluate/reward"]))
     return stages
 
 
@@ -166,8 +165,8 @@ class JudgeServer:
             lines.append(line)
             if line.startswith("Serving "):
                 self.base_url = line.rsplit(" at ", 1)[1].strip()
-                # The rest of its output goes nowhere: a full pipe would stall the server.
-                threading_drain(self.process)
+                # The rest of its output is read and dropped: a full pipe would stall the server.
+                threading.Thread(target=self.process.stdout.read, daemon=True).start()
                 return
         self.stop()
         raise RuntimeError(f"the judge server for {self.export_dir} did not start:\n{''.join(lines[-15:])}")
@@ -180,8 +179,3 @@ class JudgeServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
 
-
-def threading_drain(process: subprocess.Popen) -> None:
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()

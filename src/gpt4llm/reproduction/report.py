@@ -19,10 +19,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gpt4llm.data.sources import file_digest
 from gpt4llm.evaluation import figures as F
 from gpt4llm.evaluation import paper
 from gpt4llm.io.atomic import write_text
-from gpt4llm.reproduction.stages import Outcome, file_digest
+from gpt4llm.reproduction.stages import Outcome
 
 PACKAGES = ("gpt4llm", "torch", "transformers", "lightning", "deepspeed", "datasets", "hydra-core", "rouge-score",
             "openai", "spacy")
@@ -201,7 +202,7 @@ def provenance_section(root: Path, cfg: DictConfig, command: str, outcomes: list
     rows += [["python", platform.python_version()], ["machine", f"{platform.platform()}, {os.cpu_count()} CPUs"],
              ["GPUs", ", ".join(gpus) or "none"]]
     for name, path in data_files(root, outcomes).items():
-        rows.append([f"data {name}", f"{path} sha256:{file_digest(path)[:16]}…"])
+        rows.append([f"data {name}", f"{path} sha256:{file_digest(path, 'sha256')[:16]}…"])
     rows.append(["config", "config.yaml beside this report (the preset, resolved)"])
     return Section("Provenance", "", ["what", "value"], rows)
 

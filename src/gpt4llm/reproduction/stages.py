@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from gpt4llm.data.sources import file_digest
 from gpt4llm.io.atomic import write_text
 
 DONE = "stage.json"
@@ -52,7 +53,6 @@ class Stage:
     launcher: list[str] | None = None  # the multi-node prefix (srun, torchrun ...) for training stages
     skip: str | None = None       # why it does not run (no judge key): said in the report
     runtime_args: Callable[[], list[str]] | None = None  # settings known only when it runs (a served judge's URL)
-    describe: str = ""            # one line for the report: what the stage is
 
 
 @dataclass
@@ -73,14 +73,6 @@ def version() -> str:
         return package_version("gpt4llm")
     except PackageNotFoundError:
         return "unknown"
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Pipeline:
@@ -112,7 +104,7 @@ class Pipeline:
         content = {
             "module": stage.module, "args": stage.args, "version": version(),
             "needs": {n: self.fingerprints.get(n) for n in stage.needs + stage.after},
-            "inputs": {str(p): file_digest(Path(p)) for p in stage.inputs},
+            "inputs": {str(p): file_digest(Path(p), "sha256") for p in stage.inputs},
             "launcher": bool(stage.launcher),
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
@@ -128,11 +120,11 @@ class Pipeline:
             where = f"[{index}/{len(self.stages)}] {stage.name}"
             blocked = [n for n in stage.needs if by_name[n].status in ("skipped", "failed")]
             record = self.record(stage)
+            unfinished = [n for n in stage.needs if by_name[n].status == "not selected" and not by_name[n].fingerprint]
             if stage.skip or blocked:
                 reason = stage.skip or f"it needs {', '.join(blocked)}, which did not run"
                 outcome = Outcome(stage, "skipped", reason)
             elif not self.selected(stage):
-                unfinished = [n for n in stage.needs if by_name[n].status == "not selected" and not by_name[n].fingerprint]
                 fp = None if unfinished else self.fingerprint(stage)
                 done = record is not None and record.get("fingerprint") == fp
                 if fp:
@@ -141,7 +133,6 @@ class Pipeline:
                                   record.get("seconds") if done else None, record.get("command", "") if done else "",
                                   fp if done else "")
             else:
-                unfinished = [n for n in stage.needs if by_name[n].status == "not selected" and not by_name[n].fingerprint]
                 if unfinished:
                     raise StageFailed(f"stage {stage.name} needs {', '.join(unfinished)}, which has not run with these "
                                       f"settings: select it too (stages=[...]) or run without stages=")
