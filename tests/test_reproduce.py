@@ -111,7 +111,7 @@ def test_tiny_study_killed_mid_stage_then_completed_then_reused_whole(tmp_path):
     proc = subprocess.Popen(reproduce_command(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
-    deadline = time.time() + 600
+    deadline = time.time() + 1500  # the four training stages first: minutes on a loaded machine
     while time.time() < deadline:
         line = proc.stdout.readline()
         seen.append(line)
