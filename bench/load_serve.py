@@ -36,9 +36,22 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def start_server(model_dir: str, key: str, extra: list[str]) -> tuple[subprocess.Popen, str, str]:
     env = dict(os.environ, GPT4LLM_API_KEY=key, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpt4llm.serve", f"model.path={model_dir}", "port=0", "host=127.0.0.1",
-         "hydra.run.dir=/tmp/gpt4llm_load_serve", "hydra.output_subdir=null", *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gpt4llm.serve",
+            f"model.path={model_dir}",
+            "port=0",
+            "host=127.0.0.1",
+            "hydra.run.dir=/tmp/gpt4llm_load_serve",
+            "hydra.output_subdir=null",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     for line in proc.stdout:
         if line.startswith("Serving '"):
@@ -59,7 +72,9 @@ class Client:
             conn = getattr(self.local, "conn", None) or http.client.HTTPConnection(self.host, self.port, timeout=600)
             self.local.conn = conn
             try:
-                headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.key}"} if self.key else {})
+                headers = {"Content-Type": "application/json"} | (
+                    {"Authorization": f"Bearer {self.key}"} if self.key else {}
+                )
                 conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
                 response = conn.getresponse()
                 text = response.read().decode()
@@ -92,7 +107,11 @@ def check(body: dict, status: int, text: str, model: str, expected: str | None) 
         else:
             reply = json.loads(text)
             [choice] = reply["choices"]
-            if reply.get("object") != "chat.completion" or reply.get("model") != model or choice["message"]["role"] != "assistant":
+            if (
+                reply.get("object") != "chat.completion"
+                or reply.get("model") != model
+                or choice["message"]["role"] != "assistant"
+            ):
                 return "bad layout", 0
             content, finish, usage = choice["message"]["content"], choice["finish_reason"], reply["usage"]
     except (ValueError, KeyError, IndexError, TypeError) as err:
@@ -115,13 +134,17 @@ def main() -> int:
     where.add_argument("--model-dir", help="start `python -m gpt4llm.serve model.path=DIR port=0` for the test")
     where.add_argument("--base-url", help="a running server, e.g. http://127.0.0.1:8000/v1 (loopback only)")
     parser.add_argument("--model", help="the served model's name (with --base-url)")
-    parser.add_argument("--api-key-env", default="GPT4LLM_API_KEY", help="with --base-url: the variable holding its key")
+    parser.add_argument(
+        "--api-key-env", default="GPT4LLM_API_KEY", help="with --base-url: the variable holding its key"
+    )
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=20, help="distinct prompts the requests are drawn from")
     parser.add_argument("--max-tokens", type=int, default=32, help="the largest max_tokens of a request")
     parser.add_argument("--stream-every", type=int, default=10, help="every n-th request is streamed (0: none)")
-    parser.add_argument("--serve-arg", action="append", default=[], help="an override for the started server, e.g. max_batch=16")
+    parser.add_argument(
+        "--serve-arg", action="append", default=[], help="an override for the started server, e.g. max_batch=16"
+    )
     args = parser.parse_args()
     if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 256:
         parser.error("--requests must be 1..10000 and --concurrency 1..256 (a bounded test)")
@@ -146,18 +169,27 @@ def main() -> int:
         records = make_demo_records(args.prompts, seed=123)
         prompts = []
         for i, r in enumerate(records):  # half plain instructions (the server templates them), half templated
-            content = format_prompt(r["instruction"], r["input"]) if i % 2 else r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+            content = (
+                format_prompt(r["instruction"], r["input"])
+                if i % 2
+                else r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+            )
             prompts.append({"content": content, "max_tokens": 4 + (i * 7) % (args.max_tokens - 3)})
 
         def body(i: int) -> dict:
             p = prompts[i % len(prompts)]
-            return {"model": model, "messages": [{"role": "user", "content": p["content"]}], "max_tokens": p["max_tokens"],
-                    "temperature": 1.0 if i % 4 == 3 else 0, "stream": bool(args.stream_every) and i % args.stream_every == 0,
-                    "stream_options": {"include_usage": True}}
+            return {
+                "model": model,
+                "messages": [{"role": "user", "content": p["content"]}],
+                "max_tokens": p["max_tokens"],
+                "temperature": 1.0 if i % 4 == 3 else 0,
+                "stream": bool(args.stream_every) and i % args.stream_every == 0,
+                "stream_options": {"include_usage": True},
+            }
 
         # The greedy answer to each prompt, asked alone: what every greedy answer under load must equal.
         expected = {}
-        for i, p in enumerate(prompts):
+        for i in range(len(prompts)):
             b = body(i) | {"temperature": 0, "stream": False}
             status, text = client.post(b)
             if status != 200:
@@ -191,11 +223,19 @@ def main() -> int:
             errors[problem] = errors.get(problem, 0) + 1
     q = statistics.quantiles(latencies, n=100, method="inclusive")
     tokens = sum(r[2] for r in results)
-    print(f"\nLoad test of {model} at {base_url}: {args.requests} requests, {args.concurrency} concurrent, "
-          f"{len(prompts)} distinct prompts, max_tokens 4-{args.max_tokens}, every {args.stream_every or 'no'}th streamed")
+    print(
+        f"\nLoad test of {model} at {base_url}: {args.requests} requests, {args.concurrency} concurrent, "
+        f"{len(prompts)} distinct prompts, max_tokens 4-{args.max_tokens}, every {args.stream_every or 'no'}th streamed"
+    )
     print(f"  wall {wall:.2f}s  |  {args.requests / wall:.2f} req/s  |  {tokens / wall:.1f} completion tokens/s")
-    print(f"  latency p50 {q[49] * 1000:.0f} ms  p90 {q[89] * 1000:.0f} ms  p99 {q[98] * 1000:.0f} ms  max {latencies[-1] * 1000:.0f} ms")
-    print(f"  errors: {sum(errors.values())}" + (f"  {errors}" if errors else "  (every answer well-formed; every greedy one equal to its answer alone)"))
+    print(
+        f"  latency p50 {q[49] * 1000:.0f} ms  p90 {q[89] * 1000:.0f} ms  p99 {q[98] * 1000:.0f} ms  "
+        f"max {latencies[-1] * 1000:.0f} ms"
+    )
+    print(
+        f"  errors: {sum(errors.values())}"
+        + (f"  {errors}" if errors else "  (every answer well-formed; every greedy one equal to its answer alone)")
+    )
     return 1 if errors else 0
 
 

@@ -12,7 +12,8 @@ starts both ways from the same weights (with model=tiny, a fresh random init see
 and shuffles (b) with seed r, so the validation losses are compared over inits and orders, not one draw. Printed:
 real (non-pad) tokens per second of each way, the ratio (b)/(a), the median over --repeats, each way's validation
 loss after training (the same padded validation batches for both) and, where the device's peak is known (Lightning's
-table of GPUs, or --peak-tflops), the model FLOPs utilisation (gpt4llm.training.flops: useful FLOPs of real tokens only).
+table of GPUs, or --peak-tflops), the model FLOPs utilisation (gpt4llm.training.flops: useful FLOPs of real tokens
+only).
 --order-control adds (b)'s layout in (a)'s file order, whose validation loss should equal (a)'s: what then separates
 (b) from (a) is the order of the examples, not the layout.
 """
@@ -61,7 +62,7 @@ class Clock:
 
 def full_logits_loss(module, batch):
     """stanford_alpaca's loss: the output layer and softmax at every position, prompts and padding included."""
-    from gpt4llm.models.sft import token_loss
+    from gpt4llm.models.sft_module import token_loss
 
     return token_loss(module(batch)[:, :-1], batch["labels"][:, 1:])
 
@@ -85,16 +86,27 @@ def train_once(cfg, tokenizer, train_loader, val_loader, args, seed: int, stanfo
             module.model.load_state_dict(AutoModelForCausalLM.from_config(module.model.config).state_dict())
     clock = Clock()
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1, precision=args.precision, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-        gradient_clip_val=1.0, callbacks=[clock.callback], num_sanity_val_steps=0,
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        gradient_clip_val=1.0,
+        callbacks=[clock.callback],
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=train_loader)
     val_loss = trainer.validate(module, dataloaders=val_loader, verbose=False)[0]["val/loss"]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else available_flops(module.device, args.precision)
     return {
-        "tokens_per_s": clock.real / clock.seconds, "seconds": clock.seconds,
-        "pad_fraction": 1 - clock.real / clock.computed, "val_loss": val_loss,
+        "tokens_per_s": clock.real / clock.seconds,
+        "seconds": clock.seconds,
+        "pad_fraction": 1 - clock.real / clock.computed,
+        "val_loss": val_loss,
         "mfu": clock.flops / clock.seconds / peak if peak else float("nan"),
     }
 
@@ -106,16 +118,27 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=512, help="training examples per run (both ways)")
     parser.add_argument("--val-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4, help="examples per batch, both ways (stanford_alpaca's: 4)")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="examples per batch, both ways (stanford_alpaca's: 4)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: Lightning's table of GPUs)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's peak for MFU (default: Lightning's table of GPUs)"
+    )
     parser.add_argument("--batching", help="override data.batching for (b) (auto, packed, grouped, random)")
-    parser.add_argument("--attn-implementation", help="override model.attn_implementation (e.g. sdpa_varlen for --model-dir)")
-    parser.add_argument("--order-control", action="store_true",
-                        help="also train (b)'s layout in (a)'s file order: its val loss should equal (a)'s, so a gap is the order's")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the cores you have to yourself)")
+    parser.add_argument(
+        "--attn-implementation", help="override model.attn_implementation (e.g. sdpa_varlen for --model-dir)"
+    )
+    parser.add_argument(
+        "--order-control",
+        action="store_true",
+        help="also train (b)'s layout in (a)'s file order: its val loss should equal (a)'s, so a gap is the order's",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch intra-op threads (the cores you have to yourself)"
+    )
     parser.add_argument("--work-dir", default=str(ROOT / "data"), help="where the tiny model, demo and caches go")
     args = parser.parse_args()
     import torch
@@ -126,15 +149,21 @@ def main() -> None:
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
+    from gpt4llm.data.collators import PackedCollator, SFTCollator
     from gpt4llm.data.demo import write_demo_file
-    from gpt4llm.data.sft import PackedCollator, SFTCollator
     from gpt4llm.models.hf import prepare_tokenizer
 
     data = args.data or str(write_demo_file(Path(args.work_dir) / "demo" / "bench_demo.json", 4000, seed=0))
     model = ["model=hf", f"model.path={args.model_dir}"] if args.model_dir else ["model=tiny"]
     overrides = [
-        *model, "data=local", f"data.path={data}", f"paths.data_dir={args.work_dir}", f"data.batch_size={args.batch_size}",
-        f"data.val_size={args.val_size}", f"model.max_length={args.max_length}", "data.num_workers=0",
+        *model,
+        "data=local",
+        f"data.path={data}",
+        f"paths.data_dir={args.work_dir}",
+        f"data.batch_size={args.batch_size}",
+        f"data.val_size={args.val_size}",
+        f"model.max_length={args.max_length}",
+        "data.num_workers=0",
         *([f"data.batching={args.batching}"] if args.batching else []),
         *([f"model.attn_implementation={args.attn_implementation}"] if args.attn_implementation else []),
     ]
@@ -153,45 +182,75 @@ def main() -> None:
     train = train.sort("index").select(range(args.examples))
     datamodule.splits["train"] = train
     padded = SFTCollator(tokenizer.pad_token_id)
-    stanford = DataLoader(train.select_columns(["input_ids", "labels"]), batch_size=args.batch_size, shuffle=False, collate_fn=padded)
-    val = DataLoader(datamodule.splits["validation"].select_columns(["input_ids", "labels"]), batch_size=16, collate_fn=padded)
+    stanford = DataLoader(
+        train.select_columns(["input_ids", "labels"]), batch_size=args.batch_size, shuffle=False, collate_fn=padded
+    )
+    val = DataLoader(
+        datamodule.splits["validation"].select_columns(["input_ids", "labels"]), batch_size=16, collate_fn=padded
+    )
 
     runs = {"stanford": [], "ours": []}
     if args.order_control:
         if datamodule.batching != "packed":
             sys.exit(f"--order-control compares packed batches in file order; (b) here is {datamodule.batching}")
         runs["ours_file_order"] = []
-        file_order = DataLoader(train.select_columns(["input_ids", "labels"]), batch_size=args.batch_size, collate_fn=PackedCollator())
+        file_order = DataLoader(
+            train.select_columns(["input_ids", "labels"]), batch_size=args.batch_size, collate_fn=PackedCollator()
+        )
     for repeat in range(args.repeats):
         datamodule.shuffle_seed = repeat
         loaders = {"stanford": stanford, "ours": datamodule.train_dataloader()}
         if args.order_control:
             loaders["ours_file_order"] = file_order
         # Alternating which way goes first, so neither always meets a cold or a warm process.
-        for way in (list(loaders) if repeat % 2 == 0 else list(reversed(loaders))):
-            runs[way].append(train_once(cfg, tokenizer, loaders[way], val, args, seed=repeat, stanford=way == "stanford"))
-        print(f"repeat {repeat + 1}: " + ", ".join(
-            f"{k} {v[-1]['tokens_per_s']:.0f} tok/s, val loss {v[-1]['val_loss']:.4f}" for k, v in runs.items()), flush=True)
+        for way in list(loaders) if repeat % 2 == 0 else list(reversed(loaders)):
+            runs[way].append(
+                train_once(cfg, tokenizer, loaders[way], val, args, seed=repeat, stanford=way == "stanford")
+            )
+        print(
+            f"repeat {repeat + 1}: "
+            + ", ".join(
+                f"{k} {v[-1]['tokens_per_s']:.0f} tok/s, val loss {v[-1]['val_loss']:.4f}" for k, v in runs.items()
+            ),
+            flush=True,
+        )
 
-    print(f"\n{args.examples} examples of {data}, model {cfg.model.path}, batch {args.batch_size}, {args.repeats} repeats (median)")
-    print(f"ours = data.batching={cfg.data.batching} ({datamodule.batching}), attention {cfg.model.attn_implementation}")
+    print(
+        f"\n{args.examples} examples of {data}, model {cfg.model.path}, batch {args.batch_size}, "
+        f"{args.repeats} repeats (median)"
+    )
+    print(
+        f"ours = data.batching={cfg.data.batching} ({datamodule.batching}), attention {cfg.model.attn_implementation}"
+    )
     print(f"{'way':16s} {'real tok/s':>11s} {'pad frac':>9s} {'seconds':>8s} {'val loss':>9s} {'MFU':>7s}")
     median = {}
     for way, results in runs.items():
         median[way] = {k: statistics.median(r[k] for r in results) for k in results[0]}
         m = median[way]
         mfu = "n/a" if math.isnan(m["mfu"]) else f"{m['mfu']:.1%}"  # no known peak (CPUs): see --peak-tflops
-        print(f"{way:16s} {m['tokens_per_s']:11.0f} {m['pad_fraction']:9.3f} {m['seconds']:8.1f} {m['val_loss']:9.4f} {mfu:>7s}")
+        print(
+            f"{way:16s} {m['tokens_per_s']:11.0f} {m['pad_fraction']:9.3f} {m['seconds']:8.1f} "
+            f"{m['val_loss']:9.4f} {mfu:>7s}"
+        )
     ratios = [o["tokens_per_s"] / s["tokens_per_s"] for s, o in zip(runs["stanford"], runs["ours"])]
-    print(f"ratio ours/stanford (real tokens/s): median {statistics.median(ratios):.2f}  (each repeat: "
-          + ", ".join(f"{r:.2f}" for r in ratios) + ")")
+    print(
+        f"ratio ours/stanford (real tokens/s): median {statistics.median(ratios):.2f}  (each repeat: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + ")"
+    )
     gaps = [o["val_loss"] - s["val_loss"] for s, o in zip(runs["stanford"], runs["ours"])]
-    print(f"val loss ours - stanford: median {statistics.median(gaps):+.4f}  (each repeat: "
-          + ", ".join(f"{g:+.4f}" for g in gaps) + ")")
+    print(
+        f"val loss ours - stanford: median {statistics.median(gaps):+.4f}  (each repeat: "
+        + ", ".join(f"{g:+.4f}" for g in gaps)
+        + ")"
+    )
     if args.order_control:  # the same batches in the same order, laid out packed: only float rounding differs
         gaps = [o["val_loss"] - s["val_loss"] for s, o in zip(runs["stanford"], runs["ours_file_order"])]
-        print(f"val loss ours in file order - stanford: largest |difference| {max(map(abs, gaps)):.4f}  (each repeat: "
-              + ", ".join(f"{g:+.4f}" for g in gaps) + ")")
+        print(
+            f"val loss ours in file order - stanford: largest |difference| {max(map(abs, gaps)):.4f}  (each repeat: "
+            + ", ".join(f"{g:+.4f}" for g in gaps)
+            + ")"
+        )
 
 
 if __name__ == "__main__":

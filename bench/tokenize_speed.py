@@ -20,8 +20,8 @@ from pathlib import Path
 from transformers import LlamaTokenizer
 
 from gpt4llm.data.cache import tokenize_rows
-from gpt4llm.data.sft import tokenize_batch
-from gpt4llm.models.hf import PAD_TOKEN, load_tokenizer
+from gpt4llm.data.sft_examples import tokenize_batch
+from gpt4llm.data.tokenizer import PAD_TOKEN, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

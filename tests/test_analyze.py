@@ -16,9 +16,9 @@ spacy = pytest.importorskip("spacy")
 from spacy.language import Language  # noqa: E402
 from spacy.tokens import Doc  # noqa: E402
 
-from gpt4llm.analysis.figures import draw_top_pairs, pair_counts, sunburst_rings  # noqa: E402
 from gpt4llm.analysis.verb_noun import first_sentence_pair, verb_and_object  # noqa: E402
-from tests.conftest import CONF, SHARED_DATA  # noqa: E402
+from gpt4llm.analysis.verb_noun_charts import draw_top_pairs, pair_counts, sunburst_rings  # noqa: E402
+from helpers.configs import CONF, SHARED_DATA  # noqa: E402  (after the importorskip)
 
 BLANK = spacy.blank("en")
 VOCAB, TOKENIZE = BLANK.vocab, BLANK.make_doc
@@ -27,27 +27,39 @@ VOCAB, TOKENIZE = BLANK.vocab, BLANK.make_doc
 def parsed(spec: str) -> Doc:
     """A Doc from 'word/POS/dep/head[/lemma]' items separated by spaces; head is the index of the token's head."""
     rows = [item.split("/") for item in spec.split()]
-    return Doc(VOCAB, words=[r[0] for r in rows], pos=[r[1] for r in rows], deps=[r[2] for r in rows],
-               heads=[int(r[3]) for r in rows], lemmas=[r[4] if len(r) > 4 else r[0].lower() for r in rows])
+    return Doc(
+        VOCAB,
+        words=[r[0] for r in rows],
+        pos=[r[1] for r in rows],
+        deps=[r[2] for r in rows],
+        heads=[int(r[3]) for r in rows],
+        lemmas=[r[4] if len(r) > 4 else r[0].lower() for r in rows],
+    )
 
 
-@pytest.mark.parametrize("spec, expected", [
-    # A verb at the root with a noun object: (verb lemma, noun lemma).
-    ("Write/VERB/ROOT/0 a/DET/det/2 poem/NOUN/dobj/0 ./PUNCT/punct/0", ("write", "poem")),
-    # Lemmas, not words: "Generating lists" -> (generate, list).
-    ("Generating/VERB/ROOT/0/generate three/NUM/nummod/2 lists/NOUN/dobj/0/list", ("generate", "list")),
-    # The object must be a NOUN: a proper noun or pronoun object leaves the noun empty.
-    ("Describe/VERB/ROOT/0 Paris/PROPN/dobj/0", ("describe", None)),
-    ("Explain/VERB/ROOT/0 it/PRON/dobj/0", ("explain", None)),
-    # The first dobj NOUN among several children.
-    ("Give/VERB/ROOT/0 me/PRON/dative/0 examples/NOUN/dobj/0/example and/CCONJ/cc/2 tips/NOUN/conj/2/tip", ("give", "example")),
-    # No verb at the root: down the root's FIRST child only ("Sure" has none, so nothing, though "write" is a verb).
-    ("Sure/INTJ/ROOT/0 ,/PUNCT/punct/0 I/PRON/nsubj/3 write/VERB/ccomp/0 code/NOUN/dobj/3", (None, None)),
-    # ... and when the first child is a verb, its object is taken.
-    ("Help/NOUN/ROOT/0 write/VERB/xcomp/0 essays/NOUN/dobj/1/essay", ("write", "essay")),
-    # The first sentence only: its root is a noun phrase with no verb below.
-    ("Great/ADJ/amod/1 question/NOUN/ROOT/1 ./PUNCT/punct/1 Read/VERB/ROOT/3 books/NOUN/dobj/3/book", (None, None)),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        # A verb at the root with a noun object: (verb lemma, noun lemma).
+        ("Write/VERB/ROOT/0 a/DET/det/2 poem/NOUN/dobj/0 ./PUNCT/punct/0", ("write", "poem")),
+        # Lemmas, not words: "Generating lists" -> (generate, list).
+        ("Generating/VERB/ROOT/0/generate three/NUM/nummod/2 lists/NOUN/dobj/0/list", ("generate", "list")),
+        # The object must be a NOUN: a proper noun or pronoun object leaves the noun empty.
+        ("Describe/VERB/ROOT/0 Paris/PROPN/dobj/0", ("describe", None)),
+        ("Explain/VERB/ROOT/0 it/PRON/dobj/0", ("explain", None)),
+        # The first dobj NOUN among several children.
+        (
+            "Give/VERB/ROOT/0 me/PRON/dative/0 examples/NOUN/dobj/0/example and/CCONJ/cc/2 tips/NOUN/conj/2/tip",
+            ("give", "example"),
+        ),
+        # No verb at the root: down the root's FIRST child only ("Sure" has none, so nothing, though "write" is a verb).
+        ("Sure/INTJ/ROOT/0 ,/PUNCT/punct/0 I/PRON/nsubj/3 write/VERB/ccomp/0 code/NOUN/dobj/3", (None, None)),
+        # ... and when the first child is a verb, its object is taken.
+        ("Help/NOUN/ROOT/0 write/VERB/xcomp/0 essays/NOUN/dobj/1/essay", ("write", "essay")),
+        # The first sentence only: its root is a noun phrase with no verb below.
+        ("Great/ADJ/amod/1 question/NOUN/ROOT/1 ./PUNCT/punct/1 Read/VERB/ROOT/3 books/NOUN/dobj/3/book", (None, None)),
+    ],
+)
 def test_the_notebooks_rule_on_hand_built_parses(spec, expected):
     assert first_sentence_pair(parsed(spec)) == expected
 
@@ -58,13 +70,24 @@ def test_a_verb_root_without_object_gives_the_verb_alone():
 
 
 def test_counts_selection_and_bars():
-    pairs = [("write", "poem")] * 12 + [("write", "story")] * 11 + [("write", "essay")] * 3 + [("give", "example")] * 20 \
-        + [("make", None)] * 50 + [(None, None)] * 5
+    pairs = (
+        [("write", "poem")] * 12
+        + [("write", "story")] * 11
+        + [("write", "essay")] * 3
+        + [("give", "example")] * 20
+        + [("make", None)] * 50
+        + [(None, None)] * 5
+    )
     counts = pair_counts(pairs)
-    assert counts == Counter({("give", "example"): 20, ("write", "poem"): 12, ("write", "story"): 11, ("write", "essay"): 3})
+    assert counts == Counter(
+        {("give", "example"): 20, ("write", "poem"): 12, ("write", "story"): 11, ("write", "essay"): 3}
+    )
     # top verbs by all their pairs (write: 26 > give: 20), top nouns per verb, only pairs seen more than 10 times
     assert sunburst_rings(counts, verbs=20, nouns=4, min_count=10) == [
-        ("write", "poem", 12), ("write", "story", 11), ("give", "example", 20)]
+        ("write", "poem", 12),
+        ("write", "story", 11),
+        ("give", "example", 20),
+    ]
     other = Counter({("give", "example"): 7})
     fig = draw_top_pairs({"gpt4": counts, "gpt3.5": other}, top=2)
     ax = fig.axes[0]
@@ -86,8 +109,15 @@ def first_word_parser(doc: Doc) -> Doc:
     noun = next((t.i for t in doc[1:] if t.is_alpha and t.lower_ not in ("a", "an", "the")), None)
     if noun is not None:
         deps[noun], pos[noun] = "dobj", "NOUN"
-    parsed = Doc(doc.vocab, words=[t.text for t in doc], spaces=[bool(t.whitespace_) for t in doc], heads=heads,
-                 deps=deps, pos=pos, lemmas=[t.lower_ for t in doc])
+    parsed = Doc(
+        doc.vocab,
+        words=[t.text for t in doc],
+        spaces=[bool(t.whitespace_) for t in doc],
+        heads=heads,
+        deps=deps,
+        pos=pos,
+        lemmas=[t.lower_ for t in doc],
+    )
     return parsed
 
 
@@ -117,16 +147,26 @@ def run_analyze(tmp_path: Path, *overrides: str) -> dict:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("analyze", overrides=[f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={out}",
-                                            "formats=[png]", *overrides])
+        cfg = compose(
+            "analyze",
+            overrides=[f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={out}", "formats=[png]", *overrides],
+        )
         return analyze(cfg)
 
 
 def test_analyze_two_datasets_and_reuse_the_parse(tmp_path, stand_in_parser):
     demo_path = tmp_path / "data" / "demo" / "demo_300_seed0.json"
-    summary = run_analyze(tmp_path, "data=demo", "data.demo.num_records=300", f"parser.model={stand_in_parser}",
-                          "parser.processes=2", "parser.batch_size=64", "field=instruction", "versus=demo",
-                          "sunburst.min_count=2")
+    summary = run_analyze(
+        tmp_path,
+        "data=demo",
+        "data.demo.num_records=300",
+        f"parser.model={stand_in_parser}",
+        "parser.processes=2",
+        "parser.batch_size=64",
+        "field=instruction",
+        "versus=demo",
+        "sunburst.min_count=2",
+    )
     records = json.loads(demo_path.read_text())
     expected = [stand_in_pair(r["instruction"]) for r in records]
     name, row = next(iter(summary["datasets"].items()))
@@ -137,15 +177,32 @@ def test_analyze_two_datasets_and_reuse_the_parse(tmp_path, stand_in_parser):
     assert [(r["verb"] or None, r["noun"] or None) for r in table] == expected
     assert [r["text"] for r in table] == [r["instruction"] for r in records]
     counts = Counter((v, n) for v, n in expected if v and n)
-    assert row["unique_pairs"] == len(counts) and row["top_pairs"][0] == [*counts.most_common(1)[0][0], counts.most_common(1)[0][1]]
+    assert row["unique_pairs"] == len(counts) and row["top_pairs"][0] == [
+        *counts.most_common(1)[0][0],
+        counts.most_common(1)[0][1],
+    ]
     # versus=demo composes the demo config again (its default 4000 records): a second, different dataset.
-    assert list(summary["datasets"])[1] == "demo_4000_seed0" and summary["datasets"]["demo_4000_seed0"]["records"] == 4000
-    for name in ("cmp_freq.png", "cmp_seq_len_freq.png", "instruction_len_freq.png", "sunburst_demo_300_seed0.png",
-                 "sunburst_demo_300_seed0.html", "summary.json"):
+    assert (
+        list(summary["datasets"])[1] == "demo_4000_seed0" and summary["datasets"]["demo_4000_seed0"]["records"] == 4000
+    )
+    for name in (
+        "cmp_freq.png",
+        "cmp_seq_len_freq.png",
+        "instruction_len_freq.png",
+        "sunburst_demo_300_seed0.png",
+        "sunburst_demo_300_seed0.html",
+        "summary.json",
+    ):
         assert (out / name).stat().st_size > 1000, name
     assert "plotly" in (out / "sunburst_demo_300_seed0.html").read_text()[:20000].lower()
-    again = run_analyze(tmp_path, "data=demo", "data.demo.num_records=300", f"parser.model={stand_in_parser}",
-                        "field=instruction", "sunburst.min_count=2")
+    again = run_analyze(
+        tmp_path,
+        "data=demo",
+        "data.demo.num_records=300",
+        f"parser.model={stand_in_parser}",
+        "field=instruction",
+        "sunburst.min_count=2",
+    )
     assert again["datasets"]["demo_300_seed0"]["parse_reused"]
     assert again["datasets"]["demo_300_seed0"]["top_pairs"] == row["top_pairs"]
 
@@ -153,8 +210,9 @@ def test_analyze_two_datasets_and_reuse_the_parse(tmp_path, stand_in_parser):
 @pytest.mark.skipif(not (SHARED_DATA / "alpaca_gpt4_sample_1k.json").exists(), reason="needs ../shared/data")
 def test_analyze_real_gpt4_outputs(tmp_path, stand_in_parser):
     sample = SHARED_DATA / "alpaca_gpt4_sample_1k.json"
-    summary = run_analyze(tmp_path, "data=local", f"data.path={sample}", f"parser.model={stand_in_parser}",
-                          "parser.processes=1")
+    summary = run_analyze(
+        tmp_path, "data=local", f"data.path={sample}", f"parser.model={stand_in_parser}", "parser.processes=1"
+    )
     row = summary["datasets"]["alpaca_gpt4_sample_1k"]
     records = list({(r["instruction"], r["input"], r["output"]): r for r in json.loads(sample.read_text())}.values())
     assert row["records"] == len(records) == 985 and row["skipped"] == {"duplicate record": 14}
@@ -164,7 +222,7 @@ def test_analyze_real_gpt4_outputs(tmp_path, stand_in_parser):
 
 
 def test_without_the_model_the_error_says_how_to_get_it(tmp_path):
-    from gpt4llm.app.checks import ConfigError
+    from gpt4llm.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"python -m spacy download no_such_model_md"):
         run_analyze(tmp_path, "data=demo", "parser.model=no_such_model_md")

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
 
-from gpt4llm.data.datamodule import padding_report, resolve_batching
-from gpt4llm.data.sft import (
-    IGNORE_INDEX,
-    LengthGroupedSampler,
-    PackedCollator,
-    SFTCollator,
-    tokenize_batch,
-)
-from gpt4llm.models.sft import SFTModule, token_loss
+from gpt4llm.data.collators import PackedCollator, SFTCollator
+from gpt4llm.data.encoding import IGNORE_INDEX
+from gpt4llm.data.samplers import LengthGroupedSampler
+from gpt4llm.data.sft_datamodule import padding_report, resolve_batching
+from gpt4llm.data.sft_examples import tokenize_batch
+from gpt4llm.models.sft_module import SFTModule, token_loss
+from helpers.configs import compose_train
 
 
 def masked_lm_loss(logits, labels):
@@ -39,7 +36,7 @@ def model_and_examples(request, tiny_model_dir, tokenizer):
     assert model.config._attn_implementation == request.param
     columns = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}
     tokenized = tokenize_batch(columns, tokenizer, max_length=128)
-    examples = [{"input_ids": i, "labels": l} for i, l in zip(tokenized["input_ids"], tokenized["labels"])]
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(tokenized["input_ids"], tokenized["labels"])]
     return model, examples
 
 
@@ -73,7 +70,8 @@ def test_packed_loss_equals_unpacked_loss(model_and_examples, tokenizer):
     packed = PackedCollator()(examples)
     padded = SFTCollator(tokenizer.pad_token_id)(examples)
     packed_loss, packed_n = masked_lm_loss(
-        model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits, packed["labels"]
+        model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits,
+        packed["labels"],
     )
     padded_loss, padded_n = masked_lm_loss(
         model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"]
@@ -134,9 +132,14 @@ def test_sdpa_varlen_is_transformers_sdpa_on_padded_batches(tiny_model_dir, toke
     tokenized = tokenize_batch(columns, tokenizer, max_length=128)
     padded = SFTCollator(tokenizer.pad_token_id)([{"input_ids": i, "labels": i} for i in tokenized["input_ids"]])
     # Left padding too, as generation lays prompts out: the mask transformers builds must still be applied.
-    for ids, mask in ((padded["input_ids"], padded["attention_mask"]), (padded["input_ids"].flip(1), padded["attention_mask"].flip(1))):
+    for ids, mask in (
+        (padded["input_ids"], padded["attention_mask"]),
+        (padded["input_ids"].flip(1), padded["attention_mask"].flip(1)),
+    ):
         logits = [
-            load_causal_lm(str(tiny_model_dir), tokenizer, attn_implementation=name).eval()(input_ids=ids, attention_mask=mask).logits
+            load_causal_lm(str(tiny_model_dir), tokenizer, attn_implementation=name)
+            .eval()(input_ids=ids, attention_mask=mask)
+            .logits
             for name in ("sdpa", "sdpa_varlen")
         ]
         real = mask.bool()
@@ -145,11 +148,16 @@ def test_sdpa_varlen_is_transformers_sdpa_on_padded_batches(tiny_model_dir, toke
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_module_loss_computes_logits_only_where_supervised_and_is_the_full_loss(layout, tiny_model_dir, tokenizer):
-    module = SFTModule(tokenizer, str(tiny_model_dir), optimizer={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}, attn_implementation="sdpa_varlen")
+    module = SFTModule(
+        tokenizer,
+        str(tiny_model_dir),
+        optimizer={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8},
+        attn_implementation="sdpa_varlen",
+    )
     module.configure_model()
     columns = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}
     tokenized = tokenize_batch(columns, tokenizer, max_length=128)
-    examples = [{"input_ids": i, "labels": l} for i, l in zip(tokenized["input_ids"], tokenized["labels"])]
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(tokenized["input_ids"], tokenized["labels"])]
     batch = (PackedCollator() if layout == "packed" else SFTCollator(tokenizer.pad_token_id))(examples)
     seen = []
     module.model.lm_head.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[:2]))

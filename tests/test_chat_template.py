@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from gpt4llm.data.encoding import IGNORE_INDEX
 from gpt4llm.data.prompts import chat_template
-from gpt4llm.data.sft import IGNORE_INDEX, tokenize_batch
+from gpt4llm.data.sft_examples import tokenize_batch
 
-INSTRUCTIONS = ["Give three tips for staying healthy.", "Fix:\n    for i in x:\n\tprint(i)  ", "把这个词倒过来写：学习 🙂"]
+INSTRUCTIONS = [
+    "Give three tips for staying healthy.",
+    "Fix:\n    for i in x:\n\tprint(i)  ",
+    "把这个词倒过来写：学习 🙂",
+]
 
 
 def ids(encoded):
@@ -16,14 +21,17 @@ def ids(encoded):
 
 @pytest.mark.parametrize("model", ["tiny_model_dir", "sentencepiece_model_dir"])
 def test_chat_template_gives_the_training_ids(model, request):
-    from gpt4llm.models.hf import load_tokenizer
+    from gpt4llm.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(request.getfixturevalue(model)))
     tokenizer.chat_template = chat_template()
     for instruction in INSTRUCTIONS:
         trained = tokenize_batch({"instruction": [instruction], "input": [""], "output": ["Done."]}, tokenizer, 512)
         prompt = [i for i, label in zip(trained["input_ids"][0], trained["labels"][0]) if label == IGNORE_INDEX]
-        chat = [{"role": "system", "content": "ignored: the model never saw one"}, {"role": "user", "content": instruction}]
+        chat = [
+            {"role": "system", "content": "ignored: the model never saw one"},
+            {"role": "user", "content": instruction},
+        ]
         assert ids(tokenizer.apply_chat_template(chat, add_generation_prompt=True)) == prompt
         finished = chat + [{"role": "assistant", "content": "Done."}]
         assert ids(tokenizer.apply_chat_template(finished)) == trained["input_ids"][0]  # answer and EOS too
@@ -32,8 +40,9 @@ def test_chat_template_gives_the_training_ids(model, request):
 def test_the_export_carries_the_template_for_transformers_own_loader(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gpt4llm.data.tokenizer import load_tokenizer
     from gpt4llm.models.export import export_hf
-    from gpt4llm.models.hf import load_causal_lm, load_tokenizer
+    from gpt4llm.models.hf import load_causal_lm
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenizer.chat_template = "{{ 'a base model template the model was never trained on' }}"
@@ -42,5 +51,8 @@ def test_the_export_carries_the_template_for_transformers_own_loader(tmp_path, t
     assert loaded.chat_template == chat_template()
     trained = tokenize_batch({"instruction": [INSTRUCTIONS[0]], "input": [""], "output": ["x"]}, loaded, 512)
     prompt = [i for i, label in zip(trained["input_ids"][0], trained["labels"][0]) if label == IGNORE_INDEX]
-    assert ids(loaded.apply_chat_template([{"role": "user", "content": INSTRUCTIONS[0]}], add_generation_prompt=True)) == prompt
+    assert (
+        ids(loaded.apply_chat_template([{"role": "user", "content": INSTRUCTIONS[0]}], add_generation_prompt=True))
+        == prompt
+    )
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "export") is not None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CONF, compose_train
 from omegaconf import OmegaConf
 
-from gpt4llm.app.checks import ConfigError, check_config
+from gpt4llm.app.checks import check_config
+from gpt4llm.errors import ConfigError
 from gpt4llm.training.hardware import derive_accumulation
+from helpers.configs import CONF, compose_train
 
 
 def options(group: str) -> list[str]:
@@ -69,14 +70,19 @@ def test_other_paper_runs_share_the_recipe(experiment, data_file):
 
 def test_a_misspelled_key_is_named():
     cfg = compose_train(["+data.batch_sise=4"])
-    with pytest.raises(ConfigError, match=r"data\.batch_sise: .*SFTDataModule has no parameter 'batch_sise'\. Did you mean 'batch_size'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.batch_sise: .*SFTDataModule has no parameter 'batch_sise'\. Did you mean 'batch_size'\?",
+    ):
         check_config(cfg)
     cfg = compose_train(["+trainer.max_epoch=4"])
     with pytest.raises(ConfigError, match=r"trainer\.max_epoch: .*Did you mean 'max_epochs'"):
         check_config(cfg)
     # keys a subclass passes on to its base with **kwargs are checked against the base's parameters
-    for overrides, key in ((["+task.warmup_ration=0.1"], r"task\.warmup_ration: .*Did you mean 'warmup_ratio'"),
-                           (["task=rm", "data=demo_pairs", "+data.val_sise=3"], r"data\.val_sise: .*Did you mean 'val_size'")):
+    for overrides, key in (
+        (["+task.warmup_ration=0.1"], r"task\.warmup_ration: .*Did you mean 'warmup_ratio'"),
+        (["task=rm", "data=demo_pairs", "+data.val_sise=3"], r"data\.val_sise: .*Did you mean 'val_size'"),
+    ):
         with pytest.raises(ConfigError, match=key):
             check_config(compose_train(overrides))
 

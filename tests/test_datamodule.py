@@ -6,14 +6,17 @@ import json
 
 import pytest
 
-import gpt4llm.data.datamodule as datamodule
+import gpt4llm.data.sft_datamodule as datamodule
 from gpt4llm.data.cache import SplitSettings
-from gpt4llm.data.datamodule import SFTDataModule, build_sft_splits
-from gpt4llm.data.sft import IGNORE_INDEX
+from gpt4llm.data.encoding import IGNORE_INDEX
+from gpt4llm.data.sft_datamodule import SFTDataModule, build_sft_splits
 
 
 def records_file(tmp_path, n=30):
-    records = [{"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"n={i}", "output": str(i)} for i in range(n)]
+    records = [
+        {"instruction": f"Repeat the number {i}.", "input": "" if i % 2 else f"n={i}", "output": str(i)}
+        for i in range(n)
+    ]
     records.append(dict(records[0]))  # a duplicate
     records.append({"instruction": "Nothing to say.", "input": "", "output": ""})
     records.append({"instruction": "Long prompt. " * 60, "input": "", "output": "x"})  # the prompt fills max_length
@@ -27,7 +30,9 @@ def test_splits_report_and_cache(tmp_path, tokenizer, monkeypatch):
     splits, report = build_sft_splits(path, tokenizer, SplitSettings(max_length=128, val_size=5), tmp_path / "cache")
     assert report["records"] == 33 and report["usable"] == 30
     assert {k: v["count"] for k, v in report["skipped"].items()} == {
-        "duplicate record": 1, "empty output": 1, "prompt fills max_length": 1
+        "duplicate record": 1,
+        "empty output": 1,
+        "prompt fills max_length": 1,
     }
     assert report["skipped"]["prompt fills max_length"]["first_indices"] == [32]
     assert report["splits"] == {"train": 25, "validation": 5}
@@ -37,13 +42,22 @@ def test_splits_report_and_cache(tmp_path, tokenizer, monkeypatch):
 
     # Same file, tokenizer and settings: read back from the cache, nothing is tokenized again.
     monkeypatch.setattr(datamodule, "tokenize_batch", lambda *a, **k: pytest.fail("tokenized twice"))
-    again, report_again = build_sft_splits(path, tokenizer, SplitSettings(max_length=128, val_size=5), tmp_path / "cache")
+    again, report_again = build_sft_splits(
+        path, tokenizer, SplitSettings(max_length=128, val_size=5), tmp_path / "cache"
+    )
     assert report_again == report and again["train"]["input_ids"] == splits["train"]["input_ids"]
     assert not list((tmp_path / "cache").glob("*.tmp-*"))
 
 
 def test_batches_from_the_datamodule(tmp_path, tokenizer):
-    dm = SFTDataModule(tokenizer, path=str(records_file(tmp_path)), max_length=128, val_size=5, batch_size=4, cache_dir=str(tmp_path / "c"))
+    dm = SFTDataModule(
+        tokenizer,
+        path=str(records_file(tmp_path)),
+        max_length=128,
+        val_size=5,
+        batch_size=4,
+        cache_dir=str(tmp_path / "c"),
+    )
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, ROOT, demo_overrides, rm_overrides, run_cli
-from test_train_e2e import scalars
+
+from helpers.configs import CONF, ROOT, demo_overrides, rm_overrides
+from helpers.runs import run_cli, scalars
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +32,18 @@ def deepspeed_run(tmp: Path, task: str, strategy: str | None, *extra: str) -> Pa
     """8 steps of the task's demo in bf16 under a DeepSpeed strategy config (None: no strategy, the reference)."""
     overrides = rm_overrides(tmp) if task == "rm" else demo_overrides(tmp, "callbacks.exact_match=null")
     if strategy:
-        overrides += [f"strategy={strategy}", "strategy._target_=cpu_deepspeed.CPUDeepSpeedStrategy"]
+        overrides += [f"strategy={strategy}", "strategy._target_=helpers.cpu_deepspeed.CPUDeepSpeedStrategy"]
     tmp.mkdir(parents=True, exist_ok=True)
     run_cli(
         "gpt4llm.train",
-        [*overrides, "trainer.precision=bf16-mixed", "trainer.max_steps=8", "validate_first=false", f"task.optimizer.weight_decay={DECAY}", *extra],
+        [
+            *overrides,
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=8",
+            "validate_first=false",
+            f"task.optimizer.weight_decay={DECAY}",
+            *extra,
+        ],
         cwd=tmp,
         DS_ACCELERATOR="cpu",
         PYTHONPATH=str(ROOT / "tests"),
@@ -46,7 +54,9 @@ def deepspeed_run(tmp: Path, task: str, strategy: str | None, *extra: str) -> Pa
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory) -> dict[str, list[float]]:
     """The same runs without DeepSpeed: the same init, data order and recipe."""
-    return {task: scalars(deepspeed_run(tmp_path_factory.mktemp(task), task, None))["train/loss"] for task in ("sft", "rm")}
+    return {
+        task: scalars(deepspeed_run(tmp_path_factory.mktemp(task), task, None))["train/loss"] for task in ("sft", "rm")
+    }
 
 
 def decayed_tensors(task: str, model_dir: Path) -> str:
@@ -120,7 +130,12 @@ def test_zero3_offload_resumes_from_its_checkpoint_directory(tmp_path):
     middle = straight / "checkpoints" / "step4.ckpt"
     assert middle.is_dir(), sorted(p.name for p in (straight / "checkpoints").iterdir())
     resumed = deepspeed_run(tmp_path / "resumed", "sft", "deepspeed_zero3_offload", *every_4, f"ckpt_path={middle}")
-    assert [round(x, 4) for x in scalars(resumed)["train/loss"]] == [round(x, 4) for x in scalars(straight)["train/loss"][4:]]
-    want, got = load_file(straight / "export" / "model.safetensors"), load_file(resumed / "export" / "model.safetensors")
+    assert [round(x, 4) for x in scalars(resumed)["train/loss"]] == [
+        round(x, 4) for x in scalars(straight)["train/loss"][4:]
+    ]
+    want, got = (
+        load_file(straight / "export" / "model.safetensors"),
+        load_file(resumed / "export" / "model.safetensors"),
+    )
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=f"{name} differs after resume")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, SHARED_DATA, compose_train, run_cli
-from test_train_e2e import scalars
+
+from helpers.configs import CONF, SHARED_DATA, compose_train
+from helpers.runs import run_cli, scalars
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +30,16 @@ def tiny_opt_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
-        word_embed_proj_dim=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=128,
+        num_attention_heads=2,
+        word_embed_proj_dim=64,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("models") / "tiny-opt"
@@ -62,24 +70,32 @@ def comparison_file(instruction_file, tmp_path_factory) -> Path:
         record = records[i % len(records)]
         prompt = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "") + f" (#{i})"
         other = records[rng.randrange(len(records))]["output"]
-        rows.append({
-            "user_input": prompt,
-            "responses_and_scores": [
-                {"response": record["output"], "score": 9.0, "source": "gpt4"},
-                {"response": record["output"][: len(record["output"]) // 2], "score": 6.0, "source": "text-davinci-003"},
-                {"response": other, "score": 2.0, "source": "icm-1.3b"},
-            ],
-        })
+        rows.append(
+            {
+                "user_input": prompt,
+                "responses_and_scores": [
+                    {"response": record["output"], "score": 9.0, "source": "gpt4"},
+                    {
+                        "response": record["output"][: len(record["output"]) // 2],
+                        "score": 6.0,
+                        "source": "text-davinci-003",
+                    },
+                    {"response": other, "score": 2.0, "source": "icm-1.3b"},
+                ],
+            }
+        )
     path = tmp_path_factory.mktemp("data") / "comparison_data_v2.json"
     path.write_text(json.dumps(rows, ensure_ascii=False))
     return path
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_runs_end_to_end(experiment, tmp_path, sentencepiece_model_dir, tiny_opt_dir, instruction_file, comparison_file):
+def test_experiment_runs_end_to_end(
+    experiment, tmp_path, sentencepiece_model_dir, tiny_opt_dir, instruction_file, comparison_file
+):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from gpt4llm.models.hf import load_tokenizer
+    from gpt4llm.data.tokenizer import load_tokenizer
 
     recipe = compose_train([f"experiment={experiment}"])
     rm = recipe.task._target_.endswith("RewardModule")
@@ -121,7 +137,9 @@ def test_experiment_runs_end_to_end(experiment, tmp_path, sentencepiece_model_di
     assert state["global_step"] == STEPS
     from_checkpoint.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True)
     tokenizer = load_tokenizer(str(run / "export"))
-    batch = tokenizer(["Give three tips for staying healthy.", "把这句话翻译成英文。"], padding=True, return_tensors="pt")
+    batch = tokenizer(
+        ["Give three tips for staying healthy.", "把这句话翻译成英文。"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         torch.testing.assert_close(exported(**batch).logits, from_checkpoint(**batch).logits, rtol=0, atol=1e-5)
 
@@ -135,11 +153,21 @@ CPU_PRECISION = {"v100x16": ["trainer.precision=bf16-mixed"]}
 
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_every_trainer_file_trains(trainer, tmp_path):
-    from conftest import demo_overrides
+    from helpers.configs import demo_overrides
 
     recipe = compose_train([f"trainer={trainer}"]).trainer
     extra = ON_CPU + CPU_PRECISION.get(trainer, []) if recipe.accelerator != "cpu" else []
-    run_cli("gpt4llm.train", demo_overrides(tmp_path, f"trainer={trainer}", *extra, "trainer.max_steps=2",
-                                            "trainer.log_every_n_steps=1", "validate_first=false", "callbacks.exact_match=null"),
-            cwd=tmp_path)
+    run_cli(
+        "gpt4llm.train",
+        demo_overrides(
+            tmp_path,
+            f"trainer={trainer}",
+            *extra,
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "validate_first=false",
+            "callbacks.exact_match=null",
+        ),
+        cwd=tmp_path,
+    )
     assert len(scalars(tmp_path / "run")["train/loss"]) == 2 and (tmp_path / "run" / "export" / "config.json").exists()

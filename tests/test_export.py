@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt4llm.errors import ExportError
 from gpt4llm.models.export import (
-    ExportError,
     _write_verified,
     check_complete,
     expected_shapes,

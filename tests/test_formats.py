@@ -9,8 +9,8 @@ import json
 import pytest
 
 from gpt4llm.data.cache import SplitSettings
-from gpt4llm.data.datamodule import build_sft_splits
 from gpt4llm.data.records import load_instruction_records
+from gpt4llm.data.sft_datamodule import build_sft_splits
 
 RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat, sleep, move."},
@@ -41,13 +41,38 @@ def write(tmp_path, layout: str):
         path.write_text(json.dumps([r | {"system": "", "history": []} for r in RECORDS], ensure_ascii=False))
     elif layout == "sharegpt":
         path = tmp_path / "sharegpt.json"
-        path.write_text(json.dumps([{"id": i, "conversations": [
-            {"from": "human", "value": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")}, {"from": "gpt", "value": r["output"]}]}
-            for i, r in enumerate(RECORDS)], ensure_ascii=False))
+        path.write_text(
+            json.dumps(
+                [
+                    {
+                        "id": i,
+                        "conversations": [
+                            {"from": "human", "value": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
+                            {"from": "gpt", "value": r["output"]},
+                        ],
+                    }
+                    for i, r in enumerate(RECORDS)
+                ],
+                ensure_ascii=False,
+            )
+        )
     elif layout == "messages":
         path = tmp_path / "messages.jsonl"
-        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
-                                                          {"role": "assistant", "content": r["output"]}]}, ensure_ascii=False) + "\n" for r in RECORDS))
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
+                            {"role": "assistant", "content": r["output"]},
+                        ]
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+                for r in RECORDS
+            )
+        )
     return path
 
 
@@ -66,7 +91,14 @@ def test_every_format_gives_the_ids_of_the_alpaca_json(layout, tmp_path, tokeniz
 @pytest.mark.parametrize("layout", ["sharegpt", "messages"])
 def test_chat_layouts_give_the_ids_of_their_alpaca_records(layout, tmp_path, tokenizer):
     # A chat turn has no separate input: the instruction and input joined are the instruction (no-input template).
-    joined = [{"instruction": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""), "input": "", "output": r["output"]} for r in RECORDS]
+    joined = [
+        {
+            "instruction": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""),
+            "input": "",
+            "output": r["output"],
+        }
+        for r in RECORDS
+    ]
     alpaca = tmp_path / "joined.json"
     alpaca.write_text(json.dumps(joined, ensure_ascii=False))
     expected, _ = ids(alpaca, tokenizer, tmp_path)
@@ -77,13 +109,29 @@ def test_chat_layouts_give_the_ids_of_their_alpaca_records(layout, tmp_path, tok
 
 def test_what_the_template_cannot_hold_is_a_counted_skip(tmp_path):
     path = tmp_path / "mixed.json"
-    path.write_text(json.dumps([
-        {"instruction": "a", "output": "b", "source": "x"},
-        {"instruction": "c", "output": "d", "history": [["hi", "hello"]]},
-        {"instruction": "e", "output": "f", "system": "You are terse."},
-        {"conversations": [{"from": "human", "value": "g"}, {"from": "gpt", "value": "h"}, {"from": "human", "value": "i"}]},
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "j"}, {"role": "assistant", "content": "k"}]},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": "a", "output": "b", "source": "x"},
+                {"instruction": "c", "output": "d", "history": [["hi", "hello"]]},
+                {"instruction": "e", "output": "f", "system": "You are terse."},
+                {
+                    "conversations": [
+                        {"from": "human", "value": "g"},
+                        {"from": "gpt", "value": "h"},
+                        {"from": "human", "value": "i"},
+                    ]
+                },
+                {
+                    "messages": [
+                        {"role": "system", "content": "s"},
+                        {"role": "user", "content": "j"},
+                        {"role": "assistant", "content": "k"},
+                    ]
+                },
+            ]
+        )
+    )
     records, report = load_instruction_records(path)
     summary = report.summary()
     assert [r["index"] for r in records] == [0] and summary["unused_fields"] == {"source": 1}
@@ -98,14 +146,18 @@ def test_what_the_template_cannot_hold_is_a_counted_skip(tmp_path):
 def test_a_hub_dataset_id_is_read_through_datasets(tmp_path, tokenizer, monkeypatch):
     import datasets
 
-    from gpt4llm.data.datamodule import SFTDataModule
-    from gpt4llm.data.sources import DownloadError
+    from gpt4llm.data.sft_datamodule import SFTDataModule
+    from gpt4llm.errors import DownloadError
 
-    module = SFTDataModule(tokenizer, path="someone/alpaca-like", val_size=2, max_length=128, cache_dir=str(tmp_path / "cache"))
+    module = SFTDataModule(
+        tokenizer, path="someone/alpaca-like", val_size=2, max_length=128, cache_dir=str(tmp_path / "cache")
+    )
     with pytest.raises(DownloadError, match="data.path=someone/alpaca-like: read as a Hugging Face hub dataset"):
         module.source_file()  # offline in the tests: said plainly
     seen = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: seen.append((name, split)) or datasets.Dataset.from_list(RECORDS))
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, split: seen.append((name, split)) or datasets.Dataset.from_list(RECORDS)
+    )
     got, _ = module.build()
     assert seen == [("someone/alpaca-like", "train")]
     expected, _ = ids(write(tmp_path, "json"), tokenizer, tmp_path)

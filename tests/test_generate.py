@@ -15,11 +15,8 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from gpt4llm.data.demo import make_demo_records
 from gpt4llm.data.prompts import format_prompt
-from gpt4llm.inference.generation import (
-    generate_completions,
-    generate_responses,
-    generate_to_file,
-)
+from gpt4llm.inference.resumable_generation import generate_to_file
+from gpt4llm.models.decoding import generate_completions, generate_responses
 
 RECORDS = make_demo_records(6, seed=7)
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "num_samples": 1}
@@ -61,9 +58,11 @@ class StopRows(LogitsProcessor):
 def test_stops_at_eos_per_row_and_drops_what_follows(model, tokenizer):
     prompts = [format_prompt(r["instruction"], r["input"]) for r in RECORDS[:4]]
     stop = StopRows(tokenizer.eos_token_id, rows={0, 2}, at=3)
-    [(rows, forced)] = generate_completions(model, tokenizer, prompts, 8, batch_size=4, logits_processor=LogitsProcessorList([stop]))
+    [(rows, forced)] = generate_completions(
+        model, tokenizer, prompts, 8, batch_size=4, logits_processor=LogitsProcessorList([stop])
+    )
     [(_, short)] = generate_completions(model, tokenizer, prompts, 3, batch_size=4)
-    for j, i in enumerate(rows):
+    for j in range(len(rows)):
         c = forced[j][0]
         if j in (0, 2):
             assert (c.finish_reason, c.num_tokens) == ("eos", 3)
@@ -73,9 +72,14 @@ def test_stops_at_eos_per_row_and_drops_what_follows(model, tokenizer):
 
 
 def test_rerun_skips_written_ids_and_a_torn_line(model, tokenizer, tmp_path):
-    records = [{"id": f"q{i}", "instruction": r["instruction"], "input": r["input"], "reference": r["output"]} for i, r in enumerate(RECORDS)]
+    records = [
+        {"id": f"q{i}", "instruction": r["instruction"], "input": r["input"], "reference": r["output"]}
+        for i, r in enumerate(RECORDS)
+    ]
     path = tmp_path / "responses.jsonl"
-    counts = generate_to_file(model, tokenizer, records, path, GREEDY, batch_size=4, extra={"model": "tiny"}, progress=None)
+    counts = generate_to_file(
+        model, tokenizer, records, path, GREEDY, batch_size=4, extra={"model": "tiny"}, progress=None
+    )
     assert counts["generated"] == 6
     full = path.read_text().splitlines()
     first = json.loads(full[0])
@@ -83,11 +87,13 @@ def test_rerun_skips_written_ids_and_a_torn_line(model, tokenizer, tmp_path):
     assert first["decoding"] == GREEDY and first["model"] == "tiny"
 
     path.write_text("\n".join(full[:2]) + "\n" + full[2][: len(full[2]) // 2])  # killed while writing line 3
-    counts = generate_to_file(model, tokenizer, records, path, GREEDY, batch_size=4, extra={"model": "tiny"}, progress=None)
+    counts = generate_to_file(
+        model, tokenizer, records, path, GREEDY, batch_size=4, extra={"model": "tiny"}, progress=None
+    )
     assert (counts["already_done"], counts["generated"]) == (2, 4)
     again = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["id"] for r in again) == sorted(r["id"] for r in records)
-    assert {r["id"]: r["response"] for r in again} == {json.loads(l)["id"]: json.loads(l)["response"] for l in full}
+    assert {r["id"]: r["response"] for r in again} == {json.loads(x)["id"]: json.loads(x)["response"] for x in full}
 
     assert generate_to_file(model, tokenizer, records, path, GREEDY, progress=None)["generated"] == 0
     with pytest.raises(ValueError, match="generated with decoding="):
@@ -97,8 +103,15 @@ def test_rerun_skips_written_ids_and_a_torn_line(model, tokenizer, tmp_path):
 def test_sampling_n_answers_per_question(model, tokenizer, tmp_path):
     decoding = {"max_new_tokens": 6, "do_sample": True, "num_samples": 3, "temperature": 1.5, "top_p": 1.0}
     torch.manual_seed(0)
-    generate_to_file(model, tokenizer, [{"id": 1, "instruction": "Say hi.", "input": ""}], tmp_path / "r.jsonl", decoding, progress=None)
-    (line,) = [json.loads(l) for l in (tmp_path / "r.jsonl").read_text().splitlines()]
+    generate_to_file(
+        model,
+        tokenizer,
+        [{"id": 1, "instruction": "Say hi.", "input": ""}],
+        tmp_path / "r.jsonl",
+        decoding,
+        progress=None,
+    )
+    (line,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert len(line["responses"]) == 3 and line["response"] == line["responses"][0]
     assert len(set(line["responses"])) > 1, "three samples at temperature 1.5 of a random model should differ"
 
@@ -108,12 +121,24 @@ def test_generate_evaluate_plots_commands(tiny_model_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
     def run(module, *args):
-        proc = subprocess.run([sys.executable, "-m", module, *args, f"paths.log_dir={tmp_path / 'logs'}"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args, f"paths.log_dir={tmp_path / 'logs'}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         return proc.stdout
 
-    gen = [f"model.path={tiny_model_dir}", "model.name=tiny", "eval=demo", "eval.demo.num_records=8", "decoding.max_new_tokens=6"]
+    gen = [
+        f"model.path={tiny_model_dir}",
+        "model.name=tiny",
+        "eval=demo",
+        "eval.demo.num_records=8",
+        "decoding.max_new_tokens=6",
+    ]
     assert "8 new, 0 already there" in run("gpt4llm.generate", *gen)
     assert "0 new, 8 already there" in run("gpt4llm.generate", *gen)  # the same command again: nothing to redo
     responses = tmp_path / "logs" / "generate" / "demo" / "tiny" / "responses.jsonl"

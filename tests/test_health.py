@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import compose_train, demo_overrides
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from gpt4llm.training.health import NonFiniteError, TrainingHealth, deepspeed_fp16_state
+from gpt4llm.errors import NonFiniteError
+from gpt4llm.training.health import TrainingHealth, deepspeed_fp16_state
+from helpers.configs import compose_train, demo_overrides
 
 
 class InfGrad(torch.autograd.Function):
@@ -52,8 +53,14 @@ class Toy(L.LightningModule):
 
 def fit(module, tmp_path, **kwargs):
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=6, logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1,
-        callbacks=[TrainingHealth()], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=6,
+        logger=CSVLogger(tmp_path, name="", version=""),
+        log_every_n_steps=1,
+        callbacks=[TrainingHealth()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         **kwargs,
     )
     trainer.fit(module)
@@ -62,7 +69,9 @@ def fit(module, tmp_path, **kwargs):
 
 def test_loss_scale_and_skipped_steps_are_logged_under_fp16(tmp_path):
     # Lightning's own 16-mixed plugin with a GradScaler, on CPU (the Trainer turns 16-mixed into bf16 on CPU)
-    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1000))
+    precision = MixedPrecision(
+        "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1000)
+    )
     fit(Toy(bad_steps={2}), tmp_path, plugins=[precision])
     rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/loss_scale")]
     scales = [float(r["train/loss_scale"]) for r in rows]
@@ -87,7 +96,7 @@ def test_nonfinite_gradients_stop_an_unscaled_run_before_the_step(tmp_path):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import gpt4llm.models.sft as sft
+    import gpt4llm.models.sft_module as sft
     from gpt4llm.train import train
 
     real_loss, calls = sft.token_loss, []
@@ -98,13 +107,20 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
         return (loss * float("nan") if len(calls) == 6 else loss), tokens  # the 6th training batch: step 5
 
     monkeypatch.setattr(sft, "token_loss", loss_going_nan)
-    cfg = compose_train(demo_overrides(
-        tmp_path, "trainer.max_steps=8", "validate_first=false", "callbacks.checkpoint.every_n_train_steps=2",
-        "callbacks.exact_match=null",
-    ))
+    cfg = compose_train(
+        demo_overrides(
+            tmp_path,
+            "trainer.max_steps=8",
+            "validate_first=false",
+            "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.exact_match=null",
+        )
+    )
     cfg.paths.output_dir = str(tmp_path / "run")
     (tmp_path / "run").mkdir()
-    with pytest.raises(NonFiniteError, match=r"Non-finite loss .* at global step 5 .*Last good checkpoint: .*last\.ckpt") as err:
+    with pytest.raises(
+        NonFiniteError, match=r"Non-finite loss .* at global step 5 .*Last good checkpoint: .*last\.ckpt"
+    ) as err:
         train(cfg)
     assert "lower task.optimizer.lr" in str(err.value)
 

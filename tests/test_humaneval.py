@@ -1,4 +1,4 @@
-"""The blind pairwise human evaluation: study, store, dealing, un-blinding, statistics, and the page in a real browser."""
+"""The blind pairwise human evaluation: study, store, dealing, un-blinding, statistics, the page in a real browser."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import httpx
 import numpy as np
 import pytest
 
-from gpt4llm.data.records import RecordError
-from gpt4llm.rating.report import build_report, cohen_pairs, fleiss, fraction_interval
+from gpt4llm.errors import RecordError
+from gpt4llm.rating.humaneval_report import build_report, cohen_pairs, fleiss, fraction_interval
 from gpt4llm.rating.store import VoteStore
 from gpt4llm.rating.study import create_study, open_or_create
 from gpt4llm.rating.web import Rating, RatingServer
-from tests.conftest import run_cli
+from helpers.runs import run_cli
 
 CRITERIA = {"helpfulness": "helps", "honesty": "true", "harmlessness": "no harm"}
 ITEMS = 6
@@ -31,12 +31,21 @@ def write_responses(directory: Path, model: str, ids=range(ITEMS)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for i in ids:
-            f.write(json.dumps({
-                "id": f"q{i}", "instruction": f"Task {i}: write <b>a</b> poem", "model": model,
-                "input": "" if i % 2 else "<img src=x onerror=\"document.title='pwned'\"><script>window.pwned=1</script>",
-                # Each answer names its model and item, so a test reading the page can un-blind it by itself.
-                "response": f"[{model} on q{i}] <script>window.pwned=1</script>\nsecond line",
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"q{i}",
+                        "instruction": f"Task {i}: write <b>a</b> poem",
+                        "model": model,
+                        "input": ""
+                        if i % 2
+                        else "<img src=x onerror=\"document.title='pwned'\"><script>window.pwned=1</script>",
+                        # Each answer names its model and item, so a test reading the page can un-blind it by itself.
+                        "response": f"[{model} on q{i}] <script>window.pwned=1</script>\nsecond line",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -48,7 +57,9 @@ def responses(tmp_path) -> list[Path]:
 # --- the study ---------------------------------------------------------------------------------------------------
 def test_study_refuses_answers_to_other_questions_and_look_alike_models(tmp_path, responses):
     other = write_responses(tmp_path / "other", "gamma", ids=range(1, ITEMS + 1))
-    with pytest.raises(RecordError, match=r"gamma/responses.jsonl: not the same questions .*1 ids missing, e\.g\. \['q0'\]"):
+    with pytest.raises(
+        RecordError, match=r"gamma/responses.jsonl: not the same questions .*1 ids missing, e\.g\. \['q0'\]"
+    ):
         create_study(tmp_path / "s1", [str(responses[0]), str(other)], CRITERIA)
     tagged = []
     for model, eval_set in (("gamma", "vicuna80"), ("delta", "user_oriented252")):
@@ -130,7 +141,10 @@ def test_bad_votes_and_links_are_refused(server):
     for choices in ({"helpfulness": "A"}, dict.fromkeys(CRITERIA, "C")):
         reply = client.post(f"/api/rate/{token}/items/0/vote", json={"choices": choices})
         assert reply.status_code == 422 and "choices" in reply.text
-    assert client.post(f"/api/rate/{token}/items/3/vote", json={"choices": dict.fromkeys(CRITERIA, "A")}).status_code == 404
+    assert (
+        client.post(f"/api/rate/{token}/items/3/vote", json={"choices": dict.fromkeys(CRITERIA, "A")}).status_code
+        == 404
+    )
     assert client.get("/api/rate/nobody/items/0").status_code == 404
     assert client.get("/rate/nobody", follow_redirects=False).status_code == 307
     assert client.post("/api/raters", json={"name": ""}).status_code == 422
@@ -159,7 +173,10 @@ def test_fleiss_and_cohen_kappa_match_hand_computation():
     result = fleiss(by_task)
     assert result["tasks"] == 4 and result["raters_per_task"] == 2
     assert result["kappa"] == pytest.approx(13 / 21)
-    by_rater = {"ann": {0: "win", 1: "win", 2: "tie", 3: "lose", 4: "win"}, "bob": {0: "win", 1: "lose", 2: "tie", 3: "lose"}}
+    by_rater = {
+        "ann": {0: "win", 1: "win", 2: "tie", 3: "lose", 4: "win"},
+        "bob": {0: "win", 1: "lose", 2: "tie", 3: "lose"},
+    }
     (pair,) = cohen_pairs(by_rater)
     assert pair["raters"] == ["ann", "bob"] and pair["tasks"] == 4
     assert pair["kappa"] == pytest.approx(7 / 11) and pair["agreement"] == 0.75
@@ -185,8 +202,14 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def start_cli(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "gpt4llm.humaneval", "port=0", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpt4llm.humaneval", "port=0", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline, lines = time.time() + 60, []
     while time.time() < deadline and proc.poll() is None:
         line = proc.stdout.readline()
@@ -222,9 +245,17 @@ def test_two_raters_in_the_browser_through_a_killed_server(tmp_path, responses):
     pressed: list[tuple[str, dict, dict]] = []  # (rater, what the page showed, the keys' choices)
     keys = {"helpfulness": ("1", "A"), "honesty": ("5", "tie"), "harmlessness": ("9", "B")}
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         phone = browser.new_page(viewport={"width": 390, "height": 844})  # ann rates on a phone-sized screen
         desk = browser.new_page(viewport={"width": 1280, "height": 900})
         pages = {"ann": phone, "bob": desk}
@@ -243,7 +274,9 @@ def test_two_raters_in_the_browser_through_a_killed_server(tmp_path, responses):
                 for key, _ in keys.values():
                     page.keyboard.press(key)
                 page.keyboard.press("Enter")
-                page.wait_for_function("before => document.querySelector('#progress').textContent !== before", arg=before)
+                page.wait_for_function(
+                    "before => document.querySelector('#progress').textContent !== before", arg=before
+                )
                 pressed.append((name, shown, {c: v for c, (_, v) in keys.items()}))
 
             # Blind, and text only: no model name, no injected element, the markup shown as typed.
@@ -279,7 +312,7 @@ def test_two_raters_in_the_browser_through_a_killed_server(tmp_path, responses):
             proc.wait(timeout=30)
             proc, url2 = start_cli(tmp_path, f"study={study_dir}")
             port = url2.rsplit(":", 1)[1]
-            for name, page in pages.items():  # the raters' links, on the new server's port
+            for page in pages.values():  # the raters' links, on the new server's port
                 page.goto(page.url.split("#")[0].replace(url.rsplit(":", 1)[1], port, 1))
                 page.wait_for_selector("#answer-a:not(:empty)")
             assert "item 3 of 6 · 2 rated" in phone.locator("#progress").inner_text()
@@ -288,7 +321,9 @@ def test_two_raters_in_the_browser_through_a_killed_server(tmp_path, responses):
             phone.keyboard.press("ArrowLeft")  # back to item 3: her vote is shown, and can be left as it is
             phone.wait_for_selector("text=item 3 of 6")
             assert phone.locator("button[aria-pressed=true]").count() == 3
-            assert phone.locator("button[data-criterion=honesty][data-choice=tie]").get_attribute("aria-pressed") == "true"
+            assert (
+                phone.locator("button[data-criterion=honesty][data-choice=tie]").get_attribute("aria-pressed") == "true"
+            )
         finally:
             browser.close()
             proc.send_signal(signal.SIGTERM)

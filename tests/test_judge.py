@@ -5,94 +5,21 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import CONF, SHARED_DATA
 
 from gpt4llm.evaluation.judge import fastchat_scores, judge, parse_scores, reader
 from gpt4llm.evaluation.judge_prompts import FastChatReviewers
 from gpt4llm.inference.openai_client import ChatClient, ChatError
+from helpers.configs import CONF, SHARED_DATA
+from helpers.fake_servers import ChatServer
 
 KEY = "sk-test-NEVER-WRITE-THIS-0123456789"
 
 
-class ChatServer:
-    """An OpenAI-compatible /v1/chat/completions. `cues` are consumed one per request: an int status code, "slow"
-    (answers after the client's timeout), or None (a normal answer). `reply(request)` writes the answer text."""
-
-    def __init__(self, reply=lambda request: "ok", cues=()):
-        self.reply, self.cues, self.requests, self.auth, self.agents = reply, list(cues), [], [], []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append(body)
-                    server.auth.append(self.headers.get("Authorization"))
-                    server.agents.append(self.headers.get("User-Agent", ""))
-                    cue = server.cues.pop(0) if server.cues else None
-                if self.path != "/v1/chat/completions":
-                    return self.send_error(404)
-                if cue == "garbage":  # a proxy's error page with status 200
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html")
-                    self.send_header("Content-Length", "20")
-                    self.end_headers()
-                    self.wfile.write(b"<html>oops</html>   ")
-                    return
-                if cue == "slow":
-                    time.sleep(2.5)
-                elif isinstance(cue, int):
-                    self.send_response(cue)
-                    if cue == 429:
-                        self.send_header("Retry-After", "0")
-                    self.send_header("Content-Length", "2")
-                    self.end_headers()
-                    self.wfile.write(b"{}")
-                    return
-                text = server.reply(body)
-                payload = json.dumps({
-                    "id": "x", "object": "chat.completion", "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
-                }).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def server():
-    servers = []
-
-    def start(**kwargs):
-        servers.append(ChatServer(**kwargs))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
+def server(loopback):
+    return lambda **kwargs: loopback(ChatServer, **kwargs)
 
 
 @pytest.fixture
@@ -102,18 +29,34 @@ def key(monkeypatch):
 
 
 SYSTEM = "You check answers."
-TEMPLATE = ("[Question]\n{question}\n\n[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]\n\n"
-            "[The Start of Assistant 2's Answer]\n{answer_2}\n\n[The End of Assistant 2's Answer]\n\n[System]\n{prompt}\n\n")
+TEMPLATE = (
+    "[Question]\n{question}\n\n[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]\n\n"
+    "[The Start of Assistant 2's Answer]\n{answer_2}\n\n[The End of Assistant 2's Answer]\n\n[System]\n{prompt}\n\n"
+)
 
 
 def write_fastchat_files(directory):
     """Files in the layout of FastChat's prompt.jsonl and reviewer.jsonl, with our own instruction texts."""
-    texts = {"general": "Rate both; two scores on the first line.", "coding": "Review the code; two scores first.",
-             "math": "Solve it first. Finally, please output a Python tuple containing two numerical scores."}
-    prompts = [{"prompt_id": i, "system_prompt": SYSTEM, "prompt_template": TEMPLATE, "defaults": {"prompt": text},
-                "description": cat, "category": cat} for i, (cat, text) in enumerate(texts.items(), 1)]
-    reviewers = [{"reviewer_id": f"r-{cat}", "prompt_id": i, "metadata": {}, "description": cat, "category": cat}
-                 for i, cat in enumerate(texts, 1)]
+    texts = {
+        "general": "Rate both; two scores on the first line.",
+        "coding": "Review the code; two scores first.",
+        "math": "Solve it first. Finally, please output a Python tuple containing two numerical scores.",
+    }
+    prompts = [
+        {
+            "prompt_id": i,
+            "system_prompt": SYSTEM,
+            "prompt_template": TEMPLATE,
+            "defaults": {"prompt": text},
+            "description": cat,
+            "category": cat,
+        }
+        for i, (cat, text) in enumerate(texts.items(), 1)
+    ]
+    reviewers = [
+        {"reviewer_id": f"r-{cat}", "prompt_id": i, "metadata": {}, "description": cat, "category": cat}
+        for i, cat in enumerate(texts, 1)
+    ]
     for name, rows in (("prompt.jsonl", prompts), ("reviewer.jsonl", reviewers)):
         (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return directory / "prompt.jsonl", directory / "reviewer.jsonl"
@@ -125,7 +68,9 @@ def reviewers(tmp_path):
 
 
 def client(srv, tmp_path, **kwargs) -> ChatClient:
-    options = dict(api_key_env="JUDGE_TEST_KEY", cache_path=tmp_path / "cache.jsonl", timeout=1.0, backoff=0.01, max_retries=3)
+    options = dict(
+        api_key_env="JUDGE_TEST_KEY", cache_path=tmp_path / "cache.jsonl", timeout=1.0, backoff=0.01, max_retries=3
+    )
     return ChatClient(srv.base_url, "judge-model", **(options | kwargs))
 
 
@@ -133,9 +78,19 @@ def test_chat_sends_key_returns_result_and_caches(server, key, tmp_path):
     srv = server(reply=lambda r: "hello " + r["messages"][-1]["content"])
     c = client(srv, tmp_path)
     result = c.chat([{"role": "user", "content": "there"}], temperature=0.2, max_tokens=5)
-    assert (result.text, result.finish_reason, result.usage["completion_tokens"], result.cached) == ("hello there", "stop", 3, False)
+    assert (result.text, result.finish_reason, result.usage["completion_tokens"], result.cached) == (
+        "hello there",
+        "stop",
+        3,
+        False,
+    )
     assert srv.auth == [f"Bearer {KEY}"]
-    assert srv.requests[0] == {"model": "judge-model", "messages": [{"role": "user", "content": "there"}], "temperature": 0.2, "max_tokens": 5}
+    assert srv.requests[0] == {
+        "model": "judge-model",
+        "messages": [{"role": "user", "content": "there"}],
+        "temperature": 0.2,
+        "max_tokens": 5,
+    }
 
     again = client(srv, tmp_path).chat([{"role": "user", "content": "there"}], temperature=0.2, max_tokens=5)
     assert again.text == "hello there" and again.cached and len(srv.requests) == 1  # a new client, same cache file
@@ -214,7 +169,10 @@ def test_fastchat_rule_reads_what_fastchat_read(reply, expected):
 
 
 def test_math_tuple_is_read_as_fastchat_users_fixed_it_and_only_for_the_math_prompt():
-    review = "First, I will solve the problem independently:\n\n3x + 2 = 11, so x = 3.\n\nAssistant 1 is wrong.\n\nOutput: (1, 7)"
+    review = (
+        "First, I will solve the problem independently:\n\n3x + 2 = 11, so x = 3.\n\nAssistant 1 is wrong.\n\n"
+        "Output: (1, 7)"
+    )
     assert fastchat_scores(review) is None
     assert reader("fastchat", 2, math_tuple=True)(review) == ([1.0, 7.0], "math tuple")
     assert reader("fastchat", 2, math_tuple=False)(review) == (None, None)
@@ -224,12 +182,23 @@ def test_math_tuple_is_read_as_fastchat_users_fixed_it_and_only_for_the_math_pro
 def test_fastchat_rule_never_asks_again_and_says_what_it_read(server, key, tmp_path, reviewers):
     from gpt4llm.evaluation.responses import read_responses
 
-    replies = {"Question 1?": "8 7\nGood.", "Question 2?": "8, 7\nGood.", "Question 3?": "Let me solve it.\n...\n(2, 9)"}
+    replies = {
+        "Question 1?": "8 7\nGood.",
+        "Question 2?": "8, 7\nGood.",
+        "Question 3?": "Let me solve it.\n...\n(2, 9)",
+    }
     srv = server(reply=lambda r: next(v for k, v in replies.items() if k in r["messages"][-1]["content"]))
-    mine = read_responses(answer_file(tmp_path / "mine.jsonl", "ours", {1: ("generic", "a"), 2: ("coding", "b"), 3: ("math", "c")}))
-    theirs = read_responses(answer_file(tmp_path / "theirs.jsonl", "gpt-3.5", {1: (None, "x"), 2: (None, "y"), 3: (None, "z")}, layout="fastchat"))
-    reviews, summary = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, max_parse_retries=2,
-                             reviewers=reviewers)
+    mine = read_responses(
+        answer_file(tmp_path / "mine.jsonl", "ours", {1: ("generic", "a"), 2: ("coding", "b"), 3: ("math", "c")})
+    )
+    theirs = read_responses(
+        answer_file(
+            tmp_path / "theirs.jsonl", "gpt-3.5", {1: (None, "x"), 2: (None, "y"), 3: (None, "z")}, layout="fastchat"
+        )
+    )
+    reviews, summary = judge(
+        client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, max_parse_retries=2, reviewers=reviewers
+    )
     assert len(srv.requests) == 3  # nothing asked twice under FastChat's rule
     assert summary["score_rule"] == "fastchat" and summary["totals"] == [10.0, 16.0]
     assert summary["replies_read"] == {"first line": 1, "math tuple": 1} and summary["replies_unparsable"] == 1
@@ -258,8 +227,13 @@ def test_fastchat_files_are_the_pinned_ones_and_build_fastchats_prompts():
     for category, prompt in (("generic", raw[0]), ("writing", raw[0]), ("coding", raw[1]), ("math", raw[2])):
         system, user = r.messages(category, "Q?", "A1", "A2")
         assert system == {"role": "system", "content": prompt["system_prompt"]}
-        assert user["content"] == (prompt["prompt_template"].replace("{question}", "Q?").replace("{answer_1}", "A1")
-                                   .replace("{answer_2}", "A2").replace("{prompt}", prompt["defaults"]["prompt"]))
+        assert user["content"] == (
+            prompt["prompt_template"]
+            .replace("{question}", "Q?")
+            .replace("{answer_1}", "A1")
+            .replace("{answer_2}", "A2")
+            .replace("{prompt}", prompt["defaults"]["prompt"])
+        )
     assert r.asks_for_tuple("math") and not r.asks_for_tuple("coding") and not r.asks_for_tuple("generic")
 
 
@@ -267,7 +241,14 @@ def answer_file(path, model, answers: dict, layout="ours"):
     with open(path, "w") as f:
         for qid, (category, text) in answers.items():
             if layout == "ours":
-                line = {"id": qid, "model": model, "category": category, "instruction": f"Question {qid}?", "input": "", "response": text}
+                line = {
+                    "id": qid,
+                    "model": model,
+                    "category": category,
+                    "instruction": f"Question {qid}?",
+                    "input": "",
+                    "response": text,
+                }
             else:  # FastChat's answer table
                 line = {"question_id": qid, "model_id": model, "text": text, "answer_id": f"a{qid}"}
             f.write(json.dumps(line) + "\n")
@@ -291,14 +272,42 @@ def test_pairwise_relative_scores_retries_unparsable_and_reruns_for_free(server,
     if hasattr(review_reply, "seen3"):
         del review_reply.seen3
     srv = server(reply=review_reply, cues=[429])
-    mine = read_responses(answer_file(tmp_path / "mine.jsonl", "ours", {
-        1: ("generic", "score 8"), 2: ("generic", "score 6"), 3: ("math", "score 5"), 4: ("math", "score 9"), 5: ("math", ""),
-    }))
-    theirs = read_responses(answer_file(tmp_path / "gpt35.jsonl", "gpt-3.5", {
-        1: (None, "score 9"), 2: (None, "score 7"), 3: (None, "score 10"), 4: (None, "score 1"),
-    }, layout="fastchat"))
-    reviews, summary = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, max_parse_retries=2,
-                             reviewers=reviewers, score_rule="lenient")
+    mine = read_responses(
+        answer_file(
+            tmp_path / "mine.jsonl",
+            "ours",
+            {
+                1: ("generic", "score 8"),
+                2: ("generic", "score 6"),
+                3: ("math", "score 5"),
+                4: ("math", "score 9"),
+                5: ("math", ""),
+            },
+        )
+    )
+    theirs = read_responses(
+        answer_file(
+            tmp_path / "gpt35.jsonl",
+            "gpt-3.5",
+            {
+                1: (None, "score 9"),
+                2: (None, "score 7"),
+                3: (None, "score 10"),
+                4: (None, "score 1"),
+            },
+            layout="fastchat",
+        )
+    )
+    reviews, summary = judge(
+        client(srv, tmp_path),
+        mine,
+        theirs,
+        "pairwise",
+        {"temperature": 0.2},
+        max_parse_retries=2,
+        reviewers=reviewers,
+        score_rule="lenient",
+    )
 
     assert summary["model"] == "ours" and summary["opponent"] == "gpt-3.5"
     assert summary["totals"] == [19.0, 26.0] and summary["relative"] == pytest.approx(100 * 19 / 26)
@@ -310,13 +319,25 @@ def test_pairwise_relative_scores_retries_unparsable_and_reruns_for_free(server,
     assert by_id[3]["replies"] == [["N/A", "5 10\nExplanation."]] and by_id[4]["status"] == "unparsable"
     assert len(by_id[4]["replies"][0]) == 3  # first ask + max_parse_retries
     # The math questions get FastChat's math reviewer prompt, the others the general one.
-    math_prompt = next(r for r in srv.requests if "Question 3?" in r["messages"][-1]["content"])["messages"][-1]["content"]
-    assert "Python tuple" in math_prompt and math_prompt.startswith("[Question]\nQuestion 3?\n\n[The Start of Assistant 1's Answer]\nscore 5")
+    math_prompt = next(r for r in srv.requests if "Question 3?" in r["messages"][-1]["content"])["messages"][-1][
+        "content"
+    ]
+    assert "Python tuple" in math_prompt and math_prompt.startswith(
+        "[Question]\nQuestion 3?\n\n[The Start of Assistant 1's Answer]\nscore 5"
+    )
     sent = len(srv.requests)
     assert sent == 1 + 4 + 2 + 1  # the 429, four questions, question 3 and 4 again, question 4 a third time
 
-    reviews_again, summary_again = judge(client(srv, tmp_path), mine, theirs, "pairwise", {"temperature": 0.2}, 2,
-                                         reviewers=reviewers, score_rule="lenient")
+    reviews_again, summary_again = judge(
+        client(srv, tmp_path),
+        mine,
+        theirs,
+        "pairwise",
+        {"temperature": 0.2},
+        2,
+        reviewers=reviewers,
+        score_rule="lenient",
+    )
     assert len(srv.requests) == sent, "a rerun must be answered from the cache"
     assert summary_again["totals"] == summary["totals"] and summary_again["requests"]["cached"] == 7
 
@@ -331,7 +352,9 @@ def test_single_answer_scoring_uses_the_papers_prompt(server, key, tmp_path):
     assert summary["totals"] == [12.0, 16.0] and summary["relative"] == 75.0
     assert len(srv.requests) == 4 and all(len(r["messages"]) == 1 for r in srv.requests)  # no system prompt
     prompts = sorted(r["messages"][0]["content"] for r in srv.requests)  # sent concurrently: any order
-    assert prompts[0].startswith("### Instruction\nQuestion 1?\n### Response\nscore 10\n### End of Response\nWe would like")
+    assert prompts[0].startswith(
+        "### Instruction\nQuestion 1?\n### Response\nscore 10\n### End of Response\nWe would like"
+    )
 
     _, alone = judge(client(srv, tmp_path), mine, None, "single")
     assert alone["opponent"] is None and alone["mean"] == 6.0 and len(srv.requests) == 4  # cached
@@ -348,19 +371,35 @@ def test_judge_cli_writes_summary_and_never_the_key(server, key, tmp_path):
     mine = answer_file(tmp_path / "mine.jsonl", "ours", {1: ("generic", "a"), 2: ("math", "b")})
     theirs = answer_file(tmp_path / "theirs.jsonl", "chatgpt", {1: (None, "c"), 2: (None, "d")})
     args = [
-        "metric=judge", f"responses={mine}", f"metric.opponent={theirs}", f"metric.base_url={srv.base_url}",
-        "metric.model=gpt-4", "metric.api_key_env=JUDGE_TEST_KEY", f"paths.data_dir={tmp_path / 'data'}",
-        f"metric.fastchat.prompts.path={prompts}", f"metric.fastchat.reviewers.path={reviewer_file}",
+        "metric=judge",
+        f"responses={mine}",
+        f"metric.opponent={theirs}",
+        f"metric.base_url={srv.base_url}",
+        "metric.model=gpt-4",
+        "metric.api_key_env=JUDGE_TEST_KEY",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"metric.fastchat.prompts.path={prompts}",
+        f"metric.fastchat.reviewers.path={reviewer_file}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "-m", "gpt4llm.evaluate", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "gpt4llm.evaluate", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(srv.requests) == 2  # the second run was answered from data/cache
     summary = json.loads((tmp_path / "run" / "judge_summary_ours.json").read_text())
     assert summary["totals"] == [14.0, 16.0] and "14 : 16 = 88%" in proc.stdout
-    assert summary["score_rule"] == "fastchat" and "score rule fastchat: replies read 2 by first line; unparsable 0" in proc.stdout
+    assert (
+        summary["score_rule"] == "fastchat"
+        and "score rule fastchat: replies read 2 by first line; unparsable 0" in proc.stdout
+    )
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if KEY in p.read_text(errors="replace")], "the API key was written to disk"
     assert KEY not in proc.stdout + proc.stderr

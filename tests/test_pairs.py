@@ -1,4 +1,4 @@
-"""Comparison files -> exact (prompt, chosen, rejected) pairs in every layout; bad records; tokenized splits; batches."""
+"""Comparison files -> exact (prompt, chosen, rejected) pairs in every layout; bad records; splits; batches."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import re
 
 import pytest
 
-import gpt4llm.data.pairs as pairs_module
+import gpt4llm.data.pair_datamodule as pairs_module
 from gpt4llm.data.cache import SplitSettings
+from gpt4llm.data.collators import PairCollator
+from gpt4llm.data.comparisons import read_comparison_pairs
 from gpt4llm.data.demo import make_demo_records
 from gpt4llm.data.demo_pairs import KINDS, make_demo_pairs, write_demo_pairs_file
-from gpt4llm.data.pairs import PairCollator, build_pair_splits, read_comparison_pairs
+from gpt4llm.data.pair_datamodule import build_pair_splits
 from gpt4llm.data.prompts import alpaca_prompt, format_prompt
-from gpt4llm.data.records import RecordError
+from gpt4llm.errors import RecordError
 
 # As in comparison_data_v2.json: the template is already there, without its final '### Response:'.
 V2_PROMPT = format_prompt("Give three tips for staying healthy.").removesuffix("\n\n### Response:")
@@ -41,18 +43,35 @@ def test_prompts_are_wrapped_once():
 
 
 def test_v2_every_differently_scored_pair_higher_preferred(tmp_path):
-    path = write(tmp_path, [
-        {"user_input": V2_PROMPT, "responses_and_scores": [
-            {"response": "A", "score": 9.0, "source": "gpt4"},
-            {"response": "B", "score": 7.5, "source": "text-davinci-003"},
-            {"response": "C", "score": 9, "source": "icm-1.3b"},  # ties with A
-        ]},
-        {"user_input": V2_PROMPT, "responses_and_scores": [{"response": "only one", "score": 8.0, "source": "gpt4"}]},
-        {"user_input": "Say hi.", "responses_and_scores": [
-            {"response": "low", "score": 0, "source": "icm-1.3b"}, {"response": "hi", "score": 10, "source": "gpt4"},
-            {"response": "hi", "score": 9.5, "source": "text-davinci-003"},  # the same text as a better-scored one
-        ]},
-    ])
+    path = write(
+        tmp_path,
+        [
+            {
+                "user_input": V2_PROMPT,
+                "responses_and_scores": [
+                    {"response": "A", "score": 9.0, "source": "gpt4"},
+                    {"response": "B", "score": 7.5, "source": "text-davinci-003"},
+                    {"response": "C", "score": 9, "source": "icm-1.3b"},  # ties with A
+                ],
+            },
+            {
+                "user_input": V2_PROMPT,
+                "responses_and_scores": [{"response": "only one", "score": 8.0, "source": "gpt4"}],
+            },
+            {
+                "user_input": "Say hi.",
+                "responses_and_scores": [
+                    {"response": "low", "score": 0, "source": "icm-1.3b"},
+                    {"response": "hi", "score": 10, "source": "gpt4"},
+                    {
+                        "response": "hi",
+                        "score": 9.5,
+                        "source": "text-davinci-003",
+                    },  # the same text as a better-scored one
+                ],
+            },
+        ],
+    )
     pairs, report = read_comparison_pairs(path)
     full = format_prompt("Give three tips for staying healthy.")
     # Record 2's "hi" (9.5) over "low" repeats the pair "hi" (10) over "low": dropped as a duplicate.
@@ -61,20 +80,27 @@ def test_v2_every_differently_scored_pair_higher_preferred(tmp_path):
     assert report["prompts_already_templated"] == 1  # record 1 is skipped before it is counted
     assert report["skipped_records"] == {"fewer than two responses": {"count": 1, "first_indices": [1]}}
     assert {k: v["count"] for k, v in report["dropped_pairs"].items()} == {
-        "tied scores": 1, "identical responses": 1, "duplicate pair": 1
+        "tied scores": 1,
+        "identical responses": 1,
+        "duplicate pair": 1,
     }
 
 
 def test_v1_and_plain_layouts(tmp_path):
-    path = write(tmp_path, [
-        {"user_input": V1_PROMPT, "completion_a": "5", "completion_b": "6"},
-        {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
-        {"prompt": V1_PROMPT, "chosen": "5", "rejected": "five hundred"},
-        {"prompt": "Name a color.", "chosen": "Red.", "rejected": "Red."},
-    ])
+    path = write(
+        tmp_path,
+        [
+            {"user_input": V1_PROMPT, "completion_a": "5", "completion_b": "6"},
+            {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."},
+            {"prompt": V1_PROMPT, "chosen": "5", "rejected": "five hundred"},
+            {"prompt": "Name a color.", "chosen": "Red.", "rejected": "Red."},
+        ],
+    )
     pairs, report = read_comparison_pairs(path)
     assert triples(pairs) == [
-        (0, V1_PROMPT, "5", "6"), (1, format_prompt("Name a color."), "Blue.", "Seven."), (2, V1_PROMPT, "5", "five hundred"),
+        (0, V1_PROMPT, "5", "6"),
+        (1, format_prompt("Name a color."), "Blue.", "Seven."),
+        (2, V1_PROMPT, "5", "five hundred"),
     ]
     assert report["layouts"] == {"comparison_data_v1": 1, "plain": 3}
     assert report["dropped_pairs"] == {"identical responses": {"count": 1, "first_indices": [3]}}
@@ -83,15 +109,32 @@ def test_v1_and_plain_layouts(tmp_path):
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"user_input": "Q", "responses_and_scores": [{"response": "a"}, {"response": "b", "score": 1}]},
-         r"record 1: field 'responses_and_scores\[0\]\.score' is missing"),
-        ({"user_input": "Q", "responses_and_scores": [{"response": "a", "score": "nine"}, {"response": "b", "score": 1}]},
-         r"record 1: field 'responses_and_scores\[0\]\.score' is 'nine' \(str\), not a number"),
-        ({"user_input": "Q", "responses_and_scores": [{"response": "a", "score": None}, {"response": "b", "score": 1}]},
-         r"record 1: field 'responses_and_scores\[0\]\.score' is None"),
-        ({"user_input": "Q", "responses_and_scores": [{"score": 2}, {"response": "b", "score": 1}]},
-         r"record 1: field 'responses_and_scores\[0\]\.response' is missing"),
-        ({"user_input": "Q", "completion_a": "a", "completion_b": 3}, r"record 1: field 'completion_b' is int, not a string"),
+        (
+            {"user_input": "Q", "responses_and_scores": [{"response": "a"}, {"response": "b", "score": 1}]},
+            r"record 1: field 'responses_and_scores\[0\]\.score' is missing",
+        ),
+        (
+            {
+                "user_input": "Q",
+                "responses_and_scores": [{"response": "a", "score": "nine"}, {"response": "b", "score": 1}],
+            },
+            r"record 1: field 'responses_and_scores\[0\]\.score' is 'nine' \(str\), not a number",
+        ),
+        (
+            {
+                "user_input": "Q",
+                "responses_and_scores": [{"response": "a", "score": None}, {"response": "b", "score": 1}],
+            },
+            r"record 1: field 'responses_and_scores\[0\]\.score' is None",
+        ),
+        (
+            {"user_input": "Q", "responses_and_scores": [{"score": 2}, {"response": "b", "score": 1}]},
+            r"record 1: field 'responses_and_scores\[0\]\.response' is missing",
+        ),
+        (
+            {"user_input": "Q", "completion_a": "a", "completion_b": 3},
+            r"record 1: field 'completion_b' is int, not a string",
+        ),
         ({"prompt": "Q", "chosen": "a"}, r"record 1: field 'rejected' is missing"),
         ({"prompt": "Q", "response": "a"}, r"record 1: is not a comparison record"),
         ({"prompt": "Q", "rejected": "a"}, r"record 1: field 'chosen' is missing"),
@@ -138,10 +181,12 @@ def test_splits_tokenize_truncate_and_cache(tmp_path, tokenizer, monkeypatch):
 
 
 def test_collator_stacks_chosen_then_rejected():
-    batch = PairCollator(pad_token_id=0)([
-        {"chosen_input_ids": [5, 6, 7], "rejected_input_ids": [5, 8]},
-        {"chosen_input_ids": [9], "rejected_input_ids": [9, 4, 4, 4]},
-    ])
+    batch = PairCollator(pad_token_id=0)(
+        [
+            {"chosen_input_ids": [5, 6, 7], "rejected_input_ids": [5, 8]},
+            {"chosen_input_ids": [9], "rejected_input_ids": [9, 4, 4, 4]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [9, 0, 0, 0], [5, 8, 0, 0], [9, 4, 4, 4]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
 
@@ -169,14 +214,19 @@ def test_demo_pairs_prefer_the_exact_answer(tmp_path):
 
 
 def test_prepare_audits_the_demo_pairs(tmp_path):
-    from conftest import TINY_OVERRIDES, compose_train
-
     from gpt4llm.prepare import prepare
+    from helpers.configs import TINY_OVERRIDES, compose_train
 
-    cfg = compose_train([
-        "task=rm", "data=demo_pairs", f"paths.data_dir={tmp_path / 'data'}", *TINY_OVERRIDES,
-        "data.demo.num_records=120", "data.val_size=20",
-    ])
+    cfg = compose_train(
+        [
+            "task=rm",
+            "data=demo_pairs",
+            f"paths.data_dir={tmp_path / 'data'}",
+            *TINY_OVERRIDES,
+            "data.demo.num_records=120",
+            "data.val_size=20",
+        ]
+    )
     cfg.paths.output_dir = str(tmp_path / "run")
     (tmp_path / "run").mkdir()
     report = prepare(cfg)

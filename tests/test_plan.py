@@ -11,10 +11,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF, demo_overrides
 from hydra import compose, initialize_config_dir
 
-from gpt4llm.training.planning import (
+from gpt4llm.training.memory_plan import (
     GIB,
     Arch,
     Setup,
@@ -24,6 +23,7 @@ from gpt4llm.training.planning import (
     make_plan,
     model_states,
 )
+from helpers.configs import CONF, demo_overrides
 
 LLAMA7B = Arch(4096, 32, 32, 32, 11008, 32001)
 LLAMA13B = Arch(5120, 40, 40, 40, 13824, 32001)
@@ -41,8 +41,12 @@ def meta_llama(a: Arch, attention: str = "sdpa"):
 
     config = LlamaConfig(
         attn_implementation=attention,
-        hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
-        num_key_value_heads=a.num_key_value_heads, intermediate_size=a.intermediate_size, vocab_size=a.vocab_size,
+        hidden_size=a.hidden_size,
+        num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_key_value_heads,
+        intermediate_size=a.intermediate_size,
+        vocab_size=a.vocab_size,
         tie_word_embeddings=a.tie_word_embeddings,
     )
     with torch.device("meta"):  # shapes only: LLaMA-13B costs no memory here
@@ -67,8 +71,11 @@ def test_llama7b_with_the_pad_row_is_the_papers_model():
     assert llama_parameters(arch_of(compose_plan(["model=llama13b"]).model))["total"] == 13_015_864_320 + 2 * 5120
 
 
-GRID = [(P, L, g, n) for P, L in ((6_738_423_808, 131_076_096), (13_015_874_560, 163_845_120), (2_000_000, 65_536))
-        for g, n in ((1, 1), (8, 1), (8, 2), (4, 4))]
+GRID = [
+    (P, L, g, n)
+    for P, L in ((6_738_423_808, 131_076_096), (13_015_874_560, 163_845_120), (2_000_000, 65_536))
+    for g, n in ((1, 1), (8, 1), (8, 2), (4, 4))
+]
 
 
 @pytest.mark.parametrize("total, largest, gpus, nodes", GRID)
@@ -79,8 +86,15 @@ def test_model_states_agree_with_deepspeeds_estimators(total, largest, gpus, nod
     )
 
     def ours(stage, offload_optimizer, offload_parameters=False):
-        s = Setup("deepspeed", gpus, nodes, "16-mixed", zero_stage=stage, offload_optimizer=offload_optimizer,
-                  offload_parameters=offload_parameters)
+        s = Setup(
+            "deepspeed",
+            gpus,
+            nodes,
+            "16-mixed",
+            zero_stage=stage,
+            offload_optimizer=offload_optimizer,
+            offload_parameters=offload_parameters,
+        )
         states = model_states(s, total, largest, largest)
         return states["cpu_per_node"], states["gpu"]["total"]
 
@@ -90,16 +104,28 @@ def test_model_states_agree_with_deepspeeds_estimators(total, largest, gpus, nod
         cases.append((f"zero2 offload={offload}", (cpu, gpu), ours(2, offload)))
     for offload_optimizer, offload_parameters in ((True, True), (True, False), (False, False)):
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            total, largest, gpus, nodes, cpu_offload=offload_optimizer, cpu_offload_params=offload_parameters, zero_init=True
+            total,
+            largest,
+            gpus,
+            nodes,
+            cpu_offload=offload_optimizer,
+            cpu_offload_params=offload_parameters,
+            zero_init=True,
         )
         name = f"zero3 offload {offload_optimizer}/{offload_parameters}"
         cases.append((name, (cpu, gpu), ours(3, offload_optimizer, offload_parameters)))
     for name, (ds_cpu, ds_gpu), (our_cpu, our_gpu) in cases:
-        assert our_gpu == pytest.approx(ds_gpu, rel=0.05), f"{name}: GPU {our_gpu / GIB:.2f} vs DeepSpeed {ds_gpu / GIB:.2f} GiB"
-        assert our_cpu == pytest.approx(ds_cpu, rel=0.05), f"{name}: CPU {our_cpu / GIB:.2f} vs DeepSpeed {ds_cpu / GIB:.2f} GiB"
+        assert our_gpu == pytest.approx(ds_gpu, rel=0.05), (
+            f"{name}: GPU {our_gpu / GIB:.2f} vs DeepSpeed {ds_gpu / GIB:.2f} GiB"
+        )
+        assert our_cpu == pytest.approx(ds_cpu, rel=0.05), (
+            f"{name}: CPU {our_cpu / GIB:.2f} vs DeepSpeed {ds_cpu / GIB:.2f} GiB"
+        )
 
 
-def saved_activation_bytes(arch: Arch, batch: int, seq: int, dtype, attention: str, checkpointing: bool, autocast=None) -> int:
+def saved_activation_bytes(
+    arch: Arch, batch: int, seq: int, dtype, attention: str, checkpointing: bool, autocast=None
+) -> int:
     """What a real LlamaForCausalLM keeps for backward: the bytes of every distinct tensor autograd saves."""
     model = meta_llama(arch, attention).to_empty(device="cpu").to(dtype).train()
     if checkpointing:
@@ -113,7 +139,11 @@ def saved_activation_bytes(arch: Arch, batch: int, seq: int, dtype, attention: s
         fn = t.grad_fn
         while fn is not None and fn.name() == "TBackward0":  # linear keeps the copy transposed
             fn = fn.next_functions[0][0]
-        return fn is not None and fn.name() == "ToCopyBackward0" and type(fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+        return (
+            fn is not None
+            and fn.name() == "ToCopyBackward0"
+            and type(fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+        )
 
     def pack(t):
         if t.untyped_storage().data_ptr() not in weights and not autocast_weight_copy(t):
@@ -130,8 +160,11 @@ def saved_activation_bytes(arch: Arch, batch: int, seq: int, dtype, attention: s
 
 @pytest.mark.parametrize(
     "precision, strategy, dtype, autocast",
-    [("32-true", "single", torch.float32, None), ("bf16-true", "deepspeed", torch.bfloat16, None),
-     ("bf16-mixed", "ddp", torch.float32, torch.bfloat16)],
+    [
+        ("32-true", "single", torch.float32, None),
+        ("bf16-true", "deepspeed", torch.bfloat16, None),
+        ("bf16-mixed", "ddp", torch.float32, torch.bfloat16),
+    ],
 )
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_activation_formula_matches_what_llama_saves_per_layer(precision, strategy, dtype, autocast, attention):
@@ -141,38 +174,52 @@ def test_activation_formula_matches_what_llama_saves_per_layer(precision, strate
     small, large = Arch(128, 2, 4, 4, 344, 500), Arch(128, 3, 4, 4, 344, 500)
     s = Setup(strategy, 1, 1, precision)
     for checkpointing in (False, True):
-        measured = (saved_activation_bytes(large, batch, seq, dtype, attention, checkpointing, autocast)
-                    - saved_activation_bytes(small, batch, seq, dtype, attention, checkpointing, autocast))
-        estimate = (activation_bytes(large, s, batch, seq, checkpointing, attention)
-                    - activation_bytes(small, s, batch, seq, checkpointing, attention))
+        measured = saved_activation_bytes(
+            large, batch, seq, dtype, attention, checkpointing, autocast
+        ) - saved_activation_bytes(small, batch, seq, dtype, attention, checkpointing, autocast)
+        estimate = activation_bytes(large, s, batch, seq, checkpointing, attention) - activation_bytes(
+            small, s, batch, seq, checkpointing, attention
+        )
         assert estimate == pytest.approx(measured, rel=0.03), f"checkpointing={checkpointing}: {estimate} vs {measured}"
 
 
 def test_paper_run_on_16_v100s_fits_with_zero3_offload_and_ddp_does_not():
     common = ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16"]
     zero3 = make_plan(compose_plan(common + ["strategy=deepspeed_zero3_offload"]), device="V100-32GB")
-    assert zero3["fits"] and zero3["cpu_fits"] and not zero3["problems"]
-    assert zero3["global_batch"] == 64 and zero3["accumulation"] == 4
-    assert zero3["optimizer_steps"] == 3 * 813  # ceil(ceil(52002 / 16) / 4) per epoch, as Lightning counts
-    assert zero3["gpu_bytes"]["model_states"] == pytest.approx(4 * 131_076_096)  # only the gathered embedding
-    assert zero3["offload_traffic"]["seconds_per_step"] > 0
+    assert zero3.fits and zero3.cpu_fits and not zero3.problems
+    assert zero3.global_batch == 64 and zero3.accumulation == 4
+    assert zero3.optimizer_steps == 3 * 813  # ceil(ceil(52002 / 16) / 4) per epoch, as Lightning counts
+    assert zero3.gpu_bytes.model_states == pytest.approx(4 * 131_076_096)  # only the gathered embedding
+    assert zero3.offload_traffic.seconds_per_step > 0
     ddp = make_plan(compose_plan(common + ["strategy=ddp"]), device="V100-32GB")
-    assert ddp["fits"] is False and ddp["gpu_bytes"]["model_states"] > 100 * GIB
+    assert ddp.fits is False and ddp.gpu_bytes.model_states > 100 * GIB
     zero2_13b = make_plan(compose_plan(common + ["strategy=deepspeed_zero2", "model=llama13b"]), device="V100-32GB")
-    assert zero2_13b["fits"] is False  # 2 bytes of every parameter on every GPU: 24 GiB before anything else
+    assert zero2_13b.fits is False  # 2 bytes of every parameter on every GPU: 24 GiB before anything else
 
 
 def test_bf16_on_v100_is_a_problem_in_the_plan():
-    plan = make_plan(compose_plan(["model=llama7b", "trainer=v100x16", "trainer.precision=bf16-mixed"]), device="V100-32GB")
-    assert any("use trainer.precision=16-mixed on V100" in p for p in plan["problems"])
+    plan = make_plan(
+        compose_plan(["model=llama7b", "trainer=v100x16", "trainer.precision=bf16-mixed"]), device="V100-32GB"
+    )
+    assert any("use trainer.precision=16-mixed on V100" in p for p in plan.problems)
 
 
 def test_plan_cli_writes_plan_json(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", "strategy=deepspeed_zero3_offload",
-            f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run([sys.executable, "-m", "gpt4llm.plan", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    args = [
+        "experiment=paper_sft_llama7b_gpt4",
+        "trainer=v100x16",
+        "strategy=deepspeed_zero3_offload",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt4llm.plan", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DeepSpeed ZeRO-3, offload optimizer + parameters to CPU" in proc.stdout and ": fits" in proc.stdout
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
@@ -181,12 +228,19 @@ def test_plan_cli_writes_plan_json(tmp_path):
 
 def test_plan_for_the_tiny_demo_needs_no_download(tmp_path):
     plan = make_plan(compose_plan(demo_overrides(tmp_path)), device="cpu")
-    assert plan["parameters"]["total"] > 0 and plan["fits"] is None and plan["optimizer_steps"] == 6
+    assert plan.parameters["total"] > 0 and plan.fits is None and plan.optimizer_steps == 6
 
 
-@pytest.mark.parametrize("strategy, optimizer", [
-    ("deepspeed_zero3_offload", "DeepSpeed's CPU Adam"), ("deepspeed_zero3", "torch's fused AdamW"), ("ddp", "torch's fused AdamW"),
-])
+@pytest.mark.parametrize(
+    "strategy, optimizer",
+    [
+        ("deepspeed_zero3_offload", "DeepSpeed's CPU Adam"),
+        ("deepspeed_zero3", "torch's fused AdamW"),
+        ("ddp", "torch's fused AdamW"),
+    ],
+)
 def test_the_plan_names_the_optimizer_the_strategy_gets(strategy, optimizer):
-    plan = make_plan(compose_plan(["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", f"strategy={strategy}"]), "V100-32GB")
-    assert plan["optimizer"].startswith(optimizer)
+    plan = make_plan(
+        compose_plan(["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", f"strategy={strategy}"]), "V100-32GB"
+    )
+    assert plan.optimizer.startswith(optimizer)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
 from omegaconf import OmegaConf
 
-from gpt4llm.data.records import RecordError
-from gpt4llm.evaluation import figures as F
+from gpt4llm.errors import RecordError
+from gpt4llm.evaluation import paper_figures as F
+from helpers.configs import SHARED_DATA
 
 ORIGINAL = SHARED_DATA / "gpt4llm_plots"
 needs_original = pytest.mark.skipif(not ORIGINAL.exists(), reason="../shared/data/gpt4llm_plots is not there")
@@ -31,7 +31,9 @@ def test_figure_6_draws_the_original_rouge_l_values():
     expected = []
     for model in models:
         for bucket in F.BUCKETS:
-            file = ORIGINAL / "eval_unnatural_instructions" / f"gpt4_unnatural_instruction_results_h9000_len{bucket}.json"
+            file = (
+                ORIGINAL / "eval_unnatural_instructions" / f"gpt4_unnatural_instruction_results_h9000_len{bucket}.json"
+            )
             expected.append(next(r["rougeL"] for r in json.loads(file.read_text()) if r["Model"] == model))
     assert bar_heights(ax) == expected
     # The notebook's labels as its bar_unnatural.pdf shows them: legend means rounded to 2 places, LLaMA-GPT4 for
@@ -39,7 +41,12 @@ def test_figure_6_draws_the_original_rouge_l_values():
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["LLaMA-GPT4: 0.34", "Alpaca: 0.39", "GPT4: 0.37"]
     notes = [t.get_text() for t in ax.texts]
     assert notes == ["-0.043", "-0.009", "+0.0132", "-0.004", "+0.0562", "+0.0387", "-0.012", "-0.076"]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["0-2\n(n=5089)", "3-5\n(n=868)", "6-10\n(n=936)", ">10\n(n=2107)"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "0-2\n(n=5089)",
+        "3-5\n(n=868)",
+        "6-10\n(n=936)",
+        ">10\n(n=2107)",
+    ]
 
 
 @needs_original
@@ -51,7 +58,7 @@ def test_score_distributions_are_drawn_from_the_truncated_lists(tmp_path):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == [F.SOURCE_NAMES[k] for k in scores] and set(labels) == {"OPT-IML", "GPT3.5", "GPT4"} and n == 51183
     assert ax.get_xlim() == (0, 11) and ax.get_ylim() == (0, 1.5)  # the notebook's axes
-    for line, (key, values) in zip(ax.lines, scores.items()):  # normalised together: each curve's area is 1/3
+    for line, values in zip(ax.lines, scores.values()):  # normalised together: each curve's area is 1/3
         x, y = line.get_data()
         assert np.trapezoid(y, x) == pytest.approx(1 / 3, abs=0.01)
         assert x[np.argmax(y)] == pytest.approx(np.bincount(np.asarray(values[:n], int)).argmax(), abs=0.25)
@@ -77,8 +84,11 @@ def test_score_densities_are_seaborns_displot_with_common_norm():
     import pandas as pd
 
     rng = np.random.default_rng(0)
-    scores = {"gpt4": rng.integers(6, 11, 400).tolist(), "text-davinci-003": rng.integers(3, 10, 450).tolist(),
-              "icm-1.3b": rng.integers(1, 8, 500).tolist()}
+    scores = {
+        "gpt4": rng.integers(6, 11, 400).tolist(),
+        "text-davinci-003": rng.integers(3, 10, 450).tolist(),
+        "icm-1.3b": rng.integers(1, 8, 500).tolist(),
+    }
     n = min(len(v) for v in scores.values())
     grid = sns.displot(data=pd.DataFrame({k: v[:n] for k, v in scores.items()}), kind="kde", fill=True)
     drawn = [path.vertices for collection in grid.ax.collections for path in collection.get_paths()]
@@ -102,9 +112,15 @@ def test_plots_command_reads_judge_summaries_and_sorts_ranking_groups(tmp_path):
     (results / "responses.jsonl").write_text('{"id": 1, "model": "m", "response": "a b c"}\n')
     out = tmp_path / "out"
     out.mkdir()
-    cfg = OmegaConf.create({"results": str(results), "data_files": [], "formats": ["png"], "paths": {"output_dir": str(out)}})
+    cfg = OmegaConf.create(
+        {"results": str(results), "data_files": [], "formats": ["png"], "paths": {"output_dir": str(out)}}
+    )
     report = plots(cfg)
-    assert sorted(p.name for p in out.iterdir()) == ["bar_score_all_vs_ChatGPT.png", "bar_score_ranking_vs_ChatGPT.png", "cmp_seq_len_freq.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bar_score_all_vs_ChatGPT.png",
+        "bar_score_ranking_vs_ChatGPT.png",
+        "cmp_seq_len_freq.png",
+    ]
     assert any("Figure 6" in m for m in report["missing"]) and any("Figure 2" in m for m in report["missing"])
 
 
@@ -146,7 +162,11 @@ def test_figure_3_from_the_papers_fractions_puts_each_wedge_under_its_label():
     assert [round(100 * f, 2) for _, f in helpful] == list(HHH[("LLaMA-GPT4", "GPT-4")]["helpfulness"])
     percents = [t.get_text() for t in fig.axes[0].texts if "%" in t.get_text()]
     assert percents == ["42.8%", "44.1%", "13.1%"]
-    assert [ax.get_title() for ax in fig.axes] == ["Helpfulness (755 votes)", "Honesty (755 votes)", "Harmlessness (755 votes)"]
+    assert [ax.get_title() for ax in fig.axes] == [
+        "Helpfulness (755 votes)",
+        "Honesty (755 votes)",
+        "Harmlessness (755 votes)",
+    ]
 
 
 def test_plots_command_draws_study_reports_with_error_bars_and_the_papers_figure_3(tmp_path):
@@ -154,18 +174,37 @@ def test_plots_command_draws_study_reports_with_error_bars_and_the_papers_figure
 
     study = tmp_path / "results" / "pilot"
     study.mkdir(parents=True)
-    criteria = {c: {"votes": 10, "fractions": {"win": 0.5, "lose": 0.3, "tie": 0.2},
-                    "ci": {"win": [0.2, 0.8], "lose": [0.1, 0.5], "tie": None}} for c in ("helpfulness", "honesty")}
-    (study / "humaneval_report.json").write_text(json.dumps({"comparisons": [
-        {"model": "ours", "opponent": "alpaca", "criteria": criteria}]}))
-    cfg = OmegaConf.create({"results": str(tmp_path / "results"), "paper": True, "data_files": [], "formats": ["png"],
-                            "paths": {"output_dir": str(tmp_path / "out")}})
+    criteria = {
+        c: {
+            "votes": 10,
+            "fractions": {"win": 0.5, "lose": 0.3, "tie": 0.2},
+            "ci": {"win": [0.2, 0.8], "lose": [0.1, 0.5], "tie": None},
+        }
+        for c in ("helpfulness", "honesty")
+    }
+    (study / "humaneval_report.json").write_text(
+        json.dumps({"comparisons": [{"model": "ours", "opponent": "alpaca", "criteria": criteria}]})
+    )
+    cfg = OmegaConf.create(
+        {
+            "results": str(tmp_path / "results"),
+            "paper": True,
+            "data_files": [],
+            "formats": ["png"],
+            "paths": {"output_dir": str(tmp_path / "out")},
+        }
+    )
     (tmp_path / "out").mkdir()
     drawn = plots(cfg)
     names = sorted(Path(p).name for p in drawn["drawn"] if "hhh" in p or "pie" in p)
-    assert names == ["bar_hhh_LLaMA-GPT4_vs_Alpaca_paper.png", "bar_hhh_LLaMA-GPT4_vs_GPT-4_paper.png",
-                     "bar_hhh_ours_vs_alpaca_pilot.png", "pie_LLaMA-GPT4_vs_Alpaca_paper.png",
-                     "pie_LLaMA-GPT4_vs_GPT-4_paper.png", "pie_ours_vs_alpaca_pilot.png"]
+    assert names == [
+        "bar_hhh_LLaMA-GPT4_vs_Alpaca_paper.png",
+        "bar_hhh_LLaMA-GPT4_vs_GPT-4_paper.png",
+        "bar_hhh_ours_vs_alpaca_pilot.png",
+        "pie_LLaMA-GPT4_vs_Alpaca_paper.png",
+        "pie_LLaMA-GPT4_vs_GPT-4_paper.png",
+        "pie_ours_vs_alpaca_pilot.png",
+    ]
     bars = F.draw_hhh_bars({"model": "ours", "opponent": "alpaca", "criteria": criteria})
     ax = bars.axes[0]
     from matplotlib.container import BarContainer

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from gpt4llm.data.records import RecordError, load_instruction_records
+from gpt4llm.data.records import load_instruction_records
+from gpt4llm.errors import RecordError
 
 
 def write(tmp_path, name, content):
@@ -19,7 +20,11 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 
 
 def test_json_and_jsonl_read_the_same(tmp_path):
-    records = [GOOD, {"instruction": "Add.", "input": "1 and 2", "output": "3"}, {"instruction": "No input field.", "output": "ok"}]
+    records = [
+        GOOD,
+        {"instruction": "Add.", "input": "1 and 2", "output": "3"},
+        {"instruction": "No input field.", "output": "ok"},
+    ]
     as_json, _ = load_instruction_records(write(tmp_path, "a.json", records))
     as_jsonl, _ = load_instruction_records(write(tmp_path, "a.jsonl", "\n".join(json.dumps(r) for r in records) + "\n"))
     assert as_json == as_jsonl

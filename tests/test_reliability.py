@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_OVERRIDES, compose_train, run_cli
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gpt4llm.app.checks import ConfigError, check_values
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.app.checks import check_values
+from gpt4llm.data.records import read_json_records
+from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.io import atomic
+from helpers.configs import ROOT, TINY_OVERRIDES, compose_train
+from helpers.runs import run_cli, scalars_by_step
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def losses_by_step(run: Path) -> dict[int, float]:
-    events = EventAccumulator(str(run / "tensorboard")).Reload()  # honours purge_step, as TensorBoard does
-    return {e.step: e.value for e in events.Scalars("train/loss")}
+    return scalars_by_step(run)["train/loss"]  # as TensorBoard reads them: purge_step honoured
 
 
 # --- 1. resume ---------------------------------------------------------------------------------------------------
@@ -33,18 +33,40 @@ def losses_by_step(run: Path) -> dict[int, float]:
 def test_a_killed_run_resumes_exactly_across_epoch_boundaries(tmp_path, batching):
     # 200 training examples in batches of 8: 25 steps an epoch, so steps 20 -> 60 cross two epoch boundaries.
     common = [
-        *TINY_OVERRIDES, f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-        "data.demo.num_records=240", "data.val_size=40", "data.batch_size=8", f"data.batching={batching}",
-        "trainer.max_epochs=3", "trainer.max_steps=60", "trainer.log_every_n_steps=1", "validate_first=false",
-        "callbacks.exact_match=null", "callbacks.checkpoint.every_n_train_steps=20", "callbacks.checkpoint.save_top_k=-1",
-        "export=false", "+logger.tensorboard.max_queue=1",  # every event on disk at once, as a kill would find it
+        *TINY_OVERRIDES,
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "data.demo.num_records=240",
+        "data.val_size=40",
+        "data.batch_size=8",
+        f"data.batching={batching}",
+        "trainer.max_epochs=3",
+        "trainer.max_steps=60",
+        "trainer.log_every_n_steps=1",
+        "validate_first=false",
+        "callbacks.exact_match=null",
+        "callbacks.checkpoint.every_n_train_steps=20",
+        "callbacks.checkpoint.save_top_k=-1",
+        "export=false",
+        "+logger.tensorboard.max_queue=1",  # every event on disk at once, as a kill would find it
     ]
     run_cli("gpt4llm.train", [*common, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
     killed = tmp_path / "logs" / "train" / "runs" / "killed"
     proc = subprocess.run(
-        [sys.executable, "-m", "gpt4llm.train", *common, f"hydra.run.dir={killed}",
-         "+callbacks.die._target_=killable.DieAt", "+callbacks.die.step=33"],
-        cwd=tmp_path, env=ENV | {"PYTHONPATH": str(ROOT / "tests")}, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "gpt4llm.train",
+            *common,
+            f"hydra.run.dir={killed}",
+            "+callbacks.die._target_=helpers.killable.DieAt",
+            "+callbacks.die.step=33",
+        ],
+        cwd=tmp_path,
+        env=ENV | {"PYTHONPATH": str(ROOT / "tests")},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert max(losses_by_step(killed)) >= 30  # it had logged past its last checkpoint (step 20) when it died
@@ -75,8 +97,14 @@ def test_settings_out_of_range_are_named(override, message):
 
 
 def test_a_bad_setting_stops_at_start_in_one_line_and_leaves_no_run_directory(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "gpt4llm.train", "task.optimizer.lr=-1", f"paths.log_dir={tmp_path / 'logs'}"],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt4llm.train", "task.optimizer.lr=-1", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "Error: task.optimizer.lr=-1: must be > 0"
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "logs").rglob("runs/*")), "an empty run directory was left behind"
@@ -84,8 +112,16 @@ def test_a_bad_setting_stops_at_start_in_one_line_and_leaves_no_run_directory(tm
 
 # --- 3. a directory per run ---------------------------------------------------------------------------------------
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-m", "gpt4llm.plan"], cwd=tmp_path, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gpt4llm.plan"],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     runs = list((tmp_path / "logs" / "plan" / "runs").iterdir())
     assert len(runs) == 2 and all((r / "plan.json").exists() for r in runs)
@@ -93,11 +129,11 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
 
 # --- 4. failed requests ---------------------------------------------------------------------------------------------
 def test_mostly_failed_requests_fail_the_run_and_empty_replies_are_asked_again(tmp_path, monkeypatch):
-    from test_judge import ChatServer
-    from test_synthesize import synth_cfg, write
-
     import gpt4llm.synthesize as S
-    from gpt4llm.inference.openai_client import TooFewSucceeded
+    from gpt4llm.errors import TooFewSucceeded
+    from helpers.configs import synth_cfg
+    from helpers.fake_servers import ChatServer
+    from helpers.runs import write
 
     monkeypatch.setenv("TEACHER_KEY", "k")
     server = ChatServer(reply=lambda request: "")  # answers, but empty
@@ -137,7 +173,9 @@ def _death_signal_in_worker() -> int:
 
 
 def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     (tmp_path / f"export.tmp-{dead}").mkdir()
     (tmp_path / f"export.tmp-{dead}" / "model.safetensors").write_bytes(b"0" * 100)
     (tmp_path / f"data.json.part-{dead}").write_text("[")
@@ -158,18 +196,22 @@ def test_a_full_disk_names_the_path_and_what_to_do(tmp_path, monkeypatch):
 
 
 def test_prepare_outputs_appear_together(tmp_path):
-    from conftest import demo_overrides
+    from helpers.configs import demo_overrides
 
     run_cli("gpt4llm.prepare", demo_overrides(tmp_path), cwd=tmp_path)
-    assert sorted(p.name for p in (tmp_path / "run" / "prepared").iterdir()) == ["report.json", "train.jsonl", "validation.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "run" / "prepared").iterdir()) == [
+        "report.json",
+        "train.jsonl",
+        "validation.jsonl",
+    ]
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
 
 
 # --- 8. unclear errors ----------------------------------------------------------------------------------------------
 def test_records_errors_say_where_and_why(tmp_path, tokenizer):
     from gpt4llm.data.cache import SplitSettings
-    from gpt4llm.data.datamodule import build_sft_splits
     from gpt4llm.data.records import load_instruction_records
+    from gpt4llm.data.sft_datamodule import build_sft_splits
 
     with pytest.raises(RecordError, match="a directory, not a records file"):
         read_json_records(tmp_path)
@@ -193,16 +235,34 @@ def test_records_errors_say_where_and_why(tmp_path, tokenizer):
 
 @pytest.mark.slow
 def test_resuming_with_another_model_says_so(tmp_path):
-    from conftest import demo_overrides
+    from helpers.configs import demo_overrides
 
-    args = demo_overrides(tmp_path, "trainer.max_steps=2", "validate_first=false", "export=false", "callbacks.exact_match=null")
+    args = demo_overrides(
+        tmp_path, "trainer.max_steps=2", "validate_first=false", "export=false", "callbacks.exact_match=null"
+    )
     run_cli("gpt4llm.train", args, cwd=tmp_path)
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
     other = [a for a in args if not a.startswith(("model.tiny.hidden_size", "hydra.run.dir"))]
-    proc = subprocess.run([sys.executable, "-m", "gpt4llm.train", *other, "model.tiny.hidden_size=96", f"ckpt_path={checkpoint}",
-                           f"hydra.run.dir={tmp_path / 'other'}", "model.path=" + str(tmp_path / "data" / "models" / "tiny-96")],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpt4llm.train",
+            *other,
+            "model.tiny.hidden_size=96",
+            f"ckpt_path={checkpoint}",
+            f"hydra.run.dir={tmp_path / 'other'}",
+            "model.path=" + str(tmp_path / "data" / "models" / "tiny-96"),
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("Error: ckpt_path: the checkpoint is for another model (model.") and "is [" in message, message
+    assert message.startswith("Error: ckpt_path: the checkpoint is for another model (model.") and "is [" in message, (
+        message
+    )

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONF
 
-from gpt4llm.reproduction.stages import Pipeline, Stage, StageFailed
+from gpt4llm.errors import StageFailed
+from gpt4llm.reproduction.runner import Pipeline, Stage
+from helpers.configs import CONF
 
 
 # --- the runner, on toy stages (gpt4llm.plots on a results directory it writes nothing for) -------------------------
@@ -31,12 +32,16 @@ def test_runner_reuses_unchanged_stages_and_redoes_changed_ones_and_their_depend
     lines: list[str] = []
 
     def stages(extra: str = "paper=false") -> list[Stage]:
-        return [toy("first", extra, f"data_files=[{data}]", results=results, inputs=[str(data)]),
-                toy("second", f"data_files=[{data}]", results=results, needs=["first"], outputs=["cmp_seq_len_freq.png"]),
-                toy("third", results=results, skip="no key for it"),
-                toy("fourth", results=results, needs=["third"])]
+        return [
+            toy("first", extra, f"data_files=[{data}]", results=results, inputs=[str(data)]),
+            toy("second", f"data_files=[{data}]", results=results, needs=["first"], outputs=["cmp_seq_len_freq.png"]),
+            toy("third", results=results, skip="no key for it"),
+            toy("fourth", results=results, needs=["third"]),
+        ]
 
-    run = lambda s, **kw: {o.stage.name: o.status for o in Pipeline(tmp_path / "root", s, echo=lines.append, **kw).run()}  # noqa: E731
+    def run(s, **kw):
+        return {o.stage.name: o.status for o in Pipeline(tmp_path / "root", s, echo=lines.append, **kw).run()}
+
     first_time = {"first": "ran", "second": "ran", "third": "skipped", "fourth": "skipped"}
     assert run(stages()) == first_time
     assert run(stages()) == {**first_time, "first": "reused", "second": "reused"}
@@ -45,8 +50,12 @@ def test_runner_reuses_unchanged_stages_and_redoes_changed_ones_and_their_depend
     assert run(stages()) == first_time
     assert run(stages("paper=true")) == first_time  # a setting changed
     assert run(stages("paper=true"), force=["second"]) == {**first_time, "first": "reused"}
-    assert run(stages("paper=true"), only=["second"]) == {"first": "not selected", "second": "reused",
-                                                          "third": "skipped", "fourth": "skipped"}
+    assert run(stages("paper=true"), only=["second"]) == {
+        "first": "not selected",
+        "second": "reused",
+        "third": "skipped",
+        "fourth": "skipped",
+    }
     record = json.loads((tmp_path / "root" / "second" / "stage.json").read_text())
     assert record["command"].startswith("-m gpt4llm.plots") and record["seconds"] > 0
 
@@ -54,7 +63,11 @@ def test_runner_reuses_unchanged_stages_and_redoes_changed_ones_and_their_depend
 def test_a_failed_or_half_made_stage_is_never_reused(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    bad = [toy("a", results=results), toy("b", "no_such_key=1", results=results, needs=["a"]), toy("c", results=results, needs=["b"])]
+    bad = [
+        toy("a", results=results),
+        toy("b", "no_such_key=1", results=results, needs=["a"]),
+        toy("c", results=results, needs=["b"]),
+    ]
     with pytest.raises(StageFailed, match=r"stage b exited with status 1; its log: .*b/stage.log\n(.|\n)*no_such_key"):
         Pipeline(tmp_path / "root", bad, echo=lambda line: None).run()
     assert (tmp_path / "root" / "a" / "stage.json").exists() and not (tmp_path / "root" / "b" / "stage.json").exists()
@@ -65,11 +78,11 @@ def test_a_failed_or_half_made_stage_is_never_reused(tmp_path):
         Pipeline(tmp_path / "root3", bad[:2], only=["b"], echo=lambda line: None).run()
 
 
-# --- the paper's preset: every stage's settings compose under its command's config -------------------------------------
+# --- the paper's preset: every stage's settings compose under its command's config ------------------------------
 def test_every_stage_of_the_paper_preset_composes(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    from gpt4llm.reproduction.plan import build_stages
+    from gpt4llm.reproduction.study import build_stages
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     deepspeed = compose_strategy_target("deepspeed_zero3")
@@ -98,18 +111,32 @@ def compose_strategy_target(name: str) -> str:
     return OmegaConf.load(CONF / "strategy" / f"{name}.yaml").get("_target_", "")
 
 
-# --- the tiny preset, end to end ----------------------------------------------------------------------------------------
+# --- the tiny preset, end to end ---------------------------------------------------------------------------------
 def reproduce_command(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gpt4llm.reproduce", "preset=tiny", f"paths.data_dir={tmp_path / 'data'}",
-            f"paths.log_dir={tmp_path / 'logs'}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "gpt4llm.reproduce",
+        "preset=tiny",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_tiny_study_killed_mid_stage_then_completed_then_reused_whole(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     root = tmp_path / "logs" / "reproduce" / "tiny"
-    proc = subprocess.Popen(reproduce_command(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        reproduce_command(tmp_path),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     deadline = time.time() + 1500  # the four training stages first: minutes on a loaded machine
     while time.time() < deadline:
@@ -126,7 +153,9 @@ def test_tiny_study_killed_mid_stage_then_completed_then_reused_whole(tmp_path):
     assert (killed / "stage.log").exists() and not (killed / "stage.json").exists()  # half-made: never to be used
 
     started = time.monotonic()
-    second = subprocess.run(reproduce_command(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    second = subprocess.run(
+        reproduce_command(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500
+    )
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     print(f"the rest of the tiny study: {time.monotonic() - started:.0f} s")
     for name in ("train/LLaMA-GPT4", "train/LLaMA-GPT4-CN", "train/Alpaca", "train/reward_model"):
@@ -138,7 +167,10 @@ def test_tiny_study_killed_mid_stage_then_completed_then_reused_whole(tmp_path):
     page = (root / "report.html").read_text()
 
     # Every number of ours in the report is read from an artefact of the run.
-    tables = {json.loads(p.read_text())[0]["Length"]: json.loads(p.read_text()) for p in (root / "evaluate" / "rouge").glob("rouge_len*.json")}
+    tables = {
+        json.loads(p.read_text())[0]["Length"]: json.loads(p.read_text())
+        for p in (root / "evaluate" / "rouge").glob("rouge_len*.json")
+    }
     for row in tables["ALL"]:
         assert f"| ALL | {row['Model']} | " in report and f"{row['rougeL']:.4f} (n={row['NumInstance']})" in report
     assert "| ALL | LLaMA-GPT4 | 0.3447 (n=9000) |" in report  # the paper's value beside ours
@@ -156,9 +188,11 @@ def test_tiny_study_killed_mid_stage_then_completed_then_reused_whole(tmp_path):
     if not summary["scored"]:  # the tiny judge's replies hold no scores: no Figure 4, and the plots log says why
         assert "no question got scores" in (root / "plots" / "stage.log").read_text()
     assert any(f.startswith("pie_LLaMA-GPT4_vs_GPT-4") for f in figures)
-    assert page.count("data:image/png;base64,") == len(figures) and "src=\"http" not in page
+    assert page.count("data:image/png;base64,") == len(figures) and 'src="http' not in page
 
-    third = subprocess.run(reproduce_command(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    third = subprocess.run(
+        reproduce_command(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     stages = re.findall(r"^\[\d+/(\d+)\] (\S+): (\w+)", third.stdout, re.MULTILINE)
     assert stages and all(status == "reused" for _, _, status in stages) and len(stages) == int(stages[0][0])

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from gpt4llm.data.collators import PairCollator
 from gpt4llm.data.encoding import padded_batch
-from gpt4llm.data.pairs import PairCollator
-from gpt4llm.models.reward import (
+from gpt4llm.models.reward_module import (
     RewardModule,
     load_reward_model,
     pairwise_loss,
@@ -44,7 +44,9 @@ def left_pad(sequences, pad_token_id):
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 def test_reward_is_read_at_the_last_token_under_both_paddings(reward_model, tokenizer, pad_is_eos):
     eos = tokenizer.eos_token_id
-    sequences = [tokenizer(t)["input_ids"] + [eos] for t in ("Sort 3, 1, 2.", "Hi", "Reverse the order of the words please.")]
+    sequences = [
+        tokenizer(t)["input_ids"] + [eos] for t in ("Sort 3, 1, 2.", "Hi", "Reverse the order of the words please.")
+    ]
     pad = eos if pad_is_eos else tokenizer.pad_token_id
     with torch.no_grad():
         alone = torch.cat([sequence_rewards(reward_model, **padded_batch([s], pad)) for s in sequences])
@@ -57,14 +59,18 @@ def test_reward_is_read_at_the_last_token_under_both_paddings(reward_model, toke
 
 
 def test_training_step_and_validation_statistics(tiny_model_dir, tokenizer):
-    module = RewardModule(tokenizer, str(tiny_model_dir), optimizer={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}, max_length=64)
+    module = RewardModule(
+        tokenizer, str(tiny_model_dir), optimizer={"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}, max_length=64
+    )
     module.configure_model()
     eos = tokenizer.eos_token_id
     ids = {text: tokenizer(text)["input_ids"] + [eos] for text in ("right", "wrong answer", "yes", "no")}
-    batch = PairCollator(tokenizer.pad_token_id)([
-        {"chosen_input_ids": ids["right"], "rejected_input_ids": ids["wrong answer"]},
-        {"chosen_input_ids": ids["yes"], "rejected_input_ids": ids["no"]},
-    ])
+    batch = PairCollator(tokenizer.pad_token_id)(
+        [
+            {"chosen_input_ids": ids["right"], "rejected_input_ids": ids["wrong answer"]},
+            {"chosen_input_ids": ids["yes"], "rejected_input_ids": ids["no"]},
+        ]
+    )
     chosen, rejected = module(**batch).chunk(2)  # one forward pass: the first half chosen, the second rejected
     assert chosen.dtype == torch.float32 and chosen.shape == (2,)
     loss = pairwise_loss(chosen, rejected)
@@ -75,9 +81,15 @@ def test_training_step_and_validation_statistics(tiny_model_dir, tokenizer):
     import lightning as L
 
     trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
-    metrics = trainer.validate(module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)[0]
+    metrics = trainer.validate(
+        module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False
+    )[0]
     rewards = torch.cat([chosen, rejected]).detach()
     assert metrics["val/loss"] == pytest.approx(loss.item(), abs=1e-5)
     assert metrics["val/rm_acc"] == (chosen > rejected).float().mean().item()
@@ -85,7 +97,9 @@ def test_training_step_and_validation_statistics(tiny_model_dir, tokenizer):
     assert metrics["val/reward_mean"] == pytest.approx(rewards.mean().item(), abs=1e-5)
     assert metrics["val/reward_std"] == pytest.approx(rewards.std(unbiased=False).item(), abs=1e-4)
     config = module.model.config  # what the export carries, to normalise scores later
-    assert (config.reward_mean, config.reward_std) == pytest.approx((metrics["val/reward_mean"], metrics["val/reward_std"]))
+    assert (config.reward_mean, config.reward_std) == pytest.approx(
+        (metrics["val/reward_mean"], metrics["val/reward_std"])
+    )
     assert config.reward_max_length == 64 and module.validated_at_step == 0
 
 
@@ -94,9 +108,16 @@ def test_opt_backbone_reads_the_same_reward_left_or_right_padded(tmp_path, token
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
@@ -115,13 +136,17 @@ def exported_rm(tmp_path_factory, reward_model, tokenizer):
     """An exported reward model as `train task=rm` writes it (weights, tokenizer, statistics in the config)."""
     from gpt4llm.models.export import export_hf
 
-    reward_model.config.reward_mean, reward_model.config.reward_std, reward_model.config.reward_max_length = 0.5, 2.0, 64
+    reward_model.config.reward_mean, reward_model.config.reward_std, reward_model.config.reward_max_length = (
+        0.5,
+        2.0,
+        64,
+    )
     return export_hf(reward_model, tokenizer, tmp_path_factory.mktemp("rm") / "export")
 
 
 def test_score_records_matches_the_model_and_templates_once(exported_rm, reward_model, tokenizer):
     from gpt4llm.data.prompts import format_prompt
-    from gpt4llm.inference.rewards import score_records
+    from gpt4llm.inference.scoring import score_records
 
     records = [
         {"instruction": "Sort the numbers.", "input": "3, 1", "response": "1, 3"},
@@ -142,8 +167,8 @@ def test_score_records_matches_the_model_and_templates_once(exported_rm, reward_
 
 
 def test_score_records_names_the_bad_record(exported_rm):
-    from gpt4llm.data.records import RecordError
-    from gpt4llm.inference.rewards import score_records
+    from gpt4llm.errors import RecordError
+    from gpt4llm.inference.scoring import score_records
 
     with pytest.raises(RecordError, match=r"record 1: field 'response' is missing"):
         score_records(exported_rm, [{"prompt": "a", "response": "b"}, {"prompt": "a"}])
@@ -151,12 +176,18 @@ def test_score_records_names_the_bad_record(exported_rm):
 
 def test_best_of_n_ranks_samples_and_keeps_the_greedy_baseline(tiny_model_dir, exported_rm, tmp_path):
     from gpt4llm.inference.best_of_n import best_of_n, read_prompts
-    from gpt4llm.inference.rewards import score_records
+    from gpt4llm.inference.scoring import score_records
 
     path = tmp_path / "q.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [
-        {"id": "q1", "instruction": "Sort the numbers.", "input": "3, 1"}, {"instruction": "Name a color."},
-    ]))
+    path.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "q1", "instruction": "Sort the numbers.", "input": "3, 1"},
+                {"instruction": "Name a color."},
+            ]
+        )
+    )
     prompts = read_prompts(path)
     assert [p["id"] for p in prompts] == ["q1", 1] and prompts[1]["input"] == ""
     settings = dict(n=3, max_new_tokens=6, batch_size=2, temperature=1.0, top_p=1.0, seed=1)
@@ -167,13 +198,15 @@ def test_best_of_n_ranks_samples_and_keeps_the_greedy_baseline(tiny_model_dir, e
         assert [c["rank"] for c in row["ranked"]] == [1, 2, 3] and sorted(c["draw"] for c in row["ranked"]) == [0, 1, 2]
         rewards = [c["reward"] for c in row["ranked"]]
         assert rewards == sorted(rewards, reverse=True)
-        rescored = score_records(exported_rm, [prompt | {"response": c["response"]} for c in [*row["ranked"], row["baseline"]]])
+        rescored = score_records(
+            exported_rm, [prompt | {"response": c["response"]} for c in [*row["ranked"], row["baseline"]]]
+        )
         assert rescored == pytest.approx(rewards + [row["baseline"]["reward"]], abs=1e-5)
     assert len({c["response"] for r in rows for c in r["ranked"]}) > 2  # sampled, not greedy
 
 
 def test_bad_prompt_file_names_record_and_field(tmp_path):
-    from gpt4llm.data.records import RecordError
+    from gpt4llm.errors import RecordError
     from gpt4llm.inference.best_of_n import read_prompts
 
     path = tmp_path / "q.json"

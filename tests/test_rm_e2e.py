@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import rm_overrides, run_cli
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers.configs import rm_overrides
+from helpers.runs import run_cli, scalars
 
 pytestmark = pytest.mark.slow
 
@@ -18,10 +19,18 @@ def test_cli_reward_model_demo_trains_exports_scores_and_ranks(tmp_path):
     run = tmp_path / "run"
     assert f"Run directory: {run}" in proc.stdout and "Export:" in proc.stdout
 
-    events = EventAccumulator(str(run / "tensorboard")).Reload()
-    logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-    for tag in ("train/loss", "train/rm_acc", "train/lr", "train/tokens_per_s", "val/loss", "val/rm_acc", "val/rm_margin",
-                "val/reward_mean", "val/reward_std"):
+    logged = scalars(run)
+    for tag in (
+        "train/loss",
+        "train/rm_acc",
+        "train/lr",
+        "train/tokens_per_s",
+        "val/loss",
+        "val/rm_acc",
+        "val/rm_margin",
+        "val/reward_mean",
+        "val/reward_std",
+    ):
         assert tag in logged, f"{tag} missing from TensorBoard: {sorted(logged)}"
     assert len(logged["train/loss"]) == 6 and len(logged["val/rm_acc"]) == 2  # before training, and after
     assert all(0 <= a <= 1 for a in logged["val/rm_acc"]) and "val/exact_match" not in logged
@@ -37,7 +46,11 @@ def test_cli_reward_model_demo_trains_exports_scores_and_ranks(tmp_path):
     responses = tmp_path / "responses.jsonl"
     lines = [json.dumps({"prompt": p["prompt"], "response": p[k]}) for p in pairs for k in ("chosen", "rejected")]
     responses.write_text("\n".join(lines) + "\n")
-    run_cli("gpt4llm.score", [f"reward_model={export}", f"input={responses}", f"hydra.run.dir={tmp_path / 'score'}"], cwd=tmp_path)
+    run_cli(
+        "gpt4llm.score",
+        [f"reward_model={export}", f"input={responses}", f"hydra.run.dir={tmp_path / 'score'}"],
+        cwd=tmp_path,
+    )
     scored = [json.loads(line) for line in (tmp_path / "responses.scored.jsonl").read_text().splitlines()]
     assert len(scored) == 12 and all({"prompt", "response", "reward", "reward_normalized"} <= set(s) for s in scored)
     std, mean = model.config.reward_std, model.config.reward_mean
@@ -45,11 +58,27 @@ def test_cli_reward_model_demo_trains_exports_scores_and_ranks(tmp_path):
 
     # Best-of-N: the tiny causal LM (the SFT model's stand-in) samples, the trained reward model ranks.
     prompts = tmp_path / "questions.json"
-    prompts.write_text(json.dumps([{"id": "a", "instruction": "Sort the numbers in ascending order.", "input": "3, 1, 2"},
-                                   {"id": "b", "instruction": "Which number is larger, 4 or 9?"}]))
+    prompts.write_text(
+        json.dumps(
+            [
+                {"id": "a", "instruction": "Sort the numbers in ascending order.", "input": "3, 1, 2"},
+                {"id": "b", "instruction": "Which number is larger, 4 or 9?"},
+            ]
+        )
+    )
     sft = tmp_path / "data" / "models" / "tiny-llama"
-    run_cli("gpt4llm.bestofn", [f"sft_model={sft}", f"reward_model={export}", f"prompts={prompts}", "n=3", "max_new_tokens=8",
-                                f"hydra.run.dir={tmp_path / 'bon'}"], cwd=tmp_path)
+    run_cli(
+        "gpt4llm.bestofn",
+        [
+            f"sft_model={sft}",
+            f"reward_model={export}",
+            f"prompts={prompts}",
+            "n=3",
+            "max_new_tokens=8",
+            f"hydra.run.dir={tmp_path / 'bon'}",
+        ],
+        cwd=tmp_path,
+    )
     rows = [json.loads(line) for line in (tmp_path / "bon" / "bestofn.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"]
     for row in rows:
@@ -58,20 +87,23 @@ def test_cli_reward_model_demo_trains_exports_scores_and_ranks(tmp_path):
 
 
 def test_rm_commands_compose_offline():
-    from conftest import ROOT, compose_train
     from omegaconf import OmegaConf
 
     from gpt4llm.app.checks import check_config
+    from helpers.configs import ROOT, compose_train
 
-    for args in (["task=rm", "model=opt1.3b", "data=comparison_gpt4"], ["task=rm", "data=local_pairs", "data.path=mine.jsonl"]):
+    for args in (
+        ["task=rm", "model=opt1.3b", "data=comparison_gpt4"],
+        ["task=rm", "data=local_pairs", "data.path=mine.jsonl"],
+    ):
         cfg = compose_train(args)
         check_config(cfg)
-        assert cfg.task._target_ == "gpt4llm.models.reward.RewardModule"
-        assert cfg.data._target_ == "gpt4llm.data.pairs.PairDataModule"
+        assert cfg.task._target_ == "gpt4llm.models.reward_module.RewardModule"
+        assert cfg.data._target_ == "gpt4llm.data.pair_datamodule.PairDataModule"
     proc = run_cli("gpt4llm.train", ["experiment=paper_rm_opt1.3b", "--cfg", "job"], cwd=ROOT)
     c = OmegaConf.create(proc.stdout)
     c.paths.output_dir = "/tmp/run"
     c = OmegaConf.to_container(c, resolve=True)
     assert c["model"]["path"] == "facebook/opt-1.3b" and c["data"]["path"].endswith("comparison_data_v2.json")
-    assert c["task"]["_target_"] == "gpt4llm.models.reward.RewardModule" and c["trainer"]["max_epochs"] == 1
+    assert c["task"]["_target_"] == "gpt4llm.models.reward_module.RewardModule" and c["trainer"]["max_epochs"] == 1
     assert c["global_batch_size"] == 64 and c["task"]["max_length"] == 512

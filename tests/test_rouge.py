@@ -7,13 +7,14 @@ import json
 from statistics import mean
 
 import pytest
-from conftest import SHARED_DATA
 from rouge_score.rouge_scorer import RougeScorer
 
-from gpt4llm.data.records import RecordError
+from gpt4llm.errors import RecordError
 from gpt4llm.evaluation.eval_sets import load_eval_set
 from gpt4llm.evaluation.responses import read_responses
 from gpt4llm.evaluation.rouge import evaluate_rouge, length_bucket, write_tables
+from helpers.configs import SHARED_DATA
+from helpers.fake_servers import FileServer
 
 ORIGINAL = SHARED_DATA / "gpt4llm_plots"
 
@@ -25,12 +26,17 @@ PAIRS = [  # (reference, response): every bucket, stemming, an empty response, a
     ("the cats were playing outside", "cats play outside"),
     ("one two three four five six", ""),
     ("a quick brown fox jumps over the lazy dog today", "the quick brown fox jumped over a lazy dog"),
-    ("Sort the numbers: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 are sorted in ascending order here.", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11"),
+    (
+        "Sort the numbers: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 are sorted in ascending order here.",
+        "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11",
+    ),
     ("北京 上海", "北京"),
 ]
 
 
-@pytest.mark.parametrize("words, bucket", [(0, "0-2"), (2, "0-2"), (3, "3-5"), (5, "3-5"), (6, "6-10"), (10, "6-10"), (11, "10-")])
+@pytest.mark.parametrize(
+    "words, bucket", [(0, "0-2"), (2, "0-2"), (3, "3-5"), (5, "3-5"), (6, "6-10"), (10, "6-10"), (11, "10-")]
+)
 def test_length_buckets_are_words_of_the_reference(words, bucket):
     assert length_bucket(" ".join(["w"] * words)) == bucket
 
@@ -72,19 +78,35 @@ def test_files_have_the_original_layout(tmp_path):
     keys = ["Length", "NumInstance", "Model", "rouge1", "rouge2", "rougeL"]
     assert all(list(r) == keys for r in rows)
     if ORIGINAL.exists():  # the very keys, in the very order, of the paper's files
-        original = json.loads((ORIGINAL / "eval_unnatural_instructions" / "gpt4_unnatural_instruction_results_h9000_lenALL.json").read_text())
+        original = json.loads(
+            (
+                ORIGINAL / "eval_unnatural_instructions" / "gpt4_unnatural_instruction_results_h9000_lenALL.json"
+            ).read_text()
+        )
         assert list(original[0]) == keys
 
 
 def test_eval_sets_from_original_layouts(tmp_path):
     vicuna = tmp_path / "q.jsonl"
-    vicuna.write_text('{"question_id": 1, "text": "Hi?", "category": "generic"}\n{"question_id": 2, "text": "2+2?", "category": "math"}\n')
+    vicuna.write_text(
+        '{"question_id": 1, "text": "Hi?", "category": "generic"}\n'
+        '{"question_id": 2, "text": "2+2?", "category": "math"}\n'
+    )
     assert load_eval_set("vicuna", vicuna) == [
         {"id": 1, "instruction": "Hi?", "input": "", "category": "generic"},
         {"id": 2, "instruction": "2+2?", "input": "", "category": "math"},
     ]
     user = tmp_path / "u.jsonl"
-    user.write_text(json.dumps({"id": "t0", "motivation_app": "Gmail", "instruction": "Reply.", "instances": [{"input": "Hi", "output": "Hello"}]}))
+    user.write_text(
+        json.dumps(
+            {
+                "id": "t0",
+                "motivation_app": "Gmail",
+                "instruction": "Reply.",
+                "instances": [{"input": "Hi", "output": "Hello"}],
+            }
+        )
+    )
     assert load_eval_set("user_oriented", user) == [
         {"id": "t0", "instruction": "Reply.", "input": "Hi", "category": "Gmail", "reference": "Hello"}
     ]
@@ -102,7 +124,9 @@ def test_eval_sets_from_original_layouts(tmp_path):
 
 def test_eval_set_errors_name_file_record_and_field(tmp_path):
     bad = tmp_path / "u.jsonl"
-    bad.write_text(json.dumps({"id": "t0", "motivation_app": "x", "instruction": "Reply.", "instances": [{"output": "Hello"}]}))
+    bad.write_text(
+        json.dumps({"id": "t0", "motivation_app": "x", "instruction": "Reply.", "instances": [{"output": "Hello"}]})
+    )
     with pytest.raises(RecordError, match=r"u\.jsonl: record 0: field 'instances\[0\]\.input' is missing"):
         load_eval_set("user_oriented", bad)
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -126,29 +150,9 @@ def test_responses_errors_name_file_line_and_field(tmp_path):
         read_responses(path)
 
 
-def test_eval_set_is_downloaded_when_missing(tmp_path):
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
+def test_eval_set_is_downloaded_when_missing(tmp_path, loopback):
     body = b'{"question_id": 1, "text": "Hi?", "category": "generic"}\n'
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        target = tmp_path / "eval" / "vicuna_question_80.jsonl"
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/question.jsonl"
-        assert load_eval_set("vicuna", target, url, num_records=1)[0]["instruction"] == "Hi?"
-        assert target.read_bytes() == body
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    server = loopback(FileServer, body=body)
+    target = tmp_path / "eval" / "vicuna_question_80.jsonl"
+    assert load_eval_set("vicuna", target, server.url, num_records=1)[0]["instruction"] == "Hi?"
+    assert target.read_bytes() == body

@@ -18,7 +18,8 @@ import torch
 
 from gpt4llm.data.demo import make_demo_records
 from gpt4llm.data.prompts import format_prompt
-from gpt4llm.inference.server import load_server, prompt_from_messages
+from gpt4llm.inference.openai_protocol import prompt_from_messages
+from gpt4llm.inference.server import load_server
 
 KEY = "sk-serve-NEVER-WRITE-THIS-777"
 RECORDS = make_demo_records(6, seed=11)
@@ -27,8 +28,15 @@ RECORDS = make_demo_records(6, seed=11)
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     # A generous batch_wait, so that requests sent together reliably share a batch on a busy machine.
-    s = load_server(str(tiny_model_dir), name="tiny", api_key=KEY, max_batch=4, batch_wait=0.3, max_body_bytes=20_000,
-                    default_max_tokens=16).start()
+    s = load_server(
+        str(tiny_model_dir),
+        name="tiny",
+        api_key=KEY,
+        max_batch=4,
+        batch_wait=0.3,
+        max_body_bytes=20_000,
+        default_max_tokens=16,
+    ).start()
     yield s
     s.close()
 
@@ -49,16 +57,27 @@ def call(server, method: str, path: str, body=None, key: str | None = KEY, raw: 
 
 
 def chat(server, content: str, **params):
-    return call(server, "POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": content}], **params})
+    return call(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": content}], **params},
+    )
 
 
 def test_messages_become_the_alpaca_prompt():
     assert prompt_from_messages([{"role": "user", "content": "Say hi."}]) == format_prompt("Say hi.")
     templated = format_prompt("Sort.", "3, 1")
-    assert prompt_from_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": templated}]) == templated
+    assert (
+        prompt_from_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": templated}])
+        == templated
+    )
     assert prompt_from_messages([{"role": "user", "content": templated.removesuffix("### Response:")}]) == templated
-    parts = [{"role": "user", "content": "old"}, {"role": "assistant", "content": "x"},
-             {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]}]
+    parts = [
+        {"role": "user", "content": "old"},
+        {"role": "assistant", "content": "x"},
+        {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]},
+    ]
     assert prompt_from_messages(parts) == format_prompt("Say hi.")  # the last user message is the instruction
 
 
@@ -67,13 +86,15 @@ def test_models_health_and_key(server):
     status, models = call(server, "GET", "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"] and models["object"] == "list"
     for key in (None, "sk-wrong"):
-        status, body = call(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}, key=key)
+        status, body = call(
+            server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}, key=key
+        )
         assert status == 401 and body["error"]["code"] == "invalid_api_key" and KEY not in json.dumps(body)
     assert call(server, "GET", "/v1/models", key=None)[0] == 401
 
 
 def test_greedy_answer_is_the_models_answer_to_the_template(server, tiny_model_dir, tokenizer):
-    from gpt4llm.inference.generation import generate_responses
+    from gpt4llm.models.decoding import generate_responses
 
     r = RECORDS[0]
     status, body = chat(server, format_prompt(r["instruction"], r["input"]), temperature=0, max_tokens=8)
@@ -85,8 +106,10 @@ def test_greedy_answer_is_the_models_answer_to_the_template(server, tiny_model_d
     assert body["usage"]["prompt_tokens"] == prompt_tokens
     assert choice["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 8
     # A plain instruction is templated by the server: the same prompt, the same answer.
-    assert chat(server, "Say hi.", temperature=0, max_tokens=8)[1]["choices"][0]["message"]["content"] == \
-        chat(server, format_prompt("Say hi."), temperature=0, max_tokens=8)[1]["choices"][0]["message"]["content"]
+    assert (
+        chat(server, "Say hi.", temperature=0, max_tokens=8)[1]["choices"][0]["message"]["content"]
+        == chat(server, format_prompt("Say hi."), temperature=0, max_tokens=8)[1]["choices"][0]["message"]["content"]
+    )
 
 
 def test_concurrent_requests_share_a_batch_and_answer_as_alone(server):
@@ -111,14 +134,18 @@ def test_concurrent_requests_share_a_batch_and_answer_as_alone(server):
 def test_streaming_sends_chunks_that_add_up_to_the_answer(server):
     prompt = format_prompt(RECORDS[1]["instruction"], RECORDS[1]["input"])
     whole = chat(server, prompt, temperature=0, max_tokens=10)[1]
-    status, text = chat(server, prompt, temperature=0, max_tokens=10, stream=True, stream_options={"include_usage": True})
+    status, text = chat(
+        server, prompt, temperature=0, max_tokens=10, stream=True, stream_options={"include_usage": True}
+    )
     assert status == 200 and text.endswith("data: [DONE]\n\n")
     events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     content = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
     assert content == whole["choices"][0]["message"]["content"]
-    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == whole["choices"][0]["finish_reason"]
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == whole["choices"][0][
+        "finish_reason"
+    ]
     assert events[-1]["usage"] == whole["usage"]
 
 
@@ -159,7 +186,11 @@ BAD = [
 @pytest.mark.parametrize("body, status, param", BAD, ids=[f"{s}-{p}-{i}" for i, (_, s, p) in enumerate(BAD)])
 def test_bad_requests_get_openai_errors(server, body, status, param):
     got, answer = call(server, "POST", "/v1/chat/completions", body)
-    assert got == status and set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["param"] == param
+    assert (
+        got == status
+        and set(answer["error"]) == {"message", "type", "param", "code"}
+        and answer["error"]["param"] == param
+    )
 
 
 def test_malformed_and_oversized_bodies_then_the_server_keeps_serving(server):
@@ -167,17 +198,24 @@ def test_malformed_and_oversized_bodies_then_the_server_keeps_serving(server):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = call(server, "POST", "/v1/chat/completions", raw=b"\xff\xfe")
     assert status == 400
-    status, body = call(server, "POST", "/v1/chat/completions", raw=json.dumps({"messages": [{"role": "user", "content": "x" * 30_000}]}).encode())
+    status, body = call(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        raw=json.dumps({"messages": [{"role": "user", "content": "x" * 30_000}]}).encode(),
+    )
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert call(server, "POST", "/v1/completions", {"prompt": "x"})[0] == 404
     assert call(server, "GET", "/v1/nothing")[0] == 404
     # No Content-Length at all, on a raw socket.
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+        )
         assert sock.recv(1000).startswith(b"HTTP/1.1 411")
     # A client that sends half a request and leaves.
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"mess")
+        sock.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"mess')
     status, body = chat(server, "Say hi.", temperature=0, max_tokens=4)
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
 
@@ -185,8 +223,16 @@ def test_malformed_and_oversized_bodies_then_the_server_keeps_serving(server):
 def test_one_connection_many_requests(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     for _ in range(3):  # keep-alive, errors included
-        for body, expected in (({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 200), ({"messages": []}, 400)):
-            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        for body, expected in (
+            ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 200),
+            ({"messages": []}, 400),
+        ):
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                json.dumps(body),
+                {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            )
             response = conn.getresponse()
             assert response.status == expected and json.loads(response.read())
     conn.close()
@@ -194,12 +240,29 @@ def test_one_connection_many_requests(server):
 
 @pytest.mark.slow
 def test_cli_serve_then_synthesize_against_it(tiny_model_dir, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               GPT4LLM_API_KEY=KEY, TEACHER_KEY=KEY)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        GPT4LLM_API_KEY=KEY,
+        TEACHER_KEY=KEY,
+    )
     serve = subprocess.Popen(
-        [sys.executable, "-m", "gpt4llm.serve", f"model.path={tiny_model_dir}", "port=0", "threads=1",
-         f"paths.log_dir={tmp_path / 'logs'}"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gpt4llm.serve",
+            f"model.path={tiny_model_dir}",
+            "port=0",
+            "threads=1",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         first = serve.stdout.readline()
@@ -212,10 +275,25 @@ def test_cli_serve_then_synthesize_against_it(tiny_model_dir, tmp_path):
         seed = tmp_path / "seed.json"
         seed.write_text(json.dumps([{"instruction": r["instruction"], "input": r["input"]} for r in RECORDS]))
         proc = subprocess.run(
-            [sys.executable, "-m", "gpt4llm.synthesize", "job=answer", f"instructions={seed}", f"teacher.base_url={base_url}",
-             "teacher.model=tiny", "teacher.api_key_env=TEACHER_KEY", "teacher.prices=null", "job.max_tokens=8",
-             f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "gpt4llm.synthesize",
+                "job=answer",
+                f"instructions={seed}",
+                f"teacher.base_url={base_url}",
+                "teacher.model=tiny",
+                "teacher.api_key_env=TEACHER_KEY",
+                "teacher.prices=null",
+                "job.max_tokens=8",
+                f"paths.data_dir={tmp_path / 'data'}",
+                f"paths.log_dir={tmp_path / 'logs'}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = tmp_path / "logs" / "synthesize" / "answer" / "seed" / "tiny" / "seed.answers.json"
@@ -241,8 +319,9 @@ def test_64_clients_at_once_are_all_answered(server):
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(i: int) -> str:  # a client of its own each: 64 connections opened together
-        reply = sdk(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Count to {i}."}],
-                                                    max_tokens=2, temperature=0)
+        reply = sdk(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=2, temperature=0
+        )
         return reply.choices[0].finish_reason
 
     with ThreadPoolExecutor(64) as pool:
@@ -254,14 +333,21 @@ def test_streaming_n_and_stop_through_the_sdk(server):
     client = sdk(server)
     messages = [{"role": "user", "content": "Sort 3, 1, 2."}]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
-    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices]
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(parts) == whole.choices[0].message.content
     several = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=1.0, n=3)
     assert len(several.choices) == 3
     text = whole.choices[0].message.content
     if len(text) > 2:  # stop at the text's second character: usage counts what is sent, not what was generated
-        cut = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stop=[text[1:3]])
+        cut = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=12, temperature=0, stop=[text[1:3]]
+        )
         sent = cut.choices[0].message.content
         assert sent == text[: text.find(text[1:3])] and cut.choices[0].finish_reason == "stop"
         assert cut.usage.completion_tokens == len(server.tokenizer(sent, add_special_tokens=False)["input_ids"])
@@ -273,20 +359,34 @@ def test_unsupported_fields_are_refused_by_name(server):
     with pytest.raises(openai.BadRequestError, match="not supported by this server: logprobs"):
         sdk(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True)
     with pytest.raises(openai.BadRequestError, match="response_format"):
-        sdk(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                            response_format={"type": "json_object"})
+        sdk(server).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], response_format={"type": "json_object"}
+        )
 
 
 def test_streams_whose_clients_hang_up_stop_generating(server):
     import socket
     import time
 
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400,
-                       "temperature": 0, "stream": True}).encode()
+    body = json.dumps(
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 400,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
     for _ in range(8):  # open a stream, read its first bytes, hang up
         conn = socket.create_connection((server.host, server.port))
-        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                     b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         conn.recv(100)
         conn.close()
     started = time.monotonic()
@@ -295,7 +395,7 @@ def test_streams_whose_clients_hang_up_stop_generating(server):
 
 
 def test_port_in_use_and_a_missing_export_are_said_plainly(server, tiny_model_dir, tmp_path):
-    from gpt4llm.app.http import ServerStartError
+    from gpt4llm.errors import ServerStartError
 
     with pytest.raises(ServerStartError, match=f"port {server.port} on 127.0.0.1 is in use"):
         load_server(str(tiny_model_dir), port=server.port)

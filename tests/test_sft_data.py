@@ -7,10 +7,12 @@ import copy
 
 import pytest
 import torch
-from conftest import SHARED_DATA
 
+from gpt4llm.data.collators import SFTCollator
+from gpt4llm.data.encoding import IGNORE_INDEX
 from gpt4llm.data.prompts import format_prompt
-from gpt4llm.data.sft import IGNORE_INDEX, SFTCollator, tokenize_batch
+from gpt4llm.data.sft_examples import tokenize_batch
+from helpers.configs import SHARED_DATA
 
 RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.\n2. Sleep.\n3. Move."},
@@ -28,7 +30,10 @@ def stanford_preprocess(records, tokenizer, max_length):
     targets = [f"{r['output']}{tokenizer.eos_token}" for r in records]
 
     def tokenize(strings):
-        out = [tokenizer(s, return_tensors="pt", padding="longest", max_length=max_length, truncation=True) for s in strings]
+        out = [
+            tokenizer(s, return_tensors="pt", padding="longest", max_length=max_length, truncation=True)
+            for s in strings
+        ]
         ids = [t.input_ids[0] for t in out]
         return ids, [t.input_ids.ne(tokenizer.pad_token_id).sum().item() for t in out]
 
@@ -60,7 +65,11 @@ def test_matches_stanford_alpaca_on_tiny_tokenizer(tokenizer):
 # Where the paper's tokenizer and ours could part: indentation, runs of spaces, tabs, CJK, emoji, trailing spaces,
 # a special-token string inside the text, and a record past the length limit.
 HARD_RECORDS = [
-    {"instruction": "Fix the code.", "input": "def f(x):\n    for i in range(x):\n\tprint(i)  ", "output": "def f(x):\n    for i in range(x):\n        print(i)\n"},
+    {
+        "instruction": "Fix the code.",
+        "input": "def f(x):\n    for i in range(x):\n\tprint(i)  ",
+        "output": "def f(x):\n    for i in range(x):\n        print(i)\n",
+    },
     {"instruction": "Explain  double  spaces.", "input": "", "output": "Two  spaces,   three,\t\ttabs.  "},
     {"instruction": "把这个句子翻译成英文。", "input": "我喜欢 学习 🙂", "output": "I like   learning 🙂🚀  "},
     {"instruction": "Repeat.", "input": "</s> and <s>", "output": "The text says </s>."},
@@ -94,14 +103,22 @@ def sentencepiece_oracle(records, model_file, bos_id, eos_id, max_length):
 
 
 def assert_same_as_sentencepiece(records, tokenizer, model_file, max_length):
-    expected_ids, expected_labels = sentencepiece_oracle(records, model_file, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length)
+    expected_ids, expected_labels = sentencepiece_oracle(
+        records, model_file, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length
+    )
     got = ours(records, tokenizer, max_length)
-    mismatched = [i for i in range(len(records)) if got["input_ids"][i] != expected_ids[i] or got["labels"][i] != expected_labels[i]]
-    assert not mismatched, f"{len(mismatched)} of {len(records)} records differ from SentencePiece, first {mismatched[:5]}"
+    mismatched = [
+        i
+        for i in range(len(records))
+        if got["input_ids"][i] != expected_ids[i] or got["labels"][i] != expected_labels[i]
+    ]
+    assert not mismatched, (
+        f"{len(mismatched)} of {len(records)} records differ from SentencePiece, first {mismatched[:5]}"
+    )
 
 
 def test_sentencepiece_model_gives_sentencepiece_ids(sentencepiece_model_dir):
-    from gpt4llm.models.hf import load_tokenizer
+    from gpt4llm.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(sentencepiece_model_dir))
     assert_same_as_sentencepiece(HARD_RECORDS, tokenizer, sentencepiece_model_dir / "tokenizer.model", MAX_LENGTH)
@@ -124,7 +141,7 @@ def test_llama_tokenizer_gives_sentencepiece_ids_on_gpt4_records():
     transformers 5's converted tokenizer: the code and indentation ones)."""
     import json
 
-    from gpt4llm.models.hf import load_tokenizer
+    from gpt4llm.data.tokenizer import load_tokenizer
 
     directory = llama_tokenizer_dir()
     tokenizer = load_tokenizer(str(directory))
@@ -137,7 +154,7 @@ def test_llama_tokenizer_gives_sentencepiece_ids_on_gpt4_records():
 
 
 def test_matches_stanford_alpaca_on_llama_tokenizer():
-    from gpt4llm.models.hf import load_tokenizer
+    from gpt4llm.data.tokenizer import load_tokenizer
 
     # stanford's preprocess() structure (per-record calls, padding="longest", prompt length by non-pad count)
     tokenizer = load_tokenizer(str(llama_tokenizer_dir()))
@@ -167,7 +184,7 @@ def test_records_past_the_limit_are_cut_and_lose_their_eos(tokenizer):
 
 def test_collator_pads_right_and_keeps_eos_when_pad_is_eos(tokenizer):
     got = ours(RECORDS[:2], tokenizer, MAX_LENGTH)
-    examples = [{"input_ids": i, "labels": l} for i, l in zip(got["input_ids"], got["labels"])]
+    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(got["input_ids"], got["labels"])]
     eos = tokenizer.eos_token_id
     batch = SFTCollator(pad_token_id=eos)(examples)  # the pad token is the EOS token here
     short, long_ = sorted(range(2), key=lambda i: len(examples[i]["input_ids"]))

@@ -5,64 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from gpt4llm.data.records import RecordError
-from gpt4llm.data.sources import DownloadError, ensure_file
+from gpt4llm.data.sources import ensure_file
+from gpt4llm.errors import DownloadError, RecordError
+from helpers.fake_servers import FileServer
 
 RECORDS = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(500)]
 BODY = json.dumps(RECORDS).encode()
 
 
-class Server:
-    """Serves `BODY` at /data.json; the first `cuts` requests are cut off halfway through the file."""
-
-    def __init__(self, body: bytes = BODY, cuts: int = 0):
-        self.body, self.cuts, self.requests = body, cuts, 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests += 1
-                if self.path != "/data.json":
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(server.body)))
-                self.end_headers()
-                if server.requests <= server.cuts:
-                    self.wfile.write(server.body[: len(server.body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(server.body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data.json"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def server():
-    servers = []
-
-    def start(**kwargs):
-        servers.append(Server(**kwargs))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
+def server(loopback):
+    return lambda body=BODY, **kwargs: loopback(FileServer, body=body, **kwargs)
 
 
 def leftovers(directory):
@@ -71,7 +27,11 @@ def leftovers(directory):
 
 def git_blob_id(body: bytes) -> str:
     """The oracle for git-sha1 checksums: git itself."""
-    return subprocess.run(["git", "hash-object", "--stdin"], input=body, capture_output=True, check=True).stdout.decode().strip()
+    return (
+        subprocess.run(["git", "hash-object", "--stdin"], input=body, capture_output=True, check=True)
+        .stdout.decode()
+        .strip()
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["git-sha1", "sha256"])
@@ -105,7 +65,9 @@ def test_offline_says_which_file_and_which_override(tmp_path):
     target = tmp_path / "alpaca_gpt4_data.json"
     with pytest.raises(DownloadError, match="alpaca_gpt4_data.json") as err:
         ensure_file(target, "http://127.0.0.1:9/nothing-listens-here.json", attempts=1)
-    assert f"copy the file to {target}" in str(err.value) and "data.path=/path/to/alpaca_gpt4_data.json" in str(err.value)
+    assert f"copy the file to {target}" in str(err.value) and "data.path=/path/to/alpaca_gpt4_data.json" in str(
+        err.value
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,7 +76,11 @@ def test_offline_says_which_file_and_which_override(tmp_path):
         (BODY, {"num_records": 52002}, "500 records, expected 52002"),
         (BODY, {"checksum": "sha256:" + "0" * 64}, "sha256 is [0-9a-f]{64}, expected 0{64} .*Delete it"),
         (BODY, {"checksum": "git-sha1:" + "0" * 40}, "git-sha1 is [0-9a-f]{40}, expected 0{40} .*Delete it"),
-        (json.dumps([{"instruction": "x"}]).encode(), {"required_fields": ("instruction", "output")}, "record 0: field 'output' is missing"),
+        (
+            json.dumps([{"instruction": "x"}]).encode(),
+            {"required_fields": ("instruction", "output")},
+            "record 0: field 'output' is missing",
+        ),
         (b"<html>rate limited</html>", {}, "not valid JSON"),
     ],
 )

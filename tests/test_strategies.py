@@ -6,15 +6,19 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import SHARED_DATA, compose_train
 from hydra.utils import instantiate
 
-from gpt4llm.app.checks import ConfigError, check_config
+from gpt4llm.app.checks import check_config
+from gpt4llm.errors import ConfigError
+from helpers.configs import SHARED_DATA, compose_train
 
 PAPER = ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16"]
 # ds_config.json's "auto" values as Hugging Face's Trainer fills them for LLaMA-7B (hidden 4096)
-AUTO_FOR_LLAMA7B = {"reduce_bucket_size": 4096 * 4096, "stage3_prefetch_bucket_size": int(0.9 * 4096 * 4096),
-                    "stage3_param_persistence_threshold": 10 * 4096}
+AUTO_FOR_LLAMA7B = {
+    "reduce_bucket_size": 4096 * 4096,
+    "stage3_prefetch_bucket_size": int(0.9 * 4096 * 4096),
+    "stage3_param_persistence_threshold": 10 * 4096,
+}
 
 
 def deepspeed_config(overrides, precision="16-mixed", accumulation=4, clip=1.0) -> dict:
@@ -22,7 +26,9 @@ def deepspeed_config(overrides, precision="16-mixed", accumulation=4, clip=1.0) 
     from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 
     strategy = instantiate(compose_train(overrides).strategy)
-    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(accumulate_grad_batches=accumulation, gradient_clip_val=clip))
+    strategy._lightning_module = SimpleNamespace(
+        trainer=SimpleNamespace(accumulate_grad_batches=accumulation, gradient_clip_val=clip)
+    )
     strategy._precision_plugin = DeepSpeedPrecision(precision)
     strategy._format_config()
     return strategy.config
@@ -64,7 +70,10 @@ def test_deepspeed_accepts_the_config_and_derives_the_global_batch():
         assert parsed.train_batch_size == 1 * 4 * 1 and parsed.float16_config.enabled
         assert parsed.zero_optimization_stage == int(strategy.startswith("deepspeed_zero3")) + 2
         if strategy.startswith("deepspeed_zero3"):
-            assert parsed.zero_config.gather_16bit_weights_on_model_save and parsed.zero_config.max_live_parameters == 10**9
+            assert (
+                parsed.zero_config.gather_16bit_weights_on_model_save
+                and parsed.zero_config.max_live_parameters == 10**9
+            )
         assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * 16 == 64  # 16 V100s
 
 
@@ -88,8 +97,7 @@ def test_fsdp_exposes_original_parameters():
 def test_zero3_loading_is_announced_to_transformers_while_the_config_lives():
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from gpt4llm.models.export import transformers_zero3_off
-    from gpt4llm.training.strategies import hf_deepspeed_config
+    from gpt4llm.models.zero3 import hf_deepspeed_config, transformers_zero3_off
 
     strategy = instantiate(compose_train(PAPER + ["strategy=deepspeed_zero3_offload"]).strategy)
     zero2 = instantiate(compose_train(PAPER + ["strategy=deepspeed_zero2"]).strategy)

@@ -6,137 +6,33 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import CONF
 from hydra import compose, initialize_config_dir
 
 import gpt4llm.synthesize as S
 from gpt4llm.data.prompts import format_prompt
+from helpers.configs import CONF, synth_cfg
+from helpers.fake_servers import Teacher
+from helpers.runs import write
 
 KEY = "sk-teacher-NEVER-WRITE-THIS-4242"
 
 
-class Teacher:
-    """An OpenAI-compatible teacher whose answers depend on the prompt, so cues work whatever the request order:
-    CUE:429 and CUE:slow fail the first time (rate limit; an answer after the client's timeout), CUE:fail always
-    fails (HTTP 500), CUE:length is cut off (finish_reason "length"), CUE:empty is answered with nothing.
-    Translation prompts get "ZH[text]"; scoring prompts get the N of "score N" in the response ("N/A" for
-    CUE:badscore); other prompts "Answer: <instruction>". Past the first `answer_limit` requests, they hang."""
-
-    def __init__(self, answer_limit: int | None = None):
-        self.requests, self.auth, self.delivered, self.seen, self.admitted = [], [], [], set(), 0
-        self.answer_limit, self.lock, self.release = answer_limit, threading.Lock(), threading.Event()
-        teacher = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][-1]["content"]
-                with teacher.lock:
-                    teacher.requests.append(body)
-                    teacher.auth.append(self.headers.get("Authorization"))
-                    first = text not in teacher.seen
-                    teacher.seen.add(text)
-                    hang = teacher.answer_limit is not None and teacher.admitted >= teacher.answer_limit
-                    teacher.admitted += not hang
-                if hang:
-                    teacher.release.wait(30)
-                    return self._send(503, {})
-                if "CUE:fail" in text or ("CUE:429" in text and first):
-                    return self._send(500 if "CUE:fail" in text else 429, {"error": {"message": "no"}})
-                if "CUE:slow" in text and first:
-                    time.sleep(1.5)
-                reply, finish = teacher.reply(text)
-                payload = {
-                    "id": "x", "object": "chat.completion", "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish}],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
-                }
-                if self._send(200, payload):
-                    with teacher.lock:
-                        teacher.delivered.append(text)
-
-            def _send(self, status, payload) -> bool:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    if status == 429:
-                        self.send_header("Retry-After", "0")
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    return True
-                except (BrokenPipeError, ConnectionResetError):
-                    return False  # the client timed out (or was killed) and left
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    @staticmethod
-    def reply(text: str) -> tuple[str, str]:
-        if text.startswith("Translate the following text"):
-            return "ZH[" + text.split("\n\n", 1)[1] + "]", "stop"
-        if text.startswith("### Instruction\n"):
-            if "CUE:badscore" in text:
-                return "N/A\nI cannot rate this.", "stop"
-            return re.search(r"score (\d+)", text)[1] + "\nBecause.", "stop"
-        instruction = text.split("### Instruction:\n", 1)[1].split("\n\n", 1)[0]
-        if "CUE:empty" in text:
-            return "  ", "stop"
-        return f"Answer: {instruction}", "length" if "CUE:length" in text else "stop"
-
-    def close(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def teacher():
-    started = []
-
-    def start(**kwargs):
-        started.append(Teacher(**kwargs))
-        return started[-1]
-
-    yield start
-    for t in started:
-        t.close()
+def teacher(loopback):
+    return lambda **kwargs: loopback(Teacher, **kwargs)
 
 
 @pytest.fixture
 def key(monkeypatch):
     monkeypatch.setenv("SYNTH_TEST_KEY", KEY)
     return KEY
-
-
-def synth_cfg(tmp_path, base_url, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="synthesize", overrides=[
-            f"teacher.base_url={base_url}", "teacher.model=teacher-1", "teacher.api_key_env=SYNTH_TEST_KEY",
-            f"teacher.cache={tmp_path / 'cache' / 'answers.jsonl'}", "teacher.timeout=1", "teacher.max_retries=2",
-            "teacher.backoff=0.01", "teacher.concurrency=4", f"paths.output_dir={tmp_path / 'out'}", *overrides,
-        ])
-
-
-def write(path: Path, records) -> Path:
-    path.write_text(json.dumps(records, ensure_ascii=False))
-    return path
 
 
 def assert_key_nowhere(root: Path, *texts: str):
@@ -157,20 +53,34 @@ INSTRUCTIONS = [
 ]
 
 
-def test_answer_uses_the_papers_settings_retries_lists_problems_and_reruns_for_free(teacher, key, tmp_path, capsys, caplog):
+def test_answer_uses_the_papers_settings_retries_lists_problems_and_reruns_for_free(
+    teacher, key, tmp_path, capsys, caplog
+):
     srv = teacher()
     cfg = synth_cfg(tmp_path, srv.base_url, "job=answer", f"instructions={write(tmp_path / 'seed.json', INSTRUCTIONS)}")
     report = S.synthesize(cfg)
 
     # The paper's Algorithm 1: the Alpaca prompt as the one user message, temperature 1, top_p 1, 512 tokens.
     first = next(r for r in srv.requests if "healthy" in r["messages"][0]["content"])
-    assert first == {"model": "teacher-1", "temperature": 1.0, "top_p": 1.0, "max_tokens": 512,
-                     "messages": [{"role": "user", "content": format_prompt("Give three tips for staying healthy.")}]}
+    assert first == {
+        "model": "teacher-1",
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_tokens": 512,
+        "messages": [{"role": "user", "content": format_prompt("Give three tips for staying healthy.")}],
+    }
     assert set(srv.auth) == {f"Bearer {KEY}"}
 
     out = json.loads((tmp_path / "out" / "seed.answers.json").read_text())
     assert all(set(r) == {"instruction", "input", "output"} for r in out)  # alpaca_gpt4_data.json's layout
-    assert [r["instruction"][:10] for r in out] == ["Give three", "Sort the n", "CUE:429 Na", "CUE:slow N", "CUE:length", "Give three"]
+    assert [r["instruction"][:10] for r in out] == [
+        "Give three",
+        "Sort the n",
+        "CUE:429 Na",
+        "CUE:slow N",
+        "CUE:length",
+        "Give three",
+    ]
     assert out[1] == {"instruction": "Sort the numbers.", "input": "3, 1, 2", "output": "Answer: Sort the numbers."}
     assert sum("healthy" in r["messages"][0]["content"] for r in srv.requests) == 2  # record 6 is sample 1: asked too
 
@@ -182,7 +92,9 @@ def test_answer_uses_the_papers_settings_retries_lists_problems_and_reruns_for_f
     assert report["skipped_records"] == {"empty instruction": {"count": 1, "indices": [7]}}
     # 7 questions; the 429 and the slow one once more each; the failing one 3 times in all
     assert report["requests"]["sent"] == 7 + 1 + 1 + 2 and report["requests"]["retried"] == 4
-    assert report["requests"]["prompt_tokens"] == 600 and report["estimated_cost_usd"] == pytest.approx((600 * 0.03 + 60 * 0.06) / 1000)
+    assert report["requests"]["prompt_tokens"] == 600 and report["estimated_cost_usd"] == pytest.approx(
+        (600 * 0.03 + 60 * 0.06) / 1000
+    )
 
     sent = len(srv.requests)
     again = S.synthesize(cfg)  # the same command again: only the failed one is asked again
@@ -197,10 +109,19 @@ def test_answer_uses_the_papers_settings_retries_lists_problems_and_reruns_for_f
 def test_drop_truncated_leaves_cut_answers_out_but_lists_them(teacher, key, tmp_path):
     srv = teacher()
     records = [{"instruction": i, "input": ""} for i in ("CUE:length Tell me.", "CUE:empty Hm.", "Ok.")]
-    cfg = synth_cfg(tmp_path, srv.base_url, f"instructions={write(tmp_path / 'i.json', records)}", "job.drop_truncated=true",
-                    "job.max_tokens=64", "output=" + str(tmp_path / "a.json"), "min_success=0")  # most are left out here
+    cfg = synth_cfg(
+        tmp_path,
+        srv.base_url,
+        f"instructions={write(tmp_path / 'i.json', records)}",
+        "job.drop_truncated=true",
+        "job.max_tokens=64",
+        "output=" + str(tmp_path / "a.json"),
+        "min_success=0",
+    )  # most are left out here
     report = S.synthesize(cfg)
-    assert json.loads((tmp_path / "a.json").read_text()) == [{"instruction": "Ok.", "input": "", "output": "Answer: Ok."}]
+    assert json.loads((tmp_path / "a.json").read_text()) == [
+        {"instruction": "Ok.", "input": "", "output": "Answer: Ok."}
+    ]
     assert report["cut_by_length"] == {"count": 1, "indices": [0], "kept": False}
     assert report["empty_answer (left out)"] == {"count": 1, "indices": [1]}
     assert srv.requests[0]["max_tokens"] == 64
@@ -224,37 +145,63 @@ def test_translate_then_answer_gives_a_zh_data_file(teacher, key, tmp_path):
     assert report["distinct_texts"] == 4 and len(srv.requests) == 4  # "Name a color." translated once
     assert "into Chinese" in srv.requests[0]["messages"][0]["content"] and srv.requests[0]["temperature"] == 0.0
 
-    cfg = synth_cfg(tmp_path, srv.base_url, "job=answer", f"instructions={translated}", f"output={tmp_path / 'zh.json'}")
+    cfg = synth_cfg(
+        tmp_path, srv.base_url, "job=answer", f"instructions={translated}", f"output={tmp_path / 'zh.json'}"
+    )
     S.synthesize(cfg)
     zh = json.loads((tmp_path / "zh.json").read_text())
-    assert zh[1] == {"instruction": "ZH[Sort the numbers.]", "input": "ZH[3, 1, 2]", "output": "Answer: ZH[Sort the numbers.]"}
+    assert zh[1] == {
+        "instruction": "ZH[Sort the numbers.]",
+        "input": "ZH[3, 1, 2]",
+        "output": "Answer: ZH[Sort the numbers.]",
+    }
 
 
 def test_score_writes_comparison_v2_that_trains_as_reward_pairs(teacher, key, tmp_path, tokenizer, tiny_model_dir):
     import torch
 
-    from gpt4llm.data.pairs import PairDataModule, read_comparison_pairs
-    from gpt4llm.evaluation.figures import read_score_lists
-    from gpt4llm.models.reward import load_reward_model, pairwise_loss, sequence_rewards
+    from gpt4llm.data.comparisons import read_comparison_pairs
+    from gpt4llm.data.pair_datamodule import PairDataModule
+    from gpt4llm.evaluation.paper_figures import read_score_lists
+    from gpt4llm.models.reward_module import load_reward_model, pairwise_loss, sequence_rewards
 
     srv = teacher()
     questions = [("Name a color.", ""), ("Sort the numbers.", "3, 1, 2"), ("Say hi.", ""), ("Count to two.", "")]
-    gpt4 = [{"instruction": q, "input": i, "output": f"great answer, score {9 - k % 2}"} for k, (q, i) in enumerate(questions)]
-    davinci = [{"id": k, "model": "text-davinci-003", "instruction": q, "input": i, "response": f"fine, score {7 + (k == 2) * 2}"}
-               for k, (q, i) in enumerate(questions[:3])]
-    icm = [{"instruction": q, "input": i, "output": "CUE:badscore" if k == 1 else f"poor, score {2 + k}"}
-           for k, (q, i) in enumerate(questions)]
+    gpt4 = [
+        {"instruction": q, "input": i, "output": f"great answer, score {9 - k % 2}"}
+        for k, (q, i) in enumerate(questions)
+    ]
+    davinci = [
+        {
+            "id": k,
+            "model": "text-davinci-003",
+            "instruction": q,
+            "input": i,
+            "response": f"fine, score {7 + (k == 2) * 2}",
+        }
+        for k, (q, i) in enumerate(questions[:3])
+    ]
+    icm = [
+        {"instruction": q, "input": i, "output": "CUE:badscore" if k == 1 else f"poor, score {2 + k}"}
+        for k, (q, i) in enumerate(questions)
+    ]
     files = [write(tmp_path / "gpt4.json", gpt4), tmp_path / "davinci.jsonl", write(tmp_path / "icm.json", icm)]
     files[1].write_text("".join(json.dumps(r) + "\n" for r in davinci))
-    cfg = synth_cfg(tmp_path, srv.base_url, "job=score", f"responses={{gpt4:{files[0]},text-davinci-003:{files[1]},icm-1.3b:{files[2]}}}",
-                    "job.max_parse_retries=1")
+    cfg = synth_cfg(
+        tmp_path,
+        srv.base_url,
+        "job=score",
+        f"responses={{gpt4:{files[0]},text-davinci-003:{files[1]},icm-1.3b:{files[2]}}}",
+        "job.max_parse_retries=1",
+    )
     report = S.synthesize(cfg)
 
     out = tmp_path / "out" / "comparison_data_v2.json"
     data = json.loads(out.read_text())
     assert data[0] == {
-        "user_input": "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-                      "\n\n### Instruction:\nName a color.",
+        "user_input": "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nName a color.",
         "responses_and_scores": [
             {"response": "great answer, score 9", "score": 9.0, "source": "gpt4"},
             {"response": "fine, score 7", "score": 7.0, "source": "text-davinci-003"},
@@ -263,24 +210,37 @@ def test_score_writes_comparison_v2_that_trains_as_reward_pairs(teacher, key, tm
     }
     assert data[1]["user_input"] + "\n\n### Response:" == format_prompt("Sort the numbers.", "3, 1, 2")
     assert [len(d["responses_and_scores"]) for d in data] == [3, 2, 3, 2]  # an unparsable score; a prompt gpt-3.5 lacks
-    assert report["unparsable (left out; indices into each source's file)"] == {"icm-1.3b": {"count": 1, "indices": [1]}}
-    [scoring] = [r["messages"] for r in srv.requests if "Name a color.\n### Response\ngreat" in r["messages"][0]["content"]]
+    assert report["unparsable (left out; indices into each source's file)"] == {
+        "icm-1.3b": {"count": 1, "indices": [1]}
+    }
+    [scoring] = [
+        r["messages"] for r in srv.requests if "Name a color.\n### Response\ngreat" in r["messages"][0]["content"]
+    ]
     assert len(scoring) == 1 and scoring[0]["content"].startswith("### Instruction\nName a color.\n### Response\ngreat")
     assert "### End of Response\nWe would like" in scoring[0]["content"]
     assert sum("CUE:badscore" in r["messages"][0]["content"] for r in srv.requests) == 2  # asked once more, then listed
     assert read_score_lists(tmp_path / "out" / "cmp_data_scores.json") == {
-        "gpt4": [9.0, 8.0, 9.0, 8.0], "text-davinci-003": [7.0, 7.0, 9.0], "icm-1.3b": [2.0, 4.0, 5.0]}
-    from gpt4llm.evaluation.figures import find_inputs
+        "gpt4": [9.0, 8.0, 9.0, 8.0],
+        "text-davinci-003": [7.0, 7.0, 9.0],
+        "icm-1.3b": [2.0, 4.0, 5.0],
+    }
+    from gpt4llm.evaluation.paper_figures import find_inputs
 
     assert find_inputs([tmp_path / "out"])["scores"] == [tmp_path / "out" / "cmp_data_scores.json"]  # Figure 2's input
 
     # The reward model's reader takes the file as it is: the prompt comes back with '### Response:', ties are dropped.
     pairs, read = read_comparison_pairs(out)
     assert read["layouts"] == {"comparison_data_v2": 4} and read["dropped_pairs"]["tied scores"]["count"] == 1
-    assert pairs[0] == {"index": 0, "prompt": format_prompt("Name a color."),
-                        "chosen": "great answer, score 9", "rejected": "fine, score 7"}
+    assert pairs[0] == {
+        "index": 0,
+        "prompt": format_prompt("Name a color."),
+        "chosen": "great answer, score 9",
+        "rejected": "fine, score 7",
+    }
     assert len(pairs) == 3 + 1 + 2 + 1  # C(3,2) + C(2,2) + (C(3,2) - a tie) + C(2,2)
-    module = PairDataModule(tokenizer, path=str(out), val_size=1, batch_size=4, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    module = PairDataModule(
+        tokenizer, path=str(out), val_size=1, batch_size=4, num_workers=0, cache_dir=str(tmp_path / "cache")
+    )
     module.setup()
     batch = next(iter(module.train_dataloader()))
     model = load_reward_model(str(tiny_model_dir), tokenizer)
@@ -300,7 +260,9 @@ def test_task_and_inputs_are_checked_at_start(tmp_path):
             compose(config_name="synthesize", overrides=["task=sft"])
         with pytest.raises(Exception, match="job/sft"):
             compose(config_name="synthesize", overrides=["job=sft"])
-    cfg = synth_cfg(tmp_path, "http://127.0.0.1:9/v1", f"instructions={write(tmp_path / 'bad.json', [{'instruction': 3}])}")
+    cfg = synth_cfg(
+        tmp_path, "http://127.0.0.1:9/v1", f"instructions={write(tmp_path / 'bad.json', [{'instruction': 3}])}"
+    )
     with pytest.raises(Exception, match=r"record 0: field 'instruction' is int"):
         S.synthesize(cfg)
 
@@ -321,8 +283,16 @@ def test_answer_translate_score_and_judge_against_our_server(served, key, tmp_pa
     from gpt4llm.evaluation.responses import read_responses
     from gpt4llm.inference.openai_client import ChatClient
 
-    seed = write(tmp_path / "demo.json", [{"instruction": r["instruction"], "input": r["input"]} for r in make_demo_records(6, seed=3)])
-    common = ["teacher.model=tiny", "teacher.prices=null", "teacher.timeout=60", "min_success=0"]  # a tiny model's answers
+    seed = write(
+        tmp_path / "demo.json",
+        [{"instruction": r["instruction"], "input": r["input"]} for r in make_demo_records(6, seed=3)],
+    )
+    common = [
+        "teacher.model=tiny",
+        "teacher.prices=null",
+        "teacher.timeout=60",
+        "min_success=0",
+    ]  # a tiny model's answers
     answered = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, f"instructions={seed}", "job.max_tokens=6"))
     out = json.loads((tmp_path / "out" / "demo.answers.json").read_text())
     # A random tiny model: answers are noise, but every one came back, and the cut ones are listed, not lost.
@@ -330,12 +300,26 @@ def test_answer_translate_score_and_judge_against_our_server(served, key, tmp_pa
     assert len(out) + answered["empty_answer (left out)"]["count"] == 6
     assert answered["cut_by_length"]["count"] >= 1 and answered["requests"]["completion_tokens"] <= 36
 
-    translated = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, "job=translate", f"instructions={seed}", "job.max_tokens=6"))
+    translated = S.synthesize(
+        synth_cfg(tmp_path, served.base_url, *common, "job=translate", f"instructions={seed}", "job.max_tokens=6")
+    )
     assert translated["requests"]["sent"] == translated["distinct_texts"] > 0
 
-    gpt4 = write(tmp_path / "gpt4.json", [{"instruction": r["instruction"], "input": r["input"], "output": "An answer."} for r in out])
-    scored = S.synthesize(synth_cfg(tmp_path, served.base_url, *common, "job=score", f"responses=[{gpt4},{tmp_path / 'out' / 'demo.answers.json'}]",
-                                    "job.max_tokens=4", "job.max_parse_retries=0"))
+    gpt4 = write(
+        tmp_path / "gpt4.json",
+        [{"instruction": r["instruction"], "input": r["input"], "output": "An answer."} for r in out],
+    )
+    scored = S.synthesize(
+        synth_cfg(
+            tmp_path,
+            served.base_url,
+            *common,
+            "job=score",
+            f"responses=[{gpt4},{tmp_path / 'out' / 'demo.answers.json'}]",
+            "job.max_tokens=4",
+            "job.max_parse_retries=0",
+        )
+    )
     assert scored["sources"] == {"gpt4": len(out), "demo.answers": len(out)}
     # The tiny model does not answer with a score: each response is listed as unparsable (or, by chance, scored), or
     # as failed when the server refused it: a random answer's bytes can take many tokens and push the scoring prompt
@@ -347,18 +331,37 @@ def test_answer_translate_score_and_judge_against_our_server(served, key, tmp_pa
     errors = [e for v in failures.values() for e in v.get("errors", {}).values()]
     assert all("context_length_exceeded" in e for e in errors) and len(errors) == failed, failures
 
-    client = ChatClient(served.base_url, "tiny", api_key_env="SYNTH_TEST_KEY", cache_path=tmp_path / "judge.jsonl", timeout=60)
+    client = ChatClient(
+        served.base_url, "tiny", api_key_env="SYNTH_TEST_KEY", cache_path=tmp_path / "judge.jsonl", timeout=60
+    )
     # The first 8 characters of each noise answer: a random model's bytes can take many tokens, and a long one would
     # push the judge's prompt past the tiny model's 512-token context (a 400, counted as failed).
-    lines = [{"id": k, "model": m, "instruction": r["instruction"], "input": r["input"], "response": r["output"][:8] if m == "a" else "No."}
-             for m in ("a", "b") for k, r in enumerate(out)]
+    lines = [
+        {
+            "id": k,
+            "model": m,
+            "instruction": r["instruction"],
+            "input": r["input"],
+            "response": r["output"][:8] if m == "a" else "No.",
+        }
+        for m in ("a", "b")
+        for k, r in enumerate(out)
+    ]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[: len(out)]))
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[len(out):]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[len(out) :]))
     # The paper's single-answer prompt: FastChat's pairwise review is longer than the tiny model's 512-token context.
-    reviews, summary = judge(client, read_responses(tmp_path / "a.jsonl"), read_responses(tmp_path / "b.jsonl"), "single",
-                             {"temperature": 0.2, "max_tokens": 4}, max_parse_retries=0)
+    reviews, summary = judge(
+        client,
+        read_responses(tmp_path / "a.jsonl"),
+        read_responses(tmp_path / "b.jsonl"),
+        "single",
+        {"temperature": 0.2, "max_tokens": 4},
+        max_parse_retries=0,
+    )
     # (an empty reply is asked again, so more than one request per answer may go out)
-    assert len(reviews) == len(out) and summary["requests"]["sent"] >= 2 * len(out) and summary["requests"]["failed"] == 0
+    assert (
+        len(reviews) == len(out) and summary["requests"]["sent"] >= 2 * len(out) and summary["requests"]["failed"] == 0
+    )
     assert all(r["status"] in ("ok", "unparsable") for r in reviews)
     assert_key_nowhere(tmp_path)
 
@@ -369,9 +372,19 @@ def test_killed_run_resumes_and_pays_for_nothing_twice(teacher, key, tmp_path):
     srv = teacher(answer_limit=4)  # four answers, then every request hangs: the run is killed while waiting
     records = [{"instruction": f"Question {k}?", "input": ""} for k in range(10)]
     seed = write(tmp_path / "seed.json", records)
-    args = [sys.executable, "-m", "gpt4llm.synthesize", f"instructions={seed}", f"teacher.base_url={srv.base_url}",
-            "teacher.model=teacher-1", "teacher.api_key_env=SYNTH_TEST_KEY", "teacher.concurrency=2", "teacher.timeout=30",
-            f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "gpt4llm.synthesize",
+        f"instructions={seed}",
+        f"teacher.base_url={srv.base_url}",
+        "teacher.model=teacher-1",
+        "teacher.api_key_env=SYNTH_TEST_KEY",
+        "teacher.concurrency=2",
+        "teacher.timeout=30",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cache = tmp_path / "data" / "cache" / "chat" / "answers.jsonl"

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpt4llm.data.sft import PackedCollator, SFTCollator
+from gpt4llm.data.collators import PackedCollator, SFTCollator
 from gpt4llm.training import callbacks
 from gpt4llm.training.callbacks import TokenThroughput, example_lengths
 from gpt4llm.training.flops import matmul_parameters, training_flops

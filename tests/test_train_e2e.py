@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, demo_overrides, run_cli
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers.configs import compose_train, demo_overrides
+from helpers.runs import run_cli, scalars
 
 pytestmark = pytest.mark.slow
-
-
-def scalars(run_dir: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_cli_demo_run_writes_everything(tmp_path):
@@ -24,7 +20,15 @@ def test_cli_demo_run_writes_everything(tmp_path):
     assert f"Run directory: {run}" in proc.stdout and "Export:" in proc.stdout
 
     logged = scalars(run)
-    for tag in ("train/loss", "val/loss", "val/ppl", "train/lr", "train/tokens_per_s", "train/pad_fraction", "val/exact_match"):
+    for tag in (
+        "train/loss",
+        "val/loss",
+        "val/ppl",
+        "train/lr",
+        "train/tokens_per_s",
+        "train/pad_fraction",
+        "val/exact_match",
+    ):
         assert tag in logged, f"{tag} missing from TensorBoard: {sorted(logged)}"
     assert len(logged["train/loss"]) == 6
     assert len(logged["val/loss"]) == 2  # before training, and after the epoch
@@ -48,7 +52,13 @@ def test_multirun_gives_each_job_its_own_run(tmp_path):
     lrs = []
     for job in jobs:
         assert list((job / "tensorboard").glob("events.out.tfevents.*"))
-        lrs.append(float(next(l for l in (job / ".hydra" / "overrides.yaml").read_text().splitlines() if "lr=" in l).split("=")[1]))
+        lrs.append(
+            float(
+                next(x for x in (job / ".hydra" / "overrides.yaml").read_text().splitlines() if "lr=" in x).split("=")[
+                    1
+                ]
+            )
+        )
     assert lrs == [1e-4, 3e-4]
 
 
@@ -78,8 +88,13 @@ def exported_weights(overrides: list[str], out: Path) -> dict[str, torch.Tensor]
 
 def test_resume_continues_step_schedule_and_data_order(tmp_path):
     common = demo_overrides(
-        tmp_path, "trainer.max_steps=8", "validate_first=false", "callbacks.checkpoint.every_n_train_steps=4",
-        "callbacks.checkpoint.save_top_k=-1", "callbacks.exact_match=null", "trainer.max_epochs=2",
+        tmp_path,
+        "trainer.max_steps=8",
+        "validate_first=false",
+        "callbacks.checkpoint.every_n_train_steps=4",
+        "callbacks.checkpoint.save_top_k=-1",
+        "callbacks.exact_match=null",
+        "trainer.max_epochs=2",
     )
     straight = exported_weights(common, tmp_path / "straight")
     checkpoint = tmp_path / "straight" / "checkpoints" / "step4.ckpt"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+from helpers.configs import ROOT
 
 FRESH_INTERPRETER = textwrap.dedent(
     """
@@ -22,7 +22,7 @@ FRESH_INTERPRETER = textwrap.dedent(
     assert "torch._dynamo" not in sys.modules and "transformers.models.llama.modeling_llama" not in sys.modules
 
     from gpt4llm.models.hf import import_model_code
-    from gpt4llm.training.strategies import ZeroConfigForTransformers
+    from gpt4llm.models.zero3 import ZeroConfigForTransformers
 
     import_model_code(path, MODEL_FOR_CAUSAL_LM_MAPPING)  # what HFBackboneModule.setup does, before configure_model
     assert "torch._dynamo" in sys.modules and "transformers.models.llama.modeling_llama" in sys.modules
@@ -55,7 +55,12 @@ def test_model_builds_under_zero_init_in_a_fresh_interpreter(tiny_model_dir):
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-c", FRESH_INTERPRETER, str(tiny_model_dir), free_port()],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert f"partitioned parameters: {expected}" in proc.stdout
@@ -68,9 +73,9 @@ def test_the_modules_import_their_model_code_in_setup(tiny_model_dir, tokenizer,
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     )
 
-    from gpt4llm.models import base
-    from gpt4llm.models.reward import RewardModule
-    from gpt4llm.models.sft import SFTModule
+    from gpt4llm.models import base_module as base
+    from gpt4llm.models.reward_module import RewardModule
+    from gpt4llm.models.sft_module import SFTModule
 
     calls = []
     monkeypatch.setattr(base, "import_model_code", lambda path, mapping: calls.append((path, mapping)))

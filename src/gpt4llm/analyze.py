@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.errors import MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,19 @@ def versus_file(versus: str) -> Path:
     try:
         composed = compose(config_name="analyze", overrides=[f"data={versus}"])
     except Exception as err:  # hydra's MissingConfigException and friends: say what can be given
-        raise FileNotFoundError(f"versus={versus}: neither a file nor a data config ({err})") from None
+        raise MissingFileError(f"versus={versus}: neither a file nor a data config ({err})") from None
     return dataset_file(composed.data)
 
 
 def analyze(cfg: DictConfig) -> dict:
-    from gpt4llm.analysis import figures as V
+    from gpt4llm.analysis import verb_noun_charts as V
     from gpt4llm.analysis.verb_noun import cached_pairs, load_parser
     from gpt4llm.data.records import load_instruction_records
-    from gpt4llm.evaluation import figures as F
+    from gpt4llm.evaluation import paper_figures as F
     from gpt4llm.io.atomic import write_text
 
     if cfg.field not in ("output", "instruction"):
-        from gpt4llm.app.checks import ConfigError
+        from gpt4llm.errors import ConfigError
 
         raise ConfigError(f"field={cfg.field}: choose output or instruction")
     nlp = load_parser(cfg.parser.model) if cfg.verb_noun else None  # before any work: a missing model is said at once
@@ -66,8 +67,10 @@ def analyze(cfg: DictConfig) -> dict:
         summary["datasets"][name] = {"file": str(path), "records": len(records[name]), "skipped": skipped}
 
     # Figure 1d, and the same for the instructions: lengths in words.
-    for field, name, label in (("output", "cmp_seq_len_freq", "Output Sequence Length"),
-                               ("instruction", "instruction_len_freq", "Instruction Length")):
+    for field, name, label in (
+        ("output", "cmp_seq_len_freq", "Output Sequence Length"),
+        ("instruction", "instruction_len_freq", "Instruction Length"),
+    ):
         lengths = {n: [len(r[field].split()) for r in rs] for n, rs in records.items()}
         F.save(F.draw_output_lengths(lengths, label), out, name, formats)
         for n, values in lengths.items():
@@ -78,8 +81,15 @@ def analyze(cfg: DictConfig) -> dict:
         for name, path in files.items():
             texts = [r[cfg.field] for r in records[name]]
             started = time.perf_counter()
-            pairs, cache, reused = cached_pairs(path, texts, cfg.field, nlp, Path(cfg.cache_dir),
-                                                batch_size=cfg.parser.batch_size, processes=cfg.parser.processes)
+            pairs, cache, reused = cached_pairs(
+                path,
+                texts,
+                cfg.field,
+                nlp,
+                Path(cfg.cache_dir),
+                batch_size=cfg.parser.batch_size,
+                processes=cfg.parser.processes,
+            )
             seconds = time.perf_counter() - started
             shutil.copyfile(cache, out / f"verb_noun_{F.slug(name)}.csv")
             counts[name] = V.pair_counts(pairs)
@@ -88,14 +98,21 @@ def analyze(cfg: DictConfig) -> dict:
             V.write_sunburst_html(rows, title, out / f"sunburst_{F.slug(name)}.html")
             F.save(V.draw_sunburst(rows, title), out, f"sunburst_{F.slug(name)}", ("png",))
             summary["datasets"][name] |= {
-                "parsed": len(pairs), "with_verb": sum(v is not None for v, _ in pairs),
-                "with_pair": sum(counts[name].values()), "unique_pairs": len(counts[name]),
-                "unique_verbs": len({v for v, _ in counts[name]}), "sunburst_pairs": len(rows),
+                "parsed": len(pairs),
+                "with_verb": sum(v is not None for v, _ in pairs),
+                "with_pair": sum(counts[name].values()),
+                "unique_pairs": len(counts[name]),
+                "unique_verbs": len({v for v, _ in counts[name]}),
+                "sunburst_pairs": len(rows),
                 "top_pairs": [[v, n, c] for (v, n), c in counts[name].most_common(cfg.top_pairs)],
-                "parse_seconds": round(seconds, 1), "parse_cache": str(cache), "parse_reused": reused,
+                "parse_seconds": round(seconds, 1),
+                "parse_cache": str(cache),
+                "parse_reused": reused,
             }
-            log.info(f"{name}: {len(pairs)} texts {'read from the cache' if reused else 'parsed'} in {seconds:.1f} s; "
-                     f"{len(counts[name])} unique verb-noun pairs")
+            log.info(
+                f"{name}: {len(pairs)} texts {'read from the cache' if reused else 'parsed'} in {seconds:.1f} s; "
+                f"{len(counts[name])} unique verb-noun pairs"
+            )
         F.save(V.draw_top_pairs(counts, cfg.top_pairs), out, "cmp_freq", formats)
     summary |= {"field": cfg.field, "parser": cfg.parser.model if nlp is not None else None}
     write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))

@@ -17,8 +17,15 @@ def main(cfg: DictConfig) -> None:
 
     use_hydra_logging()
     rows = best_of_n(
-        cfg.sft_model, cfg.reward_model, read_prompts(cfg.prompts), cfg.n, cfg.max_new_tokens, cfg.batch_size,
-        cfg.temperature, cfg.top_p, cfg.seed,
+        cfg.sft_model,
+        cfg.reward_model,
+        read_prompts(cfg.prompts),
+        cfg.n,
+        cfg.max_new_tokens,
+        cfg.batch_size,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.seed,
     )
     output = atomic.write_jsonl(cfg.output, rows)
     print(f"Best-of-{cfg.n} for {len(rows)} prompts -> {output}")

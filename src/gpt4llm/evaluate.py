@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.errors import ConfigError
 from gpt4llm.evaluation.responses import slug
 from gpt4llm.io import atomic
 
@@ -33,7 +34,10 @@ def evaluate_rouge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
     atomic.write_text(out / f"{cfg.metric.prefix}_report.json", json.dumps(report, indent=2, ensure_ascii=False))
     print(format_table(tables))
     _print_problems(problems)
-    print(f"\nTables: {out}/{cfg.metric.prefix}_len{{0-2,3-5,6-10,10-,ALL}}.json  (per pair: {cfg.metric.prefix}_scores.jsonl)")
+    print(
+        f"\nTables: {out}/{cfg.metric.prefix}_len{{0-2,3-5,6-10,10-,ALL}}.json  "
+        f"(per pair: {cfg.metric.prefix}_scores.jsonl)"
+    )
     return report
 
 
@@ -58,28 +62,47 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
             FastChatReviewers,
         )
 
-        files = {k: ensure_file(**m.fastchat[k], required_fields=f) for k, f in (("prompts", PROMPT_FIELDS), ("reviewers", REVIEWER_FIELDS))}
+        files = {
+            k: ensure_file(**m.fastchat[k], required_fields=f)
+            for k, f in (("prompts", PROMPT_FIELDS), ("reviewers", REVIEWER_FIELDS))
+        }
         reviewers = FastChatReviewers.from_files(files["prompts"], files["reviewers"])
     client = client_from_config(m)
     summaries = []
     for mine in answers:
         name = slug(mine[0]["model"])
         reviews, summary = judge(
-            client, mine, opponent, m.mode, {"temperature": m.temperature, "max_tokens": m.max_tokens},
-            m.max_parse_retries, questions, reviewers, m.score_rule,
+            client,
+            mine,
+            opponent,
+            m.mode,
+            {"temperature": m.temperature, "max_tokens": m.max_tokens},
+            m.max_parse_retries,
+            questions,
+            reviewers,
+            m.score_rule,
         )
         summary["judge"] = {"base_url": m.base_url, "model": m.model, "temperature": m.temperature}
         if reviewers is not None:
-            summary["judge"]["fastchat_files"] = {k: OmegaConf.to_container(m.fastchat[k]) for k in ("prompts", "reviewers")}
+            summary["judge"]["fastchat_files"] = {
+                k: OmegaConf.to_container(m.fastchat[k]) for k in ("prompts", "reviewers")
+            }
         atomic.write_jsonl(out / f"judge_reviews_{name}.jsonl", reviews)
         atomic.write_text(out / f"judge_summary_{name}.json", json.dumps(summary, indent=2, ensure_ascii=False))
         summaries.append(summary)
         _print_judge(summary)
         _print_problems({name: summary["problems"]})
-    print(f"\nRequests: {client.stats.as_dict()}\nSummaries: {out}/judge_summary_*.json  (reviews: judge_reviews_*.jsonl)")
+    print(
+        f"\nRequests: {client.stats.as_dict()}\nSummaries: {out}/judge_summary_*.json  (reviews: judge_reviews_*.jsonl)"
+    )
     for summary in summaries:
-        check_success(summary["scored"], summary["questions"], m.min_success, f"reviews of {summary['model']}",
-                      "run the same command again: failed requests are asked again, answers come from the cache")
+        check_success(
+            summary["scored"],
+            summary["questions"],
+            m.min_success,
+            f"reviews of {summary['model']}",
+            "run the same command again: failed requests are asked again, answers come from the cache",
+        )
     return summaries
 
 
@@ -107,7 +130,7 @@ def _print_problems(problems: dict[str, dict]) -> None:
 
 def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
     from gpt4llm.evaluation.responses import read_responses
-    from gpt4llm.evaluation.reward import (
+    from gpt4llm.evaluation.reward_summary import (
         is_best_of_n,
         ranking_groups,
         score_answers,
@@ -122,13 +145,15 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
                 summary[name] = summarize_rewards(answers) | {"source": str(path)}
             continue
         if not cfg.metric.model:
-            raise ValueError(f"{path}: scoring answers needs metric.model=<reward model export>")
+            raise ConfigError(f"{path}: scoring answers needs metric.model=<reward model export>")
         answers = read_responses(path)
         for answer, reward in zip(answers, score_answers(cfg.metric.model, answers, cfg.metric.batch_size)):
             answer["reward"] = reward
         name = answers[0]["model"]
-        atomic.write_jsonl(out / f"reward_scores_{slug(name)}.jsonl",
-                     [{k: a.get(k) for k in ("id", "model", "category", "reward")} for a in answers])
+        atomic.write_jsonl(
+            out / f"reward_scores_{slug(name)}.jsonl",
+            [{k: a.get(k) for k in ("id", "model", "category", "reward")} for a in answers],
+        )
         summary[name] = summarize_rewards(answers) | {"source": str(path), "reward_model": str(cfg.metric.model)}
     atomic.write_text(out / "reward_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     print("| model / group | scored | mean reward |\n|---|---:|---:|")
@@ -136,7 +161,10 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
         mean = "-" if s["mean_reward"] is None else f"{s['mean_reward']:.4f}"
         print(f"| {name} | {s['scored']} | {mean} |")
     if (out / "ranking_groups").exists():
-        print(f"\nRanking groups as responses files (judge them with metric=judge): {out / 'ranking_groups'}/<group>/responses.jsonl")
+        print(
+            "\nRanking groups as responses files (judge them with metric=judge): "
+            f"{out / 'ranking_groups'}/<group>/responses.jsonl"
+        )
     print(f"Summary: {out / 'reward_summary.json'}")
     return summary
 
@@ -151,12 +179,14 @@ def evaluate(cfg: DictConfig):
     answers = [read_responses(p) for p in paths]
     names = [a[0]["model"] for a in answers]
     if len(set(names)) != len(names):
-        raise ValueError(f"responses: two files have the same model name ({names}); regenerate one with model.name=...")
+        raise ConfigError(
+            f"responses: two files have the same model name ({names}); regenerate one with model.name=..."
+        )
     if cfg.metric.name == "rouge":
         return evaluate_rouge_cmd(cfg, answers, out)
     if cfg.metric.name == "judge":
         return evaluate_judge_cmd(cfg, answers, out)
-    raise ValueError(f"metric={cfg.metric.name}: expected rouge, judge or reward")
+    raise ConfigError(f"metric={cfg.metric.name}: expected rouge, judge or reward")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")

@@ -14,15 +14,22 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def decoding_settings(decoding: DictConfig) -> dict:
     """The settings that shape the answers, written on every line: temperature and top_p only when sampling."""
-    settings = {"max_new_tokens": int(decoding.max_new_tokens), "do_sample": bool(decoding.do_sample), "num_samples": int(decoding.num_samples)}
+    settings = {
+        "max_new_tokens": int(decoding.max_new_tokens),
+        "do_sample": bool(decoding.do_sample),
+        "num_samples": int(decoding.num_samples),
+    }
     if settings["num_samples"] > 1 and not settings["do_sample"]:
-        raise ValueError("decoding.num_samples > 1 needs decoding.do_sample=true: greedy answers would all be the same")
+        raise ConfigError(
+            "decoding.num_samples > 1 needs decoding.do_sample=true: greedy answers would all be the same"
+        )
     if settings["do_sample"]:
         settings |= {"temperature": float(decoding.temperature), "top_p": float(decoding.top_p)}
     return settings
@@ -31,12 +38,16 @@ def decoding_settings(decoding: DictConfig) -> dict:
 def generate(cfg: DictConfig) -> Path:
     import torch
 
+    from gpt4llm.data.tokenizer import load_tokenizer
     from gpt4llm.evaluation.eval_sets import load_eval_set
-    from gpt4llm.inference.generation import generate_to_file
-    from gpt4llm.models.hf import load_causal_lm, load_tokenizer
+    from gpt4llm.inference.resumable_generation import generate_to_file
+    from gpt4llm.models.hf import load_causal_lm
 
     if not cfg.model.path:
-        raise ValueError("model.path is required: model.path=logs/train/runs/<time>/export, or any local Hugging Face causal LM directory")
+        raise ConfigError(
+            "model.path is required: model.path=logs/train/runs/<time>/export, "
+            "or any local Hugging Face causal LM directory"
+        )
     decoding = decoding_settings(cfg.decoding)
     records = load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))
     torch.manual_seed(cfg.seed)
@@ -46,12 +57,20 @@ def generate(cfg: DictConfig) -> Path:
     model.to(device)
     output = Path(cfg.output)
     counts = generate_to_file(
-        model, tokenizer, records, output, decoding, batch_size=cfg.batch_size,
-        extra={"model": cfg.model.name, "eval": cfg.eval.name}, progress=f"{cfg.eval.name} / {cfg.model.name}",
+        model,
+        tokenizer,
+        records,
+        output,
+        decoding,
+        batch_size=cfg.batch_size,
+        extra={"model": cfg.model.name, "eval": cfg.eval.name},
+        progress=f"{cfg.eval.name} / {cfg.model.name}",
     )
     log.info(f"Responses: {counts}")
-    print(f"\nResponses: {output}  ({counts['generated']} new, {counts['already_done']} already there, "
-          f"{counts['empty']} empty, {counts['cut_by_length']} cut at max_new_tokens)")
+    print(
+        f"\nResponses: {output}  ({counts['generated']} new, {counts['already_done']} already there, "
+        f"{counts['empty']} empty, {counts['cut_by_length']} cut at max_new_tokens)"
+    )
     return output
 
 

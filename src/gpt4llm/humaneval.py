@@ -2,7 +2,7 @@
 in the browser (the paper's Figure 3); `study=<dir> report=true` un-blinds its votes into fractions with confidence
 intervals, agreement, and the pies. The study lives in logs/humaneval/<name>/: study.json (items, models, criteria),
 votes.sqlite (raters, what each was shown, every vote), humaneval_report.json and the figures. How items are dealt and
-shown: gpt4llm.rating.web; how votes become numbers: gpt4llm.rating.report."""
+shown: gpt4llm.rating.web; how votes become numbers: gpt4llm.rating.humaneval_report."""
 
 from __future__ import annotations
 
@@ -42,13 +42,19 @@ def serve(study, store, cfg: DictConfig) -> None:
     server = RatingServer(Rating(study, store, cfg.votes_per_item), host=cfg.host, port=cfg.port)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(f"Listening on {cfg.host}: anyone who can reach this machine can open the study and vote")
-    print(f"Study {study.directory}: {len(study.items)} items, {len(study.tasks)} comparisons of "
-          f"{', '.join(study.models)}; {store.count_votes()} votes so far", flush=True)
+    print(
+        f"Study {study.directory}: {len(study.items)} items, {len(study.tasks)} comparisons of "
+        f"{', '.join(study.models)}; {store.count_votes()} votes so far",
+        flush=True,
+    )
     print(f"Raters start at {server.url}/", flush=True)
     for name in cfg.raters:
         print(f"  {name}: {server.url}/rate/{store.rater_token(str(name))}", flush=True)
-    print(f"Stop with Ctrl-C; go on later with: python -m gpt4llm.humaneval study={study.directory}\n"
-          f"Results: python -m gpt4llm.humaneval study={study.directory} report=true", flush=True)
+    print(
+        f"Stop with Ctrl-C; go on later with: python -m gpt4llm.humaneval study={study.directory}\n"
+        f"Results: python -m gpt4llm.humaneval study={study.directory} report=true",
+        flush=True,
+    )
     try:
         server.serve_until_stopped()
     finally:
@@ -56,9 +62,9 @@ def serve(study, store, cfg: DictConfig) -> None:
 
 
 def write_report(study, store, cfg: DictConfig) -> dict:
-    from gpt4llm.evaluation import figures as F
+    from gpt4llm.evaluation import paper_figures as F
     from gpt4llm.io.atomic import write_jsonl, write_text
-    from gpt4llm.rating.report import REPORT_FILE, build_report, unblind
+    from gpt4llm.rating.humaneval_report import REPORT_FILE, build_report, unblind
 
     report = build_report(study, store, confidence=cfg.confidence, resamples=cfg.resamples, seed=cfg.seed)
     write_jsonl(study.directory / "votes_unblinded.jsonl", unblind(study, store.latest_votes()))
@@ -70,9 +76,15 @@ def write_report(study, store, cfg: DictConfig) -> dict:
             if not row["votes"]:
                 print(f"  {criterion}: no votes yet")
                 continue
-            shares = "  ".join(f"{o} {100 * row['fractions'][o]:.1f}%{_interval(row['ci'][o])}" for o in ("win", "lose", "tie"))
+            shares = "  ".join(
+                f"{o} {100 * row['fractions'][o]:.1f}%{_interval(row['ci'][o])}" for o in ("win", "lose", "tie")
+            )
             kappa = row["agreement"]["fleiss"]
-            agreement = f", Fleiss' kappa {kappa['kappa']:.2f} on {kappa['tasks']} shared items" if kappa and kappa["kappa"] is not None else ""
+            agreement = (
+                f", Fleiss' kappa {kappa['kappa']:.2f} on {kappa['tasks']} shared items"
+                if kappa and kappa["kappa"] is not None
+                else ""
+            )
             print(f"  {criterion}: {shares} ({row['votes']} votes{agreement})")
         if any(row["votes"] for row in comparison["criteria"].values()):
             for fig, name in F.draw_hhh(comparison):

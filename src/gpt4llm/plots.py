@@ -19,11 +19,11 @@ from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
 
 
 def plots(cfg: DictConfig) -> dict[str, list[str]]:
-    from gpt4llm.evaluation import figures as F
+    from gpt4llm.evaluation import paper_figures as F
     from gpt4llm.evaluation.responses import read_responses
 
     directories = [Path(d) for d in (cfg.results if isinstance(cfg.results, ListConfig) else [cfg.results])]
-    from gpt4llm.evaluation.figures import find_inputs
+    from gpt4llm.evaluation.paper_figures import find_inputs
 
     found = find_inputs(directories)
     out, formats = Path(cfg.paths.output_dir), tuple(cfg.formats)
@@ -39,14 +39,20 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
         for (parent, prefix), files in sets.items():
             for name, rows in F.read_rouge_tables(files).items():
                 models[name if name not in models else f"{name} ({parent.name}/{prefix})"] = rows
-        drawn["ROUGE-L by reference length (Figure 6)"] = _save(F.draw_rouge_by_length(models), out, "bar_unnatural", formats)
+        drawn["ROUGE-L by reference length (Figure 6)"] = _save(
+            F.draw_rouge_by_length(models), out, "bar_unnatural", formats
+        )
     else:
-        missing.append("Figure 6: no *_len{0-2,3-5,6-10,10-,ALL}.json ROUGE tables (python -m gpt4llm.evaluate metric=rouge)")
+        missing.append(
+            "Figure 6: no *_len{0-2,3-5,6-10,10-,ALL}.json ROUGE tables (python -m gpt4llm.evaluate metric=rouge)"
+        )
 
     if found["scores"]:
         for k, path in enumerate(found["scores"]):
             fig = F.draw_score_distributions(F.read_score_lists(path))
-            drawn[f"score distributions (Figure 2) from {path}"] = _save(fig, out, "cmp_data_dist" + (f"_{k}" if k else ""), formats)
+            drawn[f"score distributions (Figure 2) from {path}"] = _save(
+                fig, out, "cmp_data_dist" + (f"_{k}" if k else ""), formats
+            )
     else:
         missing.append("Figure 2: no cmp_data_scores.json")
 
@@ -58,7 +64,9 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
             missing.append(f"{path}: no opponent, so no relative score to draw")
             continue
         if not s["totals"][1]:
-            missing.append(f"{path}: no question got scores ({s.get('scored', 0)} scored), so no relative score to draw")
+            missing.append(
+                f"{path}: no question got scores ({s.get('scored', 0)} scored), so no relative score to draw"
+            )
             continue
         kind = "ranking" if F.RANKING_MODEL.match(s["model"]) else "all"
         bars[(kind, s["opponent"])].append((s["model"], *s["totals"]))
@@ -66,7 +74,8 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
         if kind == "ranking":
             rows.sort(key=lambda r: (r[0].upper() == "B", int(re.sub(r"\D", "", r[0]) or 0)))
         drawn[f"relative scores ({kind}) vs {opponent} (Figure 4)"] = _save(
-            F.draw_relative_scores(rows, opponent), out, f"bar_score_{kind}_vs_{F.slug(opponent)}", formats)
+            F.draw_relative_scores(rows, opponent), out, f"bar_score_{kind}_vs_{F.slug(opponent)}", formats
+        )
     if not found["judge"]:
         missing.append("Figure 4: no judge_summary*.json (python -m gpt4llm.evaluate metric=judge)")
 
@@ -80,7 +89,10 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
         for fig, name in F.draw_hhh(comparison):
             drawn[f"human evaluation {name} from {source} (Figure 3)"] = _save(fig, out, f"{name}_{source}", formats)
     if not comparisons:
-        missing.append("Figure 3: no humaneval_report.json (python -m gpt4llm.humaneval ... report=true); paper=true draws the paper's")
+        missing.append(
+            "Figure 3: no humaneval_report.json (python -m gpt4llm.humaneval ... report=true); "
+            "paper=true draws the paper's"
+        )
 
     lengths: dict[str, list[int]] = {}
     for path in found["responses"]:
@@ -105,7 +117,7 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
 
 
 def _save(fig, out: Path, name: str, formats: tuple[str, ...]) -> list[str]:
-    from gpt4llm.evaluation.figures import save
+    from gpt4llm.evaluation.paper_figures import save
 
     return [str(p) for p in save(fig, out, name, formats)]
 

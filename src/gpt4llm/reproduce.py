@@ -4,7 +4,8 @@ report of our numbers beside the paper's: logs/reproduce/<preset>/report.md and 
 
 `preset=tiny` rehearses every stage on a CPU in about ten minutes, offline. The same command again reuses every
 unchanged stage; `stages=[generate/*]` runs some alone; `force=[plots]` redoes one. The stages:
-gpt4llm.reproduction.plan; the runner and its cache: gpt4llm.reproduction.stages; the report: .report."""
+gpt4llm.reproduction.study; the runner and its cache: gpt4llm.reproduction.runner; the report:
+gpt4llm.reproduction.study_report."""
 
 from __future__ import annotations
 
@@ -20,22 +21,35 @@ from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
 def reproduce(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    from gpt4llm.reproduction.plan import JudgeServer, build_stages
-    from gpt4llm.reproduction.report import write_report
-    from gpt4llm.reproduction.stages import Pipeline
+    from gpt4llm.errors import StageFailed
+    from gpt4llm.reproduction.runner import Pipeline
+    from gpt4llm.reproduction.study import JudgeServer, build_stages
+    from gpt4llm.reproduction.study_report import write_report
 
     started = time.monotonic()
     root = Path(cfg.out).resolve()
     judge = cfg.preset.judge
-    server = JudgeServer(root / "train" / str(judge.serve) / "export", str(judge.serve), root / "judge" / "server") if judge.serve else None
+    server = (
+        JudgeServer(root / "train" / str(judge.serve) / "export", str(judge.serve), root / "judge" / "server")
+        if judge.serve
+        else None
+    )
     stages = build_stages(cfg, root, server)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     command = " ".join(["python -m gpt4llm.reproduce", *overrides])
     print(f"Study {cfg.preset.name}: {len(stages)} stages in {root}", flush=True)
-    pipeline = Pipeline(root, stages, force=list(cfg.force), only=list(cfg.stages) if cfg.stages else None,
-                        echo=lambda line: print(line, flush=True))
+    pipeline = Pipeline(
+        root,
+        stages,
+        force=list(cfg.force),
+        only=list(cfg.stages) if cfg.stages else None,
+        echo=lambda line: print(line, flush=True),
+    )
     try:
         outcomes = pipeline.run()
+    except StageFailed as failed:  # the report still says what ran, what was reused and which stage failed
+        write_report(root, cfg, getattr(failed, "outcomes", []), command, time.monotonic() - started)
+        raise
     finally:
         if server is not None:
             server.stop()

@@ -18,7 +18,7 @@ from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="score")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
-    from gpt4llm.inference.rewards import score_file
+    from gpt4llm.inference.scoring import score_file
 
     use_hydra_logging()
     output = score_file(cfg.reward_model, cfg.input, cfg.output, cfg.batch_size)

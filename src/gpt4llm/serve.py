@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def serve(cfg: DictConfig) -> None:
     from gpt4llm.inference.server import load_server
 
     if not cfg.model.path:
-        raise ValueError(
+        raise ConfigError(
             "model.path is required: model.path=logs/train/runs/<time>/export, or any local Hugging Face causal LM"
         )
     if cfg.threads:
@@ -29,20 +30,37 @@ def serve(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     server = load_server(
-        cfg.model.path, cfg.model.name, cfg.model.dtype, cfg.model.device, host=cfg.host, port=cfg.port, api_key=key,
-        max_batch=cfg.max_batch, batch_wait=cfg.batch_wait_ms / 1000, default_max_tokens=cfg.default_max_tokens,
-        max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n, max_body_bytes=cfg.max_body_bytes,
-        max_queue=cfg.max_queue, max_context=cfg.max_context,
+        cfg.model.path,
+        cfg.model.name,
+        cfg.model.dtype,
+        cfg.model.device,
+        host=cfg.host,
+        port=cfg.port,
+        api_key=key,
+        max_batch=cfg.max_batch,
+        batch_wait=cfg.batch_wait_ms / 1000,
+        default_max_tokens=cfg.default_max_tokens,
+        max_tokens_limit=cfg.max_tokens_limit,
+        max_n=cfg.max_n,
+        max_body_bytes=cfg.max_body_bytes,
+        max_queue=cfg.max_queue,
+        max_context=cfg.max_context,
     )
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         open_to_all = "" if key else f", and ${cfg.api_key_env} is not set: no key is asked for"
         log.warning(f"Listening on {cfg.host}: reachable from other machines{open_to_all}")
     auth = f"Bearer key from ${cfg.api_key_env}" if key else "no key"
-    print(f"Serving '{server.name}' (context {server.max_context} tokens, batches of up to {cfg.max_batch}, {auth}) at "
-          f"{server.base_url}", flush=True)
+    print(
+        f"Serving '{server.name}' (context {server.max_context} tokens, batches of up to {cfg.max_batch}, {auth}) at "
+        f"{server.base_url}",
+        flush=True,
+    )
     header = f' -H "Authorization: Bearer ${cfg.api_key_env}"' if key else ""
-    print(f"  try: curl {server.base_url}/chat/completions -H 'Content-Type: application/json'{header} "
-          f"-d '{{\"model\": \"{server.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'", flush=True)
+    print(
+        f"  try: curl {server.base_url}/chat/completions -H 'Content-Type: application/json'{header} "
+        f'-d \'{{"model": "{server.name}", "messages": [{{"role": "user", "content": "Hi"}}]}}\'',
+        flush=True,
+    )
     server.serve_until_stopped()
 
 

@@ -52,10 +52,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         **({} if validating else {"limit_val_batches": 0}),
         strategy=instantiate(cfg.strategy),
         callbacks=[instantiate(c) for c in cfg.callbacks.values() if c],
-        logger=[instantiate(c, **(purge if c._target_.endswith("TensorBoardLogger") else {})) for c in cfg.logger.values() if c],
+        logger=[
+            instantiate(c, **(purge if c._target_.endswith("TensorBoardLogger") else {}))
+            for c in cfg.logger.values()
+            if c
+        ],
     )
     if cfg.global_batch_size:
-        trainer.accumulate_grad_batches = derive_accumulation(cfg.global_batch_size, cfg.data.batch_size, trainer.world_size)
+        trainer.accumulate_grad_batches = derive_accumulation(
+            cfg.global_batch_size, cfg.data.batch_size, trainer.world_size
+        )
         log.info(f"Global batch {cfg.global_batch_size}: gradient accumulation {trainer.accumulate_grad_batches}")
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

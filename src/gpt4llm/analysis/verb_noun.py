@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gpt4llm.app.checks import ConfigError
+from gpt4llm.errors import ConfigError
 from gpt4llm.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,10 @@ def load_parser(model: str):
     try:
         import spacy
     except ImportError:
-        raise ConfigError("verb_noun=true needs spaCy: pip install 'gpt4llm[analyze]' (verb_noun=false draws the length figures alone)") from None
+        raise ConfigError(
+            "verb_noun=true needs spaCy: pip install 'gpt4llm[analyze]' "
+            "(verb_noun=false draws the length figures alone)"
+        ) from None
     try:
         return spacy.load(model, exclude=["ner", "textcat", "entity_ruler"])
     except OSError as err:
@@ -74,8 +77,11 @@ def cache_key(file: Path, field: str, nlp) -> str:
     return f"{file.stem}.{digest}.{field}.{parser}"
 
 
-def cached_pairs(file: Path, texts: list[str], field: str, nlp, cache_dir: Path, **parse) -> tuple[list[Pair], Path, bool]:
-    """The texts' pairs, from `cache_dir` when this file, field and parser were parsed before; with whether they were."""
+def cached_pairs(
+    file: Path, texts: list[str], field: str, nlp, cache_dir: Path, **parse
+) -> tuple[list[Pair], Path, bool]:
+    """The texts' pairs, from `cache_dir` when this file, field and parser were parsed before; with whether they
+    were."""
     path = Path(cache_dir) / f"{cache_key(file, field, nlp)}.csv"
     if path.is_file():
         pairs = read_pairs(path)

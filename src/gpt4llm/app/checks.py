@@ -12,9 +12,7 @@ import inspect
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
 
-
-class ConfigError(ValueError):
-    pass
+from gpt4llm.errors import ConfigError
 
 
 def check_config(cfg: DictConfig, where: str = "") -> None:

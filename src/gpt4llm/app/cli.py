@@ -1,4 +1,5 @@
-"""What every `python -m gpt4llm.<entry point>` shares: where the configs live and how logs reach the console."""
+"""What every `python -m gpt4llm.<entry point>` shares: where the configs live, how logs reach the console, and the one
+failure policy (a GPT4LLMError ends the command in one line; anything else is a bug and keeps its traceback)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from gpt4llm.app import resolvers
+from gpt4llm.errors import ConfigError, GPT4LLMError
 
 # The repository's top-level conf/, which the wheel ships as the package gpt4llm.conf (pyproject.toml, package-dir):
 # found the same way in a checkout, an editable install and a regular one, from any directory.
@@ -24,38 +26,40 @@ def use_hydra_logging() -> None:
     logging.getLogger("lightning").handlers.clear()
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The errors whose message tells a user what to do (imported when one happens: commands start fast)."""
-    from gpt4llm.app.checks import ConfigError
-    from gpt4llm.app.http import ServerStartError
-    from gpt4llm.data.records import RecordError
-    from gpt4llm.data.sources import DownloadError
-    from gpt4llm.inference.openai_client import TooFewSucceeded
-    from gpt4llm.io.atomic import WriteError
-    from gpt4llm.models.base import CheckpointError
-    from gpt4llm.reproduction.stages import StageFailed
-
-    return (ConfigError, RecordError, DownloadError, WriteError, CheckpointError, TooFewSucceeded, ServerStartError,
-            StageFailed,
-            FileNotFoundError, IsADirectoryError, NotADirectoryError)
-
-
 def reports_user_errors(main: Callable) -> Callable:
-    """What a user can act on (a bad setting or record, a missing or unwritable file) ends the command with its
-    one-line message and exit status 1, not a traceback; GPT4LLM_TRACEBACK=1 shows the traceback as well."""
+    """What a user can act on (gpt4llm.errors: a bad setting or record, a missing or unwritable file) ends the command
+    with its one-line message and exit status 1, not a traceback; GPT4LLM_TRACEBACK=1 shows the traceback as well."""
 
     @functools.wraps(main)
     def run(cfg):
         try:
             return main(cfg)
         except Exception as err:
-            if os.environ.get("GPT4LLM_TRACEBACK") or not isinstance(err, user_error_types()):
+            cause = user_error(err)
+            if os.environ.get("GPT4LLM_TRACEBACK") or cause is None:
                 raise
             _remove_empty_run_directory()
-            print(f"Error: {err}", file=sys.stderr)
+            print(f"Error: {cause}", file=sys.stderr)
             sys.exit(1)
 
     return run
+
+
+def user_error(err: BaseException) -> GPT4LLMError | None:
+    """The GPT4LLMError behind `err`, also where a library wrapped it (Hydra's instantiate raises its own
+    InstantiationException from the error a constructor raised)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, GPT4LLMError):
+            return err
+        if isinstance(err, MissingMandatoryValue):  # a `???` in the command's config that nobody set
+            key = err.full_key or "a setting"
+            return ConfigError(f"{key} is required: pass {key}=<value> (--help lists the settings)")
+        seen.add(id(err))
+        err = err.__cause__
+    return None
 
 
 def _remove_empty_run_directory() -> None:

@@ -10,9 +10,7 @@ import socket
 import threading
 import time
 
-
-class ServerStartError(RuntimeError):
-    """The server could not start (port in use, no such model directory): the message says what to do."""
+from gpt4llm.errors import ServerStartError
 
 
 def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -20,7 +18,9 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
         return socket.create_server((host, port), backlog=backlog)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            raise ServerStartError(f"port {port} on {host} is in use: stop what listens there, or pass port=<another>") from None
+            raise ServerStartError(
+                f"port {port} on {host} is in use: stop what listens there, or pass port=<another>"
+            ) from None
         raise ServerStartError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
@@ -40,7 +40,9 @@ class WebServer:
     def _server(self):
         import uvicorn
 
-        config = uvicorn.Config(self.build_app(), log_level="warning", access_log=False, lifespan="off", **self.uvicorn_options)
+        config = uvicorn.Config(
+            self.build_app(), log_level="warning", access_log=False, lifespan="off", **self.uvicorn_options
+        )
         self._uvicorn = uvicorn.Server(config)
         return self._uvicorn
 

@@ -44,12 +44,16 @@ def groups_help(config_name: str) -> str:
             lines.append(groups_help(entry))
         if not isinstance(entry, DictConfig):
             continue
-        (key, default), = entry.items()
+        ((key, default),) = entry.items()
         group = key.split("@")[0].split()[-1].strip("/")
         if group in ("hydra", "paths"):
             continue
         directory = conf / group
-        options = [p.name.removesuffix(".yaml") for p in directory.iterdir() if p.name.endswith(".yaml")] if directory.is_dir() else []
+        options = (
+            [p.name.removesuffix(".yaml") for p in directory.iterdir() if p.name.endswith(".yaml")]
+            if directory.is_dir()
+            else []
+        )
         options += [name.removesuffix(".yaml") for name in stored.get(group, {})]
         lines.append(f"{group}: {', '.join(sorted(options))}  (default: {default})")
     return "\n".join(lines) or "(none: set the keys below directly)"

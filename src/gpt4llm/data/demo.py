@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from gpt4llm.io import atomic
+from gpt4llm.errors import ConfigError
 
 WORDS = (
     "apple river stone cloud green tiger piano garden silver window rocket candle forest orange mirror planet "
@@ -119,7 +120,7 @@ def make_demo_records(num_records: int, seed: int = 0) -> list[dict[str, str]]:
             if key not in seen:
                 break
         else:
-            raise ValueError(f"demo: {task.__name__} has no new prompt left after {i} records; ask for fewer")
+            raise ConfigError(f"demo: {task.__name__} has no new prompt left after {i} records; ask for fewer")
         seen.add(key)
         records.append(record)
     return records

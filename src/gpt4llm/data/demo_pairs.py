@@ -21,6 +21,7 @@ from pathlib import Path
 from gpt4llm.data.demo import TASKS, make_demo_records
 from gpt4llm.data.prompts import format_prompt
 from gpt4llm.io import atomic
+from gpt4llm.errors import ConfigError
 
 KINDS = ("off_topic", "truncated", "run_on", "other")
 KIND_CYCLE = ("truncated", "run_on", "off_topic", "other", "truncated", "run_on", "off_topic", "off_topic")
@@ -62,7 +63,7 @@ def make_demo_pairs(num_records: int, seed: int = 0) -> list[dict[str, str]]:
             if rejected is not None and rejected != answer:
                 break
         else:
-            raise ValueError(f"demo pairs: no wrong answer for record {i} ({record}); ask for more records")
+            raise ConfigError(f"demo pairs: no wrong answer for record {i} ({record}); ask for more records")
         pairs.append({"prompt": prompt, "chosen": answer, "rejected": rejected, "kind": kind})
     return pairs
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # the label of a token that is not trained on: torch's cross-entropy default ignore_index
+
 
 def encode_truncated(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[int]]:
     """Each text's ids, cut at `max_length` by the tokenizer's own truncation (what stanford_alpaca did for every
@@ -34,3 +36,9 @@ def padded_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, tor
     """A model's inputs for `sequences`: right-padded input_ids and their attention mask."""
     input_ids, attention_mask = pad_right(sequences, pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def encode_responses(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids of `prompt + response + EOS` (what a reward model scores), right-truncated at `max_length`, and each
+    untruncated length."""
+    return encode_truncated(tokenizer, [p + r + tokenizer.eos_token for p, r in zip(prompts, responses)], max_length)

@@ -12,10 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-
-class RecordError(ValueError):
-    """A record file that cannot be used as it is; the message names file, record and field."""
+from gpt4llm.errors import MissingFileError, RecordError
 
 
 @dataclass
@@ -45,6 +42,8 @@ def read_records(path: str | Path) -> list[Any]:
     """Records from any file `datasets` reads: a JSON list or JSONL (our own reader, for errors that name the line),
     Parquet, CSV, an Arrow file, or a directory written by `datasets`' save_to_disk."""
     path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such file")
     if path.is_dir():
         if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
             raise RecordError(f"{path}: a directory, but not one `datasets` saved (save_to_disk): point at a data file")
@@ -64,6 +63,8 @@ def read_records(path: str | Path) -> list[Any]:
 def read_json_records(path: str | Path) -> list[Any]:
     """A JSON list or a JSONL file (one object per line) as a list of records."""
     path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such file")
     if path.is_dir():
         raise RecordError(f"{path}: a directory, not a records file: point at a .json list or a .jsonl file")
     try:

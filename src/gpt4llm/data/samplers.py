@@ -65,3 +65,33 @@ class InOrderSampler(EpochSampler):
 
     def order(self, epoch: int) -> list[int]:
         return list(range(self.size))
+
+
+class LengthGroupedSampler(EpochSampler):
+    """Random batches of examples of similar length, so a padded batch wastes little.
+
+    Each epoch shuffles the examples, sorts each group of `group_batches` batches by length (longest first), cuts
+    it into batches and shuffles the batches. Over several processes the unit is one batch for each of them: the
+    processes' batches of a step are cut from one sorted run, so each is of similar lengths too.
+    """
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 64, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__(len(lengths), seed, rank, world_size)
+        self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches
+
+    def order(self, epoch: int) -> list[int]:
+        rng = random.Random(f"{self.seed}-{epoch}")
+        indices = list(range(len(self.lengths)))
+        rng.shuffle(indices)
+        unit = self.batch_size * self.world_size
+        group = unit * self.group_batches
+        batches = []
+        for start in range(0, len(indices), group):
+            chunk = sorted(indices[start : start + group], key=self.lengths.__getitem__, reverse=True)
+            batches += [chunk[i : i + unit] for i in range(0, len(chunk), unit)]
+        # Only the very last batch can be short; it stays last so every other batch keeps its size.
+        last = [batches.pop()] if len(batches[-1]) < unit else []
+        rng.shuffle(batches)
+        return [i for batch in batches + last for i in batch]

@@ -18,14 +18,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.records import read_json_records
+from gpt4llm.errors import ConfigError, DownloadError, MissingFileError, RecordError
 from gpt4llm.io import atomic
 
 CHUNK = 1 << 16
-
-
-class DownloadError(RuntimeError):
-    """A dataset file is missing and could not be fetched; the message says where to put it by hand."""
 
 
 class IncompleteDownload(OSError):
@@ -46,7 +43,7 @@ def ensure_file(
     if path.exists():
         return path
     if not url:
-        raise FileNotFoundError(f"{path}: no such file. Point data.path at your Alpaca-format .json or .jsonl file.")
+        raise MissingFileError(f"{path}: no such file. Point data.path at your Alpaca-format .json or .jsonl file.")
     last_error: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
@@ -88,7 +85,7 @@ def file_digest(path: Path, algorithm: str) -> str:
         return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
     if algorithm == "sha256":
         return hashlib.sha256(content).hexdigest()
-    raise ValueError(f"checksum algorithm {algorithm!r}: expected git-sha1 or sha256")
+    raise ConfigError(f"checksum algorithm {algorithm!r}: expected git-sha1 or sha256")
 
 
 def verify_checksum(path: Path, checksum: str) -> None:

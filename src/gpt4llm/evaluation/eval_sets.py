@@ -19,8 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.records import read_json_records
 from gpt4llm.data.sources import ensure_file
+from gpt4llm.errors import ConfigError, RecordError
 
 # The fields each layout must have; a download without them is rejected, a local file names the missing one.
 REQUIRED = {
@@ -43,7 +44,7 @@ def load_eval_set(
     if format == "demo":
         return demo_eval_records(**(demo or {}))
     if format not in REQUIRED:
-        raise ValueError(f"eval.format={format!r}: expected one of {', '.join([*REQUIRED, 'demo'])}")
+        raise ConfigError(f"eval.format={format!r}: expected one of {', '.join([*REQUIRED, 'demo'])}")
     file = ensure_file(path, url, checksum=checksum, num_records=num_records, required_fields=REQUIRED[format])
     raw = read_json_records(file)
     records = [_convert(format, file, index, record) for index, record in enumerate(raw)]
@@ -61,7 +62,9 @@ def _convert(format: str, file: Path, index: int, record: Any) -> dict[str, Any]
             raise RecordError(f"{file}: record {index}: field '{where}{name}' is missing")
         if not isinstance(source[name], kind):
             expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise RecordError(f"{file}: record {index}: field '{where}{name}' is {type(source[name]).__name__}, not {expected}")
+            raise RecordError(
+                f"{file}: record {index}: field '{where}{name}' is {type(source[name]).__name__}, not {expected}"
+            )
         return source[name]
 
     if format == "vicuna":
@@ -85,10 +88,17 @@ def _convert(format: str, file: Path, index: int, record: Any) -> dict[str, Any]
         reference = field("label")
     else:  # alpaca
         reference = field("output")
-    return {"id": index, "instruction": field("instruction"), "input": record.get("input") or "", "reference": reference}
+    return {
+        "id": index,
+        "instruction": field("instruction"),
+        "input": record.get("input") or "",
+        "reference": reference,
+    }
 
 
-def demo_eval_records(num_records: int = 200, after: int = 4000, seed: int = 0, english_only: bool = True) -> list[dict]:
+def demo_eval_records(
+    num_records: int = 200, after: int = 4000, seed: int = 0, english_only: bool = True
+) -> list[dict]:
     """Demo tasks the demo model never trained on: `make_demo_records` continues one seeded stream with distinct
     prompts, so the records after the first `after` (the training set's size, data.demo.num_records) are new."""
     from gpt4llm.data.demo import make_demo_records
@@ -100,7 +110,15 @@ def demo_eval_records(num_records: int = 200, after: int = 4000, seed: int = 0, 
         if english_only and not (r["instruction"] + r["input"] + r["output"]).isascii():
             continue
         task = r["instruction"].split(" ")[0].lower() if r["instruction"].isascii() else "zh"
-        records.append({"id": f"demo-{index}", "instruction": r["instruction"], "input": r["input"], "category": task, "reference": r["output"]})
+        records.append(
+            {
+                "id": f"demo-{index}",
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "category": task,
+                "reference": r["output"],
+            }
+        )
         if len(records) == num_records:
             return records
-    raise ValueError(f"eval.demo: only {len(records)} held-out records after {after}; ask for fewer")
+    raise ConfigError(f"eval.demo: only {len(records)} held-out records after {after}; ask for fewer")

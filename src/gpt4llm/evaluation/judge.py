@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpt4llm.errors import ConfigError
 from gpt4llm.evaluation import judge_prompts as P
 from gpt4llm.evaluation.judge_prompts import FastChatReviewers
 from gpt4llm.inference.openai_client import ChatClient, ChatError
@@ -67,7 +68,7 @@ def parse_scores(reply: str, count: int) -> list[float] | None:
 def reader(rule: str, count: int, math_tuple: bool = False) -> Callable[[str], tuple[list[float] | None, str | None]]:
     """reply -> (scores, how they were read: "first line" / "math tuple"), under `rule`."""
     if rule not in SCORE_RULES:
-        raise ValueError(f"metric.score_rule={rule!r}: expected one of {', '.join(SCORE_RULES)}")
+        raise ConfigError(f"metric.score_rule={rule!r}: expected one of {', '.join(SCORE_RULES)}")
 
     def read(reply: str) -> tuple[list[float] | None, str | None]:
         scores = fastchat_scores(reply, count) if rule == "fastchat" else parse_scores(reply, count)
@@ -87,7 +88,9 @@ def question_text(record: dict) -> str:
 
 def single_messages(question: str, answer: str) -> list[dict]:
     user = P.SINGLE_TEMPLATE.format(instruction=question, response=answer)
-    return ([{"role": "system", "content": P.SINGLE_SYSTEM}] if P.SINGLE_SYSTEM else []) + [{"role": "user", "content": user}]
+    return ([{"role": "system", "content": P.SINGLE_SYSTEM}] if P.SINGLE_SYSTEM else []) + [
+        {"role": "user", "content": user}
+    ]
 
 
 @dataclass
@@ -99,7 +102,12 @@ class Verdict:
 
 
 def ask_for_scores(
-    client: ChatClient, conversations: list[list[dict]], readers: list[Callable], params: dict, max_parse_retries: int, desc: str
+    client: ChatClient,
+    conversations: list[list[dict]],
+    readers: list[Callable],
+    params: dict,
+    max_parse_retries: int,
+    desc: str,
 ) -> list[Verdict]:
     """Each conversation sent until `readers[i]` reads its reply, at most 1 + max_parse_retries times. Retry k is
     sample k of the same request, so the cache keeps every reply and a rerun pays for none of them again."""
@@ -109,7 +117,9 @@ def ask_for_scores(
         if not pending:
             break
         label = desc if attempt == 0 else f"{desc} (retry {attempt}: {len(pending)} unparsable)"
-        results = client.chat_many([{"messages": conversations[i], "sample": attempt, **params} for i in pending], label)
+        results = client.chat_many(
+            [{"messages": conversations[i], "sample": attempt, **params} for i in pending], label
+        )
         still = []
         for i, result in zip(pending, results):
             if isinstance(result, ChatError):
@@ -141,11 +151,11 @@ def judge(
     prompt and reviewer files, which pairwise mode needs. Under the fastchat rule nothing is asked twice.
     """
     if mode not in ("pairwise", "single"):
-        raise ValueError(f"metric.mode={mode!r}: expected pairwise or single")
+        raise ConfigError(f"metric.mode={mode!r}: expected pairwise or single")
     if mode == "pairwise" and opponent is None:
-        raise ValueError("metric.mode=pairwise needs metric.opponent: the answers to compare against")
+        raise ConfigError("metric.mode=pairwise needs metric.opponent: the answers to compare against")
     if mode == "pairwise" and reviewers is None:
-        raise ValueError("metric.mode=pairwise needs FastChat's prompt and reviewer files (metric.fastchat)")
+        raise ConfigError("metric.mode=pairwise needs FastChat's prompt and reviewer files (metric.fastchat)")
     retries = max_parse_retries if score_rule == "lenient" else 0
     params = params or {}
     before = client.stats.as_dict()  # the client may have served other models' reviews already
@@ -156,7 +166,9 @@ def judge(
         qid = str(a["id"])
         record = (questions or {}).get(qid) or a
         if "instruction" not in record:
-            raise ValueError(f"id {a['id']}: no question text (pass eval=<the eval set> so the judge can see the question)")
+            raise ConfigError(
+                f"id {a['id']}: no question text (pass eval=<the eval set> so the judge can see the question)"
+            )
         other = theirs.get(qid)
         if opponent is not None and other is None:
             problems["no opponent answer (left out)"].append(a["id"])
@@ -166,17 +178,31 @@ def judge(
         items.append((a, record, other))
 
     if mode == "pairwise":
-        conversations = [reviewers.messages(r.get("category"), question_text(r), a["response"], o["response"]) for a, r, o in items]
+        conversations = [
+            reviewers.messages(r.get("category"), question_text(r), a["response"], o["response"]) for a, r, o in items
+        ]
         readers = [reader(score_rule, 2, reviewers.asks_for_tuple(r.get("category"))) for _, r, _ in items]
         verdicts = ask_for_scores(client, conversations, readers, params, retries, "Judging pairs")
         pairs = [(v, None) for v in verdicts]  # one reply holds both scores
     else:
         one = [reader(score_rule, 1)] * len(items)
-        mine = ask_for_scores(client, [single_messages(question_text(r), a["response"]) for a, r, _ in items], one, params,
-                              retries, "Judging answers")
+        mine = ask_for_scores(
+            client,
+            [single_messages(question_text(r), a["response"]) for a, r, _ in items],
+            one,
+            params,
+            retries,
+            "Judging answers",
+        )
         if opponent is not None:
-            others = ask_for_scores(client, [single_messages(question_text(r), o["response"]) for _, r, o in items], one,
-                                    params, retries, "Judging opponent answers")
+            others = ask_for_scores(
+                client,
+                [single_messages(question_text(r), o["response"]) for _, r, o in items],
+                one,
+                params,
+                retries,
+                "Judging opponent answers",
+            )
         else:
             others = [None] * len(items)
         pairs = list(zip(mine, others))
@@ -193,11 +219,17 @@ def judge(
             status = "ok"
         if status != "ok":
             problems[f"{status} (left out)"].append(a["id"])
-        reviews.append({
-            "id": a["id"], "category": record.get("category"), "status": status, "scores": scores,
-            "read_by": [v.read_by for v in verdicts],
-            "replies": [v.replies for v in verdicts], "errors": [v.error for v in verdicts if v.error],
-        })
+        reviews.append(
+            {
+                "id": a["id"],
+                "category": record.get("category"),
+                "status": status,
+                "scores": scores,
+                "read_by": [v.read_by for v in verdicts],
+                "replies": [v.replies for v in verdicts],
+                "errors": [v.error for v in verdicts if v.error],
+            }
+        )
     summary = summarize(reviews, answers[0]["model"], opponent[0]["model"] if opponent else None)
     read_by = [v for r in reviews for v in r["read_by"]]
     summary |= {
@@ -229,4 +261,9 @@ def summarize(reviews: list[dict], model: str, opponent: str | None) -> dict[str
         return out
 
     overall = block(groups.pop("ALL", []))
-    return {"model": model, "opponent": opponent, **overall, "per_category": {c: block(s) for c, s in sorted(groups.items())}}
+    return {
+        "model": model,
+        "opponent": opponent,
+        **overall,
+        "per_category": {c: block(s) for c, s in sorted(groups.items())},
+    }

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.records import read_json_records
+from gpt4llm.errors import RecordError
 
 SINGLE_SYSTEM = None
 SINGLE_TEMPLATE = (
@@ -41,14 +42,23 @@ class FastChatReviewers:
     @classmethod
     def from_files(cls, prompt_file: str | Path, reviewer_file: str | Path) -> FastChatReviewers:
         prompts, reviewers = read_json_records(Path(prompt_file)), read_json_records(Path(reviewer_file))
-        for file, records, fields in ((prompt_file, prompts, PROMPT_FIELDS), (reviewer_file, reviewers, REVIEWER_FIELDS)):
+        for file, records, fields in (
+            (prompt_file, prompts, PROMPT_FIELDS),
+            (reviewer_file, reviewers, REVIEWER_FIELDS),
+        ):
             for index, record in enumerate(records):
                 missing = [f for f in fields if f not in record]
                 if missing:
                     raise RecordError(f"{file}: record {index}: field '{missing[0]}' is missing (not FastChat's file?)")
         for index, reviewer in enumerate(reviewers):
-            if not 1 <= reviewer["prompt_id"] <= len(prompts) or prompts[reviewer["prompt_id"] - 1]["prompt_id"] != reviewer["prompt_id"]:
-                raise RecordError(f"{reviewer_file}: record {index}: prompt_id {reviewer['prompt_id']} is not line {reviewer['prompt_id']} of {prompt_file}")
+            if (
+                not 1 <= reviewer["prompt_id"] <= len(prompts)
+                or prompts[reviewer["prompt_id"] - 1]["prompt_id"] != reviewer["prompt_id"]
+            ):
+                raise RecordError(
+                    f"{reviewer_file}: record {index}: prompt_id {reviewer['prompt_id']} is not line "
+                    f"{reviewer['prompt_id']} of {prompt_file}"
+                )
         return cls(prompts, reviewers)
 
     def prompt_for(self, category: str | None) -> dict:
@@ -57,7 +67,9 @@ class FastChatReviewers:
 
     def messages(self, category: str | None, question: str, answer_1: str, answer_2: str) -> list[dict]:
         prompt = self.prompt_for(category)
-        user = prompt["prompt_template"].format(question=question, answer_1=answer_1, answer_2=answer_2, **prompt["defaults"])
+        user = prompt["prompt_template"].format(
+            question=question, answer_1=answer_1, answer_2=answer_2, **prompt["defaults"]
+        )
         return [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user}]
 
     def asks_for_tuple(self, category: str | None) -> bool:

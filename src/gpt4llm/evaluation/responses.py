@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.records import read_json_records
+from gpt4llm.errors import MissingFileError, RecordError
 
 
 def slug(name: str) -> str:
@@ -26,7 +27,7 @@ def read_responses(path: str | Path) -> list[dict[str, Any]]:
     strings everywhere (FastChat's are ints, ours follow the eval set)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such responses file (write one with python -m gpt4llm.generate)")
+        raise MissingFileError(f"{path}: no such responses file (write one with python -m gpt4llm.generate)")
     out, seen = [], set()
     for index, line in enumerate(read_json_records(path)):
         where = f"{path}: line {index + 1}"
@@ -39,7 +40,10 @@ def read_responses(path: str | Path) -> list[dict[str, Any]]:
             answer |= {"id": line["question_id"], "response": line["text"]}
             key, name = "text", line.get("model_id")
         else:
-            raise RecordError(f"{where}: field 'response' is missing (expected gpt4llm.generate's lines, or FastChat's question_id/text)")
+            raise RecordError(
+                f"{where}: field 'response' is missing "
+                "(expected gpt4llm.generate's lines, or FastChat's question_id/text)"
+            )
         if "id" not in answer:
             raise RecordError(f"{where}: field 'id' is missing")
         if not isinstance(answer["response"], str):

@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from gpt4llm.errors import RecordError
+
 # (label in the files, smallest and largest reference length in words). The labels are those of the original files;
 # its 6-10 file says "5-10" in the Length field, a typo in the original (its counts are of 6-10 words).
 BUCKETS = (("0-2", 0, 2), ("3-5", 3, 5), ("6-10", 6, 10), ("10-", 11, None))
@@ -56,7 +58,9 @@ def rouge_table(scored: list[dict[str, Any]], model: str) -> list[dict[str, Any]
     return rows
 
 
-def evaluate_rouge(responses: list[list[dict]], use_stemmer: bool = True) -> tuple[dict[str, list[dict]], list[dict], dict]:
+def evaluate_rouge(
+    responses: list[list[dict]], use_stemmer: bool = True
+) -> tuple[dict[str, list[dict]], list[dict], dict]:
     """For each model's responses (lists from `read_responses`): the table rows by bucket label, the per-pair scores,
     and the problems found per model (counted; pairs without a reference are left out, the rest are scored)."""
     from rouge_score.tokenizers import DefaultTokenizer
@@ -79,9 +83,11 @@ def evaluate_rouge(responses: list[list[dict]], use_stemmer: bool = True) -> tup
                 issues["reference has no ROUGE tokens (scored 0)"].append(a["id"])
             usable.append(a)
         if not usable:
-            raise ValueError(f"model {model}: no response has a reference to score against")
+            raise RecordError(f"model {model}: no response has a reference to score against")
         scores = score_pairs([(a["reference"], a["response"]) for a in usable], use_stemmer)
-        scored = [{"id": a["id"], "model": model, "bucket": length_bucket(a["reference"])} | s for a, s in zip(usable, scores)]
+        scored = [
+            {"id": a["id"], "model": model, "bucket": length_bucket(a["reference"])} | s for a, s in zip(usable, scores)
+        ]
         per_pair += scored
         for row in rouge_table(scored, model):
             tables[row["Length"]].append(row)

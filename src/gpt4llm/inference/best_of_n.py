@@ -15,7 +15,7 @@ Output, `<run dir>/bestofn.jsonl` unless `output=` says otherwise: one JSON obje
      "baseline": {"response": "...", "reward": 0.52}}                        # greedy decoding: group B
 
 The paper's ranking group k is every prompt's `ranked[k-1]`; group B is `baseline`. Rewards are the reward model's
-raw scores (gpt4llm.inference.rewards.score_records), comparable within one reward model; equal rewards keep draw order.
+raw scores (gpt4llm.inference.scoring.score_records), comparable within one reward model; equal rewards keep draw order.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def read_prompts(path: str | Path) -> list[dict]:
     """Alpaca records with `id`, `instruction` and `input`; a clear error naming file, record and field otherwise."""
-    from gpt4llm.data.records import RecordError, read_json_records
+    from gpt4llm.data.records import read_json_records
+    from gpt4llm.errors import RecordError
 
     prompts = []
     for index, record in enumerate(read_json_records(path)):
@@ -38,8 +39,12 @@ def read_prompts(path: str | Path) -> list[dict]:
             raise RecordError(f"{path}: record {index}: field 'instruction' is missing")
         for name in ("instruction", "input"):
             if name in record and not isinstance(record[name], str):
-                raise RecordError(f"{path}: record {index}: field '{name}' is {type(record[name]).__name__}, not a string")
-        prompts.append({"id": record.get("id", index), "instruction": record["instruction"], "input": record.get("input", "")})
+                raise RecordError(
+                    f"{path}: record {index}: field '{name}' is {type(record[name]).__name__}, not a string"
+                )
+        prompts.append(
+            {"id": record.get("id", index), "instruction": record["instruction"], "input": record.get("input", "")}
+        )
     return prompts
 
 
@@ -58,9 +63,9 @@ def best_of_n(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gpt4llm.inference.generation import generate_responses
-    from gpt4llm.inference.rewards import score_records
-    from gpt4llm.models.hf import load_tokenizer
+    from gpt4llm.data.tokenizer import load_tokenizer
+    from gpt4llm.inference.scoring import score_records
+    from gpt4llm.models.decoding import generate_responses
 
     tokenizer = load_tokenizer(str(sft_model))
     model = AutoModelForCausalLM.from_pretrained(str(sft_model)).to("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +88,9 @@ def best_of_n(
     rows = []
     for i, prompt in enumerate(prompts):
         order = sorted(range(n), key=lambda k: -by_draw[k][i])  # stable: equal rewards keep draw order
-        ranked = [{"rank": rank, "response": draws[k][i], "reward": by_draw[k][i], "draw": k} for rank, k in enumerate(order, 1)]
+        ranked = [
+            {"rank": rank, "response": draws[k][i], "reward": by_draw[k][i], "draw": k}
+            for rank, k in enumerate(order, 1)
+        ]
         rows.append(prompt | {"ranked": ranked, "baseline": {"response": baseline[i], "reward": by_draw[n][i]}})
     return rows

@@ -11,8 +11,8 @@ Requests go through the official `openai` SDK (its HTTP client, connection pooli
 retry loop is ours, on top of the SDK with its own retries off, because a long paid job wants what the SDK's does not
 give: retries that a Ctrl-C cancels, counted in the progress bar, with the backoff the config sets (Retry-After
 honoured). The API key is read from the environment variable the caller names, sent in the Authorization header, and
-never logged, cached, or put in an error message. Nothing here knows what the answers are for: judging, synthesis and scoring build their prompts and
-read the text themselves.
+never logged, cached, or put in an error message. Nothing here knows what the answers are for: judging, synthesis and
+scoring build their prompts and read the text themselves.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+from gpt4llm.errors import ConfigError, TooFewSucceeded
 from gpt4llm.io import atomic
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,6 @@ class ClientStats:
 
 
 EMPTY_REPLY_RETRIES = 2
-
-
-class TooFewSucceeded(RuntimeError):
-    """A run whose requests mostly failed: its outputs are written, and its exit status says it is incomplete."""
 
 
 def check_success(succeeded: int, asked: int, min_fraction: float, what: str, rerun: str) -> None:
@@ -157,7 +155,7 @@ class ChatClient:
         self.batch_dir: Path | None = None
         self.batch_poll_seconds = 30.0
         if self.prices and set(self.prices) - {"prompt", "completion"}:
-            raise ValueError(f"prices={self.prices}: expected the keys 'prompt' and 'completion' (US$ per 1K tokens)")
+            raise ConfigError(f"prices={self.prices}: expected the keys 'prompt' and 'completion' (US$ per 1K tokens)")
 
     def estimated_cost(self, cached: bool = False) -> float | None:
         """US$ for the tokens paid in this run (`cached=True`: for those the cache saved), from `prices`."""
@@ -172,7 +170,13 @@ class ChatClient:
 
     def cache_key(self, messages: list[dict], params: dict, sample: int) -> str:
         # The key is not part of it: the same request with another key is the same question.
-        body = {"base_url": self.base_url, "model": self.model, "messages": messages, "params": params, "sample": sample}
+        body = {
+            "base_url": self.base_url,
+            "model": self.model,
+            "messages": messages,
+            "params": params,
+            "sample": sample,
+        }
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def chat(self, messages: list[dict[str, str]], sample: int = 0, **params) -> ChatResult:
@@ -211,27 +215,53 @@ class ChatClient:
         """`chat_many` through the Batch API: the requests the cache lacks go in one batch, submitted once (its id is
         kept in `batch_dir`, named by those requests, so a rerun after a kill polls the same batch), polled until it
         ends; its answers go into the cache. A request the batch did not answer is a ChatError: a rerun asks again."""
-        keys = [self.cache_key(r["messages"], {k: v for k, v in r.items() if k not in ("messages", "sample")}, r.get("sample", 0))
-                for r in requests]
+        keys = [
+            self.cache_key(
+                r["messages"], {k: v for k, v in r.items() if k not in ("messages", "sample")}, r.get("sample", 0)
+            )
+            for r in requests
+        ]
         missing = {k: r for k, r in zip(keys, requests) if self.cache is None or self.cache.get(k) is None}
         failures: dict[str, str] = {}
         if missing:
-            state = self.batch_dir / f"batch-{hashlib.sha256(json.dumps(sorted(missing)).encode()).hexdigest()[:16]}.json"
+            state = (
+                self.batch_dir / f"batch-{hashlib.sha256(json.dumps(sorted(missing)).encode()).hexdigest()[:16]}.json"
+            )
             batch_id = json.loads(state.read_text())["batch_id"] if state.exists() else None
             if batch_id is None:
-                lines = [{"custom_id": k, "method": "POST", "url": "/v1/chat/completions",
-                          "body": {"model": self.model, "messages": r["messages"],
-                                   **{p: v for p, v in r.items() if p not in ("messages", "sample")}}}
-                         for k, r in missing.items()]
+                lines = [
+                    {
+                        "custom_id": k,
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {
+                            "model": self.model,
+                            "messages": r["messages"],
+                            **{p: v for p, v in r.items() if p not in ("messages", "sample")},
+                        },
+                    }
+                    for k, r in missing.items()
+                ]
                 data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
                 uploaded = self._sdk().files.create(file=("requests.jsonl", data), purpose="batch")
-                batch_id = self._sdk().batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                                      completion_window="24h").id
+                batch_id = (
+                    self._sdk()
+                    .batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+                    .id
+                )
                 atomic.write_text(state, json.dumps({"batch_id": batch_id, "requests": len(lines)}))
                 log.info(f"{progress or 'batch'}: submitted {len(lines)} requests as batch {batch_id}")
-            while (batch := self._sdk().batches.retrieve(batch_id)).status not in ("completed", "failed", "expired", "cancelled"):
+            while (batch := self._sdk().batches.retrieve(batch_id)).status not in (
+                "completed",
+                "failed",
+                "expired",
+                "cancelled",
+            ):
                 counts = batch.request_counts
-                log.info(f"batch {batch_id}: {batch.status}" + (f", {counts.completed}/{counts.total} done" if counts else ""))
+                log.info(
+                    f"batch {batch_id}: {batch.status}"
+                    + (f", {counts.completed}/{counts.total} done" if counts else "")
+                )
                 time.sleep(self.batch_poll_seconds)
             if batch.output_file_id:
                 for line in self._sdk().files.content(batch.output_file_id).text.splitlines():
@@ -248,8 +278,10 @@ class ChatClient:
                             self.stats.sent += 1
                             self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
                             self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
-                        self.cache.put(item["custom_id"], {"text": text, "finish_reason": body["choices"][0].get("finish_reason"),
-                                                           "usage": usage})
+                        self.cache.put(
+                            item["custom_id"],
+                            {"text": text, "finish_reason": body["choices"][0].get("finish_reason"), "usage": usage},
+                        )
                     else:
                         failures[item["custom_id"]] = str(item.get("error") or response)[:200]
             state.unlink(missing_ok=True)  # answered or not, this batch is done; a rerun submits what is still missing
@@ -327,7 +359,9 @@ class ChatClient:
 
             key = os.environ.get(self.api_key_env) if self.api_key_env else None
             # Retries are ours (above); the SDK's are off. A server without auth ignores the placeholder key.
-            self._openai = openai.OpenAI(base_url=self.base_url, api_key=key or "no-key", timeout=self.timeout, max_retries=0)
+            self._openai = openai.OpenAI(
+                base_url=self.base_url, api_key=key or "no-key", timeout=self.timeout, max_retries=0
+            )
         return self._openai
 
     def _post(self, body: dict) -> dict:
@@ -340,7 +374,9 @@ class ChatClient:
                 self.stats.sent += 1
             wait: float | None = None
             try:
-                completion = self._sdk().chat.completions.create(model=body["model"], messages=body["messages"], extra_body=params)
+                completion = self._sdk().chat.completions.create(
+                    model=body["model"], messages=body["messages"], extra_body=params
+                )
                 if not hasattr(completion, "model_dump"):  # a body the SDK could not read as a completion
                     raise ValueError(str(completion)[:200])
                 return completion.model_dump()
@@ -349,7 +385,9 @@ class ChatClient:
                 if key:
                     detail = detail.replace(key, "***")  # in case a server echoes what it was sent
                 if err.status_code not in RETRY_STATUS:
-                    hint = f" (is ${self.api_key_env} set?)" if err.status_code in (401, 403) and self.api_key_env else ""
+                    hint = (
+                        f" (is ${self.api_key_env} set?)" if err.status_code in (401, 403) and self.api_key_env else ""
+                    )
                     raise ChatError(f"{self.url}: HTTP {err.status_code}{hint}: {detail}") from None
                 problem, wait = f"HTTP {err.status_code}: {detail}", _retry_after(err.response.headers)
             except (openai.APITimeoutError, openai.APIConnectionError) as err:
@@ -360,7 +398,9 @@ class ChatClient:
                 raise ChatError(f"{self.url}: gave up after {attempt + 1} attempts; last: {problem}")
             if self.cancelled.is_set():
                 raise ChatError(f"{self.url}: interrupted; last: {problem}")
-            delay = min(self.max_backoff, wait if wait is not None else self.backoff * 2**attempt * random.uniform(0.5, 1.0))
+            delay = min(
+                self.max_backoff, wait if wait is not None else self.backoff * 2**attempt * random.uniform(0.5, 1.0)
+            )
             log.warning(f"{self.url}: {problem}; retry {attempt + 1}/{self.max_retries} in {delay:.1f}s")
             with self.stats.lock:
                 self.stats.retried += 1
@@ -385,9 +425,16 @@ def client_from_config(block) -> ChatClient:
     """A client from a config block laid out as conf/client/openai.yaml (the teacher's, the judge's)."""
     prices = block.get("prices")
     client = ChatClient(
-        block.base_url, block.model, api_key_env=block.api_key_env, cache_path=block.cache, timeout=block.timeout,
-        max_retries=block.max_retries, backoff=block.backoff, max_backoff=block.max_backoff,
-        concurrency=block.concurrency, prices=dict(prices) if prices else None,
+        block.base_url,
+        block.model,
+        api_key_env=block.api_key_env,
+        cache_path=block.cache,
+        timeout=block.timeout,
+        max_retries=block.max_retries,
+        backoff=block.backoff,
+        max_backoff=block.max_backoff,
+        concurrency=block.concurrency,
+        prices=dict(prices) if prices else None,
     )
     if block.get("batch"):
         client.batch_dir = Path(block.cache).parent / "batches"

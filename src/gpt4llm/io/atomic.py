@@ -14,11 +14,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gpt4llm.errors import WriteError
+
 TEMPORARY = re.compile(r"\.(tmp|part)-(\d+)$")
-
-
-class WriteError(OSError):
-    """An output that could not be written; the message names the path and what to do."""
 
 
 def _alive(pid: int) -> bool:
@@ -81,7 +79,13 @@ def atomic_path(target: str | Path, suffix: str = "tmp") -> Iterator[Path]:
             shutil.rmtree(target)  # os.replace cannot replace a directory that has files
         os.replace(tmp, target)
     except OSError as err:
-        if isinstance(err, WriteError) or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        if isinstance(err, WriteError) or err.errno not in (
+            errno.ENOSPC,
+            errno.EDQUOT,
+            errno.EROFS,
+            errno.EACCES,
+            errno.EPERM,
+        ):
             raise
         raise explain(err, target) from err
     finally:
@@ -92,6 +96,10 @@ def write_text(target: str | Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(target)
+
+
+def write_json(target: str | Path, data, indent: int | None = 4) -> Path:
+    return write_text(target, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
 
 
 def write_jsonl(target: str | Path, rows: Iterable[dict]) -> Path:

@@ -2,7 +2,7 @@
 
 transformers packs through flash attention's variable-length kernels (GPUs with flash-attn) or, through SDPA, eager
 and flex, by one block-diagonal mask over the whole row: (sum of lengths)^2 scores computed, most of them masked.
-This implementation gives every example of a packed row (data.sft.PackedCollator: one row, position ids restarting
+This implementation gives every example of a packed row (data.collators.PackedCollator: one row, position ids restarting
 at 0) its own causal SDPA call, so the attention costs what the examples cost unpacked, on any device. Everything else
 (padded batches, generation with a cache, models that do not pass position ids to attention) goes to transformers'
 SDPA unchanged, with the mask transformers builds for it.
@@ -15,16 +15,10 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from gpt4llm.data.collators import PACKING_ATTENTION, packed_lengths
+
 NAME = "sdpa_varlen"
-VARLEN = ("flash_attention_2", "flash_attention_3", "flash_attention_4", NAME)  # packing-capable implementations
-
-
-def packed_lengths(position_ids: torch.Tensor) -> list[int]:
-    """Lengths of the examples packed into one row (1-D position ids), from where the ids restart at 0."""
-    starts = torch.nonzero(position_ids == 0).flatten().tolist()
-    if not starts or starts[0] != 0:  # a continuation (decoding after a cache): one sequence
-        return [len(position_ids)]
-    return [end - start for start, end in zip(starts, starts[1:] + [len(position_ids)])]
+assert NAME in PACKING_ATTENTION  # so data.sft_datamodule packs for it (batching=auto)
 
 
 # Every layer of a forward pass gets the same position-ids tensor: its segments are read off once, not once per layer

@@ -19,13 +19,14 @@ A DeepSpeed checkpoint directory (checkpoints/last.ckpt/ under ZeRO) becomes a s
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from gpt4llm.data.prompts import chat_template, format_prompt
+from gpt4llm.errors import ExportError
 from gpt4llm.io import atomic
+from gpt4llm.models.zero3 import transformers_zero3_off, zero3_state_dict
 
 # Relative RMS difference of the logits allowed between the in-training model and the reloaded export, by the dtype
 # the in-training model computed in. fp32 is a round trip of the same numbers (CPU vs GPU kernels differ in
@@ -37,10 +38,6 @@ VERIFY_PROMPTS = [
     format_prompt("Give three tips for staying healthy."),
     format_prompt("把这句话翻译成英文。", "今天天气很好。"),
 ]
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def export_hf(model, tokenizer, directory: str | Path, trainer=None, verify: bool = True) -> Path:
@@ -112,37 +109,13 @@ def in_training_logits(model, batch, trainer=None) -> torch.Tensor:
 def full_state_dict(model, trainer=None) -> dict[str, torch.Tensor] | None:
     """The complete state dict on rank 0 (CPU tensors), None on the other ranks. Collective under sharding."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):
-        return _deepspeed_zero3_state_dict(model, trainer)
+        return zero3_state_dict(model, trainer.is_global_zero if trainer is not None else True)
     root = getattr(trainer.strategy, "model", None) if trainer is not None else None
     if root is not None and _is_fsdp(root):
         return _fsdp_state_dict(model, root, trainer)
     if trainer is not None and not trainer.is_global_zero:
         return None
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _deepspeed_zero3_state_dict(model, trainer) -> dict[str, torch.Tensor] | None:
-    """Gathers one module's partitions at a time, as DeepSpeed's _zero3_consolidated_16bit_state_dict does, but from
-    the model itself, so it works whether the engine is set up for training or for inference."""
-    import deepspeed
-
-    rank_zero = trainer.is_global_zero if trainer is not None else True
-    state, seen = ({} if rank_zero else None), {}
-    for prefix, module in model.named_modules():
-        prefix = prefix + "." if prefix else ""
-        params = list(module.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if rank_zero:
-                for name, param in module.named_parameters(recurse=False):
-                    if param.ds_id in seen:  # a tied weight: the same tensor under both names
-                        state[prefix + name] = state[seen[param.ds_id]]
-                    else:
-                        state[prefix + name] = param.detach().cpu().clone()
-                        seen[param.ds_id] = prefix + name
-                for name, buffer in module.named_buffers(recurse=False):
-                    if name not in module._non_persistent_buffers_set:
-                        state[prefix + name] = buffer.detach().cpu().clone()
-    return state
 
 
 def _is_fsdp(module) -> bool:
@@ -162,7 +135,7 @@ def _fsdp_state_dict(model, root, trainer) -> dict[str, torch.Tensor] | None:
         return None
     # keys are the LightningModule's ("model.model.layers..."): keep those under the Hugging Face model
     prefix = next(name for name, child in trainer.lightning_module.named_children() if child is model) + "."
-    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
 
 
 def expected_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -228,17 +201,3 @@ def verify_export(directory: Path, reference: torch.Tensor, batch, model_class) 
             f"RMS; allowed {tolerance:g} for {reference.dtype}): the export does not hold the trained weights"
         )
     return error
-
-
-@contextmanager
-def transformers_zero3_off():
-    """While a DeepSpeed ZeRO-3 config is registered with transformers (HfDeepSpeedConfig), from_pretrained and model
-    construction partition collectively; rank 0 reloading the export alone must not."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from transformers import (
     AutoConfig,
@@ -11,10 +9,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from gpt4llm.data.tokenizer import load_tokenizer
 from gpt4llm.models import attention
-from gpt4llm.models.tokenizer import load_pretrained_tokenizer
-
-PAD_TOKEN = "[PAD]"  # stanford_alpaca's DEFAULT_PAD_TOKEN
+from gpt4llm.models.zero3 import gathered
 
 
 def prepare_tokenizer(path: str, tiny: dict | None = None, backend: str = "auto"):
@@ -24,17 +21,6 @@ def prepare_tokenizer(path: str, tiny: dict | None = None, backend: str = "auto"
 
         build_tiny_model(path, **tiny)
     return load_tokenizer(path, backend=backend)
-
-
-def load_tokenizer(path: str, padding_side: str = "right", backend: str = "auto"):
-    """The model's tokenizer (SentencePiece's ids where it ships tokenizer.model: gpt4llm.models.tokenizer) with a pad
-    token; LLaMA has none, so one is added as stanford_alpaca did."""
-    tokenizer = load_pretrained_tokenizer(path, backend, padding_side=padding_side)
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    if tokenizer.eos_token is None:
-        raise ValueError(f"{path}: the tokenizer has no EOS token; SFT targets end with it, so it must exist")
-    return tokenizer
 
 
 def import_model_code(path: str, auto_mapping) -> None:
@@ -49,7 +35,11 @@ def import_model_code(path: str, auto_mapping) -> None:
 
 
 def load_causal_lm(
-    path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False, attn_implementation: str | None = None
+    path: str,
+    tokenizer,
+    dtype: str | None = None,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     # attn_implementation None: transformers' choice (SDPA where the model supports it).
     if attn_implementation == attention.NAME:
@@ -72,17 +62,9 @@ def resize_embeddings_with_mean(model: PreTrainedModel, new_size: int) -> None:
     model.resize_token_embeddings(new_size, mean_resizing=False)
     embeddings = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    weights = [embeddings] + ([head.weight] if head is not None and head.weight is not embeddings else [])  # untied (LLaMA)
+    weights = [embeddings] + (
+        [head.weight] if head is not None and head.weight is not embeddings else []
+    )  # untied (LLaMA)
     with gathered(weights):  # under ZeRO-3 each rank holds a slice: rank 0 writes the full rows, then they re-shard
         for weight in weights:
             weight[old:] = weight[:old].mean(dim=0, keepdim=True)
-
-
-def gathered(params: list[torch.nn.Parameter]):
-    """The full parameters inside the block when DeepSpeed ZeRO-3 has partitioned them (a partitioned parameter's
-    data is an empty placeholder: writing to it would silently do nothing), written back from rank 0 on exit."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

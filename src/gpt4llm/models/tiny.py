@@ -24,7 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gpt4llm.data.demo import make_demo_records
 from gpt4llm.data.prompts import PROMPT_INPUT, PROMPT_NO_INPUT, format_prompt
-from gpt4llm.io import atomic
+from gpt4llm.errors import ConfigError
+from gpt4llm.io import atomic, locks
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -56,7 +57,9 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokeni
         ),
     )
     # Like LLaMA: BOS in front of every sequence, EOS only where the data puts it.
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
@@ -67,14 +70,25 @@ def build_tiny_sentencepiece(corpus: list[str], vocab_size: int, directory: Path
     <unk>/<s>/</s>, no pad), saved as `tokenizer.model` with its tokenizer config."""
     import sentencepiece
 
-    from gpt4llm.models.tokenizer import load_pretrained_tokenizer
+    from gpt4llm.data.tokenizer import load_pretrained_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2,
+        sentence_iterator=iter(corpus),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
     )
     (directory / "tokenizer.vocab").unlink()
     return load_pretrained_tokenizer(directory, "sentencepiece")
@@ -96,18 +110,25 @@ def build_tiny_model(
     path = Path(path)
     corpus = tokenizer_corpus(corpus_records, seed)
     spec = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, seed=seed, tokenizer_type=tokenizer_type,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        seed=seed,
+        tokenizer_type=tokenizer_type,
         # the corpus itself, so that a change to the demo tasks rebuilds the tokenizer trained on them
         corpus_sha256=hashlib.sha256(json.dumps(corpus).encode()).hexdigest(),
     )
     spec_file = path / "tiny_spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
-        return path
-    # Written aside and renamed, so concurrent or interrupted builds never leave a half-written model.
-    with atomic.atomic_path(path) as tmp:
-        _write_tiny_model(tmp, corpus, spec)
+    # One builder at a time (the ranks of a multi-process run all call this): the others wait, then find it built.
+    with locks.exclusive(path.with_name(path.name + ".lock")):
+        if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
+            return path
+        # Written aside and renamed, so an interrupted build never leaves a half-written model.
+        with atomic.atomic_path(path) as tmp:
+            _write_tiny_model(tmp, corpus, spec)
     return path
 
 
@@ -118,7 +139,7 @@ def _write_tiny_model(tmp: Path, corpus: list[str], spec: dict) -> None:
     elif tokenizer_type == "bpe":
         tokenizer = build_tiny_tokenizer(corpus, vocab_size)
     else:
-        raise ValueError(f"model.tiny.tokenizer_type={tokenizer_type!r}: choose bpe or sentencepiece")
+        raise ConfigError(f"model.tiny.tokenizer_type={tokenizer_type!r}: choose bpe or sentencepiece")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec["hidden_size"],

@@ -71,15 +71,26 @@ class VoteStore:
         Chosen under the lock, so two raters asking at once see each other's assignments."""
         with self.lock:
             mine = {row["task"] for row in self.db.execute("SELECT task FROM assignments WHERE rater = ?", (rater,))}
-            counts = {row["task"]: row["n"] for row in self.db.execute("SELECT task, COUNT(*) AS n FROM assignments GROUP BY task")}
+            counts = {
+                row["task"]: row["n"]
+                for row in self.db.execute("SELECT task, COUNT(*) AS n FROM assignments GROUP BY task")
+            }
             task = choose(mine, counts)
             if task is not None:
                 self.db.execute("INSERT INTO assignments VALUES (?, ?, ?, ?)", (rater, len(mine), task, time.time()))
             return task
 
     # -- votes ----------------------------------------------------------------------------------------------------
-    def add_vote(self, rater: str, task: int, item: str, shown: tuple[str, str], choices: dict[str, str],
-                 comment: str, seconds: float | None) -> None:
+    def add_vote(
+        self,
+        rater: str,
+        task: int,
+        item: str,
+        shown: tuple[str, str],
+        choices: dict[str, str],
+        comment: str,
+        seconds: float | None,
+    ) -> None:
         with self.lock:
             self.db.execute(
                 "INSERT INTO votes (rater, task, item, model_a, model_b, choices, comment, seconds, at) "
@@ -89,8 +100,11 @@ class VoteStore:
 
     def latest_votes(self, rater: str | None = None) -> list[dict[str, Any]]:
         """Each rater's last vote per task, oldest first."""
-        query = ("SELECT * FROM votes WHERE id IN (SELECT MAX(id) FROM votes GROUP BY rater, task)"
-                 + (" AND rater = ?" if rater else "") + " ORDER BY id")
+        query = (
+            "SELECT * FROM votes WHERE id IN (SELECT MAX(id) FROM votes GROUP BY rater, task)"
+            + (" AND rater = ?" if rater else "")
+            + " ORDER BY id"
+        )
         with self.lock:
             rows = self.db.execute(query, (rater,) if rater else ()).fetchall()
         return [dict(row) | {"choices": json.loads(row["choices"])} for row in rows]

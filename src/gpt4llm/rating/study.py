@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.records import RecordError
 from gpt4llm.data.sources import file_digest
+from gpt4llm.errors import MissingFileError, RecordError
 from gpt4llm.io.atomic import write_text
 
 STUDY_FILE = "study.json"
@@ -63,11 +63,15 @@ def load_study(directory: str | Path) -> Study:
     directory = Path(directory)
     path = directory / STUDY_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such study (create one with responses=[A/responses.jsonl,B/responses.jsonl])")
+        raise MissingFileError(
+            f"{path}: no such study (create one with responses=[A/responses.jsonl,B/responses.jsonl])"
+        )
     return Study(directory, json.loads(path.read_text(encoding="utf-8")))
 
 
-def create_study(directory: str | Path, responses: list[str], criteria: dict[str, str], names: list[str] | None = None) -> Study:
+def create_study(
+    directory: str | Path, responses: list[str], criteria: dict[str, str], names: list[str] | None = None
+) -> Study:
     """Reads two or more responses files answering the same eval set and writes the study. Files of different eval
     sets (other ids) are refused, naming the ids."""
     from gpt4llm.evaluation.responses import read_responses
@@ -80,7 +84,9 @@ def create_study(directory: str | Path, responses: list[str], criteria: dict[str
     if len(models) != len(responses):
         raise RecordError(f"names: {len(models)} names for {len(responses)} responses files")
     if len(set(models)) != len(models):
-        raise RecordError(f"responses: two files name their model the same ({models}); set names=[...] to tell them apart")
+        raise RecordError(
+            f"responses: two files name their model the same ({models}); set names=[...] to tell them apart"
+        )
     sets = {path: rows[0].get("eval") for path, rows in zip(responses, answers)}  # generate's lines name their eval set
     if len({name for name in sets.values() if name}) > 1:
         raise RecordError(f"responses: answers to different eval sets ({sets}); compare answers to the same set")
@@ -100,27 +106,37 @@ def create_study(directory: str | Path, responses: list[str], criteria: dict[str
         source = next((row for row in rows if "instruction" in row), None)
         if source is None:
             raise RecordError(f"id {item_id}: no file gives its instruction (gpt4llm.generate's responses.jsonl do)")
-        items.append({
-            "id": item_id, "instruction": source["instruction"], "input": source.get("input") or "",
-            "answers": {model: row["response"] for model, row in zip(models, rows)},
-        })
+        items.append(
+            {
+                "id": item_id,
+                "instruction": source["instruction"],
+                "input": source.get("input") or "",
+                "answers": {model: row["response"] for model, row in zip(models, rows)},
+            }
+        )
     spec = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "responses": [{"path": str(Path(p).resolve()), "model": m, "sha256": _sha256(Path(p))} for p, m in zip(responses, models)],
-        "models": models, "criteria": dict(criteria), "items": items,
+        "responses": [
+            {"path": str(Path(p).resolve()), "model": m, "sha256": _sha256(Path(p))} for p, m in zip(responses, models)
+        ],
+        "models": models,
+        "criteria": dict(criteria),
+        "items": items,
         "secret": secrets.token_hex(16),  # the A/B order's seed: never sent to a browser
     }
     write_text(directory / STUDY_FILE, json.dumps(spec, ensure_ascii=False, indent=1))
     return Study(directory, spec)
 
 
-def open_or_create(directory: str | Path, responses: list[str], criteria: dict[str, str], names: list[str] | None = None) -> Study:
+def open_or_create(
+    directory: str | Path, responses: list[str], criteria: dict[str, str], names: list[str] | None = None
+) -> Study:
     """The study in `directory`; created from `responses` when it has none. An existing study given other responses
     files is refused, not silently mixed."""
     directory = Path(directory)
     if not (directory / STUDY_FILE).is_file():
         if not responses:
-            raise FileNotFoundError(f"{directory / STUDY_FILE}: no such study, and no responses=[...] to create it from")
+            raise MissingFileError(f"{directory / STUDY_FILE}: no such study, and no responses=[...] to create it from")
         return create_study(directory, responses, criteria, names)
     study = load_study(directory)
     given = {_sha256(Path(p)) for p in responses}
@@ -134,5 +150,5 @@ def open_or_create(directory: str | Path, responses: list[str], criteria: dict[s
 
 def _sha256(path: Path) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such responses file (write one with python -m gpt4llm.generate)")
+        raise MissingFileError(f"{path}: no such responses file (write one with python -m gpt4llm.generate)")
     return file_digest(path, "sha256")

@@ -53,11 +53,15 @@ class Rating:
 
     def _choose(self, rater: str):
         def pick(mine: set[int], counts: dict[int, int]) -> int | None:
-            open_tasks = [t for t in self.study.tasks if t.index not in mine
-                          and (self.votes_per_item is None or counts.get(t.index, 0) < self.votes_per_item)]
+            open_tasks = [
+                t
+                for t in self.study.tasks
+                if t.index not in mine and (self.votes_per_item is None or counts.get(t.index, 0) < self.votes_per_item)
+            ]
             if not open_tasks:
                 return None
             return min(open_tasks, key=lambda t: (counts.get(t.index, 0), self.study.preference(rater, t))).index
+
         return pick
 
     def task_at(self, rater: str, position: int, deal: bool):
@@ -82,7 +86,9 @@ class Rating:
         shown = self.study.shown_order(rater, task)
         vote = rated.get(task.index)
         return progress | {
-            "finished": False, "instruction": item["instruction"], "input": item["input"],
+            "finished": False,
+            "instruction": item["instruction"],
+            "input": item["input"],
             "answers": [item["answers"][model] for model in shown],
             "criteria": [[name, definition] for name, definition in self.study.criteria.items()],
             "vote": {"choices": vote["choices"], "comment": vote["comment"]} if vote else None,

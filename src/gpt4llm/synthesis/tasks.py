@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 from gpt4llm.data.prompts import format_prompt, without_response_tag
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.records import read_json_records
+from gpt4llm.errors import ConfigError, MissingFileError, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +61,26 @@ class ScoreTask:
 TASKS = {"answer": AnswerTask, "translate": TranslateTask, "score": ScoreTask}
 
 
-
-
 # --- reading ---------------------------------------------------------------------------------------------------
 def read_instructions(path: str | Path, limit: int | None = None) -> tuple[list[dict], dict[str, list[int]]]:
     """Alpaca records as {"index", "instruction", "input", "output" ("" when absent)}, and the records skipped
     (empty instruction) by reason. A malformed file or field stops with the file, record index and field."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"instructions={path}: no such file (an Alpaca-format .json list or .jsonl)")
+        raise MissingFileError(f"instructions={path}: no such file (an Alpaca-format .json list or .jsonl)")
     records, skipped = [], defaultdict(list)
     for index, record in enumerate(read_json_records(path)[:limit]):
         if not isinstance(record, dict):
-            raise RecordError(f"{path}: record {index}: is a JSON {type(record).__name__}, not an object with 'instruction'")
+            raise RecordError(
+                f"{path}: record {index}: is a JSON {type(record).__name__}, not an object with 'instruction'"
+            )
         for name in ("instruction", "input"):
             if name == "instruction" and name not in record:
                 raise RecordError(f"{path}: record {index}: field 'instruction' is missing")
             if record.get(name) is not None and not isinstance(record[name], str):
-                raise RecordError(f"{path}: record {index}: field '{name}' is {type(record[name]).__name__}, not a string")
+                raise RecordError(
+                    f"{path}: record {index}: field '{name}' is {type(record[name]).__name__}, not a string"
+                )
         if not record["instruction"].strip():
             skipped["empty instruction"].append(index)
             continue
@@ -99,11 +102,11 @@ def read_sources(responses: Any) -> dict[str, list[dict]]:
     elif isinstance(responses, (list, tuple, ListConfig)) and responses:
         files = [(None, Path(str(p))) for p in responses]
     else:
-        raise ValueError("job=score needs responses={name: file, ...} or responses=[file, ...]: the answers to score")
+        raise ConfigError("job=score needs responses={name: file, ...} or responses=[file, ...]: the answers to score")
     sources: dict[str, list[dict]] = {}
     for name, path in files:
         if not path.exists():
-            raise FileNotFoundError(f"responses: {path}: no such file")
+            raise MissingFileError(f"responses: {path}: no such file")
         rows = []
         for index, line in enumerate(read_json_records(path)):
             where = f"{path}: record {index}"
@@ -119,13 +122,20 @@ def read_sources(responses: Any) -> dict[str, list[dict]]:
                     )
             if line.get("input") is not None and not isinstance(line["input"], str):
                 raise RecordError(f"{where}: field 'input' is {type(line['input']).__name__}, not a string")
-            rows.append({"index": index, "instruction": line["instruction"], "input": line.get("input") or "",
-                         "response": line[key], "model": line.get("model")})
+            rows.append(
+                {
+                    "index": index,
+                    "instruction": line["instruction"],
+                    "input": line.get("input") or "",
+                    "response": line[key],
+                    "model": line.get("model"),
+                }
+            )
         if not rows:
             raise RecordError(f"{path}: no records")
         source = name or str(rows[0]["model"] or path.stem)
         if source in sources:
-            raise ValueError(f"responses: two files are named '{source}'; name them: responses={{name: file, ...}}")
+            raise ConfigError(f"responses: two files are named '{source}'; name them: responses={{name: file, ...}}")
         sources[source] = rows
     return sources
 
@@ -186,7 +196,7 @@ def translate(client, records: list[dict], task: Any, progress: str | None = "Tr
     fields = list(task.fields)
     unknown = set(fields) - {"instruction", "input", "output"}
     if unknown or not fields:
-        raise ValueError(f"job.fields={fields}: expected some of instruction, input, output")
+        raise ConfigError(f"job.fields={fields}: expected some of instruction, input, output")
     params = {"temperature": task.temperature, "top_p": task.top_p, "max_tokens": task.max_tokens}
     texts = list(dict.fromkeys(r[f] for r in records for f in fields if r.get(f, "").strip()))
     requests = [
@@ -235,8 +245,9 @@ def translate(client, records: list[dict], task: Any, progress: str | None = "Tr
     return out, report
 
 
-def score(client, sources: dict[str, list[dict]], task: Any, limit: int | None = None,
-          progress: str | None = "Scoring") -> tuple[list[dict], dict[str, list[float]], list[dict], dict]:
+def score(
+    client, sources: dict[str, list[dict]], task: Any, limit: int | None = None, progress: str | None = "Scoring"
+) -> tuple[list[dict], dict[str, list[float]], list[dict], dict]:
     """comparison_data_v2 records, the cmp_data_scores.json lists, one review per scored response, and the report.
 
     Responses are matched across sources by (instruction, input); the prompts are taken in the order they first
@@ -266,7 +277,9 @@ def score(client, sources: dict[str, list[dict]], task: Any, limit: int | None =
             asks.append(conversations.setdefault(json.dumps(messages, ensure_ascii=False), len(conversations)))
     params = {"temperature": task.temperature, "max_tokens": task.max_tokens}
     unique = [json.loads(m) for m in conversations]
-    verdicts = ask_for_scores(client, unique, [reader("lenient", 1)] * len(unique), params, task.max_parse_retries, progress)
+    verdicts = ask_for_scores(
+        client, unique, [reader("lenient", 1)] * len(unique), params, task.max_parse_retries, progress
+    )
 
     comparison, reviews = [], []
     scores: dict[str, list[float]] = {s: [] for s in sources}
@@ -277,8 +290,16 @@ def score(client, sources: dict[str, list[dict]], task: Any, limit: int | None =
         scored = []
         for source, row in answers.items():
             v = verdicts[next(ask)]
-            reviews.append({"prompt_index": k, "source": source, "index": row["index"],
-                            "score": v.scores[0] if v.scores else None, "replies": v.replies, "error": v.error})
+            reviews.append(
+                {
+                    "prompt_index": k,
+                    "source": source,
+                    "index": row["index"],
+                    "score": v.scores[0] if v.scores else None,
+                    "replies": v.replies,
+                    "error": v.error,
+                }
+            )
             if v.error:
                 failed[source].append(row["index"])
                 errors[source][row["index"]] = v.error
@@ -304,3 +325,13 @@ def score(client, sources: dict[str, list[dict]], task: Any, limit: int | None =
         "duplicate prompts in a source (first kept)": {s: listed(ix) for s, ix in duplicates.items()},
     }
     return comparison, {s: v for s, v in scores.items() if v}, reviews, report
+
+
+def job_name(job) -> str:
+    """The job a composed `job` group is (answer, translate, score), or a ConfigError naming the choices."""
+    from omegaconf import DictConfig
+
+    name = job.get("name") if isinstance(job, DictConfig) else None
+    if name not in TASKS:
+        raise ConfigError("job: synthesize runs job=answer, job=translate or job=score")
+    return name

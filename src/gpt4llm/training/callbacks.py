@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from gpt4llm.inference.generation import generate_responses
-from gpt4llm.models.attention import packed_lengths
+from gpt4llm.data.collators import packed_lengths
+from gpt4llm.models.decoding import generate_responses
 from gpt4llm.training.flops import available_flops, matmul_parameters, training_flops
 
 
@@ -29,7 +29,9 @@ class TokenThroughput(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._last = time.perf_counter()  # a run resumed in mid-epoch does not start that epoch again
         model = pl_module.model
-        peak = self.peak_tflops * 1e12 if self.peak_tflops else available_flops(pl_module.device, str(trainer.precision))
+        peak = (
+            self.peak_tflops * 1e12 if self.peak_tflops else available_flops(pl_module.device, str(trainer.precision))
+        )
         config = model.config
         self._mfu = None
         if peak and hasattr(config, "num_hidden_layers") and hasattr(config, "hidden_size"):
@@ -52,7 +54,7 @@ class TokenThroughput(L.Callback):
 
 
 def example_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Real tokens of each example in a batch: padded rows by their attention mask, packed rows (data.sft.
+    """Real tokens of each example in a batch: padded rows by their attention mask, packed rows (data.collators.
     PackedCollator) by where their position ids restart."""
     if "attention_mask" in batch:
         return batch["attention_mask"].sum(dim=1)

@@ -37,5 +37,11 @@ def available_flops(device, precision: str) -> float | None:
 
     if device.type != "cuda":
         return None
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
+    dtype = (
+        torch.bfloat16
+        if precision.startswith("bf16")
+        else torch.float16
+        if precision.startswith("16")
+        else torch.float32
+    )
     return get_available_flops(device, dtype)

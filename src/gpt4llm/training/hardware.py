@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-
-class LaunchError(RuntimeError):
-    pass
+from gpt4llm.errors import ConfigError, LaunchError
 
 
-def check_precision(precision: str, accelerator: str, bf16_supported: bool | None, device_name: str = "this GPU") -> None:
+def check_precision(
+    precision: str, accelerator: str, bf16_supported: bool | None, device_name: str = "this GPU"
+) -> None:
     """bf16 asked for on a GPU without bf16 (V100, T4, ...) stops here.
 
     Without this check, a V100 asked for bf16 either fails deep inside the first kernel or emulates bf16 at a
@@ -71,7 +71,7 @@ def derive_accumulation(global_batch_size: int, batch_size: int, world_size: int
     """Gradient accumulation that makes batch_size x world_size x accumulation equal the global batch."""
     per_step = batch_size * world_size
     if global_batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} is not a multiple of data.batch_size ({batch_size}) x "
             f"{world_size} devices; change data.batch_size or global_batch_size"
         )

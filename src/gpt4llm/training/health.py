@@ -20,9 +20,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-
-class NonFiniteError(RuntimeError):
-    pass
+from gpt4llm.errors import NonFiniteError
 
 
 def amp_scaler(trainer):
@@ -86,9 +84,14 @@ class TrainingHealth(L.Callback):
         raise NonFiniteError(
             f"Non-finite {what} (NaN or Inf) at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
             "stopped before applying it, and nothing of this state was saved. "
-            + (f"Last good checkpoint: {last} (resume with ckpt_path=...). " if last else "No checkpoint was saved yet. ")
+            + (
+                f"Last good checkpoint: {last} (resume with ckpt_path=...). "
+                if last
+                else "No checkpoint was saved yet. "
+            )
             + "What to try: a lower task.optimizer.lr or a longer warmup (task.warmup_ratio); "
-            "trainer.precision=bf16-mixed where the GPU has bf16 (not V100), or 32-true; keep trainer.gradient_clip_val; "
+            "trainer.precision=bf16-mixed where the GPU has bf16 (not V100), or 32-true; "
+            "keep trainer.gradient_clip_val; "
             "check the data around this step with `python -m gpt4llm.prepare` (empty or huge targets)."
         )
 

@@ -50,37 +50,3 @@ def _merged_signature() -> inspect.Signature:
 
 
 DeepSpeedStrategy.__signature__ = _merged_signature()
-
-
-class ZeroConfigForTransformers:
-    """What transformers reads of a registered DeepSpeed config (`is_zero3()` and `config`; see
-    transformers.integrations.deepspeed.is_deepspeed_zero3_enabled and deepspeed_config). transformers' own
-    HfDeepSpeedConfig does the same but requires the accelerate package, which nothing else here needs."""
-
-    def __init__(self, config: dict) -> None:
-        self.config = config
-
-    def is_zero3(self) -> bool:
-        return (self.config.get("zero_optimization") or {}).get("stage") == 3
-
-
-def hf_deepspeed_config(strategy) -> ZeroConfigForTransformers | None:
-    """Under ZeRO-3, the DeepSpeed config registered with transformers, else None.
-
-    Lightning builds the model inside `deepspeed.zero.Init` (its sharded-init context, around `configure_model`).
-    While the returned object lives, transformers knows it: `from_pretrained` then loads the checkpoint into the
-    partitioned model (rank 0 reads the weights, every rank keeps only its shard) instead of materialising the whole
-    model on every rank, `resize_token_embeddings` gathers the partitions it resizes, and `generate` keeps the ranks
-    in step (synced_gpus). transformers holds it by a weak reference only: keep the returned object for the run
-    (SFTModule keeps it as an attribute).
-    """
-    if not isinstance(strategy, _LightningDeepSpeedStrategy):
-        return None
-    strategy._init_config_if_needed()
-    if not strategy.zero_stage_3:
-        return None
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config
-
-    registered = ZeroConfigForTransformers(strategy.config)
-    set_hf_deepspeed_config(registered)
-    return registered

@@ -1,11 +1,11 @@
 """The paper's figures (plots/main_plots.ipynb of GPT-4-LLM), drawn from result files instead of hard-coded numbers.
 
-| figure                                | notebook output                    | input                                        |
-| ROUGE-L by reference length (Fig. 6)  | bar_unnatural.pdf                  | *_len{0-2,3-5,6-10,10-,ALL}.json tables      |
-| GPT-4 score distributions (Fig. 2)    | cmp_data_dist.png (saved blank)    | cmp_data_scores.json                         |
-| relative scores (Fig. 4)              | bar_score_all/ranking_vs_*.pdf     | judge_summary*.json of gpt4llm.evaluate      |
-| output lengths (Fig. 1d)              | cmp_seq_len_freq_gpt3_gpt4.pdf     | responses.jsonl, Alpaca data files           |
-| human evaluation (Fig. 3)             | pie_llama_gpt4_vs_*.pdf            | humaneval_report.json of gpt4llm.humaneval   |
+| figure | notebook output | input |
+| ROUGE-L by reference length (Fig. 6) | bar_unnatural.pdf | *_len{0-2,3-5,6-10,10-,ALL}.json tables |
+| GPT-4 score distributions (Fig. 2) | cmp_data_dist.png (saved blank) | cmp_data_scores.json |
+| relative scores (Fig. 4) | bar_score_all/ranking_vs_*.pdf | judge_summary*.json of gpt4llm.evaluate |
+| output lengths (Fig. 1d) | cmp_seq_len_freq_gpt3_gpt4.pdf | responses.jsonl, Alpaca data files |
+| human evaluation (Fig. 3) | pie_llama_gpt4_vs_*.pdf | humaneval_report.json of gpt4llm.humaneval |
 
 Each `draw_*` returns the matplotlib Figure (tests read the drawn values back from it); `save` writes PNG and PDF.
 """
@@ -25,7 +25,8 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.records import read_json_records
+from gpt4llm.errors import MissingFileError, RecordError
 from gpt4llm.evaluation.responses import slug  # noqa: F401  (file names here and in the commands)
 
 BUCKETS = ("0-2", "3-5", "6-10", "10-")  # the file-name labels; the x axis says ">10" for "10-"
@@ -58,7 +59,10 @@ def read_rouge_tables(files: list[Path]) -> dict[str, dict[str, dict[str, Any]]]
         for index, row in enumerate(rows):
             for name, kind in (("Model", str), ("NumInstance", int), ("rougeL", (int, float, type(None)))):
                 if not isinstance(row, dict) or name not in row:
-                    raise RecordError(f"{file}: record {index}: field '{name}' is missing (expected the layout of eval_unnatural_instructions/*.json)")
+                    raise RecordError(
+                        f"{file}: record {index}: field '{name}' is missing "
+                        "(expected the layout of eval_unnatural_instructions/*.json)"
+                    )
                 if not isinstance(row[name], kind):
                     raise RecordError(f"{file}: record {index}: field '{name}' is {type(row[name]).__name__}")
             models.setdefault(row["Model"], {})[bucket] = row
@@ -88,12 +92,22 @@ def draw_rouge_by_length(models: dict[str, dict[str, dict]], reference: str = "G
             for bar, bucket, v in zip(bars, BUCKETS, values):
                 diff = v - _value(models[reference].get(bucket))
                 if not np.isnan(diff):
-                    ax.annotate(notebook_difference(diff), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points",
-                                color="green" if diff > 0 else "red")
+                    ax.annotate(
+                        notebook_difference(diff),
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        rotation=90,
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                        color="green" if diff > 0 else "red",
+                    )
     # n under each bucket when every table has the same count (tables of different eval sets do not)
     counts = {b: {m[b]["NumInstance"] for m in models.values() if b in m} for b in BUCKETS}
-    ax.set_xticks(x, [(">10" if b == "10-" else b) + (f"\n(n={counts[b].pop()})" if len(counts[b]) == 1 else "") for b in BUCKETS])
+    ax.set_xticks(
+        x, [(">10" if b == "10-" else b) + (f"\n(n={counts[b].pop()})" if len(counts[b]) == 1 else "") for b in BUCKETS]
+    )
     ax.set_xlabel("Groundtruth Response Length")
     ax.set_ylabel("RougeL")
     ax.set_ylim(0, max(0.05, np.nanmax([_value(m.get(b)) for m in models.values() for b in BUCKETS] + [0]) * 1.4))
@@ -109,7 +123,7 @@ def _value(row: dict | None) -> float:
 def read_score_lists(path: Path) -> dict[str, list[float]]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not data:
-        raise RecordError(f"{path}: expected an object of score lists, like {{\"gpt4\": [9.0, ...], ...}}")
+        raise RecordError(f'{path}: expected an object of score lists, like {{"gpt4": [9.0, ...], ...}}')
     for name, scores in data.items():
         if not isinstance(scores, list) or not scores:
             raise RecordError(f"{path}: field '{name}' is not a non-empty list of scores")
@@ -124,7 +138,9 @@ def score_densities(scores: dict[str, list[float]], grid: np.ndarray) -> dict[st
     aligned per prompt, so this only equalises the counts), normalised together as seaborn's `displot(kind="kde")`
     does by default (common_norm=True): each curve integrates to its share of all the scores, here 1/3."""
     n = min(len(v) for v in scores.values())
-    return {key: gaussian_kde(np.asarray(values[:n], dtype=float), grid) / len(scores) for key, values in scores.items()}
+    return {
+        key: gaussian_kde(np.asarray(values[:n], dtype=float), grid) / len(scores) for key, values in scores.items()
+    }
 
 
 def draw_score_distributions(scores: dict[str, list[float]]):
@@ -157,7 +173,9 @@ def read_judge_summary(path: Path) -> dict[str, Any]:
     summary = json.loads(path.read_text(encoding="utf-8"))
     for name in ("model", "opponent"):
         if not isinstance(summary, dict) or name not in summary:
-            raise RecordError(f"{path}: field '{name}' is missing (expected a judge_summary written by gpt4llm.evaluate)")
+            raise RecordError(
+                f"{path}: field '{name}' is missing (expected a judge_summary written by gpt4llm.evaluate)"
+            )
     return summary
 
 
@@ -201,8 +219,14 @@ def draw_hhh_pies(comparison: dict[str, Any]):
     labels = [comparison["model"], comparison["opponent"], "Tie"]
     for ax, (criterion, row) in zip(np.atleast_1d(axes), criteria.items()):
         sizes = [row["fractions"][o] or 0.0 for o in HHH_OUTCOMES]
-        ax.pie(sizes, labels=labels, autopct="%1.1f%%", startangle=90, counterclock=False,
-               colors=["tab:blue", "tab:orange", "tab:gray"])
+        ax.pie(
+            sizes,
+            labels=labels,
+            autopct="%1.1f%%",
+            startangle=90,
+            counterclock=False,
+            colors=["tab:blue", "tab:orange", "tab:gray"],
+        )
         ax.set_title(f"{criterion.capitalize()} ({row['votes']} votes)")
     return fig
 
@@ -245,7 +269,7 @@ def find_inputs(directories: list[Path]) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = defaultdict(list)
     for directory in directories:
         if not directory.is_dir():
-            raise FileNotFoundError(f"results={directory}: not a directory")
+            raise MissingFileError(f"results={directory}: not a directory")
         for path in sorted(directory.rglob("*")):
             if TABLE_FILE.match(path.name):
                 found["rouge"].append(path)

@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, get_scheduler
 
+from gpt4llm.errors import CheckpointError
 from gpt4llm.models.hf import import_model_code
 from gpt4llm.models.optim import (
     CHOICES,
@@ -19,11 +20,7 @@ from gpt4llm.models.optim import (
     parameter_groups,
     strategy_offloads_optimizer,
 )
-from gpt4llm.training.strategies import hf_deepspeed_config
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model it is resumed into."""
+from gpt4llm.models.zero3 import hf_deepspeed_config
 
 
 class HFBackboneModule(L.LightningModule):
@@ -69,12 +66,21 @@ class HFBackboneModule(L.LightningModule):
             return
         ours = self.state_dict()
         missing = sorted(set(ours) - set(theirs))
-        wrong = [(k, tuple(v.shape), tuple(ours[k].shape)) for k, v in theirs.items() if k in ours and ours[k].numel() and v.shape != ours[k].shape]
+        wrong = [
+            (k, tuple(v.shape), tuple(ours[k].shape))
+            for k, v in theirs.items()
+            if k in ours and ours[k].numel() and v.shape != ours[k].shape
+        ]
         if wrong or missing:
-            first = f"{wrong[0][0]} is {list(wrong[0][1])} there, {list(wrong[0][2])} here" if wrong else f"it has no {missing[0]}"
+            first = (
+                f"{wrong[0][0]} is {list(wrong[0][1])} there, {list(wrong[0][2])} here"
+                if wrong
+                else f"it has no {missing[0]}"
+            )
             raise CheckpointError(
                 f"ckpt_path: the checkpoint is for another model ({first}; {len(wrong)} shapes differ, {len(missing)} "
-                f"tensors missing). Resume with the model and tokenizer it was trained with (model.path={self.model_path} now)."
+                f"tensors missing). Resume with the model and tokenizer it was trained with "
+                f"(model.path={self.model_path} now)."
             )
 
     def configure_model(self) -> None:
@@ -108,14 +114,28 @@ class HFBackboneModule(L.LightningModule):
 def schedule_length(trainer) -> int:
     """The run's optimizer steps, counted as Lightning's `trainer.estimated_stepping_batches` counts them, but from
     the data module's batch count: that property builds the training loader, and a loader built before the checkpoint
-    is restored loses its saved position (gpt4llm.data.splits)."""
+    is restored loses its saved position (gpt4llm.data.base_datamodule)."""
     batches_per_epoch = getattr(trainer.datamodule, "batches_per_epoch", None)
     if batches_per_epoch is None:  # data not from our data modules
         return trainer.estimated_stepping_batches
-    if trainer.max_epochs == -1:
-        return trainer.max_steps
-    batches = batches_per_epoch(trainer.world_size)
-    limit = trainer.limit_train_batches
-    batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
-    steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
-    return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+    batches = batches_per_epoch(trainer.world_size) if trainer.max_epochs != -1 else 0
+    return optimizer_steps(
+        batches, trainer.accumulate_grad_batches, trainer.max_epochs, trainer.max_steps, trainer.limit_train_batches
+    )
+
+
+def optimizer_steps(
+    batches_per_epoch: int, accumulation: int, max_epochs: int | None, max_steps: int, limit_batches: int | float = 1.0
+) -> int:
+    """Optimizer steps of a run, as Lightning counts them: each epoch's batches (cut by `limit_train_batches`), one
+    step per `accumulation` of them plus one for a remainder, over the epochs, and no more than `max_steps` (-1: no
+    limit). The one count both the LR schedule and `python -m gpt4llm.plan` use."""
+    if max_epochs == -1 or max_epochs is None:
+        return max_steps
+    batches = (
+        int(batches_per_epoch * limit_batches)
+        if isinstance(limit_batches, float)
+        else min(batches_per_epoch, int(limit_batches))
+    )
+    steps = math.ceil(batches / accumulation) * max(max_epochs, 1)
+    return min(steps, max_steps) if max_steps != -1 else steps

@@ -20,16 +20,20 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
 )
 
-from gpt4llm.models.base import HFBackboneModule
+from gpt4llm.models.base_module import HFBackboneModule
 from gpt4llm.models.hf import resize_embeddings_with_mean
 
 
-def load_reward_model(path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False) -> PreTrainedModel:
+def load_reward_model(
+    path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False
+) -> PreTrainedModel:
     """A causal LM directory (or an exported reward model) with a one-output linear head, `score`, on top.
 
     From a causal LM the head is new (random, small); the LM head is left behind.
     """
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype) if dtype else None)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=getattr(torch, dtype) if dtype else None
+    )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         resize_embeddings_with_mean(model, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id  # for anyone who calls the exported model's own forward
@@ -58,7 +62,7 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModule(HFBackboneModule):
-    """Batches hold 2B sequences: B chosen, then their B rejected (gpt4llm.data.pairs.PairCollator)."""
+    """Batches hold 2B sequences: B chosen, then their B rejected (gpt4llm.data.pair_datamodule.PairCollator)."""
 
     auto_mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 

@@ -29,8 +29,12 @@ def draw_top_pairs(counts: dict[str, Counter], top: int = 25):
     y = np.arange(len(pairs))
     height = 0.8 / len(counts)
     for k, (name, c) in enumerate(counts.items()):
-        ax.barh(y + (k - (len(counts) - 1) / 2) * height, [c.get(p, 0) for p in pairs], height,
-                label=f"{name} ({len(c)} unique pairs)")
+        ax.barh(
+            y + (k - (len(counts) - 1) / 2) * height,
+            [c.get(p, 0) for p in pairs],
+            height,
+            label=f"{name} ({len(c)} unique pairs)",
+        )
     ax.set_yticks(y, [f"{verb} {noun}" for verb, noun in pairs])
     ax.set_xlabel("Frequency")
     ax.legend(loc="lower right")
@@ -57,11 +61,28 @@ def draw_sunburst(rows: list[tuple[str, str, int]], title: str):
     verb_sizes = [sum(n for v, _, n in rows if v == verb) for verb in verbs]
     palette = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(verbs), 1)))
     colour = dict(zip(verbs, palette))
-    ax.pie(verb_sizes, radius=0.65, labels=verbs, labeldistance=0.55, colors=[colour[v] for v in verbs],
-           wedgeprops=dict(width=0.35, edgecolor="white"), textprops=dict(fontsize=8), startangle=90, counterclock=False)
-    ax.pie([n for _, _, n in rows], radius=1.0, labels=[noun for _, noun, _ in rows], labeldistance=0.82,
-           colors=[(*colour[v][:3], 0.55) for v, _, _ in rows], wedgeprops=dict(width=0.35, edgecolor="white"),
-           textprops=dict(fontsize=7), startangle=90, counterclock=False)
+    ax.pie(
+        verb_sizes,
+        radius=0.65,
+        labels=verbs,
+        labeldistance=0.55,
+        colors=[colour[v] for v in verbs],
+        wedgeprops=dict(width=0.35, edgecolor="white"),
+        textprops=dict(fontsize=8),
+        startangle=90,
+        counterclock=False,
+    )
+    ax.pie(
+        [n for _, _, n in rows],
+        radius=1.0,
+        labels=[noun for _, noun, _ in rows],
+        labeldistance=0.82,
+        colors=[(*colour[v][:3], 0.55) for v, _, _ in rows],
+        wedgeprops=dict(width=0.35, edgecolor="white"),
+        textprops=dict(fontsize=7),
+        startangle=90,
+        counterclock=False,
+    )
     ax.set_title(title)
     return fig
 
@@ -72,6 +93,8 @@ def write_sunburst_html(rows: list[tuple[str, str, int]], title: str, path: Path
 
     fig = px.sunburst(
         {"verb": [v for v, _, _ in rows], "noun": [n for _, n, _ in rows], "count": [c for _, _, c in rows]},
-        path=["verb", "noun"], values="count", title=title,
+        path=["verb", "noun"],
+        values="count",
+        title=title,
     )
     return write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))

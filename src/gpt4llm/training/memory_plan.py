@@ -1,4 +1,4 @@
-"""Plan: `python -m gpt4llm.plan [the overrides you give train]` (config: conf/plan.yaml, which composes conf/train.yaml).
+"""Plan: `python -m gpt4llm.plan [the overrides you give train]` (conf/plan.yaml, which composes conf/train.yaml).
 
 For the composed run, before anything is launched: memory per GPU (parameters, gradients, optimizer states,
 activations with and without gradient checkpointing, buffers), what is offloaded to CPU and the CPU memory per node,
@@ -13,20 +13,16 @@ states; DDP and FSDP are counted the same way (tests/test_plan.py checks the Dee
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from gpt4llm.errors import ConfigError
 from gpt4llm.training.flops import training_flops
 
 GIB = 2**30
 ADAM_BYTES = 8  # Adam's two fp32 moments per parameter
-
-
-class PlanError(ValueError):
-    pass
 
 
 # --------------------------------------------------------------------------------------------- the architecture
@@ -45,34 +41,52 @@ def arch_of(model_cfg) -> Arch:
     """The architecture of `cfg.model`: the tiny spec, a local directory's config.json and tokenizer, or `arch`."""
     if model_cfg.get("tiny"):
         t = model_cfg.tiny
-        return Arch(t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_attention_heads,
-                    t.intermediate_size, t.vocab_size)
+        return Arch(
+            t.hidden_size,
+            t.num_hidden_layers,
+            t.num_attention_heads,
+            t.num_attention_heads,
+            t.intermediate_size,
+            t.vocab_size,
+        )
     path = Path(str(model_cfg.path))
     if path.is_dir() and (path / "config.json").exists():
         from transformers import AutoConfig
 
-        from gpt4llm.models.hf import load_tokenizer
+        from gpt4llm.data.tokenizer import load_tokenizer
 
         config = AutoConfig.from_pretrained(path)
         if config.model_type != "llama":
-            raise PlanError(f"{path}: model_type {config.model_type!r}; the plan knows LLaMA-architecture models")
+            raise ConfigError(f"{path}: model_type {config.model_type!r}; the plan knows LLaMA-architecture models")
         rows = config.vocab_size
         if (path / "tokenizer_config.json").exists() or (path / "tokenizer.model").exists():
             rows = max(rows, len(load_tokenizer(str(path))))  # load_causal_lm resizes the embeddings to this
-        return Arch(config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
-                    config.num_key_value_heads or config.num_attention_heads, config.intermediate_size, rows,
-                    bool(config.tie_word_embeddings))
+        return Arch(
+            config.hidden_size,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            config.num_key_value_heads or config.num_attention_heads,
+            config.intermediate_size,
+            rows,
+            bool(config.tie_word_embeddings),
+        )
     arch = model_cfg.get("arch")
     if not arch:
-        raise PlanError(
+        raise ConfigError(
             f"model.path={model_cfg.path} is not a local model directory and the model config has no `arch` block: "
             "point model.path at a local directory, or add arch (see conf/model/llama7b.yaml)"
         )
     if arch.get("model_type", "llama") != "llama":
-        raise PlanError(f"model.arch.model_type={arch.model_type!r}; the plan knows LLaMA-architecture models")
-    return Arch(arch.hidden_size, arch.num_hidden_layers, arch.num_attention_heads,
-                arch.get("num_key_value_heads") or arch.num_attention_heads, arch.intermediate_size,
-                arch.vocab_size + arch.get("added_tokens", 0), bool(arch.get("tie_word_embeddings", False)))
+        raise ConfigError(f"model.arch.model_type={arch.model_type!r}; the plan knows LLaMA-architecture models")
+    return Arch(
+        arch.hidden_size,
+        arch.num_hidden_layers,
+        arch.num_attention_heads,
+        arch.get("num_key_value_heads") or arch.num_attention_heads,
+        arch.intermediate_size,
+        arch.vocab_size + arch.get("added_tokens", 0),
+        bool(arch.get("tie_word_embeddings", False)),
+    )
 
 
 def llama_parameters(a: Arch) -> dict[str, int]:
@@ -125,7 +139,9 @@ class Setup:
     @property
     def label(self) -> str:
         if self.strategy == "deepspeed":
-            off = [n for n, on in (("optimizer", self.offload_optimizer), ("parameters", self.offload_parameters)) if on]
+            off = [
+                n for n, on in (("optimizer", self.offload_optimizer), ("parameters", self.offload_parameters)) if on
+            ]
             return f"DeepSpeed ZeRO-{self.zero_stage}" + (f", offload {' + '.join(off)} to CPU" if off else "")
         if self.strategy == "fsdp":
             return f"FSDP {self.fsdp_sharding}" + (", CPU offload" if self.fsdp_cpu_offload else "")
@@ -146,11 +162,15 @@ def setup_of(cfg: DictConfig, devices_per_node: int) -> Setup:
     common = dict(gpus_per_node=int(devices), nodes=nodes, precision=precision)
     if target.endswith("DeepSpeedStrategy"):
         return Setup(
-            "deepspeed", zero_stage=int(s.get("stage", 2)), offload_optimizer=bool(s.get("offload_optimizer", False)),
-            offload_parameters=bool(s.get("offload_parameters", False)), overlap_comm=bool(s.get("overlap_comm", True)),
+            "deepspeed",
+            zero_stage=int(s.get("stage", 2)),
+            offload_optimizer=bool(s.get("offload_optimizer", False)),
+            offload_parameters=bool(s.get("offload_parameters", False)),
+            overlap_comm=bool(s.get("overlap_comm", True)),
             allgather_bucket_size=int(s.get("allgather_bucket_size", 200_000_000)),
             reduce_bucket_size=int(s.get("reduce_bucket_size", 200_000_000)),
-            prefetch_bucket_size=int(s.get("stage3_prefetch_bucket_size", 50_000_000)), **common,
+            prefetch_bucket_size=int(s.get("stage3_prefetch_bucket_size", 50_000_000)),
+            **common,
         )
     if target.endswith("FSDPStrategy"):
         sharding = str(s.get("sharding_strategy", "FULL_SHARD"))
@@ -182,8 +202,8 @@ def model_states(s: Setup, total: int, largest_module: int, largest_unit: int, c
     CPU figures include DeepSpeed's estimation factor cpu_factor (its additional_buffer_factor, 1.5).
     """
     P, N, n, g = total, s.world, s.nodes, s.gpus_per_node
-    p = 2 if s.half else 4            # bytes of the weights computed with
-    master = 4 if s.half else 0       # fp32 master copy beside 16-bit weights
+    p = 2 if s.half else 4  # bytes of the weights computed with
+    master = 4 if s.half else 0  # fp32 master copy beside 16-bit weights
     gpu = {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0}
     cpu = 0.0
     if s.strategy == "deepspeed" and s.zero_stage == 3:
@@ -238,7 +258,9 @@ def buffer_bytes(s: Setup) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- activations
-def activation_bytes(a: Arch, s: Setup, micro_batch: int, seq: int, checkpointing: bool, attention: str = "sdpa") -> float:
+def activation_bytes(
+    a: Arch, s: Setup, micro_batch: int, seq: int, checkpointing: bool, attention: str = "sdpa"
+) -> float:
     """Bytes kept for backward per GPU, for micro_batch sequences of seq tokens.
 
     Per decoder layer and token, after Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
@@ -280,16 +302,79 @@ def examples_per_epoch(cfg: DictConfig) -> int | None:
     return int(records) - (0 if cfg.plan.get("examples") else int(d.get("val_size") or 0))
 
 
-def make_plan(cfg: DictConfig, device: str | None = None) -> dict:
+@dataclass(frozen=True)
+class GpuBytes:
+    parameters: float
+    gradients: float
+    optimizer: float
+    model_states: float
+    activations_with_checkpointing: float
+    activations_without_checkpointing: float
+    buffers: float
+    overhead: float
+    total: float
+
+
+@dataclass(frozen=True)
+class OffloadTraffic:
+    """What offloaded states move over PCIe: a lower bound on the step time when the transfers do not overlap."""
+
+    bytes_per_gpu_per_step: float
+    seconds_per_step: float | None
+    seconds_total: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything `python -m gpt4llm.plan` says about a run; plan.json is `as_json()`."""
+
+    model: str
+    arch: Arch
+    parameters: dict[str, int]
+    device: str
+    device_memory_gib: float | None
+    node_memory_gib: float | None
+    setup: Setup
+    optimizer: str  # what HFBackboneModule.configure_optimizers will build for this strategy (plans are for GPUs)
+    micro_batch: int
+    max_length: int
+    accumulation: int | None  # None: the global batch is not a multiple of micro-batch x devices (a problem)
+    global_batch: int
+    gradient_checkpointing: bool
+    gpu_bytes: GpuBytes
+    cpu_bytes_per_node: float
+    fits: bool | None  # None: the device's memory is not known
+    fits_without_checkpointing: bool | None
+    cpu_fits: bool | None
+    examples_per_epoch: int | None
+    tokens_per_example: int
+    tokens_per_example_is_upper_bound: bool
+    optimizer_steps: int | None
+    training_tokens: int | None
+    training_flops: float | None
+    peak_tflops_per_device: float | None
+    utilization: float
+    hours: float | None
+    offload_traffic: OffloadTraffic | None
+    problems: list[str]
+
+    def as_json(self) -> dict:
+        return asdict(self) | {"setup": asdict(self.setup) | {"label": self.setup.label, "world": self.setup.world}}
+
+
+def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
+    from gpt4llm.data.base_datamodule import batches_per_epoch
+    from gpt4llm.errors import LaunchError
+    from gpt4llm.models.base_module import optimizer_steps
     from gpt4llm.models.optim import CHOICES, optimizer_choice
-    from gpt4llm.training.hardware import LaunchError, check_precision
+    from gpt4llm.training.hardware import check_precision, derive_accumulation
 
     plan_cfg = cfg.plan
     device = device or plan_cfg.device
     if device == "auto":
         device = _trainer_choice_device(plan_cfg)
     if device not in plan_cfg.devices:
-        raise PlanError(f"plan.device={device}: not one of {', '.join(plan_cfg.devices)} (conf/plan.yaml)")
+        raise ConfigError(f"plan.device={device}: not one of {', '.join(plan_cfg.devices)} (conf/plan.yaml)")
     hw = plan_cfg.devices[device]
     arch = arch_of(cfg.model)
     counts = llama_parameters(arch)
@@ -306,103 +391,102 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> dict:
     )
     micro, seq = int(cfg.data.batch_size), int(cfg.data.max_length)
     checkpointing = bool(cfg.model.get("gradient_checkpointing", False))
-    act = {
-        "with_checkpointing": activation_bytes(arch, s, micro, seq, True, plan_cfg.attention),
-        "without_checkpointing": activation_bytes(arch, s, micro, seq, False, plan_cfg.attention),
-    }
+    with_ckpt = activation_bytes(arch, s, micro, seq, True, plan_cfg.attention)
+    without_ckpt = activation_bytes(arch, s, micro, seq, False, plan_cfg.attention)
     buffers = buffer_bytes(s)
     overhead = plan_cfg.overhead_gib * GIB if str(cfg.trainer.accelerator) != "cpu" else 0.0
-    used = act["with_checkpointing" if checkpointing else "without_checkpointing"]
+    used = with_ckpt if checkpointing else without_ckpt
     total = states["gpu"]["total"] + used + buffers + overhead
     capacity = hw.memory_gib * GIB if hw.memory_gib else None
     node_capacity = hw.node_memory_gib * GIB if hw.node_memory_gib else None
 
-    # batch and steps
-    accumulation = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    # batch and steps, derived as training derives them
+    accumulation: int | None = int(cfg.trainer.get("accumulate_grad_batches") or 1)
     global_batch = int(cfg.get("global_batch_size") or micro * s.world * accumulation)
     if cfg.get("global_batch_size"):
-        accumulation = global_batch // (micro * s.world) if global_batch % (micro * s.world) == 0 else None
-        if accumulation is None:
-            problems.append(f"global_batch_size={global_batch} is not a multiple of data.batch_size x {s.world} GPUs")
+        try:
+            accumulation = derive_accumulation(global_batch, micro, s.world)
+        except ConfigError as err:
+            accumulation = None
+            problems.append(str(err))
     examples = examples_per_epoch(cfg)
-    tokens_per_example = int(plan_cfg.tokens_per_example or seq)
-    epochs = int(cfg.trainer.max_epochs) if int(cfg.trainer.get("max_steps", -1)) < 0 else None
-    # as Lightning counts them: each GPU's share of the examples (DistributedSampler pads it), in batches, and one
-    # optimizer step per `accumulation` batches, plus one for a remainder at the end of the epoch
+    max_steps = int(cfg.trainer.get("max_steps", -1))
+    epochs = cfg.trainer.get("max_epochs")
     steps = None
-    if examples and epochs and accumulation:
-        steps = math.ceil(math.ceil(examples / (micro * s.world)) / accumulation) * epochs
-    if int(cfg.trainer.get("max_steps", -1)) > 0:
-        steps = int(cfg.trainer.max_steps)
-    # Useful training FLOPs (gpt4llm.training.flops, the formula `train/mfu` measures with): recomputation under gradient
-    # checkpointing is not counted, it is part of what keeps utilisation below 1.
+    if accumulation and (examples or max_steps > 0):
+        batches = batches_per_epoch(examples, s.world, micro) if examples else 0
+        steps = optimizer_steps(batches, accumulation, None if not examples else epochs, max_steps) or None
+    tokens_per_example = int(plan_cfg.tokens_per_example or seq)
+    # Useful training FLOPs (gpt4llm.training.flops, the formula `train/mfu` measures with): recomputation under
+    # gradient checkpointing is not counted, it is part of what keeps utilisation below 1.
     matmul_params = counts["total"] - (0 if arch.tie_word_embeddings else counts["embedding"])
-    flops_per_token = training_flops(matmul_params, arch.num_hidden_layers, arch.hidden_size, [tokens_per_example]) / tokens_per_example
+    flops_per_token = (
+        training_flops(matmul_params, arch.num_hidden_layers, arch.hidden_size, [tokens_per_example])
+        / tokens_per_example
+    )
     tokens = steps * global_batch * tokens_per_example if steps else None
     flops = flops_per_token * tokens if tokens else None
     peak = hw.tflops.get(s.precision)
     seconds = flops / (plan_cfg.utilization * peak * 1e12 * s.world) if (flops and peak) else None
 
-    # Offloaded parameters travel host->device for every forward and backward pass (and the recomputed forward),
-    # gradients device->host every micro-batch: a lower bound on the step time when the transfers do not overlap.
-    traffic = None
-    if s.strategy == "deepspeed" and (s.offload_optimizer or s.offload_parameters) and accumulation:
-        p = 2 if s.half else 4
-        passes = 3 if checkpointing else 2
-        per_micro = (passes * p if s.offload_parameters else 0) + (p if s.offload_optimizer else 0)
-        per_step = accumulation * per_micro * counts["total"] / s.world
-        if s.offload_optimizer and not s.offload_parameters:
-            per_step += p * counts["total"] / s.world  # updated parameters back to the GPU
-        traffic = {"bytes_per_gpu_per_step": per_step,
-                   "seconds_per_step": per_step / (hw.host_link_gb_s * 1e9) if hw.host_link_gb_s else None}
-        if steps and traffic["seconds_per_step"]:
-            traffic["seconds_total"] = traffic["seconds_per_step"] * steps
+    return Plan(
+        model=str(cfg.model.path),
+        arch=arch,
+        parameters=counts,
+        device=device,
+        device_memory_gib=hw.memory_gib,
+        node_memory_gib=hw.node_memory_gib,
+        setup=s,
+        optimizer=CHOICES[optimizer_choice(s.strategy == "deepspeed" and s.offload_optimizer, "gpu")],
+        micro_batch=micro,
+        max_length=seq,
+        accumulation=accumulation,
+        global_batch=global_batch,
+        gradient_checkpointing=checkpointing,
+        gpu_bytes=GpuBytes(
+            parameters=states["gpu"]["parameters"],
+            gradients=states["gpu"]["gradients"],
+            optimizer=states["gpu"]["optimizer"],
+            model_states=states["gpu"]["total"],
+            activations_with_checkpointing=with_ckpt,
+            activations_without_checkpointing=without_ckpt,
+            buffers=buffers,
+            overhead=overhead,
+            total=total,
+        ),
+        cpu_bytes_per_node=states["cpu_per_node"],
+        fits=None if capacity is None else total <= capacity,
+        fits_without_checkpointing=None if capacity is None else total - used + without_ckpt <= capacity,
+        cpu_fits=None if node_capacity is None else states["cpu_per_node"] <= node_capacity,
+        examples_per_epoch=examples,
+        tokens_per_example=tokens_per_example,
+        tokens_per_example_is_upper_bound=plan_cfg.tokens_per_example is None,
+        optimizer_steps=steps,
+        training_tokens=tokens,
+        training_flops=flops,
+        peak_tflops_per_device=peak,
+        utilization=plan_cfg.utilization,
+        hours=seconds / 3600 if seconds else None,
+        offload_traffic=offload_traffic(s, counts["total"], accumulation, checkpointing, steps, hw.host_link_gb_s),
+        problems=problems,
+    )
 
-    fits = None if capacity is None else total <= capacity
-    fits_without_checkpointing = None if capacity is None else total - used + act["without_checkpointing"] <= capacity
-    cpu_fits = None if node_capacity is None else states["cpu_per_node"] <= node_capacity
-    return {
-        "model": str(cfg.model.path),
-        "arch": asdict(arch),
-        "parameters": counts,
-        "device": device,
-        "device_memory_gib": hw.memory_gib,
-        "node_memory_gib": hw.node_memory_gib,
-        "setup": asdict(s) | {"label": s.label, "world": s.world},
-        # what HFBackboneModule.configure_optimizers will build for this strategy (plans are for GPUs)
-        "optimizer": CHOICES[optimizer_choice(s.strategy == "deepspeed" and s.offload_optimizer, "gpu")],
-        "micro_batch": micro,
-        "max_length": seq,
-        "accumulation": accumulation,
-        "global_batch": global_batch,
-        "gradient_checkpointing": checkpointing,
-        "gpu_bytes": {
-            "parameters": states["gpu"]["parameters"],
-            "gradients": states["gpu"]["gradients"],
-            "optimizer": states["gpu"]["optimizer"],
-            "model_states": states["gpu"]["total"],
-            "activations_with_checkpointing": act["with_checkpointing"],
-            "activations_without_checkpointing": act["without_checkpointing"],
-            "buffers": buffers,
-            "overhead": overhead,
-            "total": total,
-        },
-        "cpu_bytes_per_node": states["cpu_per_node"],
-        "fits": fits,
-        "fits_without_checkpointing": fits_without_checkpointing,
-        "cpu_fits": cpu_fits,
-        "examples_per_epoch": examples,
-        "tokens_per_example": tokens_per_example,
-        "tokens_per_example_is_upper_bound": plan_cfg.tokens_per_example is None,
-        "optimizer_steps": steps,
-        "training_tokens": tokens,
-        "training_flops": flops,
-        "peak_tflops_per_device": peak,
-        "utilization": plan_cfg.utilization,
-        "hours": seconds / 3600 if seconds else None,
-        "offload_traffic": traffic,
-        "problems": problems,
-    }
+
+def offload_traffic(
+    s: Setup, parameters: int, accumulation: int | None, checkpointing: bool, steps: int | None, link_gb_s: float | None
+) -> OffloadTraffic | None:
+    """Offloaded parameters travel host->device for every forward and backward pass (and the recomputed forward),
+    gradients device->host every micro-batch."""
+    if not (s.strategy == "deepspeed" and (s.offload_optimizer or s.offload_parameters) and accumulation):
+        return None
+    p = 2 if s.half else 4
+    passes = 3 if checkpointing else 2
+    per_micro = (passes * p if s.offload_parameters else 0) + (p if s.offload_optimizer else 0)
+    per_step = accumulation * per_micro * parameters / s.world
+    if s.offload_optimizer and not s.offload_parameters:
+        per_step += p * parameters / s.world  # updated parameters back to the GPU
+    seconds = per_step / (link_gb_s * 1e9) if link_gb_s else None
+    return OffloadTraffic(per_step, seconds, seconds * steps if seconds and steps else None)
 
 
 def _trainer_choice_device(plan_cfg) -> str:
@@ -410,62 +494,62 @@ def _trainer_choice_device(plan_cfg) -> str:
 
     choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
     if choice not in plan_cfg.trainer_device:
-        raise PlanError(f"trainer={choice}: say which device with plan.device=<one of {', '.join(plan_cfg.devices)}>")
+        raise ConfigError(f"trainer={choice}: say which device with plan.device=<one of {', '.join(plan_cfg.devices)}>")
     return plan_cfg.trainer_device[choice]
 
 
-def format_plan(plan: dict) -> str:
+def format_plan(plan: Plan) -> str:
     def gib(b):
         return f"{b / GIB:8.2f}"
 
-    s, g = plan["setup"], plan["gpu_bytes"]
-    cap = plan["device_memory_gib"]
-    ckpt = plan["gradient_checkpointing"]
+    s, g, n = plan.setup, plan.gpu_bytes, plan.parameters
+    ckpt = plan.gradient_checkpointing
     verdict = {True: "fits", False: "DOES NOT FIT", None: "not checked"}
     lines = [
-        f"Plan for {plan['model']} on {s['nodes']} node(s) x {s['gpus_per_node']} {plan['device']} "
-        f"({s['label']}, precision {s['precision']})",
-        f"  parameters {plan['parameters']['total']:,} (per decoder layer {plan['parameters']['per_layer']:,}, "
-        f"embedding {plan['parameters']['embedding']:,}, vocabulary rows {plan['arch']['vocab_size']:,})",
-        f"  batch: {plan['micro_batch']} per device x {s['world']} devices x accumulation {plan['accumulation']} = "
-        f"{plan['global_batch']} sequences of up to {plan['max_length']} tokens",
-        f"  optimizer: {plan['optimizer']}",
+        f"Plan for {plan.model} on {s.nodes} node(s) x {s.gpus_per_node} {plan.device} "
+        f"({s.label}, precision {s.precision})",
+        f"  parameters {n['total']:,} (per decoder layer {n['per_layer']:,}, "
+        f"embedding {n['embedding']:,}, vocabulary rows {plan.arch.vocab_size:,})",
+        f"  batch: {plan.micro_batch} per device x {s.world} devices x accumulation {plan.accumulation} = "
+        f"{plan.global_batch} sequences of up to {plan.max_length} tokens",
+        f"  optimizer: {plan.optimizer}",
         "",
         "  memory per device                                GiB",
-        f"    parameters                               {gib(g['parameters'])}",
-        f"    gradients                                {gib(g['gradients'])}",
-        f"    optimizer states                         {gib(g['optimizer'])}",
-        f"    model states                             {gib(g['model_states'])}",
-        f"    activations, gradient checkpointing      {gib(g['activations_with_checkpointing'])}"
+        f"    parameters                               {gib(g.parameters)}",
+        f"    gradients                                {gib(g.gradients)}",
+        f"    optimizer states                         {gib(g.optimizer)}",
+        f"    model states                             {gib(g.model_states)}",
+        f"    activations, gradient checkpointing      {gib(g.activations_with_checkpointing)}"
         + ("  <- configured" if ckpt else ""),
-        f"    activations, no checkpointing            {gib(g['activations_without_checkpointing'])}"
+        f"    activations, no checkpointing            {gib(g.activations_without_checkpointing)}"
         + ("" if ckpt else "  <- configured"),
-        f"    communication buckets                    {gib(g['buffers'])}",
-        f"    CUDA context, NCCL, fragmentation        {gib(g['overhead'])}",
-        f"    total                                    {gib(g['total'])}  of {cap if cap else '-'}: {verdict[plan['fits']]}"
-        + ("" if plan["fits"] is None else f" (without checkpointing: {verdict[plan['fits_without_checkpointing']]})"),
+        f"    communication buckets                    {gib(g.buffers)}",
+        f"    CUDA context, NCCL, fragmentation        {gib(g.overhead)}",
+        f"    total                                    {gib(g.total)}  "
+        f"of {plan.device_memory_gib or '-'}: {verdict[plan.fits]}"
+        + ("" if plan.fits is None else f" (without checkpointing: {verdict[plan.fits_without_checkpointing]})"),
         f"  CPU memory per node (offloaded states, or the models processes load): "
-        f"{plan['cpu_bytes_per_node'] / GIB:.1f} GiB of {plan['node_memory_gib'] or '-'}: {verdict[plan['cpu_fits']]}",
+        f"{plan.cpu_bytes_per_node / GIB:.1f} GiB of {plan.node_memory_gib or '-'}: {verdict[plan.cpu_fits]}",
     ]
-    if plan["training_flops"]:
-        bound = "at most " if plan["tokens_per_example_is_upper_bound"] else ""
+    if plan.training_flops:
+        bound = "at most " if plan.tokens_per_example_is_upper_bound else ""
         lines += [
             "",
-            f"  compute: {plan['optimizer_steps']:,} optimizer steps x {plan['global_batch']} sequences x {bound}"
-            f"{plan['tokens_per_example']} tokens = {plan['training_tokens'] / 1e6:,.1f}M tokens, "
-            f"{plan['training_flops']:.3g} FLOPs",
+            f"  compute: {plan.optimizer_steps:,} optimizer steps x {plan.global_batch} sequences x {bound}"
+            f"{plan.tokens_per_example} tokens = {plan.training_tokens / 1e6:,.1f}M tokens, "
+            f"{plan.training_flops:.3g} FLOPs",
         ]
-        if plan["hours"]:
+        if plan.hours:
             lines.append(
-                f"  time: {plan['hours']:.1f} h at {plan['utilization']:.0%} of {plan['peak_tflops_per_device']} TFLOPS "
-                f"x {s['world']} GPUs"
+                f"  time: {plan.hours:.1f} h at {plan.utilization:.0%} of {plan.peak_tflops_per_device} TFLOPS "
+                f"x {s.world} GPUs"
             )
-    traffic = plan["offload_traffic"]
-    if traffic and traffic.get("seconds_per_step"):
-        total = f", >= {traffic['seconds_total'] / 3600:.1f} h in all" if traffic.get("seconds_total") else ""
+    traffic = plan.offload_traffic
+    if traffic and traffic.seconds_per_step:
+        total = f", >= {traffic.seconds_total / 3600:.1f} h in all" if traffic.seconds_total else ""
         lines.append(
-            f"  offload traffic: {traffic['bytes_per_gpu_per_step'] / 1e9:.1f} GB per GPU per optimizer step over PCIe: "
-            f">= {traffic['seconds_per_step']:.2f} s/step{total} (plus the optimizer step on the CPU)"
+            f"  offload traffic: {traffic.bytes_per_gpu_per_step / 1e9:.1f} GB per GPU per optimizer step over PCIe: "
+            f">= {traffic.seconds_per_step:.2f} s/step{total} (plus the optimizer step on the CPU)"
         )
-    lines += [f"  PROBLEM: {p}" for p in plan["problems"]]
+    lines += [f"  PROBLEM: {p}" for p in plan.problems]
     return "\n".join(lines)

@@ -27,38 +27,53 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from gpt4llm.data.sources import file_digest
+from gpt4llm.errors import ConfigError, GPT4LLMError, StageFailed
 from gpt4llm.io.atomic import write_text
 
 DONE = "stage.json"
 LOG = "stage.log"
 
 
-class StageFailed(RuntimeError):
-    """A stage's command failed: the message names the stage, its log and the log's last lines."""
+class Status(str, Enum):
+    """What became of a stage in one run: the runner sets it, the report shows it (compares equal to its value)."""
+
+    RAN = "ran"
+    REUSED = "reused"  # done before with the same fingerprint
+    SKIPPED = "skipped"  # cannot run here (no judge key), or needs a stage that did not run
+    NOT_SELECTED = "not selected"  # outside stages=[...]
+    FAILED = "failed"  # its command failed or its inputs could not be had; the run stopped there
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass
 class Stage:
-    name: str                     # also its directory under the root: train/LLaMA-GPT4
-    module: str                   # gpt4llm.train
-    args: list[str]               # the command's Hydra overrides (the run directory is added)
-    needs: list[str] = field(default_factory=list)   # the stages whose outputs it reads
-    after: list[str] = field(default_factory=list)   # stages it reads when they ran (a skipped one does not block it)
+    name: str  # also its directory under the root: train/LLaMA-GPT4
+    module: str  # gpt4llm.train
+    args: list[str]  # the command's Hydra overrides (the run directory is added)
+    needs: list[str] = field(default_factory=list)  # the stages whose outputs it reads
+    after: list[str] = field(default_factory=list)  # stages it reads when they ran (a skipped one does not block it)
     inputs: list[str] = field(default_factory=list)  # outside files whose content it reads
+    downloads: dict[str, dict] = field(default_factory=dict)  # input path -> {url, checksum}: fetched when it runs
     outputs: list[str] = field(default_factory=list)  # what its directory must hold when it succeeds
     launcher: list[str] | None = None  # the multi-node prefix (srun, torchrun ...) for training stages
-    skip: str | None = None       # why it does not run (no judge key): said in the report
+    skip: str | None = None  # why it does not run (no judge key): said in the report
     runtime_args: Callable[[], list[str]] | None = None  # settings known only when it runs (a served judge's URL)
 
 
 @dataclass
 class Outcome:
     stage: Stage
-    status: str                   # ran, reused, skipped, not selected, failed
+    status: Status
     reason: str = ""
     seconds: float | None = None
     command: str = ""
@@ -76,8 +91,14 @@ def version() -> str:
 
 
 class Pipeline:
-    def __init__(self, root: str | Path, stages: list[Stage], force: list[str] = (), only: list[str] | None = None,
-                 echo: Callable[[str], None] = print):
+    def __init__(
+        self,
+        root: str | Path,
+        stages: list[Stage],
+        force: list[str] = (),
+        only: list[str] | None = None,
+        echo: Callable[[str], None] = print,
+    ):
         self.root = Path(root)
         self.stages = stages
         self.force, self.only = list(force), list(only) if only else None
@@ -88,7 +109,7 @@ class Pipeline:
         for stage in stages:
             unknown = [n for n in stage.needs + stage.after if n not in names[: names.index(stage.name)]]
             if unknown:
-                raise ValueError(f"stage {stage.name} needs {unknown}, which do not come before it")
+                raise ConfigError(f"stage {stage.name} needs {unknown}, which do not come before it")
 
     def directory(self, stage: Stage) -> Path:
         return self.root / stage.name
@@ -97,12 +118,32 @@ class Pipeline:
         path = self.directory(stage) / DONE
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def fingerprint(self, stage: Stage) -> str:
-        missing = [p for p in stage.inputs if not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"stage {stage.name}: {missing[0]}: no such file")
+    def missing_inputs(self, stage: Stage) -> list[str]:
+        return [p for p in stage.inputs if not Path(p).is_file()]
+
+    def fetch_inputs(self, stage: Stage) -> None:
+        """The stage's outside files, downloaded now where they are missing and have a URL (never while the study is
+        planned); a StageFailed naming the path and what to do where one cannot be had."""
+        from gpt4llm.data.sources import ensure_file
+
+        for path in self.missing_inputs(stage):
+            source = stage.downloads.get(path) or {}
+            try:
+                ensure_file(path, source.get("url"), checksum=source.get("checksum"))
+            except (GPT4LLMError, OSError) as err:
+                raise StageFailed(
+                    f"stage {stage.name}: its input {path} is missing and could not be had ({err}); "
+                    f"copy the file there, or point the preset at a copy"
+                ) from None
+
+    def fingerprint(self, stage: Stage) -> str | None:
+        """The digest of what decides the stage's outputs; None while an outside file it reads is missing."""
+        if self.missing_inputs(stage):
+            return None
         content = {
-            "module": stage.module, "args": stage.args, "version": version(),
+            "module": stage.module,
+            "args": stage.args,
+            "version": version(),
             "needs": {n: self.fingerprints.get(n) for n in stage.needs + stage.after},
             "inputs": {str(p): file_digest(Path(p), "sha256") for p in stage.inputs},
             "launcher": bool(stage.launcher),
@@ -113,48 +154,64 @@ class Pipeline:
         return self.only is None or any(fnmatch.fnmatch(stage.name, p) for p in self.only)
 
     def run(self) -> list[Outcome]:
+        """Every stage's outcome, in order. A failed stage stops the run: its StageFailed carries the outcomes so far
+        (`.outcomes`, the failed one last), so the report can still be written."""
         outcomes: list[Outcome] = []
         by_name: dict[str, Outcome] = {}
         started_all = time.monotonic()
         for index, stage in enumerate(self.stages, 1):
             where = f"[{index}/{len(self.stages)}] {stage.name}"
-            blocked = [n for n in stage.needs if by_name[n].status in ("skipped", "failed")]
-            record = self.record(stage)
-            unfinished = [n for n in stage.needs if by_name[n].status == "not selected" and not by_name[n].fingerprint]
-            if stage.skip or blocked:
-                reason = stage.skip or f"it needs {', '.join(blocked)}, which did not run"
-                outcome = Outcome(stage, "skipped", reason)
-            elif not self.selected(stage):
-                fp = None if unfinished else self.fingerprint(stage)
-                done = record is not None and record.get("fingerprint") == fp
-                if fp:
-                    self.fingerprints[stage.name] = fp
-                outcome = Outcome(stage, "not selected", "" if done else "not selected, and not done with these settings",
-                                  record.get("seconds") if done else None, record.get("command", "") if done else "",
-                                  fp if done else "")
-            else:
-                if unfinished:
-                    raise StageFailed(f"stage {stage.name} needs {', '.join(unfinished)}, which has not run with these "
-                                      f"settings: select it too (stages=[...]) or run without stages=")
-                fp = self.fingerprint(stage)
-                self.fingerprints[stage.name] = fp
-                if record and record.get("fingerprint") == fp and stage.name not in self.force:
-                    outcome = Outcome(stage, "reused", f"unchanged since {record['finished']}", record["seconds"],
-                                      record["command"], fp)
-                else:
-                    self.echo(f"{where}: running{self.eta(index)}")
-                    outcome = self.execute(stage, fp, "its settings or inputs changed" if record else "not done before")
+            try:
+                outcome = self.run_stage(stage, index, by_name)
+            except StageFailed as err:
+                outcomes.append(Outcome(stage, Status.FAILED, str(err).splitlines()[0]))
+                err.outcomes = outcomes
+                raise
             by_name[stage.name] = outcome
             outcomes.append(outcome)
-            if outcome.status != "ran":
+            if outcome.status != Status.RAN:
                 self.echo(f"{where}: {outcome.status}{': ' + outcome.reason if outcome.reason else ''}")
         self.echo(f"All {len(self.stages)} stages in {_duration(time.monotonic() - started_all)}")
         return outcomes
 
+    def run_stage(self, stage: Stage, index: int, by_name: dict[str, Outcome]) -> Outcome:
+        blocked = [n for n in stage.needs if by_name[n].status in (Status.SKIPPED, Status.FAILED)]
+        record = self.record(stage)
+        unfinished = [n for n in stage.needs if by_name[n].status == Status.NOT_SELECTED and not by_name[n].fingerprint]
+        if stage.skip or blocked:
+            return Outcome(stage, Status.SKIPPED, stage.skip or f"it needs {', '.join(blocked)}, which did not run")
+        if not self.selected(stage):
+            fp = None if unfinished else self.fingerprint(stage)
+            done = fp is not None and record is not None and record.get("fingerprint") == fp
+            if fp:
+                self.fingerprints[stage.name] = fp
+            return Outcome(
+                stage,
+                Status.NOT_SELECTED,
+                "" if done else "not selected, and not done with these settings",
+                record.get("seconds") if done else None,
+                record.get("command", "") if done else "",
+                fp if done else "",
+            )
+        if unfinished:
+            raise StageFailed(
+                f"stage {stage.name} needs {', '.join(unfinished)}, which has not run with these "
+                f"settings: select it too (stages=[...]) or run without stages="
+            )
+        self.fetch_inputs(stage)
+        fp = self.fingerprint(stage)
+        self.fingerprints[stage.name] = fp
+        if record and record.get("fingerprint") == fp and stage.name not in self.force:
+            return Outcome(
+                stage, Status.REUSED, f"unchanged since {record['finished']}", record["seconds"], record["command"], fp
+            )
+        self.echo(f"[{index}/{len(self.stages)}] {stage.name}: running{self.eta(index)}")
+        return self.execute(stage, fp, "its settings or inputs changed" if record else "not done before")
+
     def eta(self, index: int) -> str:
         """From the remaining stages' durations last time (their stage.json, even stale ones) where known, else from
         the mean of the stages run so far."""
-        left = self.stages[index - 1:]
+        left = self.stages[index - 1 :]
         known = [r["seconds"] for s in left if (r := self.record(s)) and r.get("seconds")]
         if known:
             return f" (the stages left took {_duration(sum(known))} last time)"
@@ -173,7 +230,9 @@ class Pipeline:
         shown = " ".join(command[1:] if not stage.launcher else command)
         started = time.monotonic()
         env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
-        if stage.launcher:  # every rank the launcher starts writes to this one directory (training.hardware.check_launch)
+        if (
+            stage.launcher
+        ):  # every rank the launcher starts writes to this one directory (training.hardware.check_launch)
             env["GPT4LLM_RUN_ID"] = f"{stage.name.replace('/', '_')}_{fingerprint}"
         with (directory / LOG).open("w") as log:
             log.write(f"$ {shown}\n")
@@ -186,13 +245,23 @@ class Pipeline:
             what = f"exited with status {code}" if code else f"did not write {', '.join(missing)}"
             raise StageFailed(f"stage {stage.name} {what}; its log: {directory / LOG}\n{tail}")
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_text(directory / DONE, json.dumps({
-            "stage": stage.name, "fingerprint": fingerprint, "command": shown, "seconds": round(seconds, 1),
-            "finished": finished, "outputs": stage.outputs,
-        }, indent=1))
+        write_text(
+            directory / DONE,
+            json.dumps(
+                {
+                    "stage": stage.name,
+                    "fingerprint": fingerprint,
+                    "command": shown,
+                    "seconds": round(seconds, 1),
+                    "finished": finished,
+                    "outputs": stage.outputs,
+                },
+                indent=1,
+            ),
+        )
         self.durations.append(seconds)
         self.echo(f"  {stage.name}: done in {_duration(seconds)} ({reason})")
-        return Outcome(stage, "ran", reason, round(seconds, 1), shown, fingerprint)
+        return Outcome(stage, Status.RAN, reason, round(seconds, 1), shown, fingerprint)
 
 
 def _duration(seconds: float) -> str:

@@ -37,13 +37,27 @@ def unblind(study: Study, votes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for criterion, choice in vote["choices"].items():
             winner = None if choice == "tie" else shown[0] if choice == "A" else shown[1]
             outcome = "tie" if winner is None else "win" if winner == task.models[0] else "lose"
-            rows.append({"rater": vote["rater"], "task": task.index, "item": task.item, "model": task.models[0],
-                         "opponent": task.models[1], "shown": list(shown), "criterion": criterion,
-                         "choice": choice, "winner": winner, "outcome": outcome, "seconds": vote["seconds"]})
+            rows.append(
+                {
+                    "rater": vote["rater"],
+                    "task": task.index,
+                    "item": task.item,
+                    "model": task.models[0],
+                    "opponent": task.models[1],
+                    "shown": list(shown),
+                    "criterion": criterion,
+                    "choice": choice,
+                    "winner": winner,
+                    "outcome": outcome,
+                    "seconds": vote["seconds"],
+                }
+            )
     return rows
 
 
-def fraction_interval(counts: np.ndarray, totals: np.ndarray, confidence: float, resamples: int, seed: int) -> list[float] | None:
+def fraction_interval(
+    counts: np.ndarray, totals: np.ndarray, confidence: float, resamples: int, seed: int
+) -> list[float] | None:
     """The percentile bootstrap interval of sum(counts)/sum(totals) over tasks resampled with replacement."""
     from scipy.stats import bootstrap
 
@@ -53,8 +67,14 @@ def fraction_interval(counts: np.ndarray, totals: np.ndarray, confidence: float,
     if np.all(counts / totals == point):
         return [float(point), float(point)]  # every task alike: the interval is the point (scipy warns, degenerate)
     result = bootstrap(
-        (counts, totals), lambda k, n, axis: k.sum(axis=axis) / n.sum(axis=axis), paired=True, vectorized=True,
-        n_resamples=resamples, confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+        (counts, totals),
+        lambda k, n, axis: k.sum(axis=axis) / n.sum(axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=resamples,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
     )
     return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
@@ -90,7 +110,9 @@ def cohen_pairs(outcome_by_rater: dict[str, dict[int, str]]) -> list[dict[str, A
     return pairs
 
 
-def build_report(study: Study, store: VoteStore, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+def build_report(
+    study: Study, store: VoteStore, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     rows = unblind(study, store.latest_votes())
     comparisons = []
     for model, opponent in itertools.combinations(study.models, 2):
@@ -107,17 +129,30 @@ def build_report(study: Study, store: VoteStore, confidence: float = 0.95, resam
             tasks = sorted(by_task)
             totals = np.array([len(by_task[t]) for t in tasks], dtype=float)
             criteria[criterion] = {
-                "votes": len(votes), "tasks": len(tasks), "counts": counts,
+                "votes": len(votes),
+                "tasks": len(tasks),
+                "counts": counts,
                 "fractions": {o: counts[o] / len(votes) if votes else None for o in OUTCOMES},
-                "ci": {o: fraction_interval(np.array([by_task[t].count(o) for t in tasks], dtype=float), totals,
-                                            confidence, resamples, seed) if votes else None for o in OUTCOMES},
+                "ci": {
+                    o: fraction_interval(
+                        np.array([by_task[t].count(o) for t in tasks], dtype=float), totals, confidence, resamples, seed
+                    )
+                    if votes
+                    else None
+                    for o in OUTCOMES
+                },
                 "agreement": {"fleiss": fleiss(by_task), "cohen": cohen_pairs(by_rater)},
             }
-        comparisons.append({"model": model, "opponent": opponent, "criteria": criteria,
-                            "raters": sorted({r["rater"] for r in mine})})
+        comparisons.append(
+            {"model": model, "opponent": opponent, "criteria": criteria, "raters": sorted({r["rater"] for r in mine})}
+        )
     return {
-        "study": str(study.directory), "items": len(study.items), "models": study.models,
-        "criteria": study.criteria, "confidence": confidence, "resamples": resamples,
+        "study": str(study.directory),
+        "items": len(study.items),
+        "models": study.models,
+        "criteria": study.criteria,
+        "confidence": confidence,
+        "resamples": resamples,
         "outcomes": {"win": "the model's answer was better", "lose": "the opponent's was better", "tie": "a tie"},
         "comparisons": comparisons,
     }

@@ -1,7 +1,8 @@
 """Reward-model evaluation: rewards of a model's answers, and the paper's best-of-N ranking groups.
 
-Scoring is `gpt4llm.inference.rewards.score_records` (the reward model's own code). A best-of-N file is `gpt4llm.bestofn`'s
-output: per prompt, N samples `ranked` 1..N by reward, and the greedy `baseline`. The paper's ranking group k is
+Scoring is `gpt4llm.inference.scoring.score_records` (the reward model's own code). A best-of-N file is
+`gpt4llm.bestofn`'s output: per prompt, N samples `ranked` 1..N by reward, and the greedy `baseline`. The paper's
+ranking group k is
 every prompt's k-th ranked answer and group B the baselines (section 3(e) of docs/paper_spec.md); each group is
 also written as a responses file (model name rank1..rankN, B), which `evaluate metric=judge` scores against an
 opponent and `plots` draws as the ranking bars.
@@ -13,7 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.records import RecordError, read_json_records
+from gpt4llm.data.records import read_json_records
+from gpt4llm.errors import RecordError
 
 
 def is_best_of_n(path: str | Path) -> bool:
@@ -33,9 +35,16 @@ def ranking_groups(path: str | Path) -> dict[str, list[dict[str, Any]]]:
                 raise RecordError(f"{where}: field '{name}' is {type(row[name]).__name__}")
         base = {"id": row["id"], "instruction": row["instruction"], "input": row.get("input", "")}
         for k, item in enumerate(row["ranked"]):
-            if not isinstance(item, dict) or not isinstance(item.get("response"), str) or not isinstance(item.get("reward"), (int, float)):
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("response"), str)
+                or not isinstance(item.get("reward"), (int, float))
+            ):
                 raise RecordError(f"{where}: field 'ranked[{k}]' needs a string 'response' and a number 'reward'")
-            groups[f"rank{item.get('rank', k + 1)}"].append(base | {"response": item["response"], "reward": item["reward"], "model": f"rank{item.get('rank', k + 1)}"})
+            groups[f"rank{item.get('rank', k + 1)}"].append(
+                base
+                | {"response": item["response"], "reward": item["reward"], "model": f"rank{item.get('rank', k + 1)}"}
+            )
         baseline = row["baseline"]
         if not isinstance(baseline.get("response"), str):
             raise RecordError(f"{where}: field 'baseline.response' is missing")
@@ -48,10 +57,12 @@ def ranking_groups(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 def score_answers(model_dir: str | Path, answers: list[dict], batch_size: int = 8) -> list[float]:
     """The reward model's reward for each answer, with the prompt built from its instruction and input."""
-    from gpt4llm.inference.rewards import score_records
+    from gpt4llm.inference.scoring import score_records
 
     return score_records(
-        model_dir, [{"instruction": a["instruction"], "input": a.get("input", ""), "response": a["response"]} for a in answers], batch_size
+        model_dir,
+        [{"instruction": a["instruction"], "input": a.get("input", ""), "response": a["response"]} for a in answers],
+        batch_size,
     )
 
 
@@ -65,5 +76,7 @@ def summarize_rewards(answers: list[dict]) -> dict[str, Any]:
     return {
         "scored": len(rewards),
         "mean_reward": sum(rewards) / len(rewards) if rewards else None,
-        "per_category": {c: {"scored": len(v), "mean_reward": sum(v) / len(v)} for c, v in sorted(per_category.items())},
+        "per_category": {
+            c: {"scored": len(v), "mean_reward": sum(v) / len(v)} for c, v in sorted(per_category.items())
+        },
     }

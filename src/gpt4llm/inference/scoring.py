@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt4llm.data.records import RecordError
+from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.io import atomic
 
 
@@ -27,7 +27,9 @@ def record_prompt(record: dict, index: int) -> str:
     return format_prompt(record["instruction"], record.get("input", ""))
 
 
-def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 8, normalize: bool = False) -> list[float]:
+def score_records(
+    model_dir: str | Path, records: list[dict], batch_size: int = 8, normalize: bool = False
+) -> list[float]:
     """One reward per record (`prompt` or `instruction`/`input`, and `response`), in input order.
 
     Sequences are built and truncated exactly as in reward-model training, and the reward is read at the last token.
@@ -35,10 +37,9 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
     """
     import torch
 
-    from gpt4llm.data.encoding import padded_batch
-    from gpt4llm.data.pairs import encode_responses
-    from gpt4llm.models.hf import load_tokenizer
-    from gpt4llm.models.reward import load_reward_model, sequence_rewards
+    from gpt4llm.data.encoding import encode_responses, padded_batch
+    from gpt4llm.data.tokenizer import load_tokenizer
+    from gpt4llm.models.reward_module import load_reward_model, sequence_rewards
 
     prompts = [record_prompt(r, i) for i, r in enumerate(records)]
     tokenizer = load_tokenizer(str(model_dir))
@@ -50,7 +51,9 @@ def score_records(model_dir: str | Path, records: list[dict], batch_size: int = 
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch = {k: v.to(model.device) for k, v in padded_batch([ids[i] for i in rows], tokenizer.pad_token_id).items()}
+            batch = {
+                k: v.to(model.device) for k, v in padded_batch([ids[i] for i in rows], tokenizer.pad_token_id).items()
+            }
             for i, reward in zip(rows, sequence_rewards(model, **batch).tolist()):
                 rewards[i] = reward
     if normalize:
@@ -63,7 +66,7 @@ def reward_statistics(config, model_dir) -> tuple[float, float]:
     """The validation reward mean and std that `train task=rm` stored in the exported config."""
     mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
     if mean is None or not std:
-        raise ValueError(f"{model_dir}: no reward_mean/reward_std in its config (trained without validation data)")
+        raise ConfigError(f"{model_dir}: no reward_mean/reward_std in its config (trained without validation data)")
     return mean, std
 
 

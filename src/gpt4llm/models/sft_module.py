@@ -8,8 +8,8 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from gpt4llm.data.sft import IGNORE_INDEX
-from gpt4llm.models.base import HFBackboneModule
+from gpt4llm.data.encoding import IGNORE_INDEX
+from gpt4llm.models.base_module import HFBackboneModule
 from gpt4llm.models.hf import load_causal_lm
 
 
@@ -40,7 +40,7 @@ class SFTModule(HFBackboneModule):
         )
 
     def forward(self, batch: dict[str, torch.Tensor], logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
-        # A padded batch has an attention mask; a packed one has position ids instead (see data.sft.PackedCollator).
+        # A padded batch has an attention mask; a packed one has position ids instead (data.collators.PackedCollator).
         return self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),

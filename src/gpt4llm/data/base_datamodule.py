@@ -21,7 +21,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gpt4llm.data.cache import SplitSettings
 from gpt4llm.data.samplers import EpochSampler, InOrderSampler, ShuffledSampler
-from gpt4llm.data.sources import DownloadError, ensure_file
+from gpt4llm.data.sources import ensure_file
+from gpt4llm.errors import DownloadError, MissingFileError, RecordError
 from gpt4llm.io import atomic
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, with no such local path: a dataset on the Hugging Face hub
@@ -43,6 +44,23 @@ def hub_snapshot(dataset_id: str, cache_dir: Path) -> Path:
     if not target.exists():
         atomic.write_jsonl(target, split.to_list())
     return target
+
+
+def batches_per_epoch(examples: int, world_size: int, batch_size: int) -> int:
+    """Training batches per device per epoch: `examples`, sharded as Lightning's DistributedSampler does (padded to
+    equal shards), in batches of `batch_size` (the last one partial). `plan` counts with it too."""
+    return math.ceil(math.ceil(examples / world_size) / batch_size)
+
+
+def check_usable(path: Path, usable: int, val_size: int, unit: str, counted: str) -> None:
+    """The check both split builders make before holding out: something to train on is left, or a RecordError that
+    says how many `unit`s (records, prompts) were usable and why the others were not (`counted`)."""
+    if usable == 0:
+        raise RecordError(f"{path}: no usable {unit} ({counted}); data.skip_invalid=true skips malformed ones")
+    if val_size >= usable:
+        raise RecordError(
+            f"{path}: data.val_size={val_size} leaves no training examples ({counted}): set data.val_size below {usable}"
+        )
 
 
 class SplitsDataModule(L.LightningDataModule):
@@ -107,7 +125,7 @@ class SplitsDataModule(L.LightningDataModule):
         if not self.url and not self.path.exists() and HUB_ID.match(str(self.path)):
             return hub_snapshot(str(self.path), Path(self.cache_dir))
         if not self.url and not self.path.exists():
-            raise FileNotFoundError(f"{self.path}: no such file. {self.missing_file_hint}")
+            raise MissingFileError(f"data.path={self.path}: no such file. {self.missing_file_hint}")
         return ensure_file(
             self.path, self.url, checksum=self.checksum, num_records=self.num_records, required_fields=self.required_fields
         )
@@ -131,9 +149,8 @@ class SplitsDataModule(L.LightningDataModule):
         self.build()  # downloads and tokenizes once per node; `setup` then reads the cache on every rank
 
     def batches_per_epoch(self, world_size: int) -> int:
-        """Training batches per device per epoch: the split, sharded as Lightning's DistributedSampler does (padded to
-        equal shards), in batches of `batch_size` (the last one partial); call after `setup`."""
-        return math.ceil(math.ceil(len(self.splits["train"]) / world_size) / self.batch_size)
+        """Training batches per device per epoch (call after `setup`)."""
+        return batches_per_epoch(len(self.splits["train"]), world_size, self.batch_size)
 
     def shard(self) -> dict[str, int]:
         """This process's place in the run (one process when not training, e.g. `prepare`)."""

@@ -1,4 +1,4 @@
-"""Loading a model's tokenizer so that its ids are the ones the model was trained with.
+"""Loading a model's tokenizer so that its ids are the ones the model was trained with (and it has a pad token).
 
 LLaMA ships a SentencePiece model (`tokenizer.model`), and stanford_alpaca, which the paper ran, tokenized with it
 (`use_fast=False`). transformers 5 has no such path any more: `AutoTokenizer` converts the file to a `tokenizers` BPE
@@ -17,8 +17,10 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from transformers.utils import cached_file
+from gpt4llm.errors import ConfigError, MissingFileError
 
 BACKENDS = ("auto", "sentencepiece", "tokenizers")
+PAD_TOKEN = "[PAD]"  # stanford_alpaca's DEFAULT_PAD_TOKEN
 SPECIAL_TOKENS_PATTERN = {(True, False): "bos", (True, True): "bos_eos", (False, True): "eos", (False, False): "none"}
 
 
@@ -80,10 +82,10 @@ def model_file(path: str | Path, name: str) -> Path | None:
 def resolve_backend(path: str | Path, backend: str = "auto") -> str:
     """`auto`: SentencePiece where the model ships a SentencePiece model, transformers' `tokenizers` otherwise."""
     if backend not in BACKENDS:
-        raise ValueError(f"model.tokenizer={backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"model.tokenizer={backend!r}: choose one of {', '.join(BACKENDS)}")
     has_model_file = model_file(path, "tokenizer.model") is not None
     if backend == "sentencepiece" and not has_model_file:
-        raise FileNotFoundError(f"model.tokenizer=sentencepiece, but {path} has no tokenizer.model")
+        raise MissingFileError(f"model.tokenizer=sentencepiece, but {path} has no tokenizer.model")
     if backend == "auto":
         return "sentencepiece" if has_model_file else "tokenizers"
     return backend
@@ -111,3 +113,14 @@ def describe(tokenizer) -> dict[str, str]:
     """What reports say about the tokenizer: where it came from and which library made its ids."""
     backend = "sentencepiece" if isinstance(tokenizer, SentencePieceTokenizer) else "tokenizers"
     return {"name": str(getattr(tokenizer, "name_or_path", "")), "backend": backend, "class": type(tokenizer).__name__}
+
+
+def load_tokenizer(path: str, padding_side: str = "right", backend: str = "auto"):
+    """The model's tokenizer (SentencePiece's ids where it ships tokenizer.model: gpt4llm.data.tokenizer) with a pad
+    token; LLaMA has none, so one is added as stanford_alpaca did."""
+    tokenizer = load_pretrained_tokenizer(path, backend, padding_side=padding_side)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"{path}: the tokenizer has no EOS token; SFT targets end with it, so it must exist")
+    return tokenizer

@@ -15,22 +15,18 @@ import numpy as np
 from datasets import DatasetDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from gpt4llm.data.base_datamodule import SplitsDataModule, check_usable
 from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
+from gpt4llm.data.collators import PACKING_ATTENTION, PackedCollator, SFTCollator
 from gpt4llm.data.demo import write_demo_file
-from gpt4llm.data.records import RecordError, load_instruction_records
-from gpt4llm.data.samplers import ShuffledSampler
-from gpt4llm.data.sft import (
-    LengthGroupedSampler,
-    PackedCollator,
-    SFTCollator,
-    tokenize_batch,
-)
-from gpt4llm.data.splits import SplitsDataModule
-from gpt4llm.models.attention import VARLEN
-from gpt4llm.models.tokenizer import describe
+from gpt4llm.data.records import load_instruction_records
+from gpt4llm.data.samplers import LengthGroupedSampler, ShuffledSampler
+from gpt4llm.data.sft_examples import tokenize_batch
+from gpt4llm.data.tokenizer import describe
+from gpt4llm.errors import ConfigError
 
-# How training batches are laid out: "packed" (one row, no padding: data.sft.PackedCollator), "grouped" (padded
-# batches of similar lengths: data.sft.LengthGroupedSampler), "random" (padded, in random order), or "auto".
+# How training batches are laid out: "packed" (one row, no padding: data.collators.PackedCollator), "grouped" (padded
+# batches of similar lengths: data.samplers.LengthGroupedSampler), "random" (padded, in random order), or "auto".
 BATCHING = ("auto", "packed", "grouped", "random")
 
 
@@ -40,7 +36,7 @@ def resolve_batching(batching: str, attn_implementation: str | None) -> str:
     packed row is one block-masked attention over the sum of the lengths."""
     if batching != "auto":
         return batching
-    return "packed" if attn_implementation in VARLEN else "grouped"
+    return "packed" if attn_implementation in PACKING_ATTENTION else "grouped"
 
 
 CACHE_VERSION = 2  # bump when reading, tokenize_batch or the split changes what it produces
@@ -53,19 +49,17 @@ def build_sft_splits(path: str | Path, tokenizer, settings: SplitSettings, cache
 
     def build() -> tuple[DatasetDict, dict[str, Any]]:
         records, load_report = load_instruction_records(path, skip_invalid=skip_invalid)
+        skipped = {reason: s["count"] for reason, s in load_report.summary()["skipped"].items()}
         if not records:
-            raise ValueError(f"{path}: no usable records ({load_report.summary()['skipped']})")
+            check_usable(path, 0, val_size, "records", f"of {load_report.total}; skipped: {skipped or 'none'}")
         tokenized = tokenize_rows(records, tokenize_batch, tokenizer, max_length, path)
         # A prompt that fills the whole length leaves nothing to learn from (stanford_alpaca kept such rows; their
         # loss is 0/0), so they are dropped and reported.
         no_target = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n == 0]
         usable = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n > 0]
-        if val_size >= len(usable):
-            skipped = {reason: s["count"] for reason, s in load_report.summary()["skipped"].items()}
-            raise RecordError(
-                f"{path}: data.val_size={val_size} leaves no training examples ({len(usable)} usable of "
-                f"{load_report.total} records; skipped: {skipped or 'none'}; without a target: {len(no_target)})"
-            )
+        counted = (f"{len(usable)} usable of {load_report.total} records; skipped: {skipped or 'none'}; "
+                   f"without a target: {len(no_target)}")
+        check_usable(path, len(usable), val_size, "records", counted)
         order = random.Random(split_seed).sample(usable, len(usable))
         splits = DatasetDict(train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size])))
         return splits, _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer)
@@ -142,7 +136,7 @@ class SFTDataModule(SplitsDataModule):
         # For datasets whose answers are exact (the demo), generation on this many held-out records is scored.
         self.exact_match_examples = exact_match_examples
         if batching not in BATCHING:
-            raise ValueError(f"data.batching={batching!r}: choose one of {', '.join(BATCHING)}")
+            raise ConfigError(f"data.batching={batching!r}: choose one of {', '.join(BATCHING)}")
         self.batching = resolve_batching(batching, attn_implementation)
 
     def write_demo(self, path: Path, **settings) -> Path:

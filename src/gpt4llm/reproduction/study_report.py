@@ -20,13 +20,23 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gpt4llm.data.sources import file_digest
-from gpt4llm.evaluation import figures as F
 from gpt4llm.evaluation import paper
+from gpt4llm.evaluation import paper_figures as F
 from gpt4llm.io.atomic import write_text
-from gpt4llm.reproduction.stages import Outcome
+from gpt4llm.reproduction.runner import Outcome, Status
 
-PACKAGES = ("gpt4llm", "torch", "transformers", "lightning", "deepspeed", "datasets", "hydra-core", "rouge-score",
-            "openai", "spacy")
+PACKAGES = (
+    "gpt4llm",
+    "torch",
+    "transformers",
+    "lightning",
+    "deepspeed",
+    "datasets",
+    "hydra-core",
+    "rouge-score",
+    "openai",
+    "spacy",
+)
 
 
 @dataclass
@@ -64,9 +74,18 @@ def _where(path: Path, root: Path) -> str:
 
 
 def stage_section(outcomes: list[Outcome]) -> Section:
-    rows = [[str(k), o.stage.name, o.status, o.reason or "", "" if o.seconds is None else f"{o.seconds:.0f}",
-             f"`{o.command}`" if o.command else ""] for k, o in enumerate(outcomes, 1)]
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("ran", "reused", "skipped", "not selected")}
+    rows = [
+        [
+            str(k),
+            o.stage.name,
+            o.status,
+            o.reason or "",
+            "" if o.seconds is None else f"{o.seconds:.0f}",
+            f"`{o.command}`" if o.command else "",
+        ]
+        for k, o in enumerate(outcomes, 1)
+    ]
+    counts = {s: sum(o.status == s for o in outcomes) for s in Status}
     note = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     return Section("Stages", note, ["#", "stage", "status", "why", "seconds", "command"], rows)
 
@@ -77,13 +96,25 @@ def judge_sections(root: Path, preset: DictConfig, outcomes: dict[str, Outcome])
         outcome = outcomes.get(f"judge/{opponent}")
         directory = root / "judge" / opponent
         title = f"GPT-4 review on Vicuna-80 against {opponent} (Table b, Figure 4; best-of-N: Table e)"
-        done = outcome is not None and (outcome.status in ("ran", "reused") or outcome.status == "not selected" and outcome.fingerprint)
+        done = outcome is not None and (
+            outcome.status in (Status.RAN, Status.REUSED)
+            or outcome.status == Status.NOT_SELECTED
+            and outcome.fingerprint
+        )
         if not done:
             why = outcome.reason if outcome else "not in this study"
             rows = [[name, _score(t), "not run", "—", ""] for name, t in paper.RELATIVE.get(opponent, {}).items()]
-            sections.append(Section(title, f"Not run: {why}. The paper's values:", ["model", "paper", "ours", "difference", "source"], rows))
+            sections.append(
+                Section(
+                    title,
+                    f"Not run: {why}. The paper's values:",
+                    ["model", "paper", "ours", "difference", "source"],
+                    rows,
+                )
+            )
             continue
         rows = []
+
         def order(path: Path):  # the study's models first, then the ranking groups 1..N and B
             name = path.stem.removeprefix("judge_summary_")
             return (bool(F.RANKING_MODEL.match(name)), name == "B", int(name[4:]) if name[4:].isdigit() else 0, name)
@@ -92,16 +123,24 @@ def judge_sections(root: Path, preset: DictConfig, outcomes: dict[str, Outcome])
             summary = F.read_judge_summary(path)
             name = summary["model"]
             published = paper.BEST_OF_N.get(opponent, {}).get(name) or paper.RELATIVE.get(opponent, {}).get(
-                paper.RELATIVE_ROWS.get(name, ""))
+                paper.RELATIVE_ROWS.get(name, "")
+            )
             ours = summary.get("totals")
             scored = summary.get("scored", summary.get("n_scored"))
             label = f"{name} (best-of-N group)" if F.RANKING_MODEL.match(name) else name
-            rows.append([label, _score(published) if published else "—",
-                         _score(ours) + (f" ({scored} scored)" if scored is not None else ""),
-                         _points(_difference(_relative(ours), _relative(published), 0)),
-                         _where(path, root)])
-        note = (f"Relative score = Σ model / Σ {opponent} × 100 over the questions both got scores for. "
-                f"Judge: {_judge_name(directory)}.")
+            rows.append(
+                [
+                    label,
+                    _score(published) if published else "—",
+                    _score(ours) + (f" ({scored} scored)" if scored is not None else ""),
+                    _points(_difference(_relative(ours), _relative(published), 0)),
+                    _where(path, root),
+                ]
+            )
+        note = (
+            f"Relative score = Σ model / Σ {opponent} × 100 over the questions both got scores for. "
+            f"Judge: {_judge_name(directory)}."
+        )
         sections.append(Section(title, note, ["model", "paper", "ours", "difference", "source"], rows))
     return sections
 
@@ -112,8 +151,12 @@ def _judge_name(directory: Path) -> str:
         return "—"
     summary = json.loads(summaries[0].read_text())
     judge = summary.get("judge", {})
-    how = {"pairwise": "FastChat's pairwise review", "single": "the paper's single-answer prompt"}.get(summary.get("mode"), summary.get("mode"))
-    return f"{judge.get('model')} at {judge.get('base_url')}, {how}, scores read by the {summary.get('score_rule')} rule"
+    how = {"pairwise": "FastChat's pairwise review", "single": "the paper's single-answer prompt"}.get(
+        summary.get("mode"), summary.get("mode")
+    )
+    return (
+        f"{judge.get('model')} at {judge.get('base_url')}, {how}, scores read by the {summary.get('score_rule')} rule"
+    )
 
 
 def rouge_section(root: Path, preset: DictConfig) -> Section:
@@ -128,10 +171,16 @@ def rouge_section(root: Path, preset: DictConfig) -> Section:
             row = ours.get(model, {}).get(bucket)
             value = row.get("rougeL") if row else None
             theirs = paper.ROUGE_L.get(model, {}).get(bucket)
-            rows.append([bucket.replace("10-", ">10"), model,
-                         f"{theirs:.4f} (n={paper.ROUGE_BUCKET_SIZES[bucket]})" if theirs is not None else "—",
-                         f"{value:.4f} (n={row['NumInstance']})" if value is not None else "—",
-                         _difference(value, theirs, 4), f"evaluate/rouge/rouge_len{bucket}.json"])
+            rows.append(
+                [
+                    bucket.replace("10-", ">10"),
+                    model,
+                    f"{theirs:.4f} (n={paper.ROUGE_BUCKET_SIZES[bucket]})" if theirs is not None else "—",
+                    f"{value:.4f} (n={row['NumInstance']})" if value is not None else "—",
+                    _difference(value, theirs, 4),
+                    f"evaluate/rouge/rouge_len{bucket}.json",
+                ]
+            )
     return Section(title, "", ["length", "model", "paper", "ours", "difference", "source"], rows)
 
 
@@ -142,13 +191,21 @@ def reward_section(root: Path) -> Section:
         metrics = json.loads(metrics_path.read_text())
         for key in ("val/rm_acc", "val/loss", "train/loss"):
             if key in metrics:
-                rows.append([f"reward model {key}", "not reported", f"{metrics[key]:.4f}", "train/reward_model/metrics.json"])
+                rows.append(
+                    [f"reward model {key}", "not reported", f"{metrics[key]:.4f}", "train/reward_model/metrics.json"]
+                )
     summary_path = root / "evaluate" / "reward" / "reward_summary.json"
     if summary_path.exists():
         for name, s in json.loads(summary_path.read_text()).items():
             mean = s.get("mean_reward")
-            rows.append([f"mean reward of group {name}", "not reported", "—" if mean is None else f"{mean:.4f}",
-                         "evaluate/reward/reward_summary.json"])
+            rows.append(
+                [
+                    f"mean reward of group {name}",
+                    "not reported",
+                    "—" if mean is None else f"{mean:.4f}",
+                    "evaluate/reward/reward_summary.json",
+                ]
+            )
     note = "The paper reports no reward-model accuracy (its reward model was never released)."
     return Section("Reward model and best-of-N ranking", note, ["what", "paper", "ours", "source"], rows)
 
@@ -161,8 +218,12 @@ def training_section(root: Path, preset: DictConfig) -> Section:
             m = json.loads(path.read_text())
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k != "global_step")
             rows.append([model, str(m.get("global_step")), shown, f"train/{model}/metrics.json"])
-    return Section("Training runs", "The paper reports no training curves or final losses.",
-                   ["run", "steps", "final metrics", "source"], rows)
+    return Section(
+        "Training runs",
+        "The paper reports no training curves or final losses.",
+        ["run", "steps", "final metrics", "source"],
+        rows,
+    )
 
 
 def human_section(root: Path, preset: DictConfig) -> Section:
@@ -172,35 +233,51 @@ def human_section(root: Path, preset: DictConfig) -> Section:
             win, lose, tie = published[criterion]
             rows.append([f"{model} vs {opponent}", criterion, f"{win:.2f} / {lose:.2f} / {tie:.2f}", "not run"])
     files = [root / "generate" / m / "user_oriented252" / "responses.jsonl" for m in ("LLaMA-GPT4", "Alpaca")]
-    note = ("Human raters are not part of an automatic study. Run the blind study on this study's answers with "
-            f"`python -m gpt4llm.humaneval responses=[{','.join(map(str, files))}]`, then `report=true`.")
-    return Section("Human evaluation on User-Oriented-252 (Figure 3): % model / opponent / tie", note,
-                   ["comparison", "criterion", "paper", "ours"], rows)
+    note = (
+        "Human raters are not part of an automatic study. Run the blind study on this study's answers with "
+        f"`python -m gpt4llm.humaneval responses=[{','.join(map(str, files))}]`, then `report=true`."
+    )
+    return Section(
+        "Human evaluation on User-Oriented-252 (Figure 3): % model / opponent / tie",
+        note,
+        ["comparison", "criterion", "paper", "ours"],
+        rows,
+    )
 
 
 def chinese_section() -> Section:
     rows = [[name, _score(totals), "not run"] for name, totals in paper.CHINESE.items()]
-    note = ("Not part of this study: the Chinese review needs the Vicuna questions translated by GPT-4 (`python -m "
-            "gpt4llm.synthesize job=translate`) and a judge. LLaMA-GPT4-CN's answers to the other sets are in "
-            "generate/LLaMA-GPT4-CN/.")
-    return Section("Chinese evaluation, everything in Chinese, against GPT-4 (Table c)", note, ["model", "paper", "ours"], rows)
+    note = (
+        "Not part of this study: the Chinese review needs the Vicuna questions translated by GPT-4 (`python -m "
+        "gpt4llm.synthesize job=translate`) and a judge. LLaMA-GPT4-CN's answers to the other sets are in "
+        "generate/LLaMA-GPT4-CN/."
+    )
+    return Section(
+        "Chinese evaluation, everything in Chinese, against GPT-4 (Table c)", note, ["model", "paper", "ours"], rows
+    )
 
 
 def provenance_section(root: Path, cfg: DictConfig, command: str, outcomes: list[Outcome], wall: float) -> Section:
     import torch
 
-    rows = [["command", f"`{command}`"], ["output directory", str(root)],
-            ["written", datetime.now(timezone.utc).isoformat(timespec="seconds")],
-            ["wall time of this invocation", f"{wall:.0f} s"],
-            ["stage time, all stages (reused ones as first run)", f"{sum(o.seconds or 0 for o in outcomes):.0f} s"]]
+    rows = [
+        ["command", f"`{command}`"],
+        ["output directory", str(root)],
+        ["written", datetime.now(timezone.utc).isoformat(timespec="seconds")],
+        ["wall time of this invocation", f"{wall:.0f} s"],
+        ["stage time, all stages (reused ones as first run)", f"{sum(o.seconds or 0 for o in outcomes):.0f} s"],
+    ]
     for package in PACKAGES:
         try:
             rows.append([f"package {package}", version(package)])
         except PackageNotFoundError:
             pass
     gpus = [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())]
-    rows += [["python", platform.python_version()], ["machine", f"{platform.platform()}, {os.cpu_count()} CPUs"],
-             ["GPUs", ", ".join(gpus) or "none"]]
+    rows += [
+        ["python", platform.python_version()],
+        ["machine", f"{platform.platform()}, {os.cpu_count()} CPUs"],
+        ["GPUs", ", ".join(gpus) or "none"],
+    ]
     for name, path in data_files(root, outcomes).items():
         rows.append([f"data {name}", f"{path} sha256:{file_digest(path, 'sha256')[:16]}…"])
     rows.append(["config", "config.yaml beside this report (the preset, resolved)"])
@@ -234,8 +311,14 @@ def build(root: Path, cfg: DictConfig, outcomes: list[Outcome], command: str, wa
     by_name = {o.stage.name: o for o in outcomes}
     p = cfg.preset
     return [
-        *judge_sections(root, p, by_name), rouge_section(root, p), reward_section(root), training_section(root, p),
-        human_section(root, p), chinese_section(), figures_section(root), stage_section(outcomes),
+        *judge_sections(root, p, by_name),
+        rouge_section(root, p),
+        reward_section(root),
+        training_section(root, p),
+        human_section(root, p),
+        chinese_section(),
+        figures_section(root),
+        stage_section(outcomes),
         provenance_section(root, cfg, command, outcomes, wall),
     ]
 
@@ -259,14 +342,20 @@ def to_markdown(title: str, intro: str, sections: list[Section]) -> str:
 def to_html(title: str, intro: str, sections: list[Section]) -> str:
     def cell(text: str) -> str:
         escaped = html.escape(text)
-        return f"<code>{escaped[1:-1]}</code>" if len(text) > 1 and text.startswith("`") and text.endswith("`") else escaped
+        return (
+            f"<code>{escaped[1:-1]}</code>"
+            if len(text) > 1 and text.startswith("`") and text.endswith("`")
+            else escaped
+        )
 
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>",
-             "<style>body{font:14px/1.45 system-ui,sans-serif;max-width:80rem;margin:2rem auto;padding:0 1rem}"
-             "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
-             "vertical-align:top;text-align:left}code{font-size:12px;word-break:break-all}img{max-width:48%;"
-             "margin:.5rem 1% .5rem 0;border:1px solid #eee}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"]
+    parts = [
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>",
+        "<style>body{font:14px/1.45 system-ui,sans-serif;max-width:80rem;margin:2rem auto;padding:0 1rem}"
+        "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+        "vertical-align:top;text-align:left}code{font-size:12px;word-break:break-all}img{max-width:48%;"
+        "margin:.5rem 1% .5rem 0;border:1px solid #eee}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
+    ]
     for s in sections:
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.note:

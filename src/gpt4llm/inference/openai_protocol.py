@@ -1,0 +1,207 @@
+"""The OpenAI chat-completions protocol as `gpt4llm.serve` speaks it: the request as pydantic models, the one place
+that refuses fields this server does not honour (by name), errors in OpenAI's shape, and the response bodies.
+
+Everything here is pure (no model, no HTTP): gpt4llm.inference.server turns a checked request into a job for the
+batcher (gpt4llm.inference.batcher) and the finished job into a response with the functions at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gpt4llm.data.prompts import alpaca_prompt
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+ERROR_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error"}
+# user: OpenAI's end-user id, for their abuse monitoring; nothing to do here
+SUPPORTED = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "stream",
+    "stream_options",
+    "user",
+}
+# Fields accepted when they ask for nothing (a client library sending its defaults); any other value is refused.
+NEUTRAL = {
+    "logprobs": (None, False),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "parallel_tool_calls": (None, True, False),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+}
+
+
+class RequestError(Exception):
+    """A request answered with an error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = ERROR_TYPES.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def unauthorized() -> RequestError:
+    return RequestError(401, "Incorrect or missing API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+
+# --- the request ---------------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    # strict: "9" is not a number and true is not 1; extra fields are refused by name in refuse_unsupported instead
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The text: a string, or the joined text parts."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class ChatRequest(_Strict):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+def refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first field this server does not honour (logprobs, tools, response_format, ...)."""
+    unsupported = sorted(k for k, v in body.items() if k not in SUPPORTED and v not in NEUTRAL.get(k, (None,)))
+    if unsupported:
+        raise RequestError(
+            400,
+            f"not supported by this server: {', '.join(unsupported)} (it supports: {', '.join(sorted(SUPPORTED))})",
+            unsupported[0],
+            "unsupported_parameter",
+        )
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """The request, or a RequestError whose `param` names the field at fault."""
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the request body must be a JSON object, not a JSON {type(body).__name__}")
+    refuse_unsupported(body)
+    try:
+        request = ChatRequest.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = _param(first["loc"])
+        raise RequestError(400, f"'{param}': {first['msg']}", param) from None
+    for i, message in enumerate(request.messages):
+        if message.content is None and message.role != "assistant":  # only an assistant turn may come without text
+            raise RequestError(
+                400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content"
+            )
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    if stop is not None and len(stop) > 4:
+        raise RequestError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
+    if request.n is not None and request.n > 1 and request.temperature == 0:
+        raise RequestError(400, "'n' > 1 needs temperature > 0: greedy answers would all be the same", "n")
+    if request.stream and (request.n or 1) > 1:
+        raise RequestError(400, "streaming answers one choice at a time: use n=1", "n")
+    if request.stream and stop:
+        raise RequestError(400, "'stop' is not supported with streaming on this server", "stop")
+    return request
+
+
+def _param(loc: tuple) -> str:
+    """pydantic's error location as the request's field: messages[2].content, max_tokens, ..."""
+    if loc and loc[0] == "messages" and len(loc) > 1 and isinstance(loc[1], int):
+        return f"messages[{loc[1]}]" + (".content" if len(loc) > 2 and loc[2] == "content" else "")
+    return str(loc[0]) if loc else "body"
+
+
+def prompt_from_messages(messages: Any) -> str:
+    """The Alpaca prompt for a chat: the last user message as the instruction, or, when that message already is an
+    Alpaca prompt, the message itself (ending in '### Response:'). System messages and earlier turns are not part of
+    it: the model only ever saw single-turn Alpaca prompts, whose fixed preamble stands in for a system prompt."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    checked = parse_chat_request({"messages": messages}).messages
+    users = [m.text() for m in checked if m.role == "user"]
+    if not users:
+        raise RequestError(400, "'messages' has no user message: the last user message is the instruction", "messages")
+    if not users[-1].strip():
+        raise RequestError(400, "the last user message is empty", "messages")
+    return alpaca_prompt(users[-1])
+
+
+# --- the responses -------------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+
+
+def completion_body(model: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict:
+    """A chat.completion for (text, finish_reason) choices."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+            for i, (text, reason) in enumerate(choices)
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+class ChunkWriter:
+    """The server-sent events of one streamed completion: `data: {chat.completion.chunk}` lines, then `[DONE]`."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.ident, self.created = model, f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(self, delta: dict | None, finish: str | None = None, **extra) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        body = {
+            "id": self.ident,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    @staticmethod
+    def error(err: RequestError) -> str:
+        return f"data: {json.dumps(err.body())}\n\n"
+
+    DONE = "data: [DONE]\n\n"

@@ -1,0 +1,116 @@
+"""`generate_to_file`, the form behind `python -m gpt4llm.generate`: it appends one JSON line per record as each batch
+finishes and, run again on the same file, skips the ids already there, so a killed run loses at most the batch it was
+in. The decoding itself: gpt4llm.models.decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gpt4llm.data.prompts import format_prompt
+from gpt4llm.errors import RecordError
+from gpt4llm.models.decoding import generate_completions
+
+
+def generate_to_file(
+    model,
+    tokenizer,
+    records: list[dict[str, Any]],
+    path: str | Path,
+    decoding: dict[str, Any],
+    batch_size: int = 16,
+    extra: dict[str, Any] | None = None,
+    progress: str | None = "Generating",
+) -> dict[str, int]:
+    """Appends a JSON line per record to `path`: the record's fields (`id`, `instruction`, `input`, and `category`,
+    `reference` where it has them), `prompt`, `response` (`responses` too when decoding.num_samples > 1),
+    `finish_reason`, `num_tokens`, `decoding`, and `extra` (e.g. the model's name).
+
+    `decoding`: max_new_tokens, num_samples, do_sample, and temperature / top_p when sampling. Ids already in the
+    file are skipped; a file written with other decoding settings is refused rather than mixed.
+    """
+    path = Path(path)
+    done = read_done_ids(path, decoding)
+    todo = [r for r in records if str(r["id"]) not in done]
+    counts = {
+        "records": len(records),
+        "already_done": len(records) - len(todo),
+        "generated": 0,
+        "empty": 0,
+        "cut_by_length": 0,
+    }
+    if not todo:
+        return counts
+    sampling = {
+        k: decoding[k] for k in ("temperature", "top_p", "top_k") if decoding.get("do_sample") and k in decoding
+    }
+    prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in todo]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for rows, completions in generate_completions(
+            model,
+            tokenizer,
+            prompts,
+            decoding["max_new_tokens"],
+            batch_size,
+            decoding.get("num_samples", 1),
+            progress=progress,
+            do_sample=bool(decoding.get("do_sample")),
+            **sampling,
+        ):
+            for i, samples in zip(rows, completions):
+                first = samples[0]
+                line = (
+                    dict(todo[i])
+                    | (extra or {})
+                    | {
+                        "prompt": prompts[i],
+                        "response": first.text,
+                        "finish_reason": first.finish_reason,
+                        "num_tokens": first.num_tokens,
+                        "decoding": decoding,
+                    }
+                )
+                if len(samples) > 1:
+                    line["responses"] = [s.text for s in samples]
+                    line["finish_reasons"] = [s.finish_reason for s in samples]
+                    line["num_tokens_all"] = [s.num_tokens for s in samples]
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                counts["generated"] += 1
+                counts["empty"] += not first.text.strip()
+                counts["cut_by_length"] += first.finish_reason == "length"
+            f.flush()  # a batch on disk is a batch a rerun will not redo
+            os.fsync(f.fileno())
+    return counts
+
+
+def read_done_ids(path: Path, decoding: dict[str, Any]) -> set[str]:
+    """Ids of the complete lines in `path`. A last line torn by a kill is cut off, so the next append starts clean."""
+    if not path.exists():
+        return set()
+    done, good_bytes = set(), 0
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            line = json.loads(raw) if raw.endswith(b"\n") else None
+        except json.JSONDecodeError:
+            line = None
+        if not isinstance(line, dict) or "id" not in line:
+            if lineno == len(lines):
+                break  # torn by a kill mid-write: dropped, and generated again
+            raise RecordError(f"{path}: line {lineno} is not a JSON object with an 'id'; fix or remove it to resume")
+        if line.get("decoding") != decoding:
+            raise RecordError(
+                f"{path}: line {lineno} was generated with decoding={line.get('decoding')}, this run asks for "
+                f"{decoding}. Write to another file (output=... or hydra.run.dir=...) instead of mixing them."
+            )
+        done.add(str(line["id"]))
+        good_bytes += len(raw)
+    if good_bytes < path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.truncate(good_bytes)
+    return done

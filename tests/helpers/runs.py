@@ -1,0 +1,44 @@
+"""Running the commands as a user does (`python -m gpt4llm.<command>`), and reading what a run logged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def run_cli(module: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` offline in `cwd`; fails the test with the end of its output unless it exits 0."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def write(path: Path, records) -> Path:
+    """`records` as a JSON file (a list of Alpaca records, say)."""
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    return path
+
+
+def events(run_dir: Path, **size_guidance) -> EventAccumulator:
+    """A run's TensorBoard events, as TensorBoard reads them (purge_step honoured)."""
+    return EventAccumulator(str(run_dir / "tensorboard"), size_guidance=size_guidance or None).Reload()
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar tag of a run, with its values in step order."""
+    logged = events(run_dir)
+    return {tag: [e.value for e in logged.Scalars(tag)] for tag in logged.Tags()["scalars"]}
+
+
+def scalars_by_step(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar tag of a run, with its values by step."""
+    logged = events(run_dir)
+    return {tag: {e.step: e.value for e in logged.Scalars(tag)} for tag in logged.Tags()["scalars"]}

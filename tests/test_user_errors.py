@@ -1,0 +1,108 @@
+"""Bad invocations of every command end the same way: exit status 1, a last stderr line `Error: ...` that names the
+setting or the path at fault, no traceback, and no run directory left behind (gpt4llm.app.cli.reports_user_errors).
+
+The commands run in this process, through their real `main` (Hydra's composition included), so the table stays fast
+enough for the quick tier; the CLI tests elsewhere run the same entry points as subprocesses."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.configs import TINY_OVERRIDES
+
+GOOD = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(12)]
+
+
+def files(tmp: Path) -> dict[str, Path]:
+    """The inputs the table's cases point at: good ones, and bad ones of several kinds."""
+    made = {
+        "good.json": json.dumps(GOOD),
+        "three.json": json.dumps(GOOD[:3]),
+        "malformed.json": '[{"instruction": "a", "output": "b"},',
+        "no_output.json": json.dumps([{"instruction": "a"}]),
+        "not_pairs.json": json.dumps([{"instruction": "a", "output": "b"}]),
+        "answers.jsonl": "".join(json.dumps({"id": i, "model": "m", "response": str(i)}) + "\n" for i in range(3)),
+        "prompts.jsonl": "".join(json.dumps({"instruction": f"q{i}"}) + "\n" for i in range(2)),
+    }
+    for name, text in made.items():
+        (tmp / name).write_text(text)
+    (tmp / "plain_dir").mkdir()
+    return {name: tmp / name for name in [*made, "plain_dir"]}
+
+
+# (command, arguments with {tmp} for the test's directory, what the error line must name)
+CASES = [
+    ("train", ["data.val_size=-5"], "data.val_size=-5"),
+    ("train", ["data.batch_size=0"], "data.batch_size=0"),
+    ("train", ["task.optimizer.lr=-1"], "task.optimizer.lr=-1"),
+    ("train", ["+data.batch_sise=4"], "batch_sise"),
+    ("train", ["trainer.max_steps=0"], "trainer.max_steps=0"),
+    ("train", ["data=local", "data.path={tmp}/missing.json"], "missing.json"),
+    ("train", ["data=local", "data.path={tmp}/malformed.json"], "malformed.json: not valid JSON"),
+    ("train", ["data=local", "data.path={tmp}/no_output.json"], "record 0: field 'output' is missing"),
+    ("train", ["data=local", "data.path={tmp}/three.json", "data.val_size=5"], "data.val_size=5"),
+    ("train", ["data=local", "data.path={tmp}/plain_dir"], "plain_dir"),
+    ("train", ["data.batching=zigzag"], "data.batching='zigzag'"),
+    ("train", ["global_batch_size=7"], "global_batch_size=7"),
+    ("train", ["ckpt_path={tmp}/nothing.ckpt"], "ckpt_path="),
+    ("train", ["model.tokenizer=magic"], "model.tokenizer='magic'"),
+    ("train", ["task=rm", "data=local_pairs", "data.path={tmp}/not_pairs.json"], "not_pairs.json: record 0"),
+    ("prepare", ["data=local", "data.path={tmp}/missing.json"], "missing.json"),
+    ("prepare", ["data.val_size=2.5"], "data.val_size=2.5"),
+    ("plan", ["plan.device=TPU"], "plan.device=TPU"),
+    ("plan", ["model=hf", "model.path={tmp}/no_model"], "model.path="),
+    ("generate", [], "model.path is required"),
+    ("generate", ["model.path={tmp}", "decoding.num_samples=3"], "decoding.num_samples"),
+    ("evaluate", ["metric=rouge", "responses={tmp}/missing.jsonl"], "missing.jsonl"),
+    ("evaluate", ["metric=reward", "responses={tmp}/answers.jsonl"], "metric.model"),
+    ("evaluate", ["metric=rouge", "responses=[{tmp}/answers.jsonl,{tmp}/answers.jsonl]"], "same model name"),
+    ("bestofn", ["sft_model={tmp}", "reward_model={tmp}", "prompts={tmp}/missing.jsonl"], "missing.jsonl"),
+    ("synthesize", ["job=answer"], "instructions=FILE"),
+    ("synthesize", ["job=answer", "instructions={tmp}/missing.json"], "missing.json"),
+    ("synthesize", ["job=score"], "job=score needs responses"),
+    ("synthesize", ["job=translate", "instructions={tmp}/malformed.json"], "malformed.json"),
+    ("serve", [], "model.path is required"),
+    ("serve", ["model.path={tmp}/no_model"], "no_model"),
+    ("humaneval", ["study={tmp}/no_study", "report=true"], "no_study"),
+    ("humaneval", ["responses=[{tmp}/missing.jsonl,{tmp}/answers.jsonl]", "study={tmp}/study"], "missing.jsonl"),
+    ("analyze", ["field=title"], "field=title"),
+    ("plots", ["results={tmp}/nowhere"], "nowhere"),
+]
+
+
+@pytest.mark.parametrize("command, args, named", CASES, ids=[f"{c}:{' '.join(a)}" for c, a, _ in CASES])
+def test_a_bad_invocation_ends_in_one_error_line(command, args, named, tmp_path, monkeypatch, capsys):
+    files(tmp_path)
+    run = tmp_path / "run"
+    argv = [a.format(tmp=tmp_path) for a in args]
+    if command in ("train", "prepare"):  # the tiny model and a small demo, unless the case says otherwise
+        demo = [] if any(a.startswith("data=") for a in argv) else ["data.demo.num_records=60", "data.val_size=10"]
+        argv = _last_wins([*TINY_OVERRIDES, *demo, *argv])
+    argv += [f"hydra.run.dir={run}", f"paths.data_dir={tmp_path / 'data'}"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"gpt4llm-{command}", *argv])
+    monkeypatch.delenv("GPT4LLM_TRACEBACK", raising=False)
+    main = importlib.import_module(f"gpt4llm.{command}").main
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exited.value.code == 1, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert lines and lines[-1].startswith("Error: ") and named in lines[-1], err[-2000:]
+    assert not run.exists(), f"the failed run left {sorted(p.name for p in run.iterdir())}"
+
+
+def _last_wins(overrides: list[str]) -> list[str]:
+    """Hydra refuses a key given twice: a case's own setting replaces the defaults added here."""
+    out: dict[str, str] = {}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        out.pop(key, None)
+        out[key] = override
+    return list(out.values())
