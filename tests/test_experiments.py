@@ -49,6 +49,23 @@ def tiny_opt_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_chat_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny LLaMA as a chat model: its tokenizer carries a Llama-3-style chat template of its own (header tokens,
+    <|eot_id|>), as a chat model's does; it has no tokenizer.model, so its ids come from tokenizers."""
+    import shutil
+
+    from gpt4llm.data.templates import apply_template
+    from gpt4llm.data.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("models") / "tiny-chat"
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    tokenizer = load_tokenizer(str(out))
+    apply_template(tokenizer, "llama3")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def instruction_file(tmp_path_factory) -> Path:
     """Real GPT-4 records where the shared sample is here, else generated records in the same Alpaca format."""
     sample = SHARED_DATA / "alpaca_gpt4_sample_1k.json"
@@ -91,7 +108,7 @@ def comparison_file(instruction_file, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_end_to_end(
-    experiment, tmp_path, sentencepiece_model_dir, tiny_opt_dir, instruction_file, comparison_file
+    experiment, tmp_path, sentencepiece_model_dir, tiny_opt_dir, tiny_chat_dir, instruction_file, comparison_file
 ):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -100,6 +117,8 @@ def test_experiment_runs_end_to_end(
     recipe = compose_train([f"experiment={experiment}"])
     rm = recipe.task._target_.endswith("RewardModule")
     substitute = {"llama": sentencepiece_model_dir, "opt": tiny_opt_dir}[recipe.model.arch.model_type]
+    if recipe.data.get("template", "alpaca") == "chat":  # a chat model of LLaMA's architecture, template included
+        substitute = tiny_chat_dir
     run = tmp_path / "run"
     run_cli(
         "gpt4llm.train",

@@ -65,6 +65,7 @@ def generate(cfg: DictConfig) -> Path:
         batch_size=cfg.batch_size,
         extra={"model": cfg.model.name, "eval": cfg.eval.name},
         progress=f"{cfg.eval.name} / {cfg.model.name}",
+        template=getattr(model.config, "gpt4llm_template", "alpaca"),  # the prompt it was trained with
     )
     log.info(f"Responses: {counts}")
     print(

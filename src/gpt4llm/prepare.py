@@ -24,7 +24,9 @@ def prepare(cfg: DictConfig) -> dict:
 
     check_config(cfg.data, "data")
     check_values(cfg)
-    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny, cfg.model.tokenizer)
+    tokenizer = prepare_tokenizer(
+        cfg.model.path, cfg.model.tiny, cfg.model.tokenizer, cfg.data.get("template", "alpaca")
+    )
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     splits, report = datamodule.build()
     out = Path(cfg.paths.output_dir) / "prepared"

@@ -23,6 +23,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from gpt4llm.app.checks import check_config, check_values
+    from gpt4llm.models import adapters
     from gpt4llm.models.export import export_hf
     from gpt4llm.models.hf import prepare_tokenizer
     from gpt4llm.training.hardware import (
@@ -39,7 +40,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.trainer.accelerator != "cpu":  # bf16 asked for on a GPU without it (V100) stops here, not in a kernel
         check_precision(cfg.trainer.precision, cfg.trainer.accelerator, *cuda_capabilities())
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny, cfg.model.tokenizer)
+    tokenizer = prepare_tokenizer(
+        cfg.model.path, cfg.model.tiny, cfg.model.tokenizer, cfg.data.get("template", "alpaca")
+    )
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = instantiate(cfg.task, tokenizer=tokenizer)
     validating = cfg.data.val_size > 0
@@ -47,10 +50,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("data.val_size=0: nothing is held out (as in the paper); training runs with no validation loop")
     # A resumed run goes on in its run directory: TensorBoard drops what the interrupted run logged past the checkpoint.
     purge = {"purge_step": checkpoint_step(cfg.ckpt_path)} if cfg.ckpt_path else {}
+    strategy = instantiate(cfg.strategy)
+    if adapters.active(cfg.get("peft")) and hasattr(strategy, "exclude_frozen_parameters"):
+        strategy.exclude_frozen_parameters = True  # DeepSpeed's checkpoint of an adapter run: the adapters alone
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         **({} if validating else {"limit_val_batches": 0}),
-        strategy=instantiate(cfg.strategy),
+        strategy=strategy,
         callbacks=[instantiate(c) for c in cfg.callbacks.values() if c],
         logger=[
             instantiate(c, **(purge if c._target_.endswith("TensorBoardLogger") else {}))
@@ -80,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     out = Path(cfg.paths.output_dir)
     if cfg.export:  # on every rank: ZeRO-3 and FSDP gather the weights collectively; rank 0 writes and verifies
-        export_hf(module.model, tokenizer, out / "export", trainer=trainer)
+        export_hf(module.model, tokenizer, out / "export", trainer=trainer, load_base=module.load_base_for_merge)
     if trainer.is_global_zero:
         from gpt4llm.io.atomic import write_text
 

@@ -22,6 +22,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from gpt4llm.data.cache import SplitSettings
 from gpt4llm.data.samplers import EpochSampler, InOrderSampler, ShuffledSampler
 from gpt4llm.data.sources import ensure_file
+from gpt4llm.data.templates import check_template
 from gpt4llm.errors import DownloadError, MissingFileError, RecordError
 from gpt4llm.io import atomic
 
@@ -37,7 +38,8 @@ def hub_snapshot(dataset_id: str, cache_dir: Path) -> Path:
         split = datasets.load_dataset(dataset_id, split="train")
     except Exception as err:  # offline, unknown id, no train split: datasets' many error types
         raise DownloadError(
-            f"data.path={dataset_id}: read as a Hugging Face hub dataset, which could not be loaded ({type(err).__name__}: "
+            f"data.path={dataset_id}: read as a Hugging Face hub dataset, which could not be loaded "
+            f"({type(err).__name__}: "
             f"{str(err)[:200]}). Offline, download it elsewhere and point data.path at a local file."
         ) from err
     target = cache_dir / "hub" / dataset_id.replace("/", "__") / f"{split._fingerprint}.jsonl"
@@ -59,7 +61,8 @@ def check_usable(path: Path, usable: int, val_size: int, unit: str, counted: str
         raise RecordError(f"{path}: no usable {unit} ({counted}); data.skip_invalid=true skips malformed ones")
     if val_size >= usable:
         raise RecordError(
-            f"{path}: data.val_size={val_size} leaves no training examples ({counted}): set data.val_size below {usable}"
+            f"{path}: data.val_size={val_size} leaves no training examples ({counted}): "
+            f"set data.val_size below {usable}"
         )
 
 
@@ -95,9 +98,13 @@ class SplitsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         skip_invalid: bool = False,
         cache_dir: str = "data/cache",
+        template: str = "alpaca",
+        train_on: str = "all_assistant",
     ) -> None:
         super().__init__()
+        check_template(template, train_on)
         self.tokenizer = tokenizer
+        self.template, self.train_on = template, train_on
         self.path, self.url, self.checksum, self.num_records, self.demo = Path(path), url, checksum, num_records, demo
         self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -127,11 +134,18 @@ class SplitsDataModule(L.LightningDataModule):
         if not self.url and not self.path.exists():
             raise MissingFileError(f"data.path={self.path}: no such file. {self.missing_file_hint}")
         return ensure_file(
-            self.path, self.url, checksum=self.checksum, num_records=self.num_records, required_fields=self.required_fields
+            self.path,
+            self.url,
+            checksum=self.checksum,
+            num_records=self.num_records,
+            required_fields=self.required_fields,
         )
 
     def split_settings(self) -> SplitSettings:
-        return SplitSettings(self.max_length, self.val_size, self.split_seed, self.skip_invalid)
+        text = self.tokenizer.chat_template if self.template != "alpaca" else None
+        return SplitSettings(
+            self.max_length, self.val_size, self.split_seed, self.skip_invalid, self.template, self.train_on, text
+        )
 
     def build(self) -> tuple[DatasetDict, dict[str, Any]]:
         return self.build_splits(self.source_file())

@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from datasets import Dataset, DatasetDict, load_from_disk
 
@@ -73,13 +74,13 @@ def _end_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def tokenize_rows(rows: list[dict], tokenize: Callable, tokenizer, max_length: int, path: Path) -> Dataset:
-    """`tokenize(batch, tokenizer, max_length)` over the rows read from `path`: batched through the fast tokenizer,
-    on every core for a large file."""
+def tokenize_rows(rows: list[dict], tokenize: Callable, tokenizer, max_length: int, path: Path, **settings) -> Dataset:
+    """`tokenize(batch, tokenizer, max_length, **settings)` over the rows read from `path`: batched through the fast
+    tokenizer, on every core for a large file."""
     return Dataset.from_list(rows).map(
         DiesWithParent(tokenize),
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, **settings},
         num_proc=os.cpu_count() if len(rows) >= 20_000 else None,  # process start-up costs more than it saves
         desc=f"Tokenizing {path.name}",
     )
@@ -93,6 +94,9 @@ class SplitSettings:
     val_size: int
     split_seed: int = 0
     skip_invalid: bool = False
+    template: str = "alpaca"  # data.templates
+    train_on: str = "all_assistant"
+    template_text: str | None = None  # the chat template itself: the cache keys on the text, not on its name
 
 
 def cached_splits(

@@ -12,19 +12,22 @@ The prompt is put in the Alpaca template unless it holds one already (data.promp
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from gpt4llm.data.conversations import RecordProblem, TurnProblem, check_turns, read_conversation
 from gpt4llm.data.prompts import PREAMBLES, alpaca_prompt
-from gpt4llm.data.records import read_json_records, unicode_problem
+from gpt4llm.data.records import Skip, read_json_records, unicode_problem
 from gpt4llm.errors import RecordError
 
-LAYOUTS = {  # name -> the fields that only this layout has
+LAYOUTS = {  # name -> the fields that only this layout has (the first that matches)
     "comparison_data_v2": ("responses_and_scores",),
     "comparison_data_v1": ("completion_a", "completion_b"),
-    "plain": ("chosen", "rejected"),
+    "sharegpt_preference": ("conversations",),  # LLaMA-Factory's: conversations + chosen + rejected turns
+    "plain": ("chosen", "rejected"),  # prompt: a string or a list of messages; chosen/rejected: strings or messages
 }
 
 
@@ -38,7 +41,7 @@ def _layout(record: dict) -> str:
             return name
     raise _Problem(
         "is not a comparison record: expected 'responses_and_scores' (comparison_data_v2), "
-        "'completion_a'/'completion_b' (v1) or 'prompt'/'chosen'/'rejected'"
+        "'completion_a'/'completion_b' (v1), 'conversations'/'chosen'/'rejected' or 'prompt'/'chosen'/'rejected'"
     )
 
 
@@ -62,11 +65,43 @@ def _score(item: dict, where: str) -> float:
     return float(score)
 
 
-def _ranked_responses(record: dict, layout: str) -> tuple[str, list[tuple[str, float]]]:
-    """The raw prompt and (response, score) pairs of one record, higher score preferred; raises _Problem."""
-    if layout == "plain":
-        return _string(record, "prompt"), [(_string(record, "chosen"), 1.0), (_string(record, "rejected"), 0.0)]
-    prompt = _string(record, "user_input")
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    """A prompt given as a list of turns ({role, content} or ShareGPT's {from, value}) as messages."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise _Problem(f"field '{where}' is not a string or a list of turns")
+    key = "conversations" if any("from" in t for t in value) else "messages"
+    try:
+        return read_conversation({key: value}).messages
+    except RecordProblem as problem:
+        raise _Problem(str(problem).replace(f"'{key}", f"'{where}")) from None
+
+
+def _answer(record: dict, name: str) -> str:
+    """A response given as a string, one turn ({from, value} / {role, content}), or a list whose last turn it is."""
+    value = record.get(name)
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        turns = _messages(value, name)
+        if not turns or turns[-1]["role"] != "assistant":
+            raise _Problem(f"field '{name}' does not end with an assistant turn")
+        return turns[-1]["content"]
+    return _string(record, name)
+
+
+def _ranked_responses(record: dict, layout: str) -> tuple[list[dict[str, str]], list[tuple[str, float]]]:
+    """The prompt as messages and the (response, score) pairs of one record, higher score preferred; raises
+    _Problem."""
+    if layout in ("plain", "sharegpt_preference"):
+        field = "conversations" if layout == "sharegpt_preference" else "prompt"
+        prompt = record.get(field)
+        messages = (
+            [{"role": "user", "content": _string(record, field)}]
+            if not isinstance(prompt, list)
+            else (_messages(prompt, field))
+        )
+        return messages, [(_answer(record, "chosen"), 1.0), (_answer(record, "rejected"), 0.0)]
+    prompt = [{"role": "user", "content": _string(record, "user_input")}]
     if layout == "comparison_data_v1":
         return prompt, [(_string(record, "completion_a"), 1.0), (_string(record, "completion_b"), 0.0)]
     items = record["responses_and_scores"]
@@ -81,7 +116,23 @@ def _ranked_responses(record: dict, layout: str) -> tuple[str, list[tuple[str, f
     return prompt, ranked
 
 
-def read_comparison_pairs(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict], dict[str, Any]]:
+def prompt_key(messages: list[dict[str, str]], template: str) -> str:
+    """The prompt as the pairs carry it: the Alpaca prompt (one user turn, wrapped unless templated already), or the
+    conversation as JSON for a chat template. A _Problem when the Alpaca template cannot hold it."""
+    if template != "alpaca":
+        try:
+            check_turns(messages, final="user")
+        except TurnProblem as problem:
+            raise _Problem(f"the prompt: {problem}") from None
+        return json.dumps(messages, ensure_ascii=False)
+    if [m["role"] for m in messages] != ["user"]:
+        raise Skip(f"the prompt is a conversation ({len(messages)} turns): the paper's template holds one user turn")
+    return alpaca_prompt(messages[0]["content"])
+
+
+def read_comparison_pairs(
+    path: str | Path, skip_invalid: bool = False, template: str = "alpaca"
+) -> tuple[list[dict], dict[str, Any]]:
     """Every (prompt, chosen, rejected) pair of a comparison file, each with its record's index, and what was dropped.
 
     Structural problems (not an object, a missing or non-string field, a missing or non-numeric score) stop with the
@@ -99,10 +150,17 @@ def read_comparison_pairs(path: str | Path, skip_invalid: bool = False) -> tuple
             if not isinstance(record, dict):
                 raise _Problem(f"is a JSON {type(record).__name__}, not an object")
             layout = _layout(record)
-            raw_prompt, ranked = _ranked_responses(record, layout)
+            messages, ranked = _ranked_responses(record, layout)
+            raw_prompt = messages[-1]["content"] if messages else ""
+            prompt = prompt_key(messages, template) if raw_prompt.strip() else ""
+        except Skip as reason:
+            skipped[str(reason)].append(index)
+            continue
         except _Problem as problem:
             if not skip_invalid:
-                raise RecordError(f"{path}: record {index}: {problem} (set data.skip_invalid=true to skip such records)") from None
+                raise RecordError(
+                    f"{path}: record {index}: {problem} (set data.skip_invalid=true to skip such records)"
+                ) from None
             skipped[str(problem)].append(index)
             continue
         layouts[layout] += 1
@@ -113,7 +171,6 @@ def read_comparison_pairs(path: str | Path, skip_invalid: bool = False) -> tuple
             skipped["fewer than two responses"].append(index)
             continue
         templated += raw_prompt.lstrip().startswith(PREAMBLES)
-        prompt = alpaca_prompt(raw_prompt)
         for a in range(len(ranked)):
             for b in range(a + 1, len(ranked)):
                 candidates += 1
@@ -141,5 +198,3 @@ def read_comparison_pairs(path: str | Path, skip_invalid: bool = False) -> tuple
 
 def _counted(reasons: dict[str, list[int]]) -> dict[str, dict]:
     return {reason: {"count": len(ix), "first_indices": sorted(set(ix))[:10]} for reason, ix in reasons.items()}
-
-

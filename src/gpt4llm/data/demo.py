@@ -11,8 +11,8 @@ import json
 import random
 from pathlib import Path
 
-from gpt4llm.io import atomic
 from gpt4llm.errors import ConfigError
+from gpt4llm.io import atomic
 
 WORDS = (
     "apple river stone cloud green tiger piano garden silver window rocket candle forest orange mirror planet "
@@ -103,8 +103,17 @@ def _zh_copy_field(rng: random.Random) -> dict[str, str]:
 # Some answers come from a small closed set (language, parity, counts), the others must be copied or compared from
 # the prompt: the first kind a tiny model learns within minutes, the second takes it longer.
 TASKS = (
-    _sort_numbers, _larger, _reverse_words, _count_words, _copy_field, _language, _parity,
-    _zh_parity, _zh_reverse, _zh_count, _zh_copy_field,
+    _sort_numbers,
+    _larger,
+    _reverse_words,
+    _count_words,
+    _copy_field,
+    _language,
+    _parity,
+    _zh_parity,
+    _zh_reverse,
+    _zh_count,
+    _zh_copy_field,
 )
 
 

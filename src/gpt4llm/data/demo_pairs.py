@@ -20,8 +20,8 @@ from pathlib import Path
 
 from gpt4llm.data.demo import TASKS, make_demo_records
 from gpt4llm.data.prompts import format_prompt
-from gpt4llm.io import atomic
 from gpt4llm.errors import ConfigError
+from gpt4llm.io import atomic
 
 KINDS = ("off_topic", "truncated", "run_on", "other")
 KIND_CYCLE = ("truncated", "run_on", "off_topic", "other", "truncated", "run_on", "off_topic", "off_topic")

@@ -25,16 +25,30 @@ from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.collators import PairCollator
 from gpt4llm.data.comparisons import read_comparison_pairs
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
-from gpt4llm.data.encoding import encode_responses
+from gpt4llm.data.encoding import encode_responses, encode_truncated
+from gpt4llm.data.templates import render
 from gpt4llm.data.tokenizer import describe
 
 CACHE_VERSION = 1  # bump when parsing, tokenization or the split change what the cache holds
 
 
-def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
-    """`datasets.map(batched=True)` function: pairs -> chosen/rejected ids and audit columns."""
-    chosen, chosen_len = encode_responses(tokenizer, batch["prompt"], batch["chosen"], max_length)
-    rejected, rejected_len = encode_responses(tokenizer, batch["prompt"], batch["rejected"], max_length)
+def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int, template: str = "alpaca") -> dict[str, list]:
+    """`datasets.map(batched=True)` function: pairs -> chosen/rejected ids and audit columns. With a chat template
+    the prompt is a conversation (JSON) and each response its final assistant turn, rendered whole."""
+    if template == "alpaca":
+        chosen, chosen_len = encode_responses(tokenizer, batch["prompt"], batch["chosen"], max_length)
+        rejected, rejected_len = encode_responses(tokenizer, batch["prompt"], batch["rejected"], max_length)
+    else:
+        prompts = [json.loads(p) for p in batch["prompt"]]
+        (chosen, chosen_len), (rejected, rejected_len) = (
+            encode_truncated(
+                tokenizer,
+                render(tokenizer, [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, batch[side])]),
+                max_length,
+                add_special_tokens=False,
+            )
+            for side in ("chosen", "rejected")
+        )
     return {
         "chosen_input_ids": chosen,
         "rejected_input_ids": rejected,
@@ -46,31 +60,45 @@ def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int) -> dict[s
     }
 
 
-def build_pair_splits(path: str | Path, tokenizer, settings: SplitSettings, cache_dir: str | Path) -> tuple[DatasetDict, dict[str, Any]]:
+def build_pair_splits(
+    path: str | Path, tokenizer, settings: SplitSettings, cache_dir: str | Path
+) -> tuple[DatasetDict, dict[str, Any]]:
     """Tokenized train/validation pairs and the audit report, from the cache when this was prepared before.
 
     `val_size` counts prompts: all pairs of a held-out prompt are held out (comparison_data_v2 gives up to three
     pairs per prompt, and a prompt seen in training would flatter the held-out accuracy).
     """
     path = Path(path)
-    max_length, val_size, split_seed, skip_invalid = settings.max_length, settings.val_size, settings.split_seed, settings.skip_invalid
+    max_length, val_size, split_seed, skip_invalid = (
+        settings.max_length,
+        settings.val_size,
+        settings.split_seed,
+        settings.skip_invalid,
+    )
 
     def build() -> tuple[DatasetDict, dict[str, Any]]:
-        pairs, read_report = read_comparison_pairs(path, skip_invalid=skip_invalid)
+        pairs, read_report = read_comparison_pairs(path, skip_invalid=skip_invalid, template=settings.template)
         if not pairs:
             check_usable(path, 0, val_size, "pairs", json.dumps(read_report))
-        tokenized = tokenize_rows(pairs, tokenize_pairs, tokenizer, max_length, path)
+        tokenized = tokenize_rows(pairs, tokenize_pairs, tokenizer, max_length, path, template=settings.template)
         identical = [i for i, same in enumerate(tokenized["identical_ids"]) if same]
         usable = [i for i, same in enumerate(tokenized["identical_ids"]) if not same]
         column = tokenized["prompt"]
         prompts = list(dict.fromkeys(column[i] for i in usable))  # unique, in file order
-        check_usable(path, len(prompts), val_size, "prompts", f"{len(prompts)} prompts, {len(usable)} pairs; val_size counts prompts")
+        check_usable(
+            path,
+            len(prompts),
+            val_size,
+            "prompts",
+            f"{len(prompts)} prompts, {len(usable)} pairs; val_size counts prompts",
+        )
         held_out = set(random.Random(split_seed).sample(prompts, val_size))
         splits = DatasetDict(
             train=tokenized.select([i for i in usable if column[i] not in held_out]),
             validation=tokenized.select([i for i in usable if column[i] in held_out]),
         )
-        return splits, _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer)
+        report = _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer)
+        return splits, report | {"template": settings.template}
 
     return cached_splits("pairs", CACHE_VERSION, path, tokenizer, asdict(settings), cache_dir, build)
 
@@ -82,7 +110,8 @@ def _report(path, read_report, tokenized, identical, splits, val_size, max_lengt
     dropped = dict(read_report["dropped_pairs"])
     if identical:
         dropped["identical after tokenization"] = {
-            "count": len(identical), "first_indices": sorted({indices[i] for i in identical})[:10]
+            "count": len(identical),
+            "first_indices": sorted({indices[i] for i in identical})[:10],
         }
     return {
         "file": str(path),
@@ -126,7 +155,8 @@ class PairDataModule(SplitsDataModule):
         dropped = {reason: d["count"] for reason, d in r["dropped_pairs"].items()}
         skipped = {reason: s["count"] for reason, s in r["skipped_records"].items()}
         return (
-            f"Pairs {r['file']}: {r['splits']}; ids by {r['tokenizer']['backend']}; records skipped {skipped or 'none'}; "
+            f"Pairs {r['file']}: {r['splits']}, template {r.get('template', 'alpaca')}; "
+            f"ids by {r['tokenizer']['backend']}; records skipped {skipped or 'none'}; "
             f"pairs dropped {dropped or 'none'}; truncated at {self.max_length} tokens: {r['truncated']['count']}"
         )
 

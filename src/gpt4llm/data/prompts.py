@@ -51,9 +51,14 @@ def chat_template() -> str:
     preamble, after = PROMPT_NO_INPUT.split("{instruction}")
     return (
         "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
-        "{%- if not users -%}{{ raise_exception('an Alpaca prompt needs a user message: the instruction') }}{%- endif -%}"
-        "{{ bos_token }}" + _jinja_text(preamble) + "{{ users[-1]['content'] }}" + _jinja_text(after) +
-        "{%- if messages[-1]['role'] == 'assistant' -%}{{ messages[-1]['content'] }}{{ eos_token }}{%- endif -%}"
+        "{%- if not users -%}"
+        "{{ raise_exception('an Alpaca prompt needs a user message: the instruction') }}"
+        "{%- endif -%}"
+        "{{ bos_token }}"
+        + _jinja_text(preamble)
+        + "{{ users[-1]['content'] }}"
+        + _jinja_text(after)
+        + "{%- if messages[-1]['role'] == 'assistant' -%}{{ messages[-1]['content'] }}{{ eos_token }}{%- endif -%}"
     )
 
 

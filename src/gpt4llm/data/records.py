@@ -12,6 +12,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gpt4llm.data.conversations import (
+    ALPACA_FIELDS,
+    CONVERSATION_KEYS,
+    RecordProblem,
+    TurnProblem,
+    check_turns,
+    read_conversation,
+)
 from gpt4llm.errors import MissingFileError, RecordError
 
 
@@ -77,7 +86,9 @@ def read_json_records(path: str | Path) -> list[Any]:
         if err.msg != "Extra data":  # anything but "a second JSON value follows" is a malformed file
             raise RecordError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
         if text.lstrip().startswith("["):  # a whole list, then more: the error is where the list ends, not in line 1
-            raise RecordError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: text after the list's end)") from err
+            raise RecordError(
+                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: text after the list's end)"
+            ) from err
         data = _read_jsonl(path, text)
     if isinstance(data, dict):  # a one-line JSONL file parses as a single object
         data = [data]
@@ -98,10 +109,6 @@ def _read_jsonl(path: Path, text: str) -> list[Any]:
     return records
 
 
-ALPACA_FIELDS = ("instruction", "input", "output")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
 class Skip(Exception):
     """A record that is well-formed but cannot be trained in the paper's single-turn template (a counted skip)."""
 
@@ -110,28 +117,63 @@ def as_alpaca(record: Any) -> tuple[dict[str, Any], set[str]]:
     """A record of a common instruction layout as Alpaca fields, and the fields it had that are not used.
 
     Alpaca (instruction, input, output); LLaMA-Factory's Alpaca (plus `system` and `history`: a record that uses
-    either cannot be put in the paper's template, and is skipped); single-turn ShareGPT (`conversations` of
-    {from: human|gpt, value}) and OpenAI `messages` ({role: user|assistant, content})."""
+    either cannot be put in the paper's template, and is skipped); single-turn ShareGPT `conversations` and OpenAI
+    `messages`, read by the message layer (data.conversations), the user turn as the instruction."""
     if not isinstance(record, dict):
         return record, set()
-    if "conversations" in record or "messages" in record:
-        key = "conversations" if "conversations" in record else "messages"
-        turns = record[key]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+    key = next((k for k in CONVERSATION_KEYS if k in record), None)
+    if key is not None:
+        try:
+            conversation = read_conversation(record)
+        except RecordProblem:
             return {"instruction": None}, set()  # reported as a structural problem below
-        who, say = ("from", "value") if key == "conversations" else ("role", "content")
-        roles = [ROLES.get(str(t.get(who)), str(t.get(who))) for t in turns]
+        roles = [m["role"] for m in conversation.messages]
         if "system" in roles:
             raise Skip(f"{key} has a system turn (the paper's template has none)")
         if roles != ["user", "assistant"]:
-            raise Skip(f"{key} is not one user turn and one assistant turn ({len(turns)} turns)")
-        fields = {"instruction": turns[0].get(say), "input": "", "output": turns[1].get(say)}
-        return fields, set(record) - {key}
+            raise Skip(f"{key} is not one user turn and one assistant turn ({len(roles)} turns)")
+        user, assistant = (m["content"] for m in conversation.messages)
+        return {"instruction": user, "input": "", "output": assistant}, conversation.unused
     for name, reason in (("history", "history (earlier turns)"), ("system", "a system prompt")):
         if record.get(name):
             raise Skip(f"has {reason}: the paper's template has no place for it")
     fields = {k: record[k] for k in ALPACA_FIELDS if k in record}
     return fields, set(record) - set(ALPACA_FIELDS) - {"history", "system"}
+
+
+def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict], LoadReport]:
+    """Every record as a conversation (`index`, `messages`) that a chat template can train on, de-duplicated, and what
+    was skipped. A record that cannot be read, or whose turns are out of order, empty or of an unknown role, stops
+    with the file, record and turn, unless `skip_invalid`."""
+    raw = read_records(path)
+    report = LoadReport(path=str(path), total=len(raw))
+    seen: set[str] = set()
+    records = []
+    for index, record in enumerate(raw):
+        try:
+            conversation = read_conversation(record)
+            check_turns(conversation.messages)
+            for i, message in enumerate(conversation.messages):
+                if problem := unicode_problem(message["content"]):
+                    raise TurnProblem(f"turn {i}: {problem}")
+        except (RecordProblem, TurnProblem) as problem:
+            if not skip_invalid:
+                raise RecordError(
+                    f"{path}: record {index}: {problem} (set data.skip_invalid=true to skip such records)"
+                ) from None
+            report.skipped[str(problem)].append(index)
+            continue
+        for name in conversation.unused:
+            report.unused_fields[name] = report.unused_fields.get(name, 0) + 1
+        key = json.dumps(conversation.messages, ensure_ascii=False)
+        if key in seen:
+            report.skipped["duplicate record"].append(index)
+            continue
+        seen.add(key)
+        records.append({"index": index, "messages": conversation.messages})
+    report.kept = len(records)
+    report.skipped = dict(report.skipped)
+    return records, report
 
 
 def load_instruction_records(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict], LoadReport]:
@@ -151,7 +193,9 @@ def load_instruction_records(path: str | Path, skip_invalid: bool = False) -> tu
         problem = _structural_problem(record)
         if problem:
             if not skip_invalid:
-                raise RecordError(f"{path}: record {index}: {problem} (set data.skip_invalid=true to skip such records)")
+                raise RecordError(
+                    f"{path}: record {index}: {problem} (set data.skip_invalid=true to skip such records)"
+                )
             report.skipped[problem].append(index)
             continue
         instruction, input_, output = record["instruction"], record.get("input") or "", record["output"]

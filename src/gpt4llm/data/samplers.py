@@ -76,7 +76,13 @@ class LengthGroupedSampler(EpochSampler):
     """
 
     def __init__(
-        self, lengths: list[int], batch_size: int, seed: int = 0, group_batches: int = 64, rank: int = 0, world_size: int = 1
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int = 0,
+        group_batches: int = 64,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__(len(lengths), seed, rank, world_size)
         self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches

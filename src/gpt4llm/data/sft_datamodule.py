@@ -19,9 +19,10 @@ from gpt4llm.data.base_datamodule import SplitsDataModule, check_usable
 from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.collators import PACKING_ATTENTION, PackedCollator, SFTCollator
 from gpt4llm.data.demo import write_demo_file
-from gpt4llm.data.records import load_instruction_records
+from gpt4llm.data.records import load_conversations, load_instruction_records
 from gpt4llm.data.samplers import LengthGroupedSampler, ShuffledSampler
 from gpt4llm.data.sft_examples import tokenize_batch
+from gpt4llm.data.templates import render, render_prompts, tokenize_conversations
 from gpt4llm.data.tokenizer import describe
 from gpt4llm.errors import ConfigError
 
@@ -42,39 +43,59 @@ def resolve_batching(batching: str, attn_implementation: str | None) -> str:
 CACHE_VERSION = 2  # bump when reading, tokenize_batch or the split changes what it produces
 
 
-def build_sft_splits(path: str | Path, tokenizer, settings: SplitSettings, cache_dir: str | Path) -> tuple[DatasetDict, dict[str, Any]]:
+def build_sft_splits(
+    path: str | Path, tokenizer, settings: SplitSettings, cache_dir: str | Path
+) -> tuple[DatasetDict, dict[str, Any]]:
     """Tokenized train/validation splits and the audit report, from the cache when this was prepared before."""
     path = Path(path)
-    max_length, val_size, split_seed, skip_invalid = settings.max_length, settings.val_size, settings.split_seed, settings.skip_invalid
+    max_length, val_size, split_seed, skip_invalid = (
+        settings.max_length,
+        settings.val_size,
+        settings.split_seed,
+        settings.skip_invalid,
+    )
 
     def build() -> tuple[DatasetDict, dict[str, Any]]:
-        records, load_report = load_instruction_records(path, skip_invalid=skip_invalid)
+        chat = settings.template != "alpaca"
+        load = load_conversations if chat else load_instruction_records
+        records, load_report = load(path, skip_invalid=skip_invalid)
         skipped = {reason: s["count"] for reason, s in load_report.summary()["skipped"].items()}
         if not records:
             check_usable(path, 0, val_size, "records", f"of {load_report.total}; skipped: {skipped or 'none'}")
-        tokenized = tokenize_rows(records, tokenize_batch, tokenizer, max_length, path)
-        # A prompt that fills the whole length leaves nothing to learn from (stanford_alpaca kept such rows; their
-        # loss is 0/0), so they are dropped and reported.
+        if chat:
+            tokenized = tokenize_rows(
+                records, tokenize_conversations, tokenizer, max_length, path, train_on=settings.train_on
+            )
+        else:
+            tokenized = tokenize_rows(records, tokenize_batch, tokenizer, max_length, path)
+        # A prompt that fills the whole length (a conversation whose first assistant turn does not fit) leaves nothing
+        # to learn from (stanford_alpaca kept such rows; their loss is 0/0), so they are dropped and reported.
         no_target = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n == 0]
         usable = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n > 0]
-        counted = (f"{len(usable)} usable of {load_report.total} records; skipped: {skipped or 'none'}; "
-                   f"without a target: {len(no_target)}")
+        counted = (
+            f"{len(usable)} usable of {load_report.total} records; skipped: {skipped or 'none'}; "
+            f"without a target: {len(no_target)}"
+        )
         check_usable(path, len(usable), val_size, "records", counted)
         order = random.Random(split_seed).sample(usable, len(usable))
-        splits = DatasetDict(train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size])))
-        return splits, _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer)
+        splits = DatasetDict(
+            train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size]))
+        )
+        report = _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer, chat)
+        return splits, report | {"template": settings.template} | ({"train_on": settings.train_on} if chat else {})
 
     return cached_splits("sft", CACHE_VERSION, path, tokenizer, asdict(settings), cache_dir, build)
 
 
-def _report(path, load_summary, tokenized, no_target, splits, max_length, tokenizer) -> dict[str, Any]:
+def _report(path, load_summary, tokenized, no_target, splits, max_length, tokenizer, chat=False) -> dict[str, Any]:
     lengths = np.asarray(tokenized["untruncated_tokens"])
     kept = np.asarray(tokenized["num_tokens"])
     supervised = np.asarray(tokenized["supervised_tokens"])
     indices = tokenized["index"]
     skipped = dict(load_summary["skipped"])
     if no_target:
-        skipped["prompt fills max_length"] = {"count": len(no_target), "first_indices": [indices[i] for i in no_target[:10]]}
+        reason = "first assistant turn does not fit in max_length" if chat else "prompt fills max_length"
+        skipped[reason] = {"count": len(no_target), "first_indices": [indices[i] for i in no_target[:10]]}
     truncated = [indices[i] for i in np.flatnonzero(lengths > max_length)]
     # Among the examples trained on: a truncated target loses its EOS, and a model never shown EOS never stops.
     dropped = set(no_target)
@@ -89,11 +110,22 @@ def _report(path, load_summary, tokenized, no_target, splits, max_length, tokeni
         "skipped": skipped,
         "splits": {name: len(split) for name, split in splits.items()},
         "truncated": {"count": len(truncated), "first_indices": truncated[:10]},
+        **({"turns_dropped": _turns_dropped(tokenized, no_target)} if chat else {}),
         "missing_eos_label": {"count": len(missing_eos), "first_indices": missing_eos[:10]},
-        "token_length_percentiles": {
-            f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99)
-        } | {"max": int(lengths.max())},
+        "token_length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99)}
+        | {"max": int(lengths.max())},
         "supervised_token_fraction": round(float(supervised.sum() / kept.sum()), 4),
+    }
+
+
+def _turns_dropped(tokenized, no_target) -> dict[str, Any]:
+    """Conversations cut at max_length after an earlier assistant turn (whole turns kept, later ones dropped)."""
+    dropped, indices, skipped = tokenized["turns_dropped"], tokenized["index"], set(no_target)
+    cut = [indices[i] for i, n in enumerate(dropped) if n and i not in skipped]
+    return {
+        "conversations": len(cut),
+        "turns": sum(n for i, n in enumerate(dropped) if i not in skipped),
+        "first_indices": cut[:10],
     }
 
 
@@ -151,7 +183,8 @@ class SFTDataModule(SplitsDataModule):
         r = self.report
         skipped = {reason: s["count"] for reason, s in r["skipped"].items()}
         return (
-            f"Data {r['file']}: {r['splits']} examples; ids by {r['tokenizer']['backend']}; skipped {skipped or 'none'}; "
+            f"Data {r['file']}: {r['splits']} examples, template {r.get('template', 'alpaca')}; "
+            f"ids by {r['tokenizer']['backend']}; skipped {skipped or 'none'}; "
             f"fields not used: {r['unused_fields'] or 'none'}; "
             f"truncated at {self.max_length} tokens: {r['truncated']['count']}; "
             f"padding by batching: {r['padding']['pad_fraction']} (data.batching={self.batching})"
@@ -165,13 +198,23 @@ class SFTDataModule(SplitsDataModule):
         split = self.splits["train"].select_columns(list(self.model_columns))
         padded = SFTCollator(self.tokenizer.pad_token_id)
         if self.batching == "grouped":
-            sampler = LengthGroupedSampler(self.splits["train"]["num_tokens"], self.batch_size, self.shuffle_seed, **self.shard())
+            sampler = LengthGroupedSampler(
+                self.splits["train"]["num_tokens"], self.batch_size, self.shuffle_seed, **self.shard()
+            )
             return self.loader(split, sampler, self.batch_size, padded)
         collate = PackedCollator() if self.batching == "packed" else padded
         return self.loader(split, self.shuffled(split, self.shuffle_seed), self.batch_size, collate)
 
     def exact_match_records(self) -> list[dict[str, str]]:
-        """The held-out records (instruction, input, output) that `val/exact_match` is scored on."""
+        """The held-out examples `val/exact_match` is scored on: the `prompt` as training rendered it (tokenized with
+        the tokenizer's special tokens for the Alpaca template, as the chat template's text for the others) and the
+        reference `output`."""
         split = self.splits["validation"]
         rows = split.select(range(min(self.exact_match_examples, len(split))))
-        return [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows]
+        if self.template == "alpaca":
+            records = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows]
+            prompts = render_prompts(self.tokenizer, "alpaca", records)
+            return [{"prompt": p, "output": r["output"]} for p, r in zip(prompts, records)]
+        conversations = [list(r["messages"]) for r in rows]
+        prompts = render(self.tokenizer, [c[:-1] for c in conversations], add_generation_prompt=True)
+        return [{"prompt": p, "output": c[-1]["content"]} for p, c in zip(prompts, conversations)]

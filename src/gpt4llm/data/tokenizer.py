@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from transformers.utils import cached_file
+
 from gpt4llm.errors import ConfigError, MissingFileError
 
 BACKENDS = ("auto", "sentencepiece", "tokenizers")
@@ -35,7 +36,9 @@ class SentencePieceTokenizer(SentencePieceBackend):
 
     def _encode_plus(self, text, text_pair=None, is_split_into_words=False, **kwargs):
         plain_text = text_pair is None and not is_split_into_words and self.legacy
-        if plain_text and (isinstance(text, str) or (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text))):
+        if plain_text and (
+            isinstance(text, str) or (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text))
+        ):
             ids = self.text_ids([text] if isinstance(text, str) else list(text))
             # The parent adds the special tokens, truncates, pads and makes tensors from ids as it would from text.
             return super()._encode_plus(ids[0] if isinstance(text, str) else ids, **kwargs)
@@ -103,7 +106,11 @@ def load_pretrained_tokenizer(path: str | Path, backend: str = "auto", **kwargs)
         import sentencepiece
 
         model = sentencepiece.SentencePieceProcessor(model_file=str(model_file(path, "tokenizer.model")))
-        for name, index in (("bos_token", model.bos_id()), ("eos_token", model.eos_id()), ("unk_token", model.unk_id())):
+        for name, index in (
+            ("bos_token", model.bos_id()),
+            ("eos_token", model.eos_id()),
+            ("unk_token", model.unk_id()),
+        ):
             if index >= 0:
                 settings[name] = model.id_to_piece(index)
     return SentencePieceTokenizer.from_pretrained(str(path), **settings, **kwargs)

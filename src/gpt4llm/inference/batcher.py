@@ -61,8 +61,17 @@ class Job:
 class Batcher:
     """The one thread that runs the model: takes waiting jobs in batches and answers them."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, batch_wait: float = 0.005, max_queue: int = 256):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        batch_wait: float = 0.005,
+        max_queue: int = 256,
+        add_special_tokens: bool = True,
+    ):
         self.model, self.tokenizer = model, tokenizer
+        self.add_special_tokens = add_special_tokens  # False for prompts a chat template rendered
         self.max_batch, self.batch_wait, self.max_queue = max(1, max_batch), batch_wait, max_queue
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
@@ -137,6 +146,7 @@ class Batcher:
                 [j.prompt for j in batch],
                 max(j.max_tokens for j in batch),
                 batch_size=len(batch),
+                add_special_tokens=self.add_special_tokens,
                 num_samples=first.n,
                 **kwargs,
             ):

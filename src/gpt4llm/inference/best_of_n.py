@@ -69,13 +69,14 @@ def best_of_n(
 
     tokenizer = load_tokenizer(str(sft_model))
     model = AutoModelForCausalLM.from_pretrained(str(sft_model)).to("cuda" if torch.cuda.is_available() else "cpu")
+    template = getattr(model.config, "gpt4llm_template", "alpaca")  # the prompt it was trained with
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     draws = []
     for k in range(n):
         torch.manual_seed(seed + k)  # one seed per draw: any draw can be reproduced on its own
-        draws.append(generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, **sampling))
+        draws.append(generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, template, **sampling))
         log.info(f"Draw {k + 1}/{n}: {len(prompts)} responses")
-    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)  # greedy
+    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, template)  # greedy
     del model  # the reward model needs the memory next
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -161,6 +161,22 @@ def prompt_from_messages(messages: Any) -> str:
     return alpaca_prompt(users[-1])
 
 
+def conversation_from_messages(messages: list[dict]) -> list[dict[str, str]]:
+    """A chat's messages as the conversation a chat template renders (system, user, assistant, ...; a developer
+    message is a system one), ending with the user turn to answer; a RequestError naming what does not fit."""
+    from gpt4llm.data.conversations import TurnProblem, check_turns
+
+    checked = parse_chat_request({"messages": messages}).messages
+    if any(m.role == "tool" for m in checked):
+        raise RequestError(400, "tool messages are not supported by this server", "messages")
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in checked]
+    try:
+        check_turns(conversation, final="user")
+    except TurnProblem as problem:
+        raise RequestError(400, f"'messages' {problem}", "messages") from None
+    return conversation
+
+
 # --- the responses -------------------------------------------------------------------------------------------------
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     total = prompt_tokens + completion_tokens

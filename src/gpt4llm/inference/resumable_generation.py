@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.prompts import format_prompt
+from gpt4llm.data.templates import render_prompts
 from gpt4llm.errors import RecordError
 from gpt4llm.models.decoding import generate_completions
 
@@ -24,6 +24,7 @@ def generate_to_file(
     batch_size: int = 16,
     extra: dict[str, Any] | None = None,
     progress: str | None = "Generating",
+    template: str = "alpaca",
 ) -> dict[str, int]:
     """Appends a JSON line per record to `path`: the record's fields (`id`, `instruction`, `input`, and `category`,
     `reference` where it has them), `prompt`, `response` (`responses` too when decoding.num_samples > 1),
@@ -47,7 +48,7 @@ def generate_to_file(
     sampling = {
         k: decoding[k] for k in ("temperature", "top_p", "top_k") if decoding.get("do_sample") and k in decoding
     }
-    prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in todo]
+    prompts = render_prompts(tokenizer, template, todo)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for rows, completions in generate_completions(
@@ -58,6 +59,7 @@ def generate_to_file(
             batch_size,
             decoding.get("num_samples", 1),
             progress=progress,
+            add_special_tokens=template == "alpaca",
             do_sample=bool(decoding.get("do_sample")),
             **sampling,
         ):

@@ -8,8 +8,10 @@ from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.io import atomic
 
 
-def record_prompt(record: dict, index: int) -> str:
-    """The Alpaca prompt of a record to score, or a RecordError naming the record and the field."""
+def record_prompt(record: dict, index: int, template: str = "alpaca") -> str:
+    """The prompt of a record to score (the Alpaca prompt; for a reward model trained with a chat template, the user
+    turn's text), or a RecordError naming the record and the field."""
+    from gpt4llm.data.conversations import alpaca_user_text
     from gpt4llm.data.prompts import alpaca_prompt, format_prompt
 
     if not isinstance(record, dict):
@@ -22,6 +24,10 @@ def record_prompt(record: dict, index: int) -> str:
             raise RecordError(f"record {index}: field '{name}' is missing")
         if name in record and not isinstance(record[name], str):
             raise RecordError(f"record {index}: field '{name}' is {type(record[name]).__name__}, not a string")
+    if template != "alpaca":
+        return (
+            record["prompt"] if "prompt" in record else alpaca_user_text(record["instruction"], record.get("input", ""))
+        )
     if "prompt" in record:
         return alpaca_prompt(record["prompt"])
     return format_prompt(record["instruction"], record.get("input", ""))
@@ -37,15 +43,24 @@ def score_records(
     """
     import torch
 
-    from gpt4llm.data.encoding import encode_responses, padded_batch
+    from gpt4llm.data.encoding import encode_responses, encode_truncated, padded_batch
+    from gpt4llm.data.templates import render
     from gpt4llm.data.tokenizer import load_tokenizer
     from gpt4llm.models.reward_module import load_reward_model, sequence_rewards
 
-    prompts = [record_prompt(r, i) for i, r in enumerate(records)]
     tokenizer = load_tokenizer(str(model_dir))
     model = load_reward_model(str(model_dir), tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    template = getattr(model.config, "gpt4llm_template", "alpaca")  # as its training rendered the sequences
+    prompts = [record_prompt(r, i, template) for i, r in enumerate(records)]
     max_length = getattr(model.config, "reward_max_length", None) or model.config.max_position_embeddings
-    ids, _ = encode_responses(tokenizer, prompts, [r["response"] for r in records], max_length)
+    responses = [r["response"] for r in records]
+    if template == "alpaca":
+        ids, _ = encode_responses(tokenizer, prompts, responses, max_length)
+    else:
+        turns = [
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)
+        ]
+        ids, _ = encode_truncated(tokenizer, render(tokenizer, turns), max_length, add_special_tokens=False)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
     rewards = [0.0] * len(ids)
     with torch.no_grad():

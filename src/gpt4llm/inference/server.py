@@ -38,12 +38,14 @@ from fastapi import (
 
 from gpt4llm.app.http import WebServer
 from gpt4llm.app.resolvers import model_name
+from gpt4llm.data.templates import render
 from gpt4llm.errors import ServerStartError
 from gpt4llm.inference.batcher import Batcher, Job
 from gpt4llm.inference.openai_protocol import (
     ChunkWriter,
     RequestError,
     completion_body,
+    conversation_from_messages,
     parse_chat_request,
     prompt_from_messages,
     unauthorized,
@@ -92,7 +94,9 @@ class ModelServer(WebServer):
             limit_concurrency=max_connections,  # connections beyond it get a 503 at once
             timeout_keep_alive=int(idle_timeout),  # idle keep-alive connections are closed after it
         )
-        self.batcher = Batcher(model, tokenizer, max_batch, batch_wait, max_queue)
+        # data.templates: how a chat becomes the prompt (the model's export says which it was trained with)
+        self.template = getattr(model.config, "gpt4llm_template", "alpaca")
+        self.batcher = Batcher(model, tokenizer, max_batch, batch_wait, max_queue, self.template == "alpaca")
         self.base_url = f"http://{host}:{self.port}/v1"
 
     # -- running ------------------------------------------------------------------------------------------------
@@ -119,7 +123,12 @@ class ModelServer(WebServer):
         if request.model is not None and request.model != self.name:
             unknown = f"The model '{request.model}' does not exist; this server serves '{self.name}'"
             raise RequestError(404, unknown, "model", "model_not_found")
-        prompt = prompt_from_messages(body["messages"])
+        if self.template == "alpaca":  # the last user message in the paper's prompt, as the model was trained
+            prompt = prompt_from_messages(body["messages"])
+        else:  # the whole conversation, through the template the model was trained with
+            conversation = conversation_from_messages(body["messages"])
+            with self.check_lock:
+                prompt = render(self.check_tokenizer, [conversation], add_generation_prompt=True)[0]
         n = 1 if request.n is None else request.n
         if not 1 <= n <= self.max_n:
             raise RequestError(400, f"'n' must be between 1 and {self.max_n}", "n")
@@ -129,7 +138,7 @@ class ModelServer(WebServer):
         if not 1 <= max_tokens <= self.max_tokens_limit:
             raise RequestError(400, f"'{key}' must be between 1 and {self.max_tokens_limit}", key)
         with self.check_lock:
-            prompt_tokens = len(self.check_tokenizer(prompt)["input_ids"])
+            prompt_tokens = len(self.check_tokenizer(prompt, add_special_tokens=self.template == "alpaca")["input_ids"])
         if prompt_tokens >= self.max_context:
             raise RequestError(
                 400,

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, get_scheduler
 
 from gpt4llm.errors import CheckpointError
+from gpt4llm.models import adapters
 from gpt4llm.models.hf import import_model_code
 from gpt4llm.models.optim import (
     CHOICES,
@@ -41,17 +42,39 @@ class HFBackboneModule(L.LightningModule):
         warmup_ratio: float = 0.03,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        template: str = "alpaca",
+        peft: dict | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
+        # LoRA / QLoRA settings (models.adapters; conf/peft): only the adapters (and a reward head) train, checkpoints
+        # hold them alone (strict_loading off: the frozen base comes from model_path, not from the checkpoint)
+        self.peft = adapters.plain(peft)
+        self.strict_loading = not adapters.active(self.peft)
+        self.template = template  # data.templates: how prompts are rendered, recorded in the export
         self.model_path, self.dtype_name, self.gradient_checkpointing = model_path, dtype, gradient_checkpointing
         self.optimizer_settings = dict(optimizer)
         self.lr_scheduler, self.warmup_ratio = lr_scheduler, warmup_ratio
         self.model: PreTrainedModel | None = None
         self.validated_at_step: int | None = None  # lets `train` add a final validation when fit did not end on one
 
-    def load_backbone(self) -> PreTrainedModel:
+    peft_task_type = "CAUSAL_LM"  # peft's task type of the backbone
+
+    def load_backbone(self, quantization=None) -> PreTrainedModel:
+        """The transformers model, its weights in 4 bits where `quantization` (a BitsAndBytesConfig) says so."""
         raise NotImplementedError
+
+    def load_base_for_merge(self) -> PreTrainedModel:
+        """The backbone as training started from it, whole on this process's CPU in fp32, for the export to merge the
+        trained adapter into: a QLoRA base is loaded in 4 bits as trained and dequantized (so the merged weights are
+        the ones the adapter was trained against), then cast to fp32."""
+        from gpt4llm.models.zero3 import transformers_zero3_off
+
+        with transformers_zero3_off():
+            base = self.load_backbone(adapters.quantization_config(self.peft))
+        if getattr(base, "is_loaded_in_4bit", False):
+            base = base.dequantize()
+        return base.float().cpu()
 
     def setup(self, stage: str) -> None:
         # Lightning calls configure_model inside deepspeed.zero.Init under ZeRO-3, where a first import of the model's
@@ -65,6 +88,8 @@ class HFBackboneModule(L.LightningModule):
         if not theirs:
             return
         ours = self.state_dict()
+        if adapters.active(self.peft):  # the checkpoint holds the adapters: the base comes from model_path
+            ours = {k: v for k, v in ours.items() if k in adapters.trainable_names(self)}
         missing = sorted(set(ours) - set(theirs))
         wrong = [
             (k, tuple(v.shape), tuple(ours[k].shape))
@@ -91,8 +116,19 @@ class HFBackboneModule(L.LightningModule):
             # the partitioned model, rank 0 reading it and every rank keeping its shard, instead of materialising the
             # whole model on every rank; None under any other strategy.
             self._zero3_config = hf_deepspeed_config(self._trainer.strategy if self._trainer is not None else None)
-            self.model = self.load_backbone()
+            model = self.load_backbone(adapters.quantization_config(self.peft))
+            record_template(model, self.tokenizer, self.template)
+            self.model = adapters.wrap(model, self.peft, self.peft_task_type, self.gradient_checkpointing)
             self.model.train()  # from_pretrained returns it in eval mode, and Lightning keeps a submodule's mode
+            trainable, total = adapters.parameter_counts(self.model)
+            rank_zero_info(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """An adapter run's checkpoint keeps the tensors that train (and their optimizer state), not the frozen base.
+        (Under DeepSpeed, whose engine writes the weights itself, train sets exclude_frozen_parameters.)"""
+        if adapters.active(self.peft) and "state_dict" in checkpoint:
+            keep = adapters.trainable_names(self)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def configure_optimizers(self):
         settings = dict(self.optimizer_settings)
@@ -101,7 +137,8 @@ class HFBackboneModule(L.LightningModule):
         strategy = self.trainer.strategy
         choice = optimizer_choice(strategy_offloads_optimizer(strategy), strategy.root_device.type)
         optimizer = build_adamw(groups, choice, **settings)
-        decayed = len(decay_parameter_names(self.model))
+        trainable = adapters.trainable_names(self.model)
+        decayed = len(decay_parameter_names(self.model) & trainable)
         rank_zero_info(
             f"Optimizer: {CHOICES[choice]}, lr {settings['lr']:g}, weight decay {weight_decay:g} on {decayed} of "
             f"{sum(len(g['params']) for g in groups)} parameter tensors (never on biases and norms)"
@@ -139,3 +176,16 @@ def optimizer_steps(
     )
     steps = math.ceil(batches / accumulation) * max(max_epochs, 1)
     return min(steps, max_steps) if max_steps != -1 else steps
+
+
+def record_template(model: PreTrainedModel, tokenizer, template: str) -> None:
+    """The prompt template in the model's config (`gpt4llm_template`, read by generate, serve and score), and its
+    end-of-turn ids among those generation stops at."""
+    from gpt4llm.data.templates import end_of_turn_ids
+
+    model.config.gpt4llm_template = template
+    if template == "alpaca" or model.generation_config is None:
+        return
+    configured = model.generation_config.eos_token_id
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    model.generation_config.eos_token_id = list(dict.fromkeys([*configured, *end_of_turn_ids(tokenizer, template)]))

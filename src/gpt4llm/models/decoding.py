@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt4llm.data.prompts import format_prompt
+from gpt4llm.data.templates import render_prompts
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ def generate_completions(
     batch_size: int = 16,
     num_samples: int = 1,
     progress: str | None = None,
+    add_special_tokens: bool = True,
     **sampling,
 ) -> Iterator[tuple[list[int], list[list[Completion]]]]:
     """Yields, batch by batch, the indices into `prompts` and `num_samples` completions for each.
@@ -37,12 +38,15 @@ def generate_completions(
     Longest prompts first, so each left-padded batch wastes little and a batch that does not fit in memory fails at
     the start rather than after an hour. Left padding puts every prompt's last token at the same position, where
     generation starts; the attention mask hides the pads, so a batched greedy answer equals the one-by-one answer.
+    A completion ends at EOS or at any other id the model's generation config stops at (a chat template's end of
+    turn). `add_special_tokens=False` for prompts rendered by a chat template, which writes its own BOS.
     """
     from tqdm.auto import tqdm
 
-    encoded = tokenizer(prompts)["input_ids"]  # as training tokenizes the prompt (BOS included where the model has one)
+    # as training tokenizes the prompt (BOS included where the model has one and the template does not write it)
+    encoded = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None)
@@ -77,10 +81,18 @@ def generate_completions(
         model.train(was_training)
 
 
-def _completion(tokenizer, tokens: list[int], eos: int) -> Completion:
+def stop_ids(model, tokenizer) -> list[int]:
+    """EOS, and whatever else the model's generation config ends a turn with (<|eot_id|>, <|im_end|>)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
+def _completion(tokenizer, tokens: list[int], eos: list[int]) -> Completion:
     # After a row's EOS, generate fills with pad until the whole batch is done: everything from EOS on is dropped.
-    if eos in tokens:
-        tokens, reason = tokens[: tokens.index(eos)], "eos"
+    end = next((i for i, t in enumerate(tokens) if t in eos), None)
+    if end is not None:
+        tokens, reason = tokens[:end], "eos"
     else:
         reason = "length"
     return Completion(tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), reason, tuple(tokens))
@@ -101,13 +113,30 @@ def generate_responses(
     records: list[dict[str, str]],
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    template: str = "alpaca",
     **sampling,
 ) -> list[str]:
-    """One response per record (`instruction`, optional `input`), in input order; `sampling` goes to `generate`
-    (greedy unless it says do_sample=True)."""
-    prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
+    """One response per record (`instruction`, optional `input`), in input order, from the prompt `template` renders
+    (data.templates); `sampling` goes to `generate` (greedy unless it says do_sample=True)."""
+    prompts = render_prompts(tokenizer, template, records)
+    return generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, template == "alpaca", **sampling)
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    add_special_tokens: bool = True,
+    **sampling,
+) -> list[str]:
+    """One response per prompt, in input order."""
     responses: list[str] = [""] * len(prompts)
-    for rows, completions in generate_completions(model, tokenizer, prompts, max_new_tokens, batch_size, **sampling):
+    batches = generate_completions(
+        model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=add_special_tokens, **sampling
+    )
+    for rows, completions in batches:
         for i, samples in zip(rows, completions):
             responses[i] = samples[0].text
     return responses

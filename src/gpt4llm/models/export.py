@@ -26,6 +26,7 @@ import torch
 from gpt4llm.data.prompts import chat_template, format_prompt
 from gpt4llm.errors import ExportError
 from gpt4llm.io import atomic
+from gpt4llm.models import adapters
 from gpt4llm.models.zero3 import transformers_zero3_off, zero3_state_dict
 
 # Relative RMS difference of the logits allowed between the in-training model and the reloaded export, by the dtype
@@ -40,11 +41,17 @@ VERIFY_PROMPTS = [
 ]
 
 
-def export_hf(model, tokenizer, directory: str | Path, trainer=None, verify: bool = True) -> Path:
+def export_hf(model, tokenizer, directory: str | Path, trainer=None, verify: bool = True, load_base=None) -> Path:
     """Saves `model` (the Hugging Face model inside the LightningModule) and `tokenizer` into `directory`.
 
     `trainer` (when given) says how the weights are distributed and runs the in-training forward through the
     strategy's wrapper; without it the model is taken to be whole on this process.
+
+    A model with LoRA adapters (models.adapters) is written two ways: the adapter in peft's format in
+    `directory/adapter` (adapter_config.json with base_model_name_or_path, adapter_model.safetensors), and, in
+    `directory`, the merged model: `load_base()` (the base as training started from it) with that adapter loaded by
+    peft's own `PeftModel.from_pretrained` and merged, checked by logits like any export. Only the trainable tensors
+    are gathered under ZeRO-3.
     """
     directory = Path(directory)
     strategy = trainer.strategy if trainer is not None else None
@@ -53,12 +60,16 @@ def export_hf(model, tokenizer, directory: str | Path, trainer=None, verify: boo
 
     # Collective steps first, on every rank: the reference forward and the gather.
     reference = in_training_logits(model, batch, trainer) if verify else None
-    state_dict = full_state_dict(model, trainer)
+    with_adapters = adapters.is_peft(model)
+    state_dict = full_state_dict(model, trainer, adapters.trainable_names(model) if with_adapters else None)
 
     error = None
     if rank_zero:
         try:
-            _write_verified(model, tokenizer, directory, state_dict, reference, batch)
+            if with_adapters:
+                _write_adapter_and_merged(model, tokenizer, directory, state_dict, reference, batch, load_base)
+            else:
+                _write_verified(model, tokenizer, directory, state_dict, reference, batch)
         except Exception as err:  # handed to every rank below, so that no rank waits for one that stopped
             error = err
     if strategy is not None and trainer.world_size > 1:
@@ -106,16 +117,18 @@ def in_training_logits(model, batch, trainer=None) -> torch.Tensor:
         wrapper.train(training)
 
 
-def full_state_dict(model, trainer=None) -> dict[str, torch.Tensor] | None:
-    """The complete state dict on rank 0 (CPU tensors), None on the other ranks. Collective under sharding."""
+def full_state_dict(model, trainer=None, only: set[str] | None = None) -> dict[str, torch.Tensor] | None:
+    """The complete state dict on rank 0 (CPU tensors), None on the other ranks; `only` these parameters where
+    given (an adapter's). Collective under sharding."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):
-        return zero3_state_dict(model, trainer.is_global_zero if trainer is not None else True)
+        return zero3_state_dict(model, trainer.is_global_zero if trainer is not None else True, only)
     root = getattr(trainer.strategy, "model", None) if trainer is not None else None
     if root is not None and _is_fsdp(root):
-        return _fsdp_state_dict(model, root, trainer)
+        full = _fsdp_state_dict(model, root, trainer)
+        return full if only is None or full is None else {k: v for k, v in full.items() if k in only}
     if trainer is not None and not trainer.is_global_zero:
         return None
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if only is None or k in only}
 
 
 def _is_fsdp(module) -> bool:
@@ -169,8 +182,10 @@ def check_complete(state_dict: dict[str, torch.Tensor], expected: dict[str, tupl
 
 def _write_verified(model, tokenizer, directory: Path, state_dict, reference, batch) -> None:
     check_complete(state_dict, expected_shapes(model))
-    # The template of the prompt the model learned (a base model's own template, copied by model=hf, would not be).
-    tokenizer.chat_template = chat_template()
+    # The template of the prompt the model learned: the paper's Alpaca prompt as a chat template (a base model's own
+    # template, copied by model=hf, would not be the one it learned), or the chat template it was trained with.
+    if getattr(model.config, "gpt4llm_template", "alpaca") == "alpaca":
+        tokenizer.chat_template = chat_template()
     with atomic.atomic_path(directory) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
@@ -178,8 +193,33 @@ def _write_verified(model, tokenizer, directory: Path, state_dict, reference, ba
             verify_export(tmp, reference, batch, type(model))
 
 
+def _write_adapter_and_merged(model, tokenizer, directory: Path, adapter_state, reference, batch, load_base) -> None:
+    if load_base is None:
+        raise ExportError("an adapter export needs the base model to merge into (export_hf(load_base=...))")
+    if getattr(model.config, "gpt4llm_template", "alpaca") == "alpaca":
+        tokenizer.chat_template = chat_template()
+    quantized = getattr(adapters.backbone(model), "is_loaded_in_4bit", False)
+    with atomic.atomic_path(directory) as tmp:
+        adapter_dir = tmp / "adapter"
+        # the tokenizer's added rows are the base's mean embedding, made again when the base is loaded with it
+        model.save_pretrained(adapter_dir, state_dict=adapter_state, save_embedding_layers=False)
+        tokenizer.save_pretrained(adapter_dir)
+        merged = adapters.merge_into_base(load_base(), adapter_dir)
+        for key in ("gpt4llm_template", "reward_mean", "reward_std", "reward_max_length"):  # what training recorded
+            if hasattr(model.config, key):
+                setattr(merged.config, key, getattr(model.config, key))
+        if model.generation_config is not None and merged.generation_config is not None:
+            merged.generation_config.eos_token_id = model.generation_config.eos_token_id
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if reference is not None:  # a QLoRA run computed through 4-bit weights in its compute dtype: bf16's tolerance
+            verify_export(tmp, reference, batch, type(merged), LOGIT_TOLERANCE[torch.bfloat16] if quantized else None)
+
+
 @torch.no_grad()
-def verify_export(directory: Path, reference: torch.Tensor, batch, model_class) -> float:
+def verify_export(
+    directory: Path, reference: torch.Tensor, batch, model_class, tolerance: float | None = None
+) -> float:
     """Reloads the export (as `model_class`: a causal LM, a reward model) in fp32 on CPU and compares its logits with
     the in-training model's; returns the relative RMS difference, raises ExportError when it is beyond
     LOGIT_TOLERANCE or a key did not load."""
@@ -194,7 +234,7 @@ def verify_export(directory: Path, reference: torch.Tensor, batch, model_class) 
         logits, reference = logits[mask], reference[mask]
     got, want = logits.float(), reference.float()
     error = float((got - want).norm() / want.norm().clamp_min(1e-12))
-    tolerance = LOGIT_TOLERANCE.get(reference.dtype, 3e-2)
+    tolerance = tolerance or LOGIT_TOLERANCE.get(reference.dtype, 3e-2)
     if not error <= tolerance:
         raise ExportError(
             f"{directory}: the reloaded model's logits differ from the in-training model's by {error:.3g} (relative "

@@ -9,18 +9,23 @@ from transformers import (
     PreTrainedModel,
 )
 
+from gpt4llm.data.templates import apply_template
 from gpt4llm.data.tokenizer import load_tokenizer
 from gpt4llm.models import attention
 from gpt4llm.models.zero3 import gathered
 
 
-def prepare_tokenizer(path: str, tiny: dict | None = None, backend: str = "auto"):
-    """The tokenizer of the configured model (`cfg.model`), building the local tiny model first if it is the one."""
+def prepare_tokenizer(path: str, tiny: dict | None = None, backend: str = "auto", template: str = "alpaca"):
+    """The tokenizer of the configured model (`cfg.model`), building the local tiny model first if it is the one, made
+    to render `template` (data.templates: a named template's special tokens are added here, before the model sizes
+    its embeddings to the tokenizer)."""
     if tiny:
         from gpt4llm.models.tiny import build_tiny_model
 
         build_tiny_model(path, **tiny)
-    return load_tokenizer(path, backend=backend)
+    tokenizer = load_tokenizer(path, backend=backend)
+    apply_template(tokenizer, template, f"model.path={path}")
+    return tokenizer
 
 
 def import_model_code(path: str, auto_mapping) -> None:
@@ -40,12 +45,15 @@ def load_causal_lm(
     dtype: str | None = None,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
+    quantization=None,
 ) -> PreTrainedModel:
     # attn_implementation None: transformers' choice (SDPA where the model supports it).
     if attn_implementation == attention.NAME:
         attention.register()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype) if dtype else None, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype) if dtype else None, **extra, **quantized_loading(quantization)
+    )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         resize_embeddings_with_mean(model, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -53,6 +61,17 @@ def load_causal_lm(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def quantized_loading(quantization) -> dict:
+    """from_pretrained's arguments for a 4-bit base (QLoRA): bitsandbytes quantizes as it places the weights, so the
+    device is chosen at load (this process's GPU, or the CPU)."""
+    if quantization is None:
+        return {}
+    import os
+
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": device}}
 
 
 @torch.no_grad()

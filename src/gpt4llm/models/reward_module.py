@@ -20,19 +20,20 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
 )
 
+from gpt4llm.models import adapters
 from gpt4llm.models.base_module import HFBackboneModule
-from gpt4llm.models.hf import resize_embeddings_with_mean
+from gpt4llm.models.hf import quantized_loading, resize_embeddings_with_mean
 
 
 def load_reward_model(
-    path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False
+    path: str, tokenizer, dtype: str | None = None, gradient_checkpointing: bool = False, quantization=None
 ) -> PreTrainedModel:
     """A causal LM directory (or an exported reward model) with a one-output linear head, `score`, on top.
 
     From a causal LM the head is new (random, small); the LM head is left behind.
     """
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=getattr(torch, dtype) if dtype else None
+        path, num_labels=1, dtype=getattr(torch, dtype) if dtype else None, **quantized_loading(quantization)
     )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         resize_embeddings_with_mean(model, len(tokenizer))
@@ -73,13 +74,17 @@ class RewardModule(HFBackboneModule):
         # First and second moments of every validation reward: mean and std, summed correctly across devices.
         self.val_reward, self.val_reward_sq = MeanMetric(), MeanMetric()
 
-    def load_backbone(self) -> PreTrainedModel:
-        model = load_reward_model(self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing)
+    peft_task_type = "SEQ_CLS"
+
+    def load_backbone(self, quantization=None) -> PreTrainedModel:
+        model = load_reward_model(
+            self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing, quantization
+        )
         model.config.reward_max_length = self.max_length
         return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_rewards(self.model, input_ids, attention_mask)
+        return sequence_rewards(adapters.backbone(self.model), input_ids, attention_mask)
 
     def _pairs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # Chosen and rejected in one forward pass: one pass over the weights, and both see the same dropout mode.

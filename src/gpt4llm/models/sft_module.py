@@ -34,9 +34,16 @@ class SFTModule(HFBackboneModule):
         self.attn_implementation = attn_implementation
         self.val_loss = MeanMetric()
 
-    def load_backbone(self) -> PreTrainedModel:
+    peft_task_type = "CAUSAL_LM"
+
+    def load_backbone(self, quantization=None) -> PreTrainedModel:
         return load_causal_lm(
-            self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing, self.attn_implementation
+            self.model_path,
+            self.tokenizer,
+            self.dtype_name,
+            self.gradient_checkpointing,
+            self.attn_implementation,
+            quantization,
         )
 
     def forward(self, batch: dict[str, torch.Tensor], logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:

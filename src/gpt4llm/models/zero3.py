@@ -75,25 +75,29 @@ def transformers_zero3_off():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def zero3_state_dict(model, rank_zero: bool) -> dict[str, torch.Tensor] | None:
+def zero3_state_dict(model, rank_zero: bool, only: set[str] | None = None) -> dict[str, torch.Tensor] | None:
     """Gathers one module's partitions at a time, as DeepSpeed's _zero3_consolidated_16bit_state_dict does, but from
     the model itself, so it works whether the engine is set up for training or for inference. Collective: every
-    rank calls it; rank 0 gets the complete state dict (CPU tensors), the others None."""
+    rank calls it; rank 0 gets the complete state dict (CPU tensors), the others None. With `only`, just those
+    parameters (an adapter's) are gathered, and no buffers."""
     import deepspeed
 
     state, seen = ({} if rank_zero else None), {}
     for prefix, module in model.named_modules():
         prefix = prefix + "." if prefix else ""
-        params = list(module.parameters(recurse=False))
+        named = [(n, p) for n, p in module.named_parameters(recurse=False) if only is None or prefix + n in only]
+        if only is not None and not named:
+            continue
+        params = [p for _, p in named]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if rank_zero:
-                for name, param in module.named_parameters(recurse=False):
+                for name, param in named:
                     if param.ds_id in seen:  # a tied weight: the same tensor under both names
                         state[prefix + name] = state[seen[param.ds_id]]
                     else:
                         state[prefix + name] = param.detach().cpu().clone()
                         seen[param.ds_id] = prefix + name
-                for name, buffer in module.named_buffers(recurse=False):
+                for name, buffer in module.named_buffers(recurse=False) if only is None else ():
                     if name not in module._non_persistent_buffers_set:
                         state[prefix + name] = buffer.detach().cpu().clone()
     return state

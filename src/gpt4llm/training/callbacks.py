@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from gpt4llm.data.collators import packed_lengths
-from gpt4llm.models.decoding import generate_responses
+from gpt4llm.models.decoding import generate_texts
 from gpt4llm.training.flops import available_flops, matmul_parameters, training_flops
 
 
@@ -78,8 +78,14 @@ class ExactMatch(L.Callback):
         records = source() if source and not trainer.sanity_checking else []
         if not records:
             return
-        responses = generate_responses(
-            pl_module.model, pl_module.tokenizer, records, self.max_new_tokens, self.batch_size
+        template = getattr(trainer.datamodule, "template", "alpaca")
+        responses = generate_texts(
+            pl_module.model,
+            pl_module.tokenizer,
+            [r["prompt"] for r in records],
+            self.max_new_tokens,
+            self.batch_size,
+            add_special_tokens=template == "alpaca",
         )
         hits = sum(r.strip() == rec["output"].strip() for r, rec in zip(responses, records))
         pl_module.log("val/exact_match", hits / len(records), prog_bar=True)
