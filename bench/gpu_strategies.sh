@@ -3,6 +3,8 @@
 # The first GPU session runs it, keeps the log (bench/results/gpu_strategies-<date>.log) and fixes what fails.
 #
 # What it checks, on all GPUs of one machine (2 or more for the multi-rank parts; 8 x V100 or any CUDA GPUs):
+#   0. QLoRA first (bitsandbytes' 4-bit NF4 kernels on CUDA): peft=qlora with paged AdamW 8-bit trains and exports on
+#      one GPU, and the LoRA benchmark against peft + TRL (bench/lora_speed.py) runs on the GPU;
 #   1. the plan for this machine, and the bf16 capability as train sees it (a V100 must say False);
 #   2. each strategy (ddp, fsdp, deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload) trains a tiny LLaMA for a
 #      few steps under torchrun in fp16 with loss scaling, logs train/loss_scale, train/skipped_steps and
@@ -32,6 +34,13 @@ case "$GPU_NAME" in
   *H100*|*H200*) DEVICE=H100-80GB ;;
   *) DEVICE=A100-80GB ;;
 esac
+
+echo "== 0. QLoRA on one GPU (4-bit NF4 base, paged AdamW 8-bit), and LoRA against TRL"
+python -m gpt4llm.train peft=qlora task.optimizer.implementation=paged_adamw_8bit trainer=gpu trainer.devices=1 \
+  trainer.precision=bf16-mixed trainer.max_steps=20 paths.log_dir=$OUT/logs $TINY 2>&1 | tail -5 | tee "$OUT/qlora.txt"
+python -m gpt4llm.plan peft=qlora model=llama7b trainer=gpu trainer.devices=1 plan.device=$DEVICE \
+  hydra.run.dir="$OUT/plan-qlora-llama7b" | tee "$OUT/plan-qlora-llama7b.txt"
+python bench/lora_speed.py --gpu --hidden-size 1024 --layers 8 --examples 512 --repeats 1 | tee "$OUT/lora_speed.txt"
 
 echo "== 1. machine, capability, plan ($NGPU x $GPU_NAME -> plan.device=$DEVICE)"
 nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv | tee "$OUT/nvidia-smi.csv"

@@ -130,6 +130,8 @@ def test_experiment_runs_end_to_end(
             f"hydra.run.dir={run}",
             f"trainer.max_steps={STEPS}",
             "trainer.log_every_n_steps=1",
+            # a recipe that holds out more than this small file has (alpaca-lora's 2,000) holds out 100
+            *([f"data.val_size={min(recipe.data.val_size, 100)}"] if recipe.data.val_size else []),
         ],
         cwd=tmp_path,
     )
@@ -142,7 +144,8 @@ def test_experiment_runs_end_to_end(
     logged = scalars(run)
     assert len(logged["train/loss"]) == STEPS and all(map(torch.isfinite, torch.tensor(logged["train/loss"])))
     # warmup (ceil of the ratio of the steps) then the schedule, never above the recipe's peak
-    assert logged["train/lr"][0] == 0.0 and 0 < max(logged["train/lr"]) <= recipe.task.optimizer.lr
+    # (TensorBoard stores float32: the peak may read a rounding above the recipe's value)
+    assert logged["train/lr"][0] == 0.0 and 0 < max(logged["train/lr"]) <= recipe.task.optimizer.lr * (1 + 1e-6)
     if recipe.data.val_size == 0:
         assert "nothing is held out" in log and not any(tag.startswith("val/") for tag in logged)
     else:
@@ -151,16 +154,59 @@ def test_experiment_runs_end_to_end(
     # The export against the last checkpoint's weights, loaded by Lightning's own format, not by our export code.
     auto = AutoModelForSequenceClassification if rm else AutoModelForCausalLM
     exported = auto.from_pretrained(run / "export", dtype=torch.float32).eval()
-    from_checkpoint = auto.from_pretrained(run / "export", dtype=torch.float32).eval()
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == STEPS
-    from_checkpoint.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True)
     tokenizer = load_tokenizer(str(run / "export"))
+    if recipe.peft.method == "lora":  # the checkpoint holds the adapters: peft's own model over the base takes them
+        from_checkpoint = adapter_model_from_checkpoint(auto, substitute, tokenizer, recipe.peft, state)
+    else:
+        from_checkpoint = auto.from_pretrained(run / "export", dtype=torch.float32).eval()
+        from_checkpoint.load_state_dict(
+            {k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=True
+        )
     batch = tokenizer(
         ["Give three tips for staying healthy.", "把这句话翻译成英文。"], padding=True, return_tensors="pt"
     )
     with torch.no_grad():
-        torch.testing.assert_close(exported(**batch).logits, from_checkpoint(**batch).logits, rtol=0, atol=1e-5)
+        got, want = exported(**batch).logits, from_checkpoint(**batch).logits
+    if recipe.peft.get("quantization"):  # merged into the dequantized base; trained through 4-bit weights in bf16
+        assert float((got - want).norm() / want.norm()) < 3e-2
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def adapter_model_from_checkpoint(auto, base_dir, tokenizer, settings, state):
+    """peft's LoraModel over the base (4-bit and dequantized for QLoRA, as trained), the checkpoint's adapter tensors
+    loaded into it; every adapter tensor of the checkpoint must land."""
+    from omegaconf import OmegaConf
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    from gpt4llm.models.hf import resize_embeddings_with_mean
+
+    settings = OmegaConf.to_container(settings)
+    quantization = settings.pop("quantization", None)
+    extra = {}
+    if quantization:
+        dtype = getattr(torch, quantization.pop("bnb_4bit_compute_dtype"))
+        extra = {
+            "quantization_config": BitsAndBytesConfig(**quantization, bnb_4bit_compute_dtype=dtype),
+            "device_map": {"": "cpu"},
+        }
+    base = auto.from_pretrained(
+        base_dir, **({"num_labels": 1} if auto.__name__.endswith("Classification") else {}), **extra
+    )
+    if quantization:
+        base = base.dequantize()
+    base = base.float()
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        resize_embeddings_with_mean(base, len(tokenizer))
+    settings.pop("method"), settings.pop("name", None)
+    task = "SEQ_CLS" if auto.__name__.endswith("Classification") else "CAUSAL_LM"
+    model = get_peft_model(base, LoraConfig(task_type=task, **{k: v for k, v in settings.items() if v is not None}))
+    result = model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys[:5]
+    return model.eval()
 
 
 TRAINERS = sorted(p.stem for p in (CONF / "trainer").glob("*.yaml"))

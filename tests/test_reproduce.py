@@ -105,6 +105,21 @@ def test_every_stage_of_the_paper_preset_composes(tmp_path, monkeypatch):
     assert judge.skip.startswith("no judge key: $OPENAI_API_KEY is not set")
 
 
+def test_peft_lora_is_one_override_and_the_report_says_so(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from gpt4llm.reproduction.study import build_stages
+    from gpt4llm.reproduction.study_report import training_section
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("reproduce", overrides=[f"out={tmp_path}", "peft=lora"])
+        stages = build_stages(cfg, tmp_path)
+        sft = [s for s in stages if s.name.startswith("train/") and s.name != "train/reward_model"]
+        assert len(sft) == 3 and all("peft=lora" in s.args for s in sft)
+        assert compose("train", overrides=sft[0].args).peft.method == "lora"  # it composes as train sees it
+    assert "peft=lora" in training_section(tmp_path, cfg.preset, "lora").note
+
+
 def compose_strategy_target(name: str) -> str:
     from omegaconf import OmegaConf
 

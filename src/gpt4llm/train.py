@@ -37,6 +37,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     check_values(cfg)
     check_launch()  # under torchrun/srun every rank must name the same run directory
+    if adapters.active(cfg.get("peft")) and cfg.peft.get("quantization"):
+        adapters.check_4bit()  # QLoRA where bitsandbytes cannot run 4-bit stops here, in one line
     if cfg.trainer.accelerator != "cpu":  # bf16 asked for on a GPU without it (V100) stops here, not in a kernel
         check_precision(cfg.trainer.precision, cfg.trainer.accelerator, *cuda_capabilities())
     L.seed_everything(cfg.seed, workers=True)

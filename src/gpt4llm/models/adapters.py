@@ -77,7 +77,32 @@ def wrap(model, settings: dict | None, task_type: str, gradient_checkpointing: b
     if isinstance(lora.get("target_modules"), (list, tuple)):
         lora["target_modules"] = list(lora["target_modules"])
     save = ["score"] if task_type == "SEQ_CLS" else None  # the reward head trains, as TRL and LLaMA-Factory do
-    return get_peft_model(model, LoraConfig(task_type=task_type, modules_to_save=save, **lora))
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
+    # peft keeps adapters in fp32 over a 16-bit base; under ZeRO-3 every trainable tensor must share the base's
+    # dtype (DeepSpeed keeps the fp32 master copies itself)
+    config = LoraConfig(task_type=task_type, modules_to_save=save, **lora)
+    model = get_peft_model(model, config, autocast_adapter_dtype=not zero3)
+    if zero3:
+        initialize_partitioned_adapters(model)
+    return model
+
+
+def initialize_partitioned_adapters(model) -> None:
+    """Under ZeRO-3 (Lightning builds the model inside deepspeed.zero.Init) a new adapter is partitioned as it is
+    made, so peft's initialisation (B = 0, so that training starts from the base model) wrote into empty
+    placeholders and the adapters kept torch's default init. It is done again on the gathered tensors."""
+    from peft.tuners.lora import LoraLayer
+
+    from gpt4llm.models.zero3 import gathered
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            params = [p for name, p in module.named_parameters() if "lora_" in name]
+            with gathered(params):
+                for name in module.active_adapters:
+                    module.reset_lora_parameters(name, model.peft_config[name].init_lora_weights)
 
 
 def is_peft(model) -> bool:

@@ -124,8 +124,8 @@ class HFBackboneModule(L.LightningModule):
             rank_zero_info(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """An adapter run's checkpoint keeps the tensors that train (and their optimizer state), not the frozen base.
-        (Under DeepSpeed, whose engine writes the weights itself, train sets exclude_frozen_parameters.)"""
+        """An adapter run's checkpoint keeps the tensors that train (and their optimizer state), not the frozen base
+        (under DeepSpeed, whose engine writes the weights itself, train sets exclude_frozen_parameters)."""
         if adapters.active(self.peft) and "state_dict" in checkpoint:
             keep = adapters.trainable_names(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
@@ -135,7 +135,8 @@ class HFBackboneModule(L.LightningModule):
         weight_decay = settings.pop("weight_decay", 0.0)
         groups = parameter_groups(self.model, weight_decay)
         strategy = self.trainer.strategy
-        choice = optimizer_choice(strategy_offloads_optimizer(strategy), strategy.root_device.type)
+        requested = settings.pop("implementation", "auto")
+        choice = optimizer_choice(strategy_offloads_optimizer(strategy), strategy.root_device.type, requested)
         optimizer = build_adamw(groups, choice, **settings)
         trainable = adapters.trainable_names(self.model)
         decayed = len(decay_parameter_names(self.model) & trainable)

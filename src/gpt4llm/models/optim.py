@@ -15,11 +15,17 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from gpt4llm.errors import ConfigError
+
 CHOICES = {
     "deepspeed_cpu_adam": "DeepSpeed's CPU Adam (AdamW mode, optimizer states in CPU memory)",
     "fused_adamw": "torch's fused AdamW on the GPU",
     "adamw": "torch's AdamW",
+    # asked for by task.optimizer.implementation (QLoRA's): states paged between GPU and CPU memory by bitsandbytes
+    "paged_adamw_8bit": "bitsandbytes' paged AdamW, 8-bit states",
+    "paged_adamw_32bit": "bitsandbytes' paged AdamW, 32-bit states",
 }
+REQUESTABLE = ("auto", "paged_adamw_8bit", "paged_adamw_32bit")
 
 # Hugging Face Trainer's rule (Trainer.get_decay_parameter_names): no decay for biases, norms and LayerNorm modules,
 # decided by name and module type. Not by `param.ndim`: under ZeRO-3 every parameter is a 1-D partition placeholder
@@ -27,8 +33,18 @@ CHOICES = {
 NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
-def optimizer_choice(offload_optimizer: bool, accelerator: str) -> str:
-    """The key in CHOICES for optimizer states in CPU memory (DeepSpeed offload) or on `accelerator`."""
+def optimizer_choice(offload_optimizer: bool, accelerator: str, requested: str = "auto") -> str:
+    """The key in CHOICES for optimizer states in CPU memory (DeepSpeed offload) or on `accelerator`, unless
+    `requested` (task.optimizer.implementation) names one."""
+    if requested not in REQUESTABLE:
+        raise ConfigError(f"task.optimizer.implementation={requested!r}: choose one of {', '.join(REQUESTABLE)}")
+    if requested != "auto":
+        if offload_optimizer:
+            raise ConfigError(
+                f"task.optimizer.implementation={requested} cannot run with the optimizer offloaded by "
+                "DeepSpeed: use auto (DeepSpeed's CPU Adam) or a strategy without offload"
+            )
+        return requested
     if offload_optimizer:
         return "deepspeed_cpu_adam"
     return "fused_adamw" if accelerator in ("gpu", "cuda") else "adamw"
@@ -72,6 +88,11 @@ def build_adamw(
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
+    if choice.startswith("paged_adamw"):
+        import bitsandbytes as bnb
+
+        paged = bnb.optim.PagedAdamW8bit if choice == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
+        return paged(groups, lr=lr, betas=betas, eps=eps)
     if choice not in CHOICES:
         raise ValueError(f"unknown optimizer choice {choice!r}: one of {', '.join(CHOICES)}")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=choice == "fused_adamw")

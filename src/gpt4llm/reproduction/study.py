@@ -55,12 +55,14 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: JudgeServer | None =
     export = lambda model: root / "train" / model / "export"  # noqa: E731
     answers = lambda model, eval_set: root / "generate" / model / eval_set / "responses.jsonl"  # noqa: E731
 
+    peft = cfg.peft.name if cfg.get("peft") else "none"
+    adapters = [f"peft={peft}"] if peft != "none" else []  # beyond the paper: LoRA or QLoRA for the SFT models
     for model, args in p.sft.items():
         stages.append(
             Stage(
                 f"train/{model}",
                 "gpt4llm.train",
-                merged(p.train_common, args, paths),
+                merged(p.train_common, args, paths, adapters),
                 outputs=["export/config.json", "metrics.json"],
                 launcher=launcher,
             )

@@ -210,7 +210,7 @@ def reward_section(root: Path) -> Section:
     return Section("Reward model and best-of-N ranking", note, ["what", "paper", "ours", "source"], rows)
 
 
-def training_section(root: Path, preset: DictConfig) -> Section:
+def training_section(root: Path, preset: DictConfig, peft: str = "none") -> Section:
     rows = []
     for model in [*preset.sft, "reward_model"]:
         path = root / "train" / model / "metrics.json"
@@ -218,9 +218,15 @@ def training_section(root: Path, preset: DictConfig) -> Section:
             m = json.loads(path.read_text())
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k != "global_step")
             rows.append([model, str(m.get("global_step")), shown, f"train/{model}/metrics.json"])
+    how = (
+        f"Fine-tuned with adapters (peft={peft}: {'LoRA' if peft == 'lora' else 'QLoRA, a 4-bit base'}), not every "
+        "weight as in the paper: the SFT models' numbers are not the paper's setting. "
+        if peft != "none"
+        else ""
+    )
     return Section(
         "Training runs",
-        "The paper reports no training curves or final losses.",
+        how + "The paper reports no training curves or final losses.",
         ["run", "steps", "final metrics", "source"],
         rows,
     )
@@ -314,7 +320,7 @@ def build(root: Path, cfg: DictConfig, outcomes: list[Outcome], command: str, wa
         *judge_sections(root, p, by_name),
         rouge_section(root, p),
         reward_section(root),
-        training_section(root, p),
+        training_section(root, p, cfg.peft.name if cfg.get("peft") else "none"),
         human_section(root, p),
         chinese_section(),
         figures_section(root),

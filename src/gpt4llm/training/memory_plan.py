@@ -257,6 +257,98 @@ def buffer_bytes(s: Setup) -> float:
     return p * (s.allgather_bucket_size + s.reduce_bucket_size) * (4.5 if s.overlap_comm else 1)
 
 
+# ----------------------------------------------------------------------------------------------- adapters
+LORA_MODULES = {  # LLaMA's linear layers: (in, out) features, as functions of hidden, kv width and intermediate
+    "q_proj": lambda h, kv, i: (h, h),
+    "k_proj": lambda h, kv, i: (h, kv),
+    "v_proj": lambda h, kv, i: (h, kv),
+    "o_proj": lambda h, kv, i: (h, h),
+    "gate_proj": lambda h, kv, i: (h, i),
+    "up_proj": lambda h, kv, i: (h, i),
+    "down_proj": lambda h, kv, i: (i, h),
+}
+
+
+def lora_targets(target_modules) -> list[str]:
+    """The LLaMA linear layers LoRA wraps: a list of names, or peft's "all-linear" (every linear but the output
+    layer)."""
+    if target_modules == "all-linear":
+        return list(LORA_MODULES)
+    unknown = [t for t in target_modules if t not in LORA_MODULES]
+    if unknown:
+        raise ConfigError(
+            f"peft.target_modules: the plan knows LLaMA's {', '.join(LORA_MODULES)} or all-linear, not {unknown}"
+        )
+    return list(target_modules)
+
+
+def lora_parameters(a: Arch, r: int, target_modules) -> int:
+    """The adapters' parameters: r x (in + out) for every targeted linear layer of every decoder layer (A and B)."""
+    kv = a.num_key_value_heads * (a.hidden_size // a.num_attention_heads)
+    per_layer = sum(
+        r * sum(LORA_MODULES[t](a.hidden_size, kv, a.intermediate_size)) for t in lora_targets(target_modules)
+    )
+    return a.num_hidden_layers * per_layer
+
+
+def adapter_states(
+    s: Setup, a: Arch, total: int, adapters: int, quantized: bool, base_bytes: int, optimizer_bytes: float = ADAM_BYTES
+) -> dict:
+    """Bytes per GPU of a LoRA run: the frozen base in its dtype (4-bit NF4 for QLoRA: half a byte per linear weight
+    plus its double-quantized scales, the embeddings and output layer in the compute dtype), and the adapters in fp32
+    with their gradients and optimizer states. ZeRO-3 and FSDP shard the base across the GPUs."""
+    linear = a.num_hidden_layers * (llama_parameters(a)["per_layer"] - 2 * a.hidden_size)
+    if quantized:  # NF4: 4 bits; blocks of 64 with an 8-bit scale, and those in blocks of 256 with an fp32 one
+        base = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + (total - linear) * base_bytes
+    else:
+        base = total * base_bytes
+    shards = s.world if (s.strategy == "deepspeed" and s.zero_stage == 3) or s.strategy == "fsdp" else 1
+    return {
+        "parameters": base / shards + 4 * adapters,
+        "gradients": 4 * adapters,
+        "optimizer": optimizer_bytes * adapters,
+    }
+
+
+def lora_activation_bytes(
+    a: Arch,
+    s: Setup,
+    micro_batch: int,
+    seq: int,
+    r: int,
+    target_modules,
+    dropout: float,
+    checkpointing: bool,
+    mask_bytes: int = 1,
+) -> float:
+    """Bytes kept for backward per GPU in a LoRA run, where the base is frozen (activation_bytes for full training).
+
+    A frozen linear layer keeps nothing of its input (its weight's gradient is not asked for), so per decoder layer
+    and token what stays is: each RMSNorm's fp32 input (4h; its weight frozen, its output not kept); attention's q, k
+    (after RoPE), v and output (4xh); SiLU's input and both factors of the SwiGLU product (3xi; down_proj keeps
+    nothing). Each adapter adds its A's r outputs (kept by B) and A's input: with dropout a new tensor and its mask
+    (x + `mask_bytes` per input feature: a bool on GPUs, torch keeps the mask in the input's dtype on the CPU),
+    without dropout the layer input itself, shared by the layers that read it (the
+    attention norm's output for q, k, v; the MLP norm's for gate and up; the product for down; o_proj reads
+    attention's output, kept already). Outside the layers: the final norm's input and the loss's logits (x + 8
+    bytes per vocabulary entry), as for full training. Checkpointing keeps each layer's input (r h) and recomputes one
+    layer during backward."""
+    h, i, L, v = a.hidden_size, a.intermediate_size, a.num_hidden_layers, a.vocab_size
+    x = 2 if s.half else 4
+    res = 2 if s.half and not (s.strategy in ("ddp", "single") and s.precision.endswith("mixed")) else 4
+    kv = a.num_key_value_heads * (h // a.num_attention_heads)
+    targets = lora_targets(target_modules)
+    layer = 2 * 4 * h + 4 * x * h + 3 * x * i + sum(r * x for _ in targets)
+    if dropout > 0:
+        layer += sum((x + mask_bytes) * LORA_MODULES[t](h, kv, i)[0] for t in targets)
+    else:
+        read = {"attention norm": {"q_proj", "k_proj", "v_proj"}, "mlp norm": {"gate_proj", "up_proj"}}
+        layer += x * h * sum(bool(set(targets) & names) for names in read.values()) + x * i * ("down_proj" in targets)
+    outside = 4 * h + (x + 8) * v
+    per_token = (L * res * h + layer if checkpointing else L * layer) + outside
+    return per_token * micro_batch * seq
+
+
 # ----------------------------------------------------------------------------------------------- activations
 def activation_bytes(
     a: Arch, s: Setup, micro_batch: int, seq: int, checkpointing: bool, attention: str = "sdpa"
@@ -393,6 +485,30 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
     checkpointing = bool(cfg.model.get("gradient_checkpointing", False))
     with_ckpt = activation_bytes(arch, s, micro, seq, True, plan_cfg.attention)
     without_ckpt = activation_bytes(arch, s, micro, seq, False, plan_cfg.attention)
+    peft = cfg.get("peft") or {}
+    trainable = counts["total"]
+    if peft.get("method", "none") == "lora":
+        trainable = lora_parameters(arch, int(peft.r), peft.target_modules)
+        dtype_bytes = {"float16": 2, "bfloat16": 2}.get(str(cfg.model.get("dtype")), 2 if s.half else 4)
+        optimizer_bytes = 2 if "8bit" in str(cfg.task.optimizer.get("implementation", "")) else ADAM_BYTES
+        gpu = adapter_states(
+            s, arch, counts["total"], trainable, bool(peft.get("quantization")), dtype_bytes, optimizer_bytes
+        )
+        states = {"gpu": gpu | {"total": sum(gpu.values())}, "cpu_per_node": states["cpu_per_node"]}
+        with_ckpt, without_ckpt = (
+            lora_activation_bytes(
+                arch,
+                s,
+                micro,
+                seq,
+                int(peft.r),
+                peft.target_modules,
+                float(peft.lora_dropout),
+                c,
+                mask_bytes=(2 if s.half else 4) if device == "cpu" else 1,
+            )
+            for c in (True, False)
+        )
     buffers = buffer_bytes(s)
     overhead = plan_cfg.overhead_gib * GIB if str(cfg.trainer.accelerator) != "cpu" else 0.0
     used = with_ckpt if checkpointing else without_ckpt
@@ -432,12 +548,18 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
     return Plan(
         model=str(cfg.model.path),
         arch=arch,
-        parameters=counts,
+        parameters=counts | {"trainable": trainable},
         device=device,
         device_memory_gib=hw.memory_gib,
         node_memory_gib=hw.node_memory_gib,
         setup=s,
-        optimizer=CHOICES[optimizer_choice(s.strategy == "deepspeed" and s.offload_optimizer, "gpu")],
+        optimizer=CHOICES[
+            optimizer_choice(
+                s.strategy == "deepspeed" and s.offload_optimizer,
+                "gpu",
+                cfg.task.optimizer.get("implementation", "auto"),
+            )
+        ],
         micro_batch=micro,
         max_length=seq,
         accumulation=accumulation,
@@ -509,7 +631,8 @@ def format_plan(plan: Plan) -> str:
         f"Plan for {plan.model} on {s.nodes} node(s) x {s.gpus_per_node} {plan.device} "
         f"({s.label}, precision {s.precision})",
         f"  parameters {n['total']:,} (per decoder layer {n['per_layer']:,}, "
-        f"embedding {n['embedding']:,}, vocabulary rows {plan.arch.vocab_size:,})",
+        f"embedding {n['embedding']:,}, vocabulary rows {plan.arch.vocab_size:,}); "
+        f"{n['trainable']:,} train ({100 * n['trainable'] / n['total']:.2f}%)",
         f"  batch: {plan.micro_batch} per device x {s.world} devices x accumulation {plan.accumulation} = "
         f"{plan.global_batch} sequences of up to {plan.max_length} tokens",
         f"  optimizer: {plan.optimizer}",

@@ -1,0 +1,262 @@
+"""LoRA against full fine-tuning, and our LoRA against peft + TRL's SFTTrainer doing the same run, in one command.
+
+    python bench/lora_speed.py                      # the 1k GPT-4 sample (../shared/data), else the demo records
+    python bench/lora_speed.py --hidden-size 512 --layers 8 --examples 512
+
+The same random-init LLaMA-architecture model (the tiny tokenizer; --hidden-size, --layers), the same examples (the
+Alpaca prompt, the GPT-4 answer and EOS; loss on the answer only: TRL's prompt-completion format), LoRA r 8, alpha
+16, dropout 0.05 on q_proj and v_proj, batch 4, lr 3e-4, fp32 on the CPU, one epoch. Each way runs in its own
+process. Printed: real (non-pad) tokens per second of the training loop (first step to last, setup excluded), the
+process's peak resident memory (and how much of it came during training: the peak less the memory when the loop
+started, which leaves out what each library's imports and set-up take), and the ratios; median of --repeats.
+
+    ours, full      python -m gpt4llm.train peft=none (its default batching: packed rows)
+    ours, LoRA      python -m gpt4llm.train peft=lora
+    TRL, LoRA       trl.SFTTrainer(peft_config=LoraConfig(...)), padded batches (its default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+
+def records(n: int) -> list[dict]:
+    sample = SHARED / "alpaca_gpt4_sample_1k.json"
+    if sample.exists():
+        rows = json.loads(sample.read_text())
+    else:
+        from gpt4llm.data.demo import make_demo_records
+
+        rows = make_demo_records(n)
+    return [{k: r.get(k, "") for k in ("instruction", "input", "output")} for r in rows[:n]]
+
+
+def build_model(directory: Path, hidden: int, layers: int) -> Path:
+    from gpt4llm.models.tiny import build_tiny_model
+
+    return build_tiny_model(
+        directory,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        intermediate_size=hidden * 8 // 3 // 8 * 8,
+        max_position_embeddings=1024,
+    )
+
+
+def run_ours(args, data: Path, model: Path, work: Path, peft: str) -> dict:
+    import lightning as L
+    from hydra import compose, initialize_config_module
+
+    from gpt4llm.app import resolvers
+    from gpt4llm.train import train
+
+    resolvers.register()
+    times: dict[str, float] = {}
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            times["start"], times["rss_at_start"] = time.perf_counter(), current_rss_mib()
+
+        def on_train_end(self, trainer, pl_module):
+            times["end"] = time.perf_counter()
+
+    overrides = [
+        "data=local",
+        f"data.path={data}",
+        f"model.path={model}",
+        "model.tiny=null",
+        "model.tokenizer=tokenizers",
+        f"peft={peft}",
+        "data.val_size=0",
+        f"data.batch_size={args.batch_size}",
+        f"model.max_length={args.max_length}",
+        "trainer.max_epochs=1",
+        "trainer.max_steps=-1",
+        "trainer.precision=32-true",
+        "task.optimizer.lr=3e-4",
+        "task.warmup_ratio=0",
+        "export=false",
+        f"paths.data_dir={work / 'data'}",
+        "callbacks.exact_match=null",
+        "callbacks.checkpoint=null",
+        "logger.tensorboard=null",
+        "validate_first=false",
+        "data.num_workers=0",
+    ]
+    if peft == "lora":
+        overrides += [f"peft.{k}={json.dumps(v)}" for k, v in LORA.items()]
+    with initialize_config_module("gpt4llm.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(work / "run")
+        cfg.callbacks.clock = {"_target_": f"{__name__}.Clock"}
+    globals()["Clock"] = Clock  # instantiated by name, from this module
+    train(cfg)
+    return {"seconds": times["end"] - times["start"], "rss_at_start_mib": times["rss_at_start"]}
+
+
+def run_trl(args, rows: list[dict], model: Path, work: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from gpt4llm.data.prompts import format_prompt
+    from gpt4llm.data.tokenizer import load_tokenizer
+
+    times: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            times["start"], times["rss_at_start"] = time.perf_counter(), current_rss_mib()
+
+        def on_train_end(self, *a, **k):
+            times["end"] = time.perf_counter()
+
+    tokenizer = load_tokenizer(str(model), backend="tokenizers")
+    dataset = Dataset.from_list(
+        [{"prompt": format_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in rows]
+    )
+    config = SFTConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=1,
+        learning_rate=3e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        max_length=args.max_length,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+        seed=42,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    return {"seconds": times["end"] - times["start"], "rss_at_start_mib": times["rss_at_start"]}
+
+
+def current_rss_mib() -> float:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def real_tokens(rows: list[dict], model: Path, max_length: int) -> int:
+    """The non-pad tokens one epoch trains on (prompt, answer, EOS; cut at max_length), the same for every way."""
+    from gpt4llm.data.prompts import format_prompt
+    from gpt4llm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model), backend="tokenizers")
+    texts = [format_prompt(r["instruction"], r["input"]) + r["output"] + tokenizer.eos_token for r in rows]
+    return sum(min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"])
+
+
+def child(args) -> None:
+    work = Path(args.work)
+    rows = json.loads((work / "data.json").read_text())
+    model = Path(args.model)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.variant == "trl_lora":
+        out = run_trl(args, rows, model, work)
+    else:
+        out = run_ours(args, work / "data.json", model, work, "lora" if args.variant == "ours_lora" else "none")
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gpu", action="store_true", help="one GPU in bf16 (both ways) instead of the CPU in fp32")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        return child(args)
+
+    work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    rows = records(args.examples)
+    (work / "data.json").write_text(json.dumps(rows, ensure_ascii=False))
+    model = build_model(work / "model", args.hidden_size, args.layers)
+    tokens = real_tokens(rows, model, args.max_length)
+    variants = ("ours_full", "ours_lora", "trl_lora")
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for variant in variants:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    f"--variant={variant}",
+                    f"--work={work}",
+                    f"--model={model}",
+                    f"--batch-size={args.batch_size}",
+                    f"--max-length={args.max_length}",
+                    f"--threads={args.threads}",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            results[variant].append(json.loads(line[7:]))
+    print(
+        f"{len(rows)} examples ({tokens} real tokens), model hidden {args.hidden_size} x {args.layers} layers, "
+        f"batch {args.batch_size}, max length {args.max_length}, {args.repeats} repeats (median), fp32 CPU"
+    )
+    rate = {v: statistics.median(tokens / r["seconds"] for r in rs) for v, rs in results.items()}
+    rss = {v: statistics.median(r["peak_rss_mib"] for r in rs) for v, rs in results.items()}
+    grew = {v: statistics.median(r["peak_rss_mib"] - r["rss_at_start_mib"] for r in rs) for v, rs in results.items()}
+    for v in variants:
+        print(
+            f"{v:10s} {rate[v]:9.0f} tokens/s   peak RSS {rss[v]:7.0f} MiB   of which during training "
+            f"{grew[v]:6.0f} MiB"
+        )
+    print(
+        f"ours LoRA / ours full: tokens/s {rate['ours_lora'] / rate['ours_full']:.2f}, "
+        f"peak RSS {rss['ours_lora'] / rss['ours_full']:.2f}"
+    )
+    print(
+        f"ours LoRA / TRL LoRA:  tokens/s {rate['ours_lora'] / rate['trl_lora']:.2f}, "
+        f"peak RSS {rss['ours_lora'] / rss['trl_lora']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
