@@ -177,6 +177,23 @@ def real_tokens(rows: list[dict], model: Path, max_length: int) -> int:
     return sum(min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"])
 
 
+def run_children(script: str, variants, repeats: int, work: Path, model: Path, args, *extra: str) -> dict:
+    """Each variant `repeats` times, each run in a process of its own (`script --variant=...`, so its peak memory is
+    its own), round-robin; the RESULT line each prints, by variant."""
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            command = [sys.executable, script, f"--variant={variant}", f"--work={work}", f"--model={model}"]
+            command += [f"--batch-size={args.batch_size}", f"--max-length={args.max_length}"]
+            command += [f"--threads={args.threads}"]
+            proc = subprocess.run([*command, *extra], capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            results[variant].append(json.loads(line[7:]))
+    return results
+
+
 def child(args) -> None:
     work = Path(args.work)
     rows = json.loads((work / "data.json").read_text())
@@ -215,27 +232,7 @@ def main() -> None:
     model = build_model(work / "model", args.hidden_size, args.layers)
     tokens = real_tokens(rows, model, args.max_length)
     variants = ("ours_full", "ours_lora", "trl_lora")
-    results: dict[str, list[dict]] = {v: [] for v in variants}
-    for _ in range(args.repeats):
-        for variant in variants:
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    f"--variant={variant}",
-                    f"--work={work}",
-                    f"--model={model}",
-                    f"--batch-size={args.batch_size}",
-                    f"--max-length={args.max_length}",
-                    f"--threads={args.threads}",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            results[variant].append(json.loads(line[7:]))
+    results = run_children(__file__, variants, args.repeats, work, model, args)
     print(
         f"{len(rows)} examples ({tokens} real tokens), model hidden {args.hidden_size} x {args.layers} layers, "
         f"batch {args.batch_size}, max length {args.max_length}, {args.repeats} repeats (median), fp32 CPU"

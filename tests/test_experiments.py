@@ -116,6 +116,7 @@ def test_experiment_runs_end_to_end(
 
     recipe = compose_train([f"experiment={experiment}"])
     rm = recipe.task._target_.endswith("RewardModule")
+    pairs = rm or recipe.task._target_.endswith("DPOModule")  # both train on comparison data
     substitute = {"llama": sentencepiece_model_dir, "opt": tiny_opt_dir}[recipe.model.arch.model_type]
     if recipe.data.get("template", "alpaca") == "chat":  # a chat model of LLaMA's architecture, template included
         substitute = tiny_chat_dir
@@ -125,7 +126,7 @@ def test_experiment_runs_end_to_end(
         [
             f"experiment={experiment}",
             f"model.path={substitute}",
-            f"data.path={comparison_file if rm else instruction_file}",
+            f"data.path={comparison_file if pairs else instruction_file}",
             f"paths.data_dir={tmp_path / 'data'}",
             f"hydra.run.dir={run}",
             f"trainer.max_steps={STEPS}",

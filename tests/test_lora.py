@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from gpt4llm.models.sft_module import SFTModule
-from helpers.configs import ROOT, compose_train, demo_overrides, rm_overrides
-from helpers.runs import run_cli, scalars, scalars_by_step
+from helpers.configs import compose_train, demo_overrides, rm_overrides
+from helpers.cpu_deepspeed import train_under
+from helpers.runs import scalars, scalars_by_step
 
 OPTIMIZER = {"lr": 3e-3, "betas": (0.9, 0.999), "eps": 1e-8}
 LORA = {
@@ -149,16 +150,9 @@ def lora_run(tmp: Path, strategy: str | None, *extra: str, task: str = "sft") ->
         "validate_first=false",
         *extra,
     ]
-    if strategy and strategy.startswith("deepspeed"):
-        args += [f"strategy={strategy}", "strategy._target_=helpers.cpu_deepspeed.CPUDeepSpeedStrategy"]
-    elif strategy:
-        args += [f"strategy={strategy}"]
-    args = list({a.split("=", 1)[0]: a for a in args}.values())  # a key given again: the later value
-    if "peft=none" in args:  # full fine-tuning, for comparison: no adapter settings
+    if "peft=none" in extra:  # full fine-tuning, for comparison: no adapter settings
         args = [a for a in args if not a.startswith("peft.")]
-    tmp.mkdir(parents=True, exist_ok=True)
-    run_cli("gpt4llm.train", args, cwd=tmp, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "tests"), GPT4LLM_RUN_ID="lora")
-    return tmp / "run"
+    return train_under(tmp, strategy, args, run_id="lora")
 
 
 @pytest.fixture(scope="module")

@@ -244,3 +244,22 @@ def test_the_plan_names_the_optimizer_the_strategy_gets(strategy, optimizer):
         compose_plan(["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", f"strategy={strategy}"]), "V100-32GB"
     )
     assert plan.optimizer.startswith(optimizer)
+
+
+def test_dpo_plans_two_sequences_a_pair_and_a_live_reference_beside_the_policy():
+    common = ["experiment=dpo_llama7b_gpt4", "model.path=x", "trainer=v100x16", "strategy=deepspeed_zero3"]
+    cached = make_plan(compose_plan(common), device="V100-32GB")
+    live = make_plan(compose_plan(common + ["task.reference=live"]), device="V100-32GB")
+    sft = make_plan(
+        compose_plan(
+            ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", "strategy=deepspeed_zero3", "data.batch_size=2"]
+        ),
+        device="V100-32GB",
+    )
+    assert cached.accumulation == 1 and cached.global_batch == 32  # 32 pairs: 2 per device x 16
+    # chosen and rejected: the activations of 4 sequences of a batch of 2 pairs, twice SFT's at 2 sequences
+    assert cached.gpu_bytes.activations_with_checkpointing == pytest.approx(
+        2 * sft.gpu_bytes.activations_with_checkpointing
+    )
+    reference = live.gpu_bytes.parameters - cached.gpu_bytes.parameters  # the frozen copy's 16-bit shard
+    assert reference == pytest.approx(2 * cached.parameters["total"] / 16)

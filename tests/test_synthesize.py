@@ -244,7 +244,7 @@ def test_score_writes_comparison_v2_that_trains_as_reward_pairs(teacher, key, tm
     module.setup()
     batch = next(iter(module.train_dataloader()))
     model = load_reward_model(str(tiny_model_dir), tokenizer)
-    rewards = sequence_rewards(model, **batch)
+    rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])  # labels: for DPO
     loss = pairwise_loss(*rewards.chunk(2))
     loss.backward()
     assert torch.isfinite(loss) and model.score.weight.grad is not None

@@ -27,3 +27,19 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     @property
     def root_device(self) -> torch.device:
         return torch.device("cpu", self.local_rank)
+
+
+def train_under(tmp, strategy: str | None, args: list[str], run_id: str):
+    """`gpt4llm.train <args>` in `tmp` under a strategy config (None: none), the DeepSpeed ones on DeepSpeed's CPU
+    accelerator through CPUDeepSpeedStrategy; a key given twice takes its later value. Returns the run directory."""
+    from helpers.configs import ROOT
+    from helpers.runs import run_cli
+
+    if strategy and strategy.startswith("deepspeed"):
+        args = [*args, f"strategy={strategy}", "strategy._target_=helpers.cpu_deepspeed.CPUDeepSpeedStrategy"]
+    elif strategy:
+        args = [*args, f"strategy={strategy}"]
+    args = list({a.split("=", 1)[0]: a for a in args}.values())
+    tmp.mkdir(parents=True, exist_ok=True)
+    run_cli("gpt4llm.train", args, cwd=tmp, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT / "tests"), GPT4LLM_RUN_ID=run_id)
+    return tmp / "run"

@@ -97,6 +97,7 @@ class SplitSettings:
     template: str = "alpaca"  # data.templates
     train_on: str = "all_assistant"
     template_text: str | None = None  # the chat template itself: the cache keys on the text, not on its name
+    pairing: str = "all"  # comparison_data_v2's scored lists as pairs (data.comparisons.PAIRINGS)
 
 
 def cached_splits(

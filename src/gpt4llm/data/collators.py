@@ -67,11 +67,28 @@ class PackedCollator:
 
 
 class PairCollator:
-    """B pairs -> one batch of 2B sequences, the B chosen first, then the B rejected in the same order."""
+    """B pairs -> one batch of 2B sequences, the B chosen first, then the B rejected in the same order: right-padded
+    input ids, attention mask and labels (the response tokens; the prompt's are -100), or, `packed`, one row of all
+    2B sequences with restarting position ids (as PackedCollator) and `sequence_lengths`. Each pair's row in its split,
+    where the pairs carry it (DPO's precomputed reference is looked up by it), comes along as `pair_index`."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, packed: bool = False) -> None:
+        self.pad_token_id, self.packed = pad_token_id, packed
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
-        return padded_batch(sequences, self.pad_token_id)
+        batch = {}
+        if "chosen_prompt_tokens" in examples[0]:
+            prompts = [e["chosen_prompt_tokens"] for e in examples] + [e["rejected_prompt_tokens"] for e in examples]
+            labels = [[IGNORE_INDEX] * n + list(s[n:]) for s, n in zip(sequences, prompts)]
+            if self.packed:
+                batch = PackedCollator()([{"input_ids": s, "labels": lab} for s, lab in zip(sequences, labels)])
+                batch["sequence_lengths"] = torch.tensor([len(s) for s in sequences])
+            else:
+                batch = padded_batch(sequences, self.pad_token_id)
+                batch["labels"] = pad_right(labels, IGNORE_INDEX, batch["input_ids"].size(1))[0]
+        else:
+            batch = padded_batch(sequences, self.pad_token_id)
+        if "pair_index" in examples[0]:
+            batch["pair_index"] = torch.tensor([e["pair_index"] for e in examples])
+        return batch

@@ -130,8 +130,22 @@ def prompt_key(messages: list[dict[str, str]], template: str) -> str:
     return alpaca_prompt(messages[0]["content"])
 
 
+PAIRINGS = ("all", "best_vs_worst", "best_vs_rest")
+
+
+def pairings(ranked: list[tuple[str, float]], pairing: str) -> list[tuple[int, int]]:
+    """Which responses of one scored list are paired: every two ("all", the reward model's default), the best against
+    the worst, or the best against each of the others. Ties are paired too, and then dropped and counted."""
+    if pairing == "all" or len(ranked) < 2:
+        return [(a, b) for a in range(len(ranked)) for b in range(a + 1, len(ranked))]
+    order = sorted(range(len(ranked)), key=lambda k: -ranked[k][1])  # stable: equal scores keep file order
+    best = order[0]
+    others = order[-1:] if pairing == "best_vs_worst" else order[1:]
+    return [tuple(sorted((best, k))) for k in others]
+
+
 def read_comparison_pairs(
-    path: str | Path, skip_invalid: bool = False, template: str = "alpaca"
+    path: str | Path, skip_invalid: bool = False, template: str = "alpaca", pairing: str = "all"
 ) -> tuple[list[dict], dict[str, Any]]:
     """Every (prompt, chosen, rejected) pair of a comparison file, each with its record's index, and what was dropped.
 
@@ -171,20 +185,19 @@ def read_comparison_pairs(
             skipped["fewer than two responses"].append(index)
             continue
         templated += raw_prompt.lstrip().startswith(PREAMBLES)
-        for a in range(len(ranked)):
-            for b in range(a + 1, len(ranked)):
-                candidates += 1
-                (text_a, score_a), (text_b, score_b) = ranked[a], ranked[b]
-                chosen, rejected = (text_a, text_b) if score_a > score_b else (text_b, text_a)
-                if score_a == score_b:
-                    dropped["tied scores"].append(index)
-                elif text_a == text_b:
-                    dropped["identical responses"].append(index)
-                elif (prompt, chosen, rejected) in seen:
-                    dropped["duplicate pair"].append(index)
-                else:
-                    seen.add((prompt, chosen, rejected))
-                    pairs.append({"index": index, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+        for a, b in pairings(ranked, pairing):
+            candidates += 1
+            (text_a, score_a), (text_b, score_b) = ranked[a], ranked[b]
+            chosen, rejected = (text_a, text_b) if score_a > score_b else (text_b, text_a)
+            if score_a == score_b:
+                dropped["tied scores"].append(index)
+            elif text_a == text_b:
+                dropped["identical responses"].append(index)
+            elif (prompt, chosen, rejected) in seen:
+                dropped["duplicate pair"].append(index)
+            else:
+                seen.add((prompt, chosen, rejected))
+                pairs.append({"index": index, "prompt": prompt, "chosen": chosen, "rejected": rejected})
     report = {
         "records": len(raw),
         "layouts": dict(layouts),

@@ -12,32 +12,39 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import DatasetDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gpt4llm.data.base_datamodule import SplitsDataModule, check_usable
 from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.collators import PairCollator
-from gpt4llm.data.comparisons import read_comparison_pairs
+from gpt4llm.data.comparisons import PAIRINGS, read_comparison_pairs
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
 from gpt4llm.data.encoding import encode_responses, encode_truncated
+from gpt4llm.data.samplers import InOrderSampler
 from gpt4llm.data.templates import render
 from gpt4llm.data.tokenizer import describe
+from gpt4llm.errors import ConfigError
 
-CACHE_VERSION = 1  # bump when parsing, tokenization or the split change what the cache holds
+CACHE_VERSION = 2  # bump when parsing, tokenization or the split change what the cache holds
 
 
 def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int, template: str = "alpaca") -> dict[str, list]:
-    """`datasets.map(batched=True)` function: pairs -> chosen/rejected ids and audit columns. With a chat template
-    the prompt is a conversation (JSON) and each response its final assistant turn, rendered whole."""
+    """`datasets.map(batched=True)` function: pairs -> chosen/rejected ids, how many of each sequence's first tokens
+    are the prompt (`*_prompt_tokens`: DPO sums log-probabilities over the rest), and audit columns. With a chat
+    template the prompt is a conversation (JSON) and each response its final assistant turn, rendered whole."""
     if template == "alpaca":
         chosen, chosen_len = encode_responses(tokenizer, batch["prompt"], batch["chosen"], max_length)
         rejected, rejected_len = encode_responses(tokenizer, batch["prompt"], batch["rejected"], max_length)
+        # the prompt tokenized alone, as SFT's labels mask it (data.sft_examples)
+        prompt_ids = tokenizer(batch["prompt"], max_length=max_length, truncation=True)["input_ids"]
+        prompt_len = [len(ids) for ids in prompt_ids]
     else:
         prompts = [json.loads(p) for p in batch["prompt"]]
         (chosen, chosen_len), (rejected, rejected_len) = (
@@ -49,9 +56,14 @@ def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int, template:
             )
             for side in ("chosen", "rejected")
         )
+        # what the template writes before the answer: the conversation and its generation prompt
+        prefixes = render(tokenizer, prompts, add_generation_prompt=True)
+        prompt_len = [len(ids) for ids in tokenizer(prefixes, add_special_tokens=False)["input_ids"]]
     return {
         "chosen_input_ids": chosen,
         "rejected_input_ids": rejected,
+        "chosen_prompt_tokens": [min(n, len(ids)) for n, ids in zip(prompt_len, chosen)],
+        "rejected_prompt_tokens": [min(n, len(ids)) for n, ids in zip(prompt_len, rejected)],
         "untruncated_tokens": [max(a, b) for a, b in zip(chosen_len, rejected_len)],
         "truncated": [max(a, b) > max_length for a, b in zip(chosen_len, rejected_len)],
         # Identical ids carry no preference (their loss is log 2 whatever the model): responses that differ only
@@ -77,7 +89,9 @@ def build_pair_splits(
     )
 
     def build() -> tuple[DatasetDict, dict[str, Any]]:
-        pairs, read_report = read_comparison_pairs(path, skip_invalid=skip_invalid, template=settings.template)
+        pairs, read_report = read_comparison_pairs(
+            path, skip_invalid=skip_invalid, template=settings.template, pairing=settings.pairing
+        )
         if not pairs:
             check_usable(path, 0, val_size, "pairs", json.dumps(read_report))
         tokenized = tokenize_rows(pairs, tokenize_pairs, tokenizer, max_length, path, template=settings.template)
@@ -131,18 +145,42 @@ def _report(path, read_report, tokenized, identical, splits, val_size, max_lengt
 
 
 class PairDataModule(SplitsDataModule):
-    """Comparison records from one file (local, downloaded, or the generated demo) as reward-model batches."""
+    """Comparison records from one file (local, downloaded, or the generated demo) as batches of pairs: for the reward
+    model, and for preference optimisation (task=dpo), which also reads the labels (the response tokens) and, when
+    the reference is precomputed, the reference's log-probabilities (`set_reference_logps`)."""
 
     audit_columns = ("index", "chosen_input_ids", "rejected_input_ids")  # what `gpt4llm.prepare` writes per pair
-    model_columns = ("chosen_input_ids", "rejected_input_ids")
+    model_columns = ("chosen_input_ids", "rejected_input_ids", "chosen_prompt_tokens", "rejected_prompt_tokens")
     missing_file_hint = (
         "Point data.path at your comparison file (.json or .jsonl): "
         "prompt/chosen/rejected, user_input/completion_a/completion_b, or user_input/responses_and_scores."
     )
 
-    def __init__(self, *args, required_fields: list[str] | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, required_fields: list[str] | None = None, pairing: str = "all", packed: bool = False, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)  # SplitsDataModule's: the file, split, batch size, cache
+        if pairing not in PAIRINGS:
+            raise ConfigError(f"data.pairing={pairing!r}: choose one of {', '.join(PAIRINGS)}")
         self.required_fields = tuple(required_fields or ())
+        self.pairing = pairing  # comparison_data_v2's scored lists as pairs
+        self.packed = packed  # DPO: a batch's sequences in one row (data.collators.PairCollator)
+        self.reference_columns: tuple[str, ...] = ()
+        self.reference_logps: dict[str, torch.Tensor] = {}
+
+    def split_settings(self) -> SplitSettings:
+        return replace(super().split_settings(), pairing=self.pairing)
+
+    def set_reference_logps(self, split: str, chosen: list[float], rejected: list[float]) -> None:
+        """The reference model's log-probabilities of each pair's responses (DPO's precomputed reference): kept here
+        in fp32 as `reference_logps[split]` (pairs x [chosen, rejected]), found by the `pair_index` each batch carries.
+        Not in the batches themselves: Lightning casts a batch's floating tensors to the 16-bit dtype under
+        DeepSpeed's and the true-half precisions, and a sum of a hundred log-probabilities in bf16 is a quarter nat
+        off."""
+        self.reference_logps[split] = torch.tensor([chosen, rejected], dtype=torch.float32).T.contiguous()
+        if "pair_index" not in self.splits[split].column_names:
+            self.splits[split] = self.splits[split].add_column("pair_index", list(range(len(self.splits[split]))))
+        self.reference_columns = ("pair_index",)
 
     def write_demo(self, path: Path, **settings) -> Path:
         return write_demo_pairs_file(path, **settings)
@@ -155,14 +193,27 @@ class PairDataModule(SplitsDataModule):
         dropped = {reason: d["count"] for reason, d in r["dropped_pairs"].items()}
         skipped = {reason: s["count"] for reason, s in r["skipped_records"].items()}
         return (
-            f"Pairs {r['file']}: {r['splits']}, template {r.get('template', 'alpaca')}; "
+            f"Pairs {r['file']}: {r['splits']}, template {r.get('template', 'alpaca')}, pairing {self.pairing}; "
             f"ids by {r['tokenizer']['backend']}; records skipped {skipped or 'none'}; "
             f"pairs dropped {dropped or 'none'}; truncated at {self.max_length} tokens: {r['truncated']['count']}"
         )
 
+    def columns(self, split: str) -> list[str]:
+        return [*self.model_columns, *(c for c in self.reference_columns if c in self.splits[split].column_names)]
+
     def eval_collate(self) -> PairCollator:
         return PairCollator(self.tokenizer.pad_token_id)
 
+    def val_dataloader(self) -> StatefulDataLoader:
+        split = self.splits["validation"].select_columns(self.columns("validation"))
+        return self.loader(split, self.in_order(split), self.eval_batch_size, self.eval_collate())
+
     def train_dataloader(self) -> StatefulDataLoader:
-        split = self.splits["train"].select_columns(list(self.model_columns))
-        return self.loader(split, self.shuffled(split, self.split_seed), self.batch_size, self.eval_collate())
+        split = self.splits["train"].select_columns(self.columns("train"))
+        collate = PairCollator(self.tokenizer.pad_token_id, packed=self.packed)
+        return self.loader(split, self.shuffled(split, self.split_seed), self.batch_size, collate)
+
+    def reference_loader(self, split: str, batch_size: int) -> StatefulDataLoader:
+        """The split in file order, padded, for the reference pass (no reference columns yet)."""
+        data = self.splits[split].select_columns(list(self.model_columns))
+        return self.loader(data, InOrderSampler(len(data)), batch_size, self.eval_collate())

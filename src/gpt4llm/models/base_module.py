@@ -9,10 +9,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, get_scheduler
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from gpt4llm.errors import CheckpointError
 from gpt4llm.models import adapters
-from gpt4llm.models.hf import import_model_code
+from gpt4llm.models.hf import import_model_code, load_causal_lm
 from gpt4llm.models.optim import (
     CHOICES,
     build_adamw,
@@ -190,3 +191,25 @@ def record_template(model: PreTrainedModel, tokenizer, template: str) -> None:
     configured = model.generation_config.eos_token_id
     configured = [configured] if isinstance(configured, int) else list(configured or [])
     model.generation_config.eos_token_id = list(dict.fromkeys([*configured, *end_of_turn_ids(tokenizer, template)]))
+
+
+class CausalLMModule(HFBackboneModule):
+    """A causal LM backbone (SFT, DPO); `attn_implementation` picks transformers' attention (models.attention's
+    sdpa_varlen for packed rows)."""
+
+    auto_mapping = MODEL_FOR_CAUSAL_LM_MAPPING
+    peft_task_type = "CAUSAL_LM"
+
+    def __init__(self, *args, attn_implementation: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # HFBackboneModule's settings
+        self.attn_implementation = attn_implementation
+
+    def load_backbone(self, quantization=None) -> PreTrainedModel:
+        return load_causal_lm(
+            self.model_path,
+            self.tokenizer,
+            self.dtype_name,
+            self.gradient_checkpointing,
+            self.attn_implementation,
+            quantization,
+        )

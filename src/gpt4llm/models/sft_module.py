@@ -5,12 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from transformers import PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from gpt4llm.data.encoding import IGNORE_INDEX
-from gpt4llm.models.base_module import HFBackboneModule
-from gpt4llm.models.hf import load_causal_lm
+from gpt4llm.models.base_module import CausalLMModule
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,25 +23,10 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
 
 
-class SFTModule(HFBackboneModule):
-    auto_mapping = MODEL_FOR_CAUSAL_LM_MAPPING
-
-    def __init__(self, *args, attn_implementation: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)  # HFBackboneModule's settings
-        self.attn_implementation = attn_implementation
+class SFTModule(CausalLMModule):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # CausalLMModule's settings
         self.val_loss = MeanMetric()
-
-    peft_task_type = "CAUSAL_LM"
-
-    def load_backbone(self, quantization=None) -> PreTrainedModel:
-        return load_causal_lm(
-            self.model_path,
-            self.tokenizer,
-            self.dtype_name,
-            self.gradient_checkpointing,
-            self.attn_implementation,
-            quantization,
-        )
 
     def forward(self, batch: dict[str, torch.Tensor], logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         # A padded batch has an attention mask; a packed one has position ids instead (data.collators.PackedCollator).

@@ -76,7 +76,20 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: JudgeServer | None =
             launcher=launcher,
         )
     )
-    for model in p.sft:
+    dpo = p.get("dpo") or {}
+    tuned = [dpo.name] if dpo.get("enabled") else []  # beyond the paper: the SFT model after DPO
+    if tuned:
+        stages.append(
+            Stage(
+                f"train/{dpo.name}",
+                "gpt4llm.train",
+                merged(dpo.args, [f"model.path={export(dpo.model)}"], paths),
+                needs=[f"train/{dpo.model}"],
+                outputs=["export/config.json", "metrics.json"],
+                launcher=launcher,
+            )
+        )
+    for model in [*p.sft, *tuned]:
         for eval_set, args in p.eval_sets.items():
             stages.append(
                 Stage(
@@ -88,13 +101,14 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: JudgeServer | None =
                 )
             )
 
-    rouge_inputs = [answers(m, p.rouge.eval_set) for m in p.rouge.models]
+    rouge_models = [*p.rouge.models, *tuned]
+    rouge_inputs = [answers(m, p.rouge.eval_set) for m in rouge_models]
     stages.append(
         Stage(
             "evaluate/rouge",
             "gpt4llm.evaluate",
             ["metric=rouge", f"responses=[{','.join(map(str, rouge_inputs))}]", *paths],
-            needs=[f"generate/{m}/{p.rouge.eval_set}" for m in p.rouge.models],
+            needs=[f"generate/{m}/{p.rouge.eval_set}" for m in rouge_models],
             outputs=["rouge_lenALL.json"],
         )
     )
@@ -127,12 +141,13 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: JudgeServer | None =
 
     j = p.judge
     groups = ranking_group_names(_strings(b.args))
-    judged = [answers(m, j.eval_set) for m in j.models]
+    judged_models = [*j.models, *tuned]
+    judged = [answers(m, j.eval_set) for m in judged_models]
     judged += [root / "evaluate" / "reward" / "ranking_groups" / g / "responses.jsonl" for g in groups]
     skip = judge_skip_reason(j)
     judge_stages = []
     for opponent, spec in j.opponents.items():
-        needs = [f"generate/{m}/{j.eval_set}" for m in j.models] + ["evaluate/reward"]
+        needs = [f"generate/{m}/{j.eval_set}" for m in judged_models] + ["evaluate/reward"]
         inputs: list[str] = []
         reason = skip  # the same for every opponent (no judge key)
         downloads: dict[str, dict] = {}

@@ -11,6 +11,7 @@ import html
 import json
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -46,6 +47,7 @@ class Section:
     header: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     images: list[Path] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)  # one per image: whose numbers it draws
 
 
 def _relative(totals) -> float | None:
@@ -57,6 +59,22 @@ def _score(totals) -> str:
         return "—"
     value = _relative(totals)
     return f"{totals[0]:g} : {totals[1]:g} = " + ("no relative score" if value is None else f"{value:.0f}%")
+
+
+def _judged(summary: dict[str, Any]) -> str:
+    """Our totals and how many questions were scored, or why none was: "0 : 0" would read as a score."""
+    ours = summary.get("totals")
+    scored = summary.get("scored", summary.get("n_scored"))
+    if ours and scored == 0:
+        questions = summary.get("questions", "?")
+        unparsable = summary.get("replies_unparsable", 0)
+        failed = (summary.get("problems") or {}).get("request failed (left out)", {}).get("count", 0)
+        if unparsable and not failed:
+            return f"the judge model produced no parsable scores (0 of {questions} questions scored)"
+        return (
+            f"no scores (0 of {questions} questions scored): failed requests {failed}, unparsable replies {unparsable}"
+        )
+    return _score(ours) + (f" ({scored} scored)" if scored is not None else "")
 
 
 def _difference(ours: float | None, theirs: float | None, digits: int, scale: float = 1.0) -> str:
@@ -126,13 +144,14 @@ def judge_sections(root: Path, preset: DictConfig, outcomes: dict[str, Outcome])
                 paper.RELATIVE_ROWS.get(name, "")
             )
             ours = summary.get("totals")
-            scored = summary.get("scored", summary.get("n_scored"))
             label = f"{name} (best-of-N group)" if F.RANKING_MODEL.match(name) else name
+            if name == (preset.get("dpo") or {}).get("name"):
+                label = f"{name} (not in the paper: + DPO on the comparisons)"
             rows.append(
                 [
                     label,
                     _score(published) if published else "—",
-                    _score(ours) + (f" ({scored} scored)" if scored is not None else ""),
+                    _judged(summary),
                     _points(_difference(_relative(ours), _relative(published), 0)),
                     _where(path, root),
                 ]
@@ -167,7 +186,8 @@ def rouge_section(root: Path, preset: DictConfig) -> Section:
     ours = F.read_rouge_tables(files)
     rows = []
     for bucket in ("0-2", "3-5", "6-10", "10-", "ALL"):
-        for model in preset.rouge.models:
+        extra = [preset.dpo.name] if (preset.get("dpo") or {}).get("enabled") else []
+        for model in [*preset.rouge.models, *extra]:
             row = ours.get(model, {}).get(bucket)
             value = row.get("rougeL") if row else None
             theirs = paper.ROUGE_L.get(model, {}).get(bucket)
@@ -175,7 +195,11 @@ def rouge_section(root: Path, preset: DictConfig) -> Section:
                 [
                     bucket.replace("10-", ">10"),
                     model,
-                    f"{theirs:.4f} (n={paper.ROUGE_BUCKET_SIZES[bucket]})" if theirs is not None else "—",
+                    f"{theirs:.4f} (n={paper.ROUGE_BUCKET_SIZES[bucket]})"
+                    if theirs is not None
+                    else "not in the paper (+ DPO)"
+                    if model in extra
+                    else "—",
                     f"{value:.4f} (n={row['NumInstance']})" if value is not None else "—",
                     _difference(value, theirs, 4),
                     f"evaluate/rouge/rouge_len{bucket}.json",
@@ -308,9 +332,48 @@ def data_files(root: Path, outcomes: list[Outcome]) -> dict[str, Path]:
     return found
 
 
-def figures_section(root: Path) -> Section:
+def figures_section(root: Path, preset: DictConfig) -> Section:
     images = sorted((root / "plots").glob("*.png"))
-    return Section("Figures", f"{len(images)} figures from `plots/` (PNG and PDF there).", images=images)
+    opponents = [str(o) for o in preset.judge.opponents]
+    return Section(
+        "Figures",
+        f"{len(images)} figures from `plots/` (PNG and PDF there), each captioned with whose numbers it draws.",
+        images=images,
+        captions=[figure_caption(image.stem, opponents) for image in images],
+    )
+
+
+def figure_caption(name: str, opponents: list[str]) -> str:
+    """Whose numbers a figure draws, from its file name (gpt4llm.plots names them): the paper's published numbers
+    are drawn beside this study's measured ones, and a reader must not take one for the other."""
+    if name.startswith(("pie_", "bar_hhh_")):
+        if name.endswith("_paper"):
+            return (
+                "The paper's published human evaluation (Figure 3), drawn for comparison: not measured by this study."
+            )
+        return "Human ratings of this study's answers (Figure 3), from a `humaneval_report.json` under this study."
+    if name == "bar_unnatural":
+        return (
+            "This study's ROUGE-L by reference length (Figure 6), measured by stage evaluate/rouge on its models' "
+            "answers; the paper's values are in the ROUGE-L table above."
+        )
+    if match := re.fullmatch(r"bar_score_(all|ranking)_vs_(.+)", name):
+        opponent = next((o for o in opponents if F.slug(o) == match[2]), match[2])
+        whose = (
+            "the best-of-N ranking groups (stages bestofn, evaluate/reward)" if match[1] == "ranking" else "its models"
+        )
+        return (
+            f"This study's relative scores of {whose} against {opponent} (Figure 4), measured by stage "
+            f"judge/{opponent}; the paper's are in the review table above."
+        )
+    if name.startswith("cmp_data_dist"):
+        return "GPT-4 score distributions (Figure 2) from a `cmp_data_scores.json` in this study's directory."
+    if name == "cmp_seq_len_freq":
+        return (
+            "The lengths in words of this study's generated answers (the axes of the paper's Figure 1d): every "
+            "`responses.jsonl` of the generate stages and of evaluate/reward's ranking groups; not the paper's data."
+        )
+    return "Drawn by stage plots from the result files in this study's directory."
 
 
 def build(root: Path, cfg: DictConfig, outcomes: list[Outcome], command: str, wall: float) -> list[Section]:
@@ -323,7 +386,7 @@ def build(root: Path, cfg: DictConfig, outcomes: list[Outcome], command: str, wa
         training_section(root, p, cfg.peft.name if cfg.get("peft") else "none"),
         human_section(root, p),
         chinese_section(),
-        figures_section(root),
+        figures_section(root, p),
         stage_section(outcomes),
         provenance_section(root, cfg, command, outcomes, wall),
     ]
@@ -339,28 +402,23 @@ def to_markdown(title: str, intro: str, sections: list[Section]) -> str:
             lines += ["| " + " | ".join(s.header) + " |", "|" + "---|" * len(s.header)]
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in s.rows]
             lines.append("")
-        lines += [f"![{image.stem}](plots/{image.name})" for image in s.images]
-        if s.images:
-            lines.append("")
+        for image, caption in zip(s.images, s.captions or [""] * len(s.images)):
+            lines += [f"![{image.stem}](plots/{image.name})", ""] + ([f"*{caption}*", ""] if caption else [])
     return "\n".join(lines)
 
 
 def to_html(title: str, intro: str, sections: list[Section]) -> str:
-    def cell(text: str) -> str:
-        escaped = html.escape(text)
-        return (
-            f"<code>{escaped[1:-1]}</code>"
-            if len(text) > 1 and text.startswith("`") and text.endswith("`")
-            else escaped
-        )
+    def cell(text: str) -> str:  # Markdown's `code` spans as <code>, everything escaped
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
     parts = [
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>",
         "<style>body{font:14px/1.45 system-ui,sans-serif;max-width:80rem;margin:2rem auto;padding:0 1rem}"
         "table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
-        "vertical-align:top;text-align:left}code{font-size:12px;word-break:break-all}img{max-width:48%;"
-        "margin:.5rem 1% .5rem 0;border:1px solid #eee}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
+        "vertical-align:top;text-align:left}code{font-size:12px;word-break:break-all}"
+        "figure{display:inline-block;width:48%;margin:.5rem 1% .5rem 0;vertical-align:top}"
+        "figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:12px}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>{cell(intro)}</p>",
     ]
     for s in sections:
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
@@ -370,9 +428,12 @@ def to_html(title: str, intro: str, sections: list[Section]) -> str:
             parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.header) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in s.rows]
             parts.append("</table>")
-        for image in s.images:  # inlined: the page is one file that opens anywhere
-            data = base64.b64encode(image.read_bytes()).decode()
-            parts.append(f'<img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">')
+        for image, caption in zip(s.images, s.captions or [""] * len(s.images)):
+            data = base64.b64encode(image.read_bytes()).decode()  # inlined: the page is one file that opens anywhere
+            parts.append(
+                f'<figure><img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{cell(caption)}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -482,9 +482,11 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
         s, counts["total"], counts["largest_module"], counts["largest_fsdp_unit"], plan_cfg.cpu_buffer_factor
     )
     micro, seq = int(cfg.data.batch_size), int(cfg.data.max_length)
+    preference = str(cfg.task.get("_target_", "")).endswith("DPOModule")
+    sequences = 2 * micro if preference else micro  # a pair is two sequences in one forward: chosen and rejected
     checkpointing = bool(cfg.model.get("gradient_checkpointing", False))
-    with_ckpt = activation_bytes(arch, s, micro, seq, True, plan_cfg.attention)
-    without_ckpt = activation_bytes(arch, s, micro, seq, False, plan_cfg.attention)
+    with_ckpt = activation_bytes(arch, s, sequences, seq, True, plan_cfg.attention)
+    without_ckpt = activation_bytes(arch, s, sequences, seq, False, plan_cfg.attention)
     peft = cfg.get("peft") or {}
     trainable = counts["total"]
     if peft.get("method", "none") == "lora":
@@ -499,7 +501,7 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
             lora_activation_bytes(
                 arch,
                 s,
-                micro,
+                sequences,
                 seq,
                 int(peft.r),
                 peft.target_modules,
@@ -509,6 +511,13 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
             )
             for c in (True, False)
         )
+    if preference and cfg.task.get("reference") == "live":
+        # the frozen reference beside the policy, in the weights' dtype (sharded like them under ZeRO-3 and FSDP);
+        # precomputed keeps two floats per pair, adapters nothing but the policy
+        shards = s.world if (s.strategy == "deepspeed" and s.zero_stage == 3) or s.strategy == "fsdp" else 1
+        reference = counts["total"] * (2 if s.half else 4) / shards
+        states["gpu"]["parameters"] += reference
+        states["gpu"]["total"] += reference
     buffers = buffer_bytes(s)
     overhead = plan_cfg.overhead_gib * GIB if str(cfg.trainer.accelerator) != "cpu" else 0.0
     used = with_ckpt if checkpointing else without_ckpt

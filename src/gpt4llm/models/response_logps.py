@@ -1,0 +1,65 @@
+"""A causal LM's log-probability of each response in a batch: the sum over the response's tokens (the prompt's are
+labelled -100), on padded batches (a row a sequence) or packed ones (one row; `sequence_lengths`).
+
+The output layer runs only on the positions that predict a response token, TOKEN_CHUNK of them at a time, each chunk
+recomputed in backward (activation checkpointing) rather than kept: a batch's vocabulary-wide logits never exist at
+once, only one chunk's. This is what keeps DPO's memory at or under TRL's, whose trainer fuses its LM head the same
+way; the result is the model's own logits' (`fused=False`, the plain forward, gives the same numbers and is what
+models whose logits are more than the output layer's product fall back to).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from gpt4llm.data.encoding import IGNORE_INDEX
+
+TOKEN_CHUNK = 1024  # x the vocabulary: 125 MiB of fp32 logits a chunk for LLaMA's 32000, 490 MiB for LLaMA 3's
+# config keys by which some architectures transform the output layer's product (Gemma 2's soft cap, Cohere's scale,
+# Granite's divisor, ...): their log-probabilities come from the model's own logits
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def response_logps(model, batch: dict[str, torch.Tensor], fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's summed log-probability of its labelled tokens (fp32) and how many those were. `model`: a causal
+    LM, peft-wrapped or not; `batch`: input_ids, labels, and attention_mask (padded) or position_ids and
+    sequence_lengths (packed)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the positions predicting a response token
+    inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
+    lengths = batch.get("sequence_lengths")
+    if fused and not any(getattr(model.config, key, None) is not None for key in LOGIT_TRANSFORMS):
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[rows, positions]
+        head = model.get_output_embeddings()
+        chunks = zip(hidden.split(TOKEN_CHUNK), targets[rows, positions].split(TOKEN_CHUNK))
+        if torch.is_grad_enabled():
+            picked = [checkpoint(_target_logps, head, h, t, use_reentrant=False) for h, t in chunks]
+        else:  # the reference: nothing is kept for backward anyway
+            picked = [_target_logps(head, h, t) for h, t in chunks]
+        token_logps = torch.cat(picked) if picked else hidden.new_zeros(0, dtype=torch.float32)
+    else:
+        keep = positions.unique()  # the output layer only where some row predicts a response token
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        token_logps = _target_logps(None, logits[rows, torch.searchsorted(keep, positions)], targets[rows, positions])
+    if lengths is None:
+        owner, count = rows, len(labels)
+    else:  # one packed row: a position (predicting the next token) belongs to the sequence it stands in
+        owner = torch.repeat_interleave(torch.arange(len(lengths), device=labels.device), lengths.to(labels.device))
+        owner, count = owner[positions], len(lengths)
+    sums = torch.zeros(count, device=labels.device).index_add_(0, owner, token_logps)
+    return sums, torch.bincount(owner, minlength=count)
+
+
+def _target_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position: its logit less the logsumexp of the position's logits (no log-softmax over the
+    vocabulary kept), in fp32. `hidden` are the final hidden states (then `head` makes the logits) or the logits."""
+    logits = (hidden if head is None else head(hidden)).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
