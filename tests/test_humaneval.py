@@ -19,7 +19,7 @@ from gpt4llm.errors import RecordError
 from gpt4llm.rating.humaneval_report import build_report, cohen_pairs, fleiss, fraction_interval
 from gpt4llm.rating.store import VoteStore
 from gpt4llm.rating.study import create_study, open_or_create
-from gpt4llm.rating.web import Rating, RatingServer
+from gpt4llm.rating.web import Rating, RatingServer, Vote
 from helpers.runs import run_cli
 
 CRITERIA = {"helpfulness": "helps", "honesty": "true", "harmlessness": "no harm"}
@@ -149,6 +149,58 @@ def test_bad_votes_and_links_are_refused(server):
     assert client.get("/rate/nobody", follow_redirects=False).status_code == 307
     assert client.post("/api/raters", json={"name": ""}).status_code == 422
     assert running.rating.store.count_votes() == 0
+
+
+def test_the_finished_page_says_all_items_are_rated_not_item_5_of_4(tmp_path):
+    paths = [write_responses(tmp_path, model, ids=range(4)) for model in ("alpha", "beta")]
+    study = create_study(tmp_path / "s", [str(p) for p in paths], CRITERIA)
+    store = VoteStore(study.votes_path)
+    rating, token = Rating(study, store), store.rater_token("ann")
+    assert rating.item(token, -1)["heading"] == "ann · item 1 of 4 · 0 rated"
+    for position in range(4):
+        rating.item(token, position)
+        rating.vote(token, position, Vote(choices=dict.fromkeys(CRITERIA, "tie")))
+    finished = rating.item(token, -1)
+    assert finished["finished"] and finished["position"] == 4  # one past the last item: the page used to show it
+    assert finished["heading"] == "ann · all items rated · 4 of 4 rated"
+    assert finished["message"] == "You rated 4 items. You can close this page."
+    store.close()
+
+
+def test_a_rater_left_without_items_by_the_quota_is_told_so_in_the_singular(tmp_path):
+    paths = [write_responses(tmp_path, model, ids=range(2)) for model in ("alpha", "beta")]
+    study = create_study(tmp_path / "s", [str(p) for p in paths], CRITERIA)
+    store = VoteStore(study.votes_path)
+    rating = Rating(study, store, votes_per_item=1)
+    ann, bob = store.rater_token("ann"), store.rater_token("bob")
+    rating.item(bob, 0)  # bob is shown one item, ann the other: each has had its one rater
+    rating.item(ann, 0)
+    rating.vote(ann, 0, Vote(choices=dict.fromkeys(CRITERIA, "A")))
+    finished = rating.item(ann, -1)
+    assert finished["heading"] == "ann · no more items for you: the rest went to other raters · 1 of 2 rated"
+    assert finished["message"] == "You rated 1 item. You can close this page."
+    store.close()
+
+
+def test_the_report_says_1_rater_and_1_vote(tmp_path, responses, capsys):
+    from omegaconf import OmegaConf
+
+    from gpt4llm.humaneval import write_report
+
+    study = create_study(tmp_path / "s", [str(p) for p in responses], CRITERIA)
+    store = VoteStore(study.votes_path)
+    task = study.tasks[0]
+    store.add_vote("ann", task.index, task.item, study.shown_order("ann", task), dict.fromkeys(CRITERIA, "tie"), "", 1)
+    cfg = OmegaConf.create({"confidence": 0.95, "resamples": 100, "seed": 0, "formats": ["png"]})
+    write_report(study, store, cfg)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:6] == [
+        "alpha vs beta (1 rater)",
+        "  helpfulness: win 0.0%  lose 0.0%  tie 100.0% (1 vote)",
+        "  honesty: win 0.0%  lose 0.0%  tie 100.0% (1 vote)",
+        "  harmlessness: win 0.0%  lose 0.0%  tie 100.0% (1 vote)",
+    ]
+    store.close()
 
 
 def test_a_changed_vote_counts_once_as_its_latest(tmp_path, responses):
@@ -324,6 +376,12 @@ def test_two_raters_in_the_browser_through_a_killed_server(tmp_path, responses):
             assert (
                 phone.locator("button[data-criterion=honesty][data-choice=tie]").get_attribute("aria-pressed") == "true"
             )
+            phone.keyboard.press("ArrowRight")  # on to her fourth item, and through the last: the page says she is done
+            phone.wait_for_selector("text=item 4 of 6")
+            for _ in range(3):
+                rate_with_keys("ann")
+            assert phone.locator("#progress").inner_text() == "ann · all items rated · 6 of 6 rated"
+            assert phone.locator("#finished-text").inner_text() == "You rated 6 items. You can close this page."
         finally:
             browser.close()
             proc.send_signal(signal.SIGTERM)
@@ -340,7 +398,7 @@ def test_two_raters_in_the_browser_through_a_killed_server(tmp_path, responses):
     (comparison,) = report["comparisons"]
     assert (comparison["model"], comparison["opponent"]) == ("alpha", "beta")
     assert {c: row["counts"] for c, row in comparison["criteria"].items()} == expected
-    assert sum(expected["helpfulness"].values()) == 5 and comparison["raters"] == ["ann", "bob"]
+    assert sum(expected["helpfulness"].values()) == 8 and comparison["raters"] == ["ann", "bob"]
     votes = [json.loads(line) for line in (study_dir / "votes_unblinded.jsonl").read_text().splitlines()]
     assert {(v["rater"], v["item"]) for v in votes} == {(n, s["item"]) for n, s, _ in pressed}
     assert all(v["seconds"] > 0 for v in votes)

@@ -121,3 +121,13 @@ def test_a_wheel_install_runs_from_any_directory(installed, tmp_path):
         f"hydra.run.dir={tmp_path / 'plan'}",
     )
     assert planned.returncode == 0 and "DeepSpeed's CPU Adam" in planned.stdout, planned.stderr[-2000:]
+
+
+def test_plain_pytest_collects_every_test_file():
+    # `pytest` as well as `python -m pytest` (which also puts the current directory on sys.path)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "pytest"), "--collect-only", "-q"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and " error" not in proc.stdout.lower(), proc.stdout[-3000:]
+    collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert collected == {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")}

@@ -213,3 +213,13 @@ def test_plots_command_draws_study_reports_with_error_bars_and_the_papers_figure
     assert [[b.get_height() for b in c] for c in groups] == [[50.0, 50.0], [30.0, 30.0], [20.0, 20.0]]
     win_errors = groups[0].errorbar.lines[2][0].get_segments()
     assert [tuple(np.round(s[:, 1], 6)) for s in win_errors] == [(20.0, 80.0), (20.0, 80.0)]
+
+
+def test_pies_leave_empty_wedges_unlabelled_and_say_1_vote():
+    from gpt4llm.evaluation import paper_figures as F
+
+    row = {"votes": 1, "fractions": {"win": 1.0, "lose": 0.0, "tie": 0.0}}
+    fig = F.draw_hhh_pies({"model": "ours", "opponent": "alpaca", "criteria": {"helpfulness": row}})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts if t.get_text()] == ["ours", "100.0%"]
+    assert ax.get_title() == "Helpfulness (1 vote)"

@@ -9,24 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tensorboard.plugins.hparams import plugin_data_pb2
 
-from helpers.configs import demo_overrides
-from helpers.runs import events, run_cli
+from helpers.configs import ROOT, demo_overrides
+from helpers.runs import hparams_of, run_cli
 
 pytestmark = pytest.mark.slow
-
-
-def hparams_of(run: Path) -> tuple[dict, set[str]]:
-    """The hyperparameters and metric tags TensorBoard's HParams plugin reads from a run's events."""
-    content = events(run, tensors=0).PluginTagToContent("hparams")
-    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    params = {
-        k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
-        for k, v in session.session_start_info.hparams.items()
-    }
-    return params, {m.name.tag for m in experiment.experiment.metric_infos}
 
 
 def test_hparams_tab_holds_the_run_and_the_sweeper_gets_the_chosen_metric(tmp_path):
@@ -71,3 +58,15 @@ def test_tab_completion_of_the_console_scripts(tmp_path):
         ["gpt4llm-train", "-sc", "query=bash"], capture_output=True, text=True, cwd=tmp_path, env=env
     ).stdout
     assert {"trainer=cpu", "trainer=gpu", "trainer=v100x16"} <= set(offered.split())
+
+
+@pytest.mark.skipif(not shutil.which("gpt4llm-serve"), reason="console scripts not installed (pip install -e .)")
+def test_the_readmes_one_line_completes_every_console_script(tmp_path):
+    (line,) = [x.strip() for x in (ROOT / "README.md").read_text().splitlines() if "compgen -c gpt4llm-" in x]
+    bound = subprocess.run(
+        ["bash", "-c", f"{line}\ncomplete -p"], capture_output=True, text=True, cwd=tmp_path, check=True
+    ).stdout
+    scripts = {p.name for p in Path(shutil.which("gpt4llm-serve")).parent.glob("gpt4llm-*")}
+    assert len(scripts) == 13
+    for script in scripts:
+        assert f"-F hydra_bash_completion {script}" in bound, script

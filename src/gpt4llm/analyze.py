@@ -2,7 +2,9 @@
 instruction dataset: the verb–noun pairs of its texts (top pairs, sunburst) and the lengths of its instructions and
 outputs, a second dataset beside the first. Writes, in logs/analyze/runs/<time>/: verb_noun_<dataset>.csv (the
 notebook's columns), cmp_freq.png/pdf (1c), sunburst_<dataset>.html/png, cmp_seq_len_freq.png/pdf (1d),
-instruction_len_freq.png/pdf and summary.json. The parse rule: gpt4llm.analysis.verb_noun."""
+instruction_len_freq.png/pdf and summary.json. A figure with nothing to draw (no pair seen often enough for the
+sunburst) is skipped, with its reason in summary.json's skipped_figures; the rest is written. The parse rule:
+gpt4llm.analysis.verb_noun."""
 
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def analyze(cfg: DictConfig) -> dict:
         other = versus_file(str(cfg.versus))
         files[other.stem if other.stem not in files else f"{other.stem} (versus)"] = other
     out, formats = Path(cfg.paths.output_dir), tuple(cfg.formats)
-    records, summary = {}, {"datasets": {}}
+    records, summary, not_drawn = {}, {"datasets": {}}, {}
     for name, path in files.items():  # duplicates and broken records are left out, and counted
         records[name], loaded = load_instruction_records(path, skip_invalid=True)
         skipped = {reason: s["count"] for reason, s in loaded.summary()["skipped"].items()}
@@ -95,8 +97,11 @@ def analyze(cfg: DictConfig) -> dict:
             counts[name] = V.pair_counts(pairs)
             rows = V.sunburst_rings(counts[name], **cfg.sunburst)
             title = f"{name}: top verbs and their direct objects ({cfg.field})"
-            V.write_sunburst_html(rows, title, out / f"sunburst_{F.slug(name)}.html")
-            F.save(V.draw_sunburst(rows, title), out, f"sunburst_{F.slug(name)}", ("png",))
+            if rows:
+                V.write_sunburst_html(rows, title, out / f"sunburst_{F.slug(name)}.html")
+                F.save(V.draw_sunburst(rows, title), out, f"sunburst_{F.slug(name)}", ("png",))
+            else:  # a pie of nothing cannot be drawn (small data: the notebook's min_count is for 52K texts)
+                not_drawn[f"sunburst_{F.slug(name)}"] = V.why_no_sunburst(counts[name], **cfg.sunburst)
             summary["datasets"][name] |= {
                 "parsed": len(pairs),
                 "with_verb": sum(v is not None for v, _ in pairs),
@@ -113,13 +118,25 @@ def analyze(cfg: DictConfig) -> dict:
                 f"{name}: {len(pairs)} texts {'read from the cache' if reused else 'parsed'} in {seconds:.1f} s; "
                 f"{len(counts[name])} unique verb-noun pairs"
             )
-        F.save(V.draw_top_pairs(counts, cfg.top_pairs), out, "cmp_freq", formats)
-    summary |= {"field": cfg.field, "parser": cfg.parser.model if nlp is not None else None}
+        first = next(iter(counts))
+        if counts[first]:
+            F.save(V.draw_top_pairs(counts, cfg.top_pairs), out, "cmp_freq", formats)
+        else:  # its bars are the first dataset's top pairs: there are none
+            not_drawn["cmp_freq"] = f"{first}: no text has a verb with a direct-object noun"
+    for figure, why in not_drawn.items():
+        log.warning(f"{figure}: not drawn: {why}")
+    summary |= {
+        "field": cfg.field,
+        "parser": cfg.parser.model if nlp is not None else None,
+        "skipped_figures": not_drawn,
+    }
     write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     print(f"Figures and tables in {out}")
     for name, row in summary["datasets"].items():
         pairs = f", {row['unique_pairs']} unique verb-noun pairs" if "unique_pairs" in row else ""
         print(f"  {name}: {row['records']} records{pairs}")
+    for figure, why in not_drawn.items():
+        print(f"  not drawn: {figure}: {why}")
     return summary
 
 

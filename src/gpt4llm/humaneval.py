@@ -65,13 +65,14 @@ def write_report(study, store, cfg: DictConfig) -> dict:
     from gpt4llm.evaluation import paper_figures as F
     from gpt4llm.io.atomic import write_jsonl, write_text
     from gpt4llm.rating.humaneval_report import REPORT_FILE, build_report, unblind
+    from gpt4llm.rating.web import count
 
     report = build_report(study, store, confidence=cfg.confidence, resamples=cfg.resamples, seed=cfg.seed)
     write_jsonl(study.directory / "votes_unblinded.jsonl", unblind(study, store.latest_votes()))
     path = write_text(study.directory / REPORT_FILE, json.dumps(report, indent=1))
     print(f"{report['items']} items; report: {path}")
     for comparison in report["comparisons"]:
-        print(f"\n{comparison['model']} vs {comparison['opponent']} ({len(comparison['raters'])} raters)")
+        print(f"\n{comparison['model']} vs {comparison['opponent']} ({count(len(comparison['raters']), 'rater')})")
         for criterion, row in comparison["criteria"].items():
             if not row["votes"]:
                 print(f"  {criterion}: no votes yet")
@@ -85,7 +86,7 @@ def write_report(study, store, cfg: DictConfig) -> dict:
                 if kappa and kappa["kappa"] is not None
                 else ""
             )
-            print(f"  {criterion}: {shares} ({row['votes']} votes{agreement})")
+            print(f"  {criterion}: {shares} ({count(row['votes'], 'vote')}{agreement})")
         if any(row["votes"] for row in comparison["criteria"].values()):
             for fig, name in F.draw_hhh(comparison):
                 F.save(fig, study.directory, name, tuple(cfg.formats))

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
 
@@ -32,6 +32,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cuda_capabilities,
         derive_accumulation,
     )
+    from gpt4llm.training.hyperparameters import compared_hyperparameters
     from gpt4llm.training.resume import checkpoint_step
 
     check_config(cfg)
@@ -49,7 +50,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = instantiate(cfg.task, tokenizer=tokenizer)
     validating = cfg.data.val_size > 0
     if not validating:
-        log.info("data.val_size=0: nothing is held out (as in the paper); training runs with no validation loop")
+        metric = optimized_metric(cfg)
+        fallback = f"; optimized_metric falls back to {metric}" if metric != cfg.optimized_metric else ""
+        log.info(f"data.val_size=0: nothing is held out (as in the paper); no validation loop{fallback}")
     # A resumed run goes on in its run directory: TensorBoard drops what the interrupted run logged past the checkpoint.
     purge = {"purge_step": checkpoint_step(cfg.ckpt_path)} if cfg.ckpt_path else {}
     strategy = instantiate(cfg.strategy)
@@ -71,8 +74,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.global_batch_size, cfg.data.batch_size, trainer.world_size
         )
         log.info(f"Global batch {cfg.global_batch_size}: gradient accumulation {trainer.accumulate_grad_batches}")
+    # The settings runs are compared by, not the whole config (that is the run directory's .hydra/config.yaml).
+    hparams = compared_hyperparameters(cfg, _hydra_choices())
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(hparams)
 
     if validating and cfg.validate_first and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule)
@@ -81,7 +86,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Stopped by max_steps between two validations: the final figures should be those of the final model.
         trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    hparams = flat_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
     for logger in trainer.loggers:  # TensorBoard's HParams tab: this run's settings beside its final metrics
         if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
             logger.log_hyperparams(hparams, metrics={f"hp/{k}": v for k, v in metrics.items()})
@@ -117,16 +121,20 @@ def _end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def flat_hyperparameters(config: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
-    """`task.optimizer.lr`-style keys and scalar values (TensorBoard's HParams take nothing else)."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flat_hyperparameters(value, f"{name}.")
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+def optimized_metric(cfg: DictConfig) -> str:
+    """What the run reports to a sweeper: `optimized_metric`, or with nothing held out (data.val_size=0, the paper's
+    runs) its training counterpart, val/loss -> train/loss, since no val/ metric is ever logged."""
+    name = cfg.optimized_metric
+    if cfg.data.val_size == 0 and name.startswith("val/"):
+        return "train/" + name.removeprefix("val/")
+    return name
+
+
+def _hydra_choices() -> dict | None:
+    """The option chosen in each config group (`model=llama7b`), when Hydra composed the run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
@@ -134,11 +142,12 @@ def flat_hyperparameters(config: dict, prefix: str = "") -> dict[str, float | in
 def main(cfg: DictConfig) -> float | None:
     use_hydra_logging()
     metrics = train(cfg)
-    value = metrics.get(cfg.optimized_metric)  # what a hyperparameter sweeper optimises
+    name = optimized_metric(cfg)
+    value = metrics.get(name)  # what a hyperparameter sweeper optimises
     if value is None:
-        log.warning(f"optimized_metric={cfg.optimized_metric} was not logged; the run logged {sorted(metrics)}")
+        log.warning(f"optimized_metric={name} was not logged; the run logged {sorted(metrics)}")
     else:
-        print(f"  Optimized metric {cfg.optimized_metric}: {value:.6g}")
+        print(f"  Optimized metric {name}: {value:.6g}")
     return value
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 
 def run_cli(module: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -42,3 +43,15 @@ def scalars_by_step(run_dir: Path) -> dict[str, dict[int, float]]:
     """Every scalar tag of a run, with its values by step."""
     logged = events(run_dir)
     return {tag: {e.step: e.value for e in logged.Scalars(tag)} for tag in logged.Tags()["scalars"]}
+
+
+def hparams_of(run: Path) -> tuple[dict, set[str]]:
+    """The hyperparameters and metric tags TensorBoard's HParams plugin reads from a run's events."""
+    content = events(run, tensors=0).PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    params = {
+        k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+        for k, v in session.session_start_info.hparams.items()
+    }
+    return params, {m.name.tag for m in experiment.experiment.metric_infos}

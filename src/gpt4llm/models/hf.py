@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 from transformers import (
     AutoConfig,
@@ -13,6 +16,8 @@ from gpt4llm.data.templates import apply_template
 from gpt4llm.data.tokenizer import load_tokenizer
 from gpt4llm.models import attention
 from gpt4llm.models.zero3 import gathered
+
+log = logging.getLogger(__name__)
 
 
 def prepare_tokenizer(path: str, tiny: dict | None = None, backend: str = "auto", template: str = "alpaca"):
@@ -51,9 +56,11 @@ def load_causal_lm(
     if attn_implementation == attention.NAME:
         attention.register()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    start = time.perf_counter()  # one line a load, where transformers' bar was (gpt4llm.app.cli.quiet_libraries)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype) if dtype else None, **extra, **quantized_loading(quantization)
     )
+    log.info(f"Loaded {path} in {time.perf_counter() - start:.1f}s")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         resize_embeddings_with_mean(model, len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -29,6 +29,11 @@ from gpt4llm.rating.study import Study
 CHOICES = ("A", "tie", "B")
 
 
+def count(n: int, noun: str) -> str:
+    """'1 item', '2 items'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 class NewRater(BaseModel):
     name: str = Field(min_length=1, max_length=80)
 
@@ -78,15 +83,22 @@ class Rating:
         rated = {vote["task"]: vote for vote in self.store.latest_votes(rater)}
         if position < 0:  # where the rater left off: every task before it has their vote
             position = len(rated)
-        progress = {"position": position, "rated": len(rated), "total": len(self.study.tasks), "rater": rater}
+        total = len(self.study.tasks)
+        progress = {"position": position, "rated": len(rated), "total": total, "rater": rater}
         task = self.task_at(rater, position, deal=True)
-        if task is None:
-            return progress | {"finished": True}
+        if task is None:  # `position` is one past the last item here: the page must not say "item 5 of 4"
+            done = "all items rated" if len(rated) == total else "no more items for you: the rest went to other raters"
+            return progress | {
+                "finished": True,
+                "heading": f"{rater} · {done} · {len(rated)} of {total} rated",
+                "message": f"You rated {count(len(rated), 'item')}. You can close this page.",
+            }
         item = self.study.items[task.item]
         shown = self.study.shown_order(rater, task)
         vote = rated.get(task.index)
         return progress | {
             "finished": False,
+            "heading": f"{rater} · item {position + 1} of {total} · {len(rated)} rated",
             "instruction": item["instruction"],
             "input": item["input"],
             "answers": [item["answers"][model] for model in shown],

@@ -6,7 +6,8 @@ directory of its own, `<root>/<stage name>/`, and is done when that directory ho
   the rest (their directory is emptied first, so nothing half-written is ever read: a directory without stage.json is
   never used).
 - Failures stop the run with the stage's name, exit status, log and last lines; earlier stages keep what they made.
-- Progress: "[n/N] stage: ..." with an ETA from the stages' earlier durations.
+- Progress: "[n/N] stage: ..." with an ETA only once every stage left has a measured duration: its own last time, or
+  this run's stages of its kind (train, generate, judge ...: a training stage says nothing of a plot's time).
 
 Why not DVC or Hydra's multirun: DVC wants the project to be a git + DVC repository and its own dvc.yaml beside our
 Hydra configs (two sources of truth for one command line); Hydra's multirun runs independent jobs of one command, not
@@ -104,7 +105,7 @@ class Pipeline:
         self.force, self.only = list(force), list(only) if only else None
         self.echo = echo
         self.fingerprints: dict[str, str] = {}
-        self.durations: list[float] = []  # of the stages run by this invocation, for the ETA
+        self.durations: dict[str, list[float]] = {}  # kind -> seconds of the stages this invocation ran, for the ETA
         names = [s.name for s in stages]
         for stage in stages:
             unknown = [n for n in stage.needs + stage.after if n not in names[: names.index(stage.name)]]
@@ -209,16 +210,30 @@ class Pipeline:
         return self.execute(stage, fp, "its settings or inputs changed" if record else "not done before")
 
     def eta(self, index: int) -> str:
-        """From the remaining stages' durations last time (their stage.json, even stale ones) where known, else from
-        the mean of the stages run so far."""
-        left = self.stages[index - 1 :]
-        known = [r["seconds"] for s in left if (r := self.record(s)) and r.get("seconds")]
-        if known:
-            return f" (the stages left took {_duration(sum(known))} last time)"
-        if self.durations:
-            mean = sum(self.durations) / len(self.durations)
-            return f" (ETA for {len(left)} stages left: about {_duration(mean * len(left))})"
+        """An ETA only where every stage left that will run has a measured duration: its own last time (its
+        stage.json, even a stale one), else the mean of this run's stages of its kind. Stages differ too much (a
+        training run against a plot) for one mean over all of them to be an estimate; until then, the time so far."""
+        left = [s for s in self.stages[index - 1 :] if self.selected(s) and not s.skip]
+        estimates = [self.estimate(s) for s in left]
+        done = [seconds for kind in self.durations.values() for seconds in kind]
+        if all(e is not None for e in estimates):
+            return (
+                f" (ETA about {_duration(sum(estimates))}: {_count(len(left), 'stage')} left, "
+                f"timed by their last run or this run's stages of their kind)"
+            )
+        if done:
+            so_far = f"the {_count(len(done), 'stage')} run so far took {_duration(sum(done))}"
+            return (
+                f" ({_count(len(left), 'stage')} left; {so_far}; no ETA until each kind of stage left has been timed)"
+            )
         return ""
+
+    def estimate(self, stage: Stage) -> float | None:
+        record = self.record(stage)
+        if record and record.get("seconds") is not None:
+            return record["seconds"]
+        same_kind = self.durations.get(_kind(stage))
+        return sum(same_kind) / len(same_kind) if same_kind else None
 
     def execute(self, stage: Stage, fingerprint: str, reason: str) -> Outcome:
         directory = self.directory(stage)
@@ -259,9 +274,17 @@ class Pipeline:
                 indent=1,
             ),
         )
-        self.durations.append(seconds)
+        self.durations.setdefault(_kind(stage), []).append(seconds)
         self.echo(f"  {stage.name}: done in {_duration(seconds)} ({reason})")
         return Outcome(stage, Status.RAN, reason, round(seconds, 1), shown, fingerprint)
+
+
+def _kind(stage: Stage) -> str:
+    return stage.name.split("/")[0]  # train/<model>, generate/<model>/<set>, judge/<opponent>, plots
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _duration(seconds: float) -> str:
