@@ -6,9 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,32 +18,7 @@ from gpt4llm.rating.store import VoteStore
 from gpt4llm.rating.study import create_study, open_or_create
 from gpt4llm.rating.web import Rating, RatingServer, Vote
 from helpers.runs import run_cli
-
-CRITERIA = {"helpfulness": "helps", "honesty": "true", "harmlessness": "no harm"}
-ITEMS = 6
-
-
-def write_responses(directory: Path, model: str, ids=range(ITEMS)) -> Path:
-    path = directory / model / "responses.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for i in ids:
-            f.write(
-                json.dumps(
-                    {
-                        "id": f"q{i}",
-                        "instruction": f"Task {i}: write <b>a</b> poem",
-                        "model": model,
-                        "input": ""
-                        if i % 2
-                        else "<img src=x onerror=\"document.title='pwned'\"><script>window.pwned=1</script>",
-                        # Each answer names its model and item, so a test reading the page can un-blind it by itself.
-                        "response": f"[{model} on q{i}] <script>window.pwned=1</script>\nsecond line",
-                    }
-                )
-                + "\n"
-            )
-    return path
+from helpers.studies import CRITERIA, ITEMS, start_cli, write_responses
 
 
 @pytest.fixture
@@ -98,7 +70,8 @@ def rate(client: httpx.Client, token: str, choices: dict[str, str]) -> dict:
     item = client.get(f"/api/rate/{token}/items/-1").json()
     if item["finished"]:
         return item
-    reply = client.post(f"/api/rate/{token}/items/{item['position']}/vote", json={"choices": choices, "seconds": 2.0})
+    vote = {"task": item["task"], "choices": choices, "seconds": 2.0}
+    reply = client.post(f"/api/rate/{token}/items/{item['position']}/vote", json=vote)
     assert reply.status_code == 200, reply.text
     return item
 
@@ -130,21 +103,19 @@ def test_items_are_dealt_evenly_never_twice_and_stop_at_the_quota(server):
     assert len(set(first_round)) == ITEMS  # every item got a first rater before any got a second
     finished = client.get(f"/api/rate/{tokens['ann']}/items/-1").json()
     assert finished["finished"] and finished["rated"] == len(seen["ann"])
-    again = client.post("/api/raters", json={"name": "ann"}).json()["token"]
-    assert again == tokens["ann"]  # the same name resumes
+    again = client.post("/api/raters", json={"name": " ann "})  # a name is not a key: ann goes on with her link
+    assert again.status_code == 409 and tokens["ann"] not in again.text
 
 
 def test_bad_votes_and_links_are_refused(server):
     running, client = server
     token = client.post("/api/raters", json={"name": "ann"}).json()["token"]
-    client.get(f"/api/rate/{token}/items/0")
+    task = client.get(f"/api/rate/{token}/items/0").json()["task"]
     for choices in ({"helpfulness": "A"}, dict.fromkeys(CRITERIA, "C")):
-        reply = client.post(f"/api/rate/{token}/items/0/vote", json={"choices": choices})
+        reply = client.post(f"/api/rate/{token}/items/0/vote", json={"task": task, "choices": choices})
         assert reply.status_code == 422 and "choices" in reply.text
-    assert (
-        client.post(f"/api/rate/{token}/items/3/vote", json={"choices": dict.fromkeys(CRITERIA, "A")}).status_code
-        == 404
-    )
+    vote = {"task": task, "choices": dict.fromkeys(CRITERIA, "A")}
+    assert client.post(f"/api/rate/{token}/items/3/vote", json=vote).status_code == 404
     assert client.get("/api/rate/nobody/items/0").status_code == 404
     assert client.get("/rate/nobody", follow_redirects=False).status_code == 307
     assert client.post("/api/raters", json={"name": ""}).status_code == 422
@@ -158,8 +129,8 @@ def test_the_finished_page_says_all_items_are_rated_not_item_5_of_4(tmp_path):
     rating, token = Rating(study, store), store.rater_token("ann")
     assert rating.item(token, -1)["heading"] == "ann · item 1 of 4 · 0 rated"
     for position in range(4):
-        rating.item(token, position)
-        rating.vote(token, position, Vote(choices=dict.fromkeys(CRITERIA, "tie")))
+        task = rating.item(token, position)["task"]
+        rating.vote(token, position, Vote(task=task, choices=dict.fromkeys(CRITERIA, "tie")))
     finished = rating.item(token, -1)
     assert finished["finished"] and finished["position"] == 4  # one past the last item: the page used to show it
     assert finished["heading"] == "ann · all items rated · 4 of 4 rated"
@@ -174,8 +145,8 @@ def test_a_rater_left_without_items_by_the_quota_is_told_so_in_the_singular(tmp_
     rating = Rating(study, store, votes_per_item=1)
     ann, bob = store.rater_token("ann"), store.rater_token("bob")
     rating.item(bob, 0)  # bob is shown one item, ann the other: each has had its one rater
-    rating.item(ann, 0)
-    rating.vote(ann, 0, Vote(choices=dict.fromkeys(CRITERIA, "A")))
+    task = rating.item(ann, 0)["task"]
+    rating.vote(ann, 0, Vote(task=task, choices=dict.fromkeys(CRITERIA, "A")))
     finished = rating.item(ann, -1)
     assert finished["heading"] == "ann · no more items for you: the rest went to other raters · 1 of 2 rated"
     assert finished["message"] == "You rated 1 item. You can close this page."
@@ -250,26 +221,6 @@ def test_bootstrap_interval_has_the_binomial_width_and_resamples_items_not_votes
 
 # --- the command, a killed server, and the page in a real browser -----------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def start_cli(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpt4llm.humaneval", "port=0", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline, lines = time.time() + 60, []
-    while time.time() < deadline and proc.poll() is None:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("Raters start at "):
-            return proc, line.split(" at ", 1)[1].strip().rstrip("/")
-    proc.kill()
-    raise AssertionError("".join(lines) + (proc.stdout.read() or ""))
 
 
 def browser_or_skip():

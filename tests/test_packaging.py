@@ -124,9 +124,11 @@ def test_a_wheel_install_runs_from_any_directory(installed, tmp_path):
 
 
 def test_plain_pytest_collects_every_test_file():
-    # `pytest` as well as `python -m pytest` (which also puts the current directory on sys.path)
+    # `pytest` as well as `python -m pytest` (which also puts the current directory on sys.path): the console
+    # script's entry point with nothing prepended to sys.path (-P), wherever the script itself was installed
+    entry = "import sys, pytest; sys.exit(pytest.console_main())"
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "pytest"), "--collect-only", "-q"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-P", "-c", entry, "--collect-only", "-q"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0 and " error" not in proc.stdout.lower(), proc.stdout[-3000:]
     collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}

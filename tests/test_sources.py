@@ -54,7 +54,7 @@ def test_a_cut_connection_is_retried_and_never_leaves_half_a_file(tmp_path, serv
     always_cut = server(cuts=99)
     target = tmp_path / "e.json"
     with pytest.raises(DownloadError) as err:
-        ensure_file(target, always_cut.url, attempts=2)
+        ensure_file(target, always_cut.url, attempts=2, setting="data.path")
     assert not target.exists() and not leftovers(tmp_path)
     message = str(err.value)
     assert "of" in message and "bytes" in message  # says what happened: connection closed after N of M bytes
@@ -64,7 +64,7 @@ def test_a_cut_connection_is_retried_and_never_leaves_half_a_file(tmp_path, serv
 def test_offline_says_which_file_and_which_override(tmp_path):
     target = tmp_path / "alpaca_gpt4_data.json"
     with pytest.raises(DownloadError, match="alpaca_gpt4_data.json") as err:
-        ensure_file(target, "http://127.0.0.1:9/nothing-listens-here.json", attempts=1)
+        ensure_file(target, "http://127.0.0.1:9/nothing-listens-here.json", attempts=1, setting="data.path")
     assert f"copy the file to {target}" in str(err.value) and "data.path=/path/to/alpaca_gpt4_data.json" in str(
         err.value
     )

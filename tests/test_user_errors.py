@@ -28,10 +28,19 @@ def files(tmp: Path) -> dict[str, Path]:
         "not_pairs.json": json.dumps([{"instruction": "a", "output": "b"}]),
         "answers.jsonl": "".join(json.dumps({"id": i, "model": "m", "response": str(i)}) + "\n" for i in range(3)),
         "prompts.jsonl": "".join(json.dumps({"instruction": f"q{i}"}) + "\n" for i in range(2)),
+        "scored.jsonl": "".join(
+            json.dumps({"id": i, "model": "m", "instruction": f"q{i}", "response": str(i)}) + "\n" for i in range(3)
+        ),
+        "header_only.csv": "instruction,input,output\n",
     }
     for name, text in made.items():
         (tmp / name).write_text(text)
     (tmp / "plain_dir").mkdir()
+    (tmp / "zero.parquet").write_bytes(b"")
+    (tmp / "latin1.csv").write_bytes("instruction,input,output\nCafé?,,Sí.\n".encode("latin-1"))
+    import datasets
+
+    datasets.DatasetDict(test=datasets.Dataset.from_list(GOOD)).save_to_disk(str(tmp / "saved_test_only"))
     return {name: tmp / name for name in [*made, "plain_dir"]}
 
 
@@ -52,14 +61,29 @@ CASES = [
     ("train", ["ckpt_path={tmp}/nothing.ckpt"], "ckpt_path="),
     ("train", ["model.tokenizer=magic"], "model.tokenizer='magic'"),
     ("train", ["task=rm", "data=local_pairs", "data.path={tmp}/not_pairs.json"], "not_pairs.json: record 0"),
+    ("train", ["data=local", "data.path={tmp}/header_only.csv"], "header_only.csv: holds no records"),
+    ("train", ["data=local", "data.path={tmp}/zero.parquet"], "zero.parquet: not a readable Parquet file"),
+    ("train", ["data=local", "data.path={tmp}/latin1.csv"], "latin1.csv: not UTF-8 text"),
+    ("train", ["data=local", "data.path={tmp}/saved_test_only"], "has no split 'train': its splits are test"),
+    ("train", ["model=hf", "model.path={tmp}/no_model"], "no_model: no such model directory"),
     ("prepare", ["data=local", "data.path={tmp}/missing.json"], "missing.json"),
     ("prepare", ["data.val_size=2.5"], "data.val_size=2.5"),
     ("plan", ["plan.device=TPU"], "plan.device=TPU"),
     ("plan", ["model=hf", "model.path={tmp}/no_model"], "model.path="),
     ("generate", [], "model.path is required"),
     ("generate", ["model.path={tmp}", "decoding.num_samples=3"], "decoding.num_samples"),
+    ("generate", ["model.path={tmp}/no_model", "eval=demo"], "no_model: no such model directory"),
+    ("generate", ["model.path={tmp}", "eval=vicuna80"], "HF_HUB_OFFLINE is set, so it is not downloaded"),
+    ("score", ["reward_model={tmp}/no_model", "input={tmp}/scored.jsonl"], "no_model: no such model directory"),
     ("evaluate", ["metric=rouge", "responses={tmp}/missing.jsonl"], "missing.jsonl"),
     ("evaluate", ["metric=reward", "responses={tmp}/answers.jsonl"], "metric.model"),
+    ("evaluate", ["metric=reward", "metric.model={tmp}", "responses={tmp}/answers.jsonl"], "no field 'instruction'"),
+    ("evaluate", ["metric=reward", "metric.model={tmp}/no_model", "responses={tmp}/scored.jsonl"], "no_model: no such"),
+    (
+        "evaluate",
+        ["metric=judge", "responses={tmp}/answers.jsonl", "metric.opponent={tmp}/answers.jsonl"],
+        "HF_HUB_OFFLINE is set, so it is not downloaded",
+    ),
     ("evaluate", ["metric=rouge", "responses=[{tmp}/answers.jsonl,{tmp}/answers.jsonl]"], "same model name"),
     ("bestofn", ["sft_model={tmp}", "reward_model={tmp}", "prompts={tmp}/missing.jsonl"], "missing.jsonl"),
     ("synthesize", ["job=answer"], "instructions=FILE"),
@@ -82,11 +106,13 @@ def test_a_bad_invocation_ends_in_one_error_line(command, args, named, tmp_path,
     argv = [a.format(tmp=tmp_path) for a in args]
     if command in ("train", "prepare"):  # the tiny model and a small demo, unless the case says otherwise
         demo = [] if any(a.startswith("data=") for a in argv) else ["data.demo.num_records=60", "data.val_size=10"]
-        argv = _last_wins([*TINY_OVERRIDES, *demo, *argv])
+        tiny = [] if any(a.startswith("model=") for a in argv) else TINY_OVERRIDES
+        argv = _last_wins([*tiny, *demo, *argv])
     argv += [f"hydra.run.dir={run}", f"paths.data_dir={tmp_path / 'data'}"]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [f"gpt4llm-{command}", *argv])
     monkeypatch.delenv("GPT4LLM_TRACEBACK", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the offline cases; nothing else here downloads
     main = importlib.import_module(f"gpt4llm.{command}").main
     with pytest.raises(SystemExit) as exited:
         main()

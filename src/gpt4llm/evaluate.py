@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
-from gpt4llm.errors import ConfigError
+from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.evaluation.responses import slug
 from gpt4llm.io import atomic
 
@@ -63,7 +63,7 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
         )
 
         files = {
-            k: ensure_file(**m.fastchat[k], required_fields=f)
+            k: ensure_file(**m.fastchat[k], required_fields=f, setting=f"metric.fastchat.{k}.path")
             for k, f in (("prompts", PROMPT_FIELDS), ("reviewers", REVIEWER_FIELDS))
         }
         reviewers = FastChatReviewers.from_files(files["prompts"], files["reviewers"])
@@ -147,6 +147,12 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
         if not cfg.metric.model:
             raise ConfigError(f"{path}: scoring answers needs metric.model=<reward model export>")
         answers = read_responses(path)
+        for index, answer in enumerate(answers):  # the reward model reads each answer after its own prompt
+            if "instruction" not in answer:
+                raise RecordError(
+                    f"{path}: record {index} has no field 'instruction': the reward model scores an answer with its "
+                    "prompt (gpt4llm.generate writes both)"
+                )
         for answer, reward in zip(answers, score_answers(cfg.metric.model, answers, cfg.metric.batch_size)):
             answer["reward"] = reward
         name = answers[0]["model"]

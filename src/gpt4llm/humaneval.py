@@ -1,8 +1,10 @@
 """Human evaluation: `python -m gpt4llm.humaneval responses=[A.jsonl,B.jsonl]` runs a blind pairwise rating study
 in the browser (the paper's Figure 3); `study=<dir> report=true` un-blinds its votes into fractions with confidence
 intervals, agreement, and the pies. The study lives in logs/humaneval/<name>/: study.json (items, models, criteria),
-votes.sqlite (raters, what each was shown, every vote), humaneval_report.json and the figures. How items are dealt and
-shown: gpt4llm.rating.web; how votes become numbers: gpt4llm.rating.humaneval_report."""
+votes.sqlite (raters, what each was shown, every vote), votes_held.json (how many votes the store held, so a lost
+store is noticed), server.lock (the running server's pid: one server per study), humaneval_report.json and the
+figures. How items are dealt and shown, and who may rate: gpt4llm.rating.web; how votes become numbers:
+gpt4llm.rating.humaneval_report."""
 
 from __future__ import annotations
 
@@ -13,16 +15,19 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def humaneval(cfg: DictConfig) -> dict | None:
+    from gpt4llm.io.study_lock import describe, study_lock
     from gpt4llm.rating.store import VoteStore
     from gpt4llm.rating.study import load_study, open_or_create
 
+    check_settings(cfg)
     responses = [str(p) for p in cfg.responses]
-    if cfg.report:
+    if cfg.report:  # a reader: it may run while the study is being served (SQLite's WAL lets it)
         study = load_study(cfg.study)
         store = VoteStore(study.votes_path)
         try:
@@ -30,10 +35,42 @@ def humaneval(cfg: DictConfig) -> dict | None:
         finally:
             store.close()
     names = list(cfg.names) if cfg.names else None
-    study = open_or_create(cfg.study, responses, OmegaConf.to_container(cfg.criteria), names)
-    store = VoteStore(study.votes_path)
-    serve(study, store, cfg)
+    # One server per study: a second one would deal and count beside the first.
+    with study_lock(cfg.study, "server.lock", action="serve this study") as stale:
+        if stale:
+            log.info(f"Took over the study's lock from {describe(stale)}, which no longer runs")
+        study = open_or_create(
+            cfg.study, responses, OmegaConf.to_container(cfg.criteria), names, open_signup=cfg.open_signup
+        )
+        store = VoteStore(study.votes_path)
+        serve(study, store, cfg)
     return None
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Settings that would start a study nobody can rate, or write a report of NaNs, stop here."""
+    from gpt4llm.rating.store import normal_name
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    per_item = cfg.votes_per_item
+    if per_item is not None and not (integer(per_item) and per_item >= 1):
+        raise ConfigError(
+            f"votes_per_item={per_item}: a whole number of votes, 1 or more (or null: every rater may rate every item)"
+        )
+    confidence = cfg.confidence
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ConfigError(f"confidence={confidence}: the intervals' confidence level, between 0 and 1 (e.g. 0.95)")
+    if not (integer(cfg.resamples) and cfg.resamples >= 1):
+        raise ConfigError(f"resamples={cfg.resamples}: a whole number of bootstrap resamples, 1 or more (e.g. 2000)")
+    if cfg.open_signup is not None and not isinstance(cfg.open_signup, bool):
+        raise ConfigError(f"open_signup={cfg.open_signup}: true, false, or null (as the study was made)")
+    for name in cfg.raters:
+        try:
+            normal_name(str(name))
+        except ValueError as err:
+            raise ConfigError(f"raters: {name!r}: {err}") from None
 
 
 def serve(study, store, cfg: DictConfig) -> None:
@@ -41,15 +78,20 @@ def serve(study, store, cfg: DictConfig) -> None:
 
     server = RatingServer(Rating(study, store, cfg.votes_per_item), host=cfg.host, port=cfg.port)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(f"Listening on {cfg.host}: anyone who can reach this machine can open the study and vote")
+        log.warning(f"Listening on {cfg.host}: anyone who can reach this machine can open the study's start page")
     print(
         f"Study {study.directory}: {len(study.items)} items, {len(study.tasks)} comparisons of "
         f"{', '.join(study.models)}; {store.count_votes()} votes so far",
         flush=True,
     )
     print(f"Raters start at {server.url}/", flush=True)
+    if server.reachable is None:
+        print(f"  (listening on every interface: replace {cfg.host} with this machine's address in the links)")
+    elif server.reachable != cfg.host:
+        print(f"  (listening on every interface; {server.reachable} is this machine's address on its network)")
     for name in cfg.raters:
         print(f"  {name}: {server.url}/rate/{store.rater_token(str(name))}", flush=True)
+    print(f"Sign-up: {signup(study)}", flush=True)
     print(
         f"Stop with Ctrl-C; go on later with: python -m gpt4llm.humaneval study={study.directory}\n"
         f"Results: python -m gpt4llm.humaneval study={study.directory} report=true",
@@ -61,6 +103,15 @@ def serve(study, store, cfg: DictConfig) -> None:
         store.close()
 
 
+def signup(study) -> str:
+    if study.open_signup:
+        return (
+            "open: entering a rater's name on the start page continues as that rater (anyone who knows a name can "
+            "read and change that rater's votes)"
+        )
+    return "closed: the start page makes new raters only; a rater goes on with their own link, which is their key"
+
+
 def write_report(study, store, cfg: DictConfig) -> dict:
     from gpt4llm.evaluation import paper_figures as F
     from gpt4llm.io.atomic import write_jsonl, write_text
@@ -68,9 +119,12 @@ def write_report(study, store, cfg: DictConfig) -> dict:
     from gpt4llm.rating.web import count
 
     report = build_report(study, store, confidence=cfg.confidence, resamples=cfg.resamples, seed=cfg.seed)
+    report["signup"] = signup(study)
     write_jsonl(study.directory / "votes_unblinded.jsonl", unblind(study, store.latest_votes()))
     path = write_text(study.directory / REPORT_FILE, json.dumps(report, indent=1))
     print(f"{report['items']} items; report: {path}")
+    if study.open_signup:
+        print(f"Sign-up was {report['signup']}")
     for comparison in report["comparisons"]:
         print(f"\n{comparison['model']} vs {comparison['opponent']} ({count(len(comparison['raters']), 'rater')})")
         for criterion, row in comparison["criteria"].items():

@@ -3,7 +3,8 @@ generation on three benchmarks, ROUGE-L, the GPT-4 review, best-of-N, every figu
 report of our numbers beside the paper's: logs/reproduce/<preset>/report.md and report.html.
 
 `preset=tiny` rehearses every stage on a CPU in about ten minutes, offline. The same command again reuses every
-unchanged stage; `stages=[generate/*]` runs some alone; `force=[plots]` redoes one. The stages:
+unchanged stage whose recorded outputs are intact; `stages=[generate/*]` runs some alone; `force=[plots]` redoes one;
+a second run on the same study stops at once, naming the first. The stages:
 gpt4llm.reproduction.study; the runner and its cache: gpt4llm.reproduction.runner; the report:
 gpt4llm.reproduction.study_report."""
 
@@ -22,6 +23,7 @@ def reproduce(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from gpt4llm.errors import StageFailed
+    from gpt4llm.io.study_lock import study_lock
     from gpt4llm.reproduction.runner import Pipeline
     from gpt4llm.reproduction.study import JudgeServer, build_stages
     from gpt4llm.reproduction.study_report import write_report
@@ -37,23 +39,32 @@ def reproduce(cfg: DictConfig) -> dict:
     stages = build_stages(cfg, root, server)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     command = " ".join(["python -m gpt4llm.reproduce", *overrides])
-    print(f"Study {cfg.preset.name}: {len(stages)} stages in {root}", flush=True)
-    pipeline = Pipeline(
+    pipeline = Pipeline(  # checks stages= and force= (a bare string is one stage's name)
         root,
         stages,
-        force=list(cfg.force),
-        only=list(cfg.stages) if cfg.stages else None,
+        force=cfg.force,
+        only=cfg.stages,
         echo=lambda line: print(line, flush=True),
     )
-    try:
-        outcomes = pipeline.run()
-    except StageFailed as failed:  # the report still says what ran, what was reused and which stage failed
-        write_report(root, cfg, getattr(failed, "outcomes", []), command, time.monotonic() - started)
-        raise
-    finally:
-        if server is not None:
-            server.stop()
-    report = write_report(root, cfg, outcomes, command, time.monotonic() - started)
+    # One run per study at a time: two would empty each other's stages mid-run and write stage.json over half-made
+    # outputs. A second one stops here, naming the first (gpt4llm.io.study_lock).
+    with study_lock(root, "reproduce.lock", "run reproduce", command) as stale:
+        if stale:
+            print(
+                f"Taking over the lock of a run that ended without releasing it (pid {stale.get('pid')} on "
+                f"{stale.get('host')}, started {stale.get('started')})",
+                flush=True,
+            )
+        print(f"Study {cfg.preset.name}: {len(stages)} stages in {root}", flush=True)
+        try:
+            outcomes = pipeline.run()
+        except StageFailed as failed:  # the report still says what ran, what was reused and which stage failed
+            write_report(root, cfg, getattr(failed, "outcomes", []), command, time.monotonic() - started)
+            raise
+        finally:
+            if server is not None:
+                server.stop()
+        report = write_report(root, cfg, outcomes, command, time.monotonic() - started)
     print(f"Report: {report['markdown']}\n        {report['html']}", flush=True)
     return {"outcomes": outcomes, **report}
 

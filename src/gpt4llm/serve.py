@@ -16,15 +16,48 @@ from gpt4llm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def serve(cfg: DictConfig) -> None:
-    import torch
-
-    from gpt4llm.inference.server import load_server
-
+def check_settings(cfg: DictConfig) -> None:
+    """A ConfigError for settings under which the server would refuse every request (or never answer one), before the
+    model loads: a server that starts must be able to serve."""
     if not cfg.model.path:
         raise ConfigError(
             "model.path is required: model.path=logs/train/runs/<time>/export, or any local Hugging Face causal LM"
         )
+    minimums = {
+        "max_batch": 1,
+        "max_queue": 1,  # 0: every request would get 503
+        "max_n": 1,  # 0: every request would get 400
+        "max_tokens_limit": 1,
+        "default_max_tokens": 1,
+        "max_body_bytes": 256,  # below it even a one-word chat request gets 413
+    }
+    for key, least in minimums.items():
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{key}={value}: must be a whole number of at least {least} (default in conf/serve.yaml)")
+    if cfg.default_max_tokens > cfg.max_tokens_limit:
+        raise ConfigError(
+            f"default_max_tokens={cfg.default_max_tokens} is above max_tokens_limit={cfg.max_tokens_limit}: every "
+            "request without max_tokens would be refused; lower default_max_tokens or raise max_tokens_limit"
+        )
+    for key in ("batch_wait_ms", "request_timeout"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ConfigError(f"{key}={value}: must be a number of at least 0")
+    if cfg.request_timeout == 0:
+        raise ConfigError("request_timeout=0: no request could arrive in time; give seconds, e.g. request_timeout=10")
+    if cfg.max_context is not None and (
+        isinstance(cfg.max_context, bool) or not isinstance(cfg.max_context, int) or cfg.max_context < 2
+    ):
+        raise ConfigError(f"max_context={cfg.max_context}: must be a whole number of at least 2, or null")
+
+
+def serve(cfg: DictConfig) -> None:
+    check_settings(cfg)
+    import torch
+
+    from gpt4llm.inference.server import load_server
+
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
@@ -45,6 +78,7 @@ def serve(cfg: DictConfig) -> None:
         max_body_bytes=cfg.max_body_bytes,
         max_queue=cfg.max_queue,
         max_context=cfg.max_context,
+        request_timeout=cfg.request_timeout,
     )
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         open_to_all = "" if key else f", and ${cfg.api_key_env} is not set: no key is asked for"

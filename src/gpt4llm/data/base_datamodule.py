@@ -8,6 +8,7 @@ and the collator of validation batches."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -23,23 +24,23 @@ from gpt4llm.data.cache import SplitSettings
 from gpt4llm.data.samplers import EpochSampler, InOrderSampler, ShuffledSampler
 from gpt4llm.data.sources import ensure_file
 from gpt4llm.data.templates import check_template
-from gpt4llm.errors import DownloadError, MissingFileError, RecordError
+from gpt4llm.errors import ConfigError, DownloadError, MissingFileError, RecordError
 from gpt4llm.io import atomic
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, with no such local path: a dataset on the Hugging Face hub
 
 
-def hub_snapshot(dataset_id: str, cache_dir: Path) -> Path:
-    """A hub dataset's train split (downloaded and cached by `datasets`) as a local JSONL file, written once per
+def hub_snapshot(dataset_id: str, cache_dir: Path, split_name: str = "train") -> Path:
+    """A hub dataset's split (downloaded and cached by `datasets`) as a local JSONL file, written once per
     version of the dataset, so the rest of the pipeline reads, checks, caches and reports it like any file."""
     import datasets
 
     try:
-        split = datasets.load_dataset(dataset_id, split="train")
-    except Exception as err:  # offline, unknown id, no train split: datasets' many error types
+        split = datasets.load_dataset(dataset_id, split=split_name)
+    except Exception as err:  # offline, unknown id, no such split: datasets' many error types
         raise DownloadError(
-            f"data.path={dataset_id}: read as a Hugging Face hub dataset, which could not be loaded "
-            f"({type(err).__name__}: "
+            f"data.path={dataset_id}: read as a Hugging Face hub dataset, whose split {split_name!r} could not be "
+            f"loaded ({type(err).__name__}: "
             f"{str(err)[:200]}). Offline, download it elsewhere and point data.path at a local file."
         ) from err
     target = cache_dir / "hub" / dataset_id.replace("/", "__") / f"{split._fingerprint}.jsonl"
@@ -58,7 +59,7 @@ def check_usable(path: Path, usable: int, val_size: int, unit: str, counted: str
     """The check both split builders make before holding out: something to train on is left, or a RecordError that
     says how many `unit`s (records, prompts) were usable and why the others were not (`counted`)."""
     if usable == 0:
-        raise RecordError(f"{path}: no usable {unit} ({counted}); data.skip_invalid=true skips malformed ones")
+        raise RecordError(f"{path}: no usable {unit} ({counted}): fix the records, or point data.path at another file")
     if val_size >= usable:
         raise RecordError(
             f"{path}: data.val_size={val_size} leaves no training examples ({counted}): "
@@ -100,6 +101,7 @@ class SplitsDataModule(L.LightningDataModule):
         cache_dir: str = "data/cache",
         template: str = "alpaca",
         train_on: str = "all_assistant",
+        split: str | None = None,
     ) -> None:
         super().__init__()
         check_template(template, train_on)
@@ -109,6 +111,7 @@ class SplitsDataModule(L.LightningDataModule):
         self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.skip_invalid, self.cache_dir = num_workers, skip_invalid, cache_dir
+        self.split = split  # of a save_to_disk DatasetDict or a hub dataset; None: "train"
         self.splits: DatasetDict | None = None
         self.report: dict[str, Any] | None = None
 
@@ -130,16 +133,38 @@ class SplitsDataModule(L.LightningDataModule):
         if self.demo is not None and not self.path.exists():
             return self.write_demo(self.path, **self.demo)
         if not self.url and not self.path.exists() and HUB_ID.match(str(self.path)):
-            return hub_snapshot(str(self.path), Path(self.cache_dir))
+            return hub_snapshot(str(self.path), Path(self.cache_dir), self.split or "train")
         if not self.url and not self.path.exists():
             raise MissingFileError(f"data.path={self.path}: no such file. {self.missing_file_hint}")
+        if (self.path / "dataset_dict.json").is_file():
+            return self.saved_split()
+        if self.split is not None:
+            raise ConfigError(
+                f"data.split={self.split}: data.path={self.path} has no splits to choose from (only a save_to_disk "
+                f"DatasetDict or a hub dataset has): remove data.split"
+            )
         return ensure_file(
             self.path,
             self.url,
             checksum=self.checksum,
             num_records=self.num_records,
             required_fields=self.required_fields,
+            setting="data.path",
         )
+
+    def saved_split(self) -> Path:
+        """The directory of the split to use in a DatasetDict written by save_to_disk (`datasets` keeps each split
+        in a subdirectory named after it, listed in dataset_dict.json): data.split, else "train". Without "train" the
+        split must be named: taking whichever split is there would train on validation or test data."""
+        splits = json.loads((self.path / "dataset_dict.json").read_text())["splits"]
+        name = self.split or "train"
+        if name not in splits:
+            setting = f"data.split={name}" if self.split else "data.split is not set and"
+            raise ConfigError(
+                f"{setting} data.path={self.path} has no split {name!r}: its splits are {', '.join(splits)}; "
+                f"set data.split to the one to train on"
+            )
+        return self.path / name
 
     def split_settings(self) -> SplitSettings:
         text = self.tokenizer.chat_template if self.template != "alpaca" else None

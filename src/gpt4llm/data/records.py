@@ -44,29 +44,88 @@ class LoadReport:
         }
 
 
-TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-
-
 def read_records(path: str | Path) -> list[Any]:
     """Records from any file `datasets` reads: a JSON list or JSONL (our own reader, for errors that name the line),
-    Parquet, CSV, an Arrow file, or a directory written by `datasets`' save_to_disk."""
+    Parquet, CSV (every cell as text), an Arrow file, or a directory written by `datasets`' save_to_disk. A file that
+    cannot be read, or holds no records, is a RecordError naming it and what to do."""
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"{path}: no such file")
     if path.is_dir():
-        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-            raise RecordError(f"{path}: a directory, but not one `datasets` saved (save_to_disk): point at a data file")
-        from datasets import DatasetDict, load_from_disk
+        records = _read_saved(path)
+    elif path.suffix.lower() == ".csv":
+        records = _read_csv(path)
+    elif path.suffix.lower() == ".parquet":
+        records = _read_parquet(path)
+    elif path.suffix.lower() == ".arrow":
+        records = _read_arrow(path)
+    else:
+        records = read_json_records(path)
+    if not records:
+        raise RecordError(f"{path}: holds no records: put the records in it, or point data.path at another file")
+    return records
 
-        data = load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            data = data["train"] if "train" in data else next(iter(data.values()))
-        return data.to_list()
-    if path.suffix.lower() in TABLE_FORMATS:
-        from datasets import load_dataset
 
-        return load_dataset(TABLE_FORMATS[path.suffix.lower()], data_files=str(path), split="train").to_list()
-    return read_json_records(path)
+def _read_saved(path: Path) -> list[Any]:
+    if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        raise RecordError(f"{path}: a directory, but not one `datasets` saved (save_to_disk): point at a data file")
+    from datasets import DatasetDict, load_from_disk
+
+    data = load_from_disk(str(path))
+    if isinstance(data, DatasetDict):
+        # Another split in place of a missing "train" would train on validation or test data without a word.
+        if "train" not in data:
+            raise RecordError(
+                f"{path}: saved splits {', '.join(data)}, none of them 'train': set data.split to the one to use "
+                f"(or point at its directory, {path}/<split>)"
+            )
+        data = data["train"]
+    return data.to_list()
+
+
+def _read_csv(path: Path) -> list[Any]:
+    import pandas as pd
+
+    try:
+        # Every cell as text: pandas would read "None", "NA", "N/A", "null" or "nan" as missing, and a column of
+        # numbers ("47") as ints; an empty cell stays "" (no input).
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecordError(
+            f"{path}: not UTF-8 text ({err.encoding} decoding failed: {err.reason}): save it as UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8 {path.name} > utf8_{path.name})"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise RecordError(
+            f"{path}: an empty file: write a header line (instruction,input,output) and one row per record"
+        ) from None
+    except pd.errors.ParserError as err:
+        raise RecordError(f"{path}: not valid CSV ({str(err).strip()})") from None
+    return table.to_dict("records")
+
+
+def _read_parquet(path: Path) -> list[Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as err:  # 0 bytes, cut short, another format under a .parquet name
+        raise RecordError(
+            f"{path}: not a readable Parquet file ({err}): write it again, or convert it to JSONL"
+        ) from None
+
+
+def _read_arrow(path: Path) -> list[Any]:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset("arrow", data_files=str(path), split="train").to_list()
+    except Exception as err:  # datasets' and pyarrow's many error types for a file it cannot read
+        raise RecordError(
+            f"{path}: not a readable Arrow file ({type(err).__name__}: {str(err)[:200]}): write it again "
+            f"(Dataset.save_to_disk), or convert it to JSONL"
+        ) from None
 
 
 def read_json_records(path: str | Path) -> list[Any]:
@@ -173,6 +232,7 @@ def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[li
         records.append({"index": index, "messages": conversation.messages})
     report.kept = len(records)
     report.skipped = dict(report.skipped)
+    check_kept(path, report)
     return records, report
 
 
@@ -210,7 +270,18 @@ def load_instruction_records(path: str | Path, skip_invalid: bool = False) -> tu
             records.append({"index": index, "instruction": instruction, "input": input_, "output": output})
     report.kept = len(records)
     report.skipped = dict(report.skipped)
+    check_kept(path, report)
     return records, report
+
+
+def check_kept(path: str | Path, report: LoadReport) -> None:
+    """A file all of whose records were skipped is an error that counts the reasons, not an empty dataset."""
+    if report.kept == 0:
+        reasons = "; ".join(f"{reason}: {len(indices)}" for reason, indices in report.skipped.items())
+        raise RecordError(
+            f"{path}: none of its {report.total} records can be used ({reasons}): fix them, "
+            f"or point data.path at another file"
+        )
 
 
 def unicode_problem(text: str) -> str | None:

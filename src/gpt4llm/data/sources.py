@@ -6,13 +6,19 @@ Checksums are written `git-sha1:<hex>` (the file's git blob id, as GitHub lists 
 checkable without git) or `sha256:<hex>`.
 A cut connection or a bad file therefore never leaves anything at the target path, and a second run finds the file
 and does not touch the network.
+
+Offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE or GPT4LLM_OFFLINE set to 1), a missing file is an error before any
+connection is tried, saying which file to put where. A loopback URL (a mirror on this machine) is still fetched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import ipaddress
+import os
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +29,26 @@ from gpt4llm.errors import ConfigError, DownloadError, MissingFileError, RecordE
 from gpt4llm.io import atomic
 
 CHUNK = 1 << 16
+# Hugging Face's switches (users set them to keep a whole job off the network) and ours, for the files we download.
+OFFLINE_SWITCHES = ("GPT4LLM_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def offline_switch() -> str | None:
+    """The first offline switch that is on (as huggingface_hub reads them: 1, ON, YES or TRUE), or None."""
+    return next(
+        (n for n in OFFLINE_SWITCHES if os.environ.get(n, "").strip().upper() in ("1", "ON", "YES", "TRUE")), None
+    )
+
+
+def is_loopback(url: str) -> bool:
+    """Whether `url` is on this machine (a local mirror, the tests' servers): offline does not forbid it."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class IncompleteDownload(OSError):
@@ -37,13 +63,21 @@ def ensure_file(
     required_fields: tuple[str, ...] = (),
     attempts: int = 3,
     timeout: float = 60.0,
+    setting: str | None = None,
 ) -> Path:
-    """`path`, downloading it from `url` first when it is not there yet."""
+    """`path`, downloading it from `url` first when it is not there yet. `setting`: the key that names the file
+    (data.path, eval.path), for the error that says where else it may be."""
     path = Path(path)
     if path.exists():
         return path
+    elsewhere = f"set {setting}=/path/to/{path.name}" if setting else "point the setting that names it at your copy"
     if not url:
-        raise MissingFileError(f"{path}: no such file. Point data.path at your Alpaca-format .json or .jsonl file.")
+        raise MissingFileError(f"{path}: no such file. Check the path, or {elsewhere}.")
+    if (switch := offline_switch()) and not is_loopback(url):
+        raise DownloadError(
+            f"{path} is missing, and {switch} is set, so it is not downloaded from {url}. "
+            f"Copy the file to {path}, or {elsewhere}."
+        )
     last_error: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
@@ -56,7 +90,7 @@ def ensure_file(
     else:
         raise DownloadError(
             f"{path} is missing and could not be downloaded from {url} ({last_error}). "
-            f"On a machine without internet, copy the file to {path}, or set data.path=/path/to/{path.name}."
+            f"On a machine without internet, copy the file to {path}, or {elsewhere}."
         ) from last_error
     try:
         validate_records_file(path, checksum=checksum, num_records=num_records, required_fields=required_fields)

@@ -76,6 +76,26 @@ class SentencePieceTokenizer(SentencePieceBackend):
         return saved
 
 
+def looks_local(path: str | Path) -> bool:
+    """Whether `path` names a directory on this machine rather than a hub id (owner/name): it starts with /, ./, ../
+    or ~, has more parts than a hub id can, or sits in a directory that exists here."""
+    text = str(path)
+    if text.startswith(("/", "./", "../", "~")) or text in (".", ".."):
+        return True
+    parts = Path(text).parts
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def check_model_dir(path: str | Path) -> None:
+    """A MissingFileError for a local model directory that is not there: transformers would take the path for a
+    malformed hub id and say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    if looks_local(path) and not Path(path).expanduser().exists():
+        raise MissingFileError(
+            f"{path}: no such model directory. Check the path: it should be a directory with config.json "
+            f"(a run's export/ directory), or a hub model's id (owner/name)"
+        )
+
+
 def model_file(path: str | Path, name: str) -> Path | None:
     """`name` from a local model directory or a hub id (fetched into the hub cache), None where it has none."""
     found = cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
@@ -96,6 +116,7 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> str:
 
 def load_pretrained_tokenizer(path: str | Path, backend: str = "auto", **kwargs):
     """The tokenizer of a model directory or hub id, with the backend `resolve_backend` picks."""
+    check_model_dir(path)
     if resolve_backend(path, backend) == "tokenizers":
         return AutoTokenizer.from_pretrained(str(path), **kwargs)
     config_file = model_file(path, "tokenizer_config.json")

@@ -11,7 +11,8 @@
 | alpaca        | any Alpaca-format file               | index -> id, instruction, input, output -> reference          |
 | demo          | none: generated                      | held-out demo tasks, output -> reference                      |
 
-Files are downloaded on first use through `ensure_file` (atomic, validated; offline it says where to put them).
+Files are downloaded on first use through `ensure_file` (atomic, validated; offline, or with HF_HUB_OFFLINE=1, it says
+where to put them).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def load_eval_set(
         return demo_eval_records(**(demo or {}))
     if format not in REQUIRED:
         raise ConfigError(f"eval.format={format!r}: expected one of {', '.join([*REQUIRED, 'demo'])}")
-    file = ensure_file(path, url, checksum=checksum, num_records=num_records, required_fields=REQUIRED[format])
+    file = ensure_file(
+        path, url, checksum=checksum, num_records=num_records, required_fields=REQUIRED[format], setting="eval.path"
+    )
     raw = read_json_records(file)
     records = [_convert(format, file, index, record) for index, record in enumerate(raw)]
     seen: dict[str, int] = {}

@@ -81,6 +81,9 @@ class Batcher:
         self.thread.start()
 
     def submit(self, job: Job) -> None:
+        if not self.alive():  # nobody would ever answer it
+            stopped = "the model worker has stopped: restart the server (its log says why)"
+            raise RequestError(503, stopped, code="worker_dead")
         with self.cond:
             if len(self.pending) >= self.max_queue:
                 busy = f"the server is busy ({len(self.pending)} requests waiting); retry later"
@@ -96,20 +99,29 @@ class Batcher:
 
     def _take(self) -> list[Job] | None:
         with self.cond:
-            while not self.pending and not self.closed:
-                self.cond.wait()
-            if self.closed:
-                return None
-            first = self.pending[0]
-            if first.stream:
-                return [self.pending.popleft()]
-            if self.batch_wait > 0 and len(self.pending) < self.max_batch:
-                # A moment for requests sent together to arrive together; under load the queue is full anyway.
-                self.cond.wait_for(lambda: len(self.pending) >= self.max_batch or self.closed, timeout=self.batch_wait)
-            batch = [j for j in self.pending if not j.stream and j.key() == first.key()][: self.max_batch]
-            for job in batch:
-                self.pending.remove(job)
-            return batch
+            while True:
+                while not self.pending and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return None
+                if not self.pending[0].stream and self.batch_wait > 0 and len(self.pending) < self.max_batch:
+                    # A moment for requests sent together to arrive together; under load the queue is full anyway.
+                    self.cond.wait_for(
+                        lambda: len(self.pending) >= self.max_batch or self.closed, timeout=self.batch_wait
+                    )
+                # Looked at again after the wait: the jobs waited for may have been cancelled meanwhile (their clients
+                # hung up), down to none at all.
+                if self.closed:
+                    return None
+                if not self.pending:
+                    continue
+                first = self.pending[0]
+                if first.stream:
+                    return [self.pending.popleft()]
+                batch = [j for j in self.pending if not j.stream and j.key() == first.key()][: self.max_batch]
+                for job in batch:
+                    self.pending.remove(job)
+                return batch
 
     def cancel(self, job: Job) -> None:
         """A job whose client left: dropped if still waiting, stopped if streaming."""
@@ -119,9 +131,17 @@ class Batcher:
                 self.pending.remove(job)
                 job.finish()
 
+    def alive(self) -> bool:
+        """Whether the worker still takes jobs (`/health` says 503 when not)."""
+        return self.thread.is_alive() and not self.closed
+
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception as err:  # a bug around generation fails this batch's requests, never the worker
+                log.exception("a batch of %d failed", len(batch))
+                self._fail(batch, err)
 
     def _run(self, batch: list[Job]) -> None:
         self.batches += 1
@@ -155,14 +175,18 @@ class Batcher:
                     batch[i].finish()
         except Exception as err:  # the batch fails, the server goes on
             log.exception("generation failed for a batch of %d", len(batch))
-            for job in batch:
-                if not job.done.is_set():
-                    job.error = err
-                    if job.streamer is not None:
-                        job.streamer.end()  # wakes the handler waiting on the stream
-                    job.finish()
+            self._fail(batch, err)
         self.jobs_done += len(batch)
         log.debug("batch of %d in %.3fs", len(batch), time.perf_counter() - started)
+
+    @staticmethod
+    def _fail(batch: list[Job], err: BaseException) -> None:
+        for job in batch:
+            if not job.done.is_set():
+                job.error = err
+                if job.streamer is not None:
+                    job.streamer.end()  # wakes the handler waiting on the stream
+                job.finish()
 
     def _choice(self, completion, job: Job) -> Choice:
         completion = truncate_completion(self.tokenizer, completion, job.max_tokens)

@@ -115,6 +115,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     """The request, or a RequestError whose `param` names the field at fault."""
     if not isinstance(body, dict):
         raise RequestError(400, f"the request body must be a JSON object, not a JSON {type(body).__name__}")
+    refuse_lone_surrogates(body)  # first: the other errors quote names and text, which must encode as UTF-8
     refuse_unsupported(body)
     try:
         request = ChatRequest.model_validate(body)
@@ -134,9 +135,28 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise RequestError(400, "'n' > 1 needs temperature > 0: greedy answers would all be the same", "n")
     if request.stream and (request.n or 1) > 1:
         raise RequestError(400, "streaming answers one choice at a time: use n=1", "n")
-    if request.stream and stop:
-        raise RequestError(400, "'stop' is not supported with streaming on this server", "stop")
     return request
+
+
+def refuse_lone_surrogates(body: dict) -> None:
+    """A 400 naming the first key or string holding a lone surrogate ("\\ud800"): JSON's escapes can spell one,
+    Python's json reads it, but it is not Unicode text: neither the tokenizer nor a UTF-8 answer can hold it."""
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in reversed(body.items())]  # (path, value), depth first
+    while stack:  # not recursive: any depth json.loads accepts is walked
+        path, value = stack.pop()
+        for text in (path, value) if isinstance(value, str) else (path,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                name = path.encode("utf-8", "backslashreplace").decode()
+                bad = err.object[err.start : err.end].encode("utf-8", "backslashreplace").decode()
+                raise RequestError(
+                    400, f"'{name}' is not valid Unicode: it holds a lone surrogate ({bad}); send UTF-8 text", name
+                ) from None
+        if isinstance(value, dict):
+            stack += [(f"{path}.{k}", v) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
 
 
 def _param(loc: tuple) -> str:

@@ -4,26 +4,32 @@ trained here as they use GPT-4.
 
     POST /v1/chat/completions   {"model", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "stream"}
     GET  /v1/models             the one model served (its name: model.name, by default from the export's path)
-    GET  /health                {"status": "ok"}, without the key
+    GET  /health                {"status": "ok"}, without the key; 503 {"status": "error", ...} once the model worker
+                                has stopped (restart the server)
 
 Three parts: the protocol (gpt4llm.inference.openai_protocol: requests as pydantic models, unsupported fields refused
 by name, errors in OpenAI's shape, the prompt a chat becomes), the batcher (gpt4llm.inference.batcher: the one thread
 that runs the model), and here the HTTP app and what ties them together.
 
 - Decoding: temperature 0 is greedy; otherwise sampling with temperature and top_p (OpenAI's defaults: 1.0, 1.0).
-  `stop` strings cut the answer (not with streaming: refused), and usage counts the tokens sent.
-- Errors: 400 (malformed JSON, missing or bad fields, a prompt longer than the model's context), 401 (key), 404
-  (unknown path or model), 411/413 (no length, body over max_body_bytes), 503 (queue full; clients retry). The server
-  keeps serving after each.
+  Temperatures between 0 and MIN_TEMPERATURE sample at MIN_TEMPERATURE (dividing the logits by less overflows them to
+  inf; at 1e-5 sampling already picks the greedy token but for near-ties). `stop` strings (a string or up to 4) cut
+  the answer, streamed or not, and usage counts the tokens sent.
+- Errors: 400 (malformed JSON, NaN/Infinity, nesting deeper than Python parses, lone surrogates, missing or bad fields,
+  a prompt longer than the model's context), 401 (key), 404 (unknown path or model), 408 (a body not sent within
+  `request_timeout`), 411/413 (no length, body over max_body_bytes), 503 (queue full, clients retry; or the model
+  worker stopped). The server keeps serving after each.
 - HTTP: FastAPI on uvicorn (a 2048-connection backlog, `max_connections` at once beyond which a 503 comes at once,
-  idle keep-alive connections closed after `idle_timeout` seconds). A client that hangs up is logged in one line; its
-  waiting request is dropped, and its stream's generation stops at the next token.
+  idle keep-alive connections closed after `idle_timeout` seconds, connections that have not sent a whole request
+  head within `request_timeout` seconds closed: see HeaderTimeoutProtocol). A client that hangs up is logged in one
+  line; its waiting request is dropped, and its stream's generation stops at the next token.
 - Security: bound to 127.0.0.1 unless host= says otherwise. When the environment variable named by api_key_env holds
   a key, every request but /health needs `Authorization: Bearer <key>`. The key is never logged.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -32,9 +38,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import h11
 from fastapi import (
     Request,  # at module level: FastAPI resolves the endpoints' annotations in this module
 )
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gpt4llm.app.http import WebServer
 from gpt4llm.app.resolvers import model_name
@@ -53,6 +61,54 @@ from gpt4llm.inference.openai_protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+MIN_TEMPERATURE = 1e-5  # the lowest temperature sampled at (see the module's docstring)
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request head (request line and headers) has not all arrived
+    `header_timeout` seconds after the connection opened or after its first bytes on a kept-alive connection.
+
+    Why a subclass: uvicorn has no such timeout. Its keep-alive timer starts only after a response and is cancelled by
+    any byte received, so a client that sends part of its headers and waits holds its connection for ever; past
+    `limit_concurrency` such connections every client gets 503. `h11_max_incomplete_event_size` bounds the size of a
+    partial head, not its time, and `timeout_keep_alive` does not apply before a first response. The app cannot help:
+    it sees a request only once its head is complete. uvicorn picks h11 without httptools, which gpt4llm does not
+    depend on; this pins h11 either way, as the timer needs h11's view of where the request is."""
+
+    def __init__(self, *args, header_timeout: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self.header_timer = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self.header_timer is None:  # the next request's first bytes
+            self._arm()
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # its head is complete (or it was refused): the app's from here
+            self._disarm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self.header_timer = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _too_slow(self) -> None:
+        self.header_timer = None
+        if not self.transport.is_closing():
+            log.info("closed a connection that sent no whole request head in %gs", self.header_timeout)
+            self.transport.close()
 
 
 class ModelServer(WebServer):
@@ -77,6 +133,7 @@ class ModelServer(WebServer):
         max_context: int | None = None,
         max_connections: int = 1024,
         idle_timeout: float = 15.0,
+        request_timeout: float = 10.0,
     ):
         self.name, self.api_key = name, api_key or None
         self.tokenizer = tokenizer
@@ -85,7 +142,7 @@ class ModelServer(WebServer):
         self.check_tokenizer = check_tokenizer or tokenizer
         self.check_lock = threading.Lock()
         self.default_max_tokens, self.max_tokens_limit, self.max_n = default_max_tokens, max_tokens_limit, max_n
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.request_timeout = max_body_bytes, request_timeout
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
         self.created = int(time.time())
         super().__init__(
@@ -93,6 +150,7 @@ class ModelServer(WebServer):
             port,
             limit_concurrency=max_connections,  # connections beyond it get a 503 at once
             timeout_keep_alive=int(idle_timeout),  # idle keep-alive connections are closed after it
+            http=functools.partial(HeaderTimeoutProtocol, header_timeout=request_timeout),
         )
         # data.templates: how a chat becomes the prompt (the model's export says which it was trained with)
         self.template = getattr(model.config, "gpt4llm_template", "alpaca")
@@ -147,6 +205,8 @@ class ModelServer(WebServer):
                 "context_length_exceeded",
             )
         temperature = 1.0 if request.temperature is None else request.temperature
+        if temperature > 0:
+            temperature = max(temperature, MIN_TEMPERATURE)
         top_p = 1.0 if request.top_p is None else request.top_p
         stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
         options = request.stream_options
@@ -174,12 +234,15 @@ def build_app(server: ModelServer):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="gpt4llm serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError):
-        return JSONResponse(err.body(), err.status, headers={"Retry-After": "1"} if err.status == 503 else None)
+        # 408: the rest of that body may still come; the connection cannot be read on, so it is closed
+        headers = {"Retry-After": "1"} if err.status == 503 else {"Connection": "close"} if err.status == 408 else None
+        return JSONResponse(err.body(), err.status, headers=headers)
 
     @app.exception_handler(404)
     async def unknown_path(request: Request, err):
@@ -194,6 +257,9 @@ def build_app(server: ModelServer):
 
     @app.get("/health")
     async def health():
+        if not server.batcher.alive():
+            message = "the model worker has stopped: restart the server (its log says why)"
+            return JSONResponse({"status": "error", "message": message}, 503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -222,9 +288,18 @@ def build_app(server: ModelServer):
         if int(length) > server.max_body_bytes:
             raise RequestError(413, f"The body is over {server.max_body_bytes} bytes", code="request_too_large")
         try:
-            body = json.loads(await request.body())
+            raw = await asyncio.wait_for(request.body(), server.request_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"The body did not arrive within {server.request_timeout:g}s") from None
+        except ClientDisconnect:
+            log.info("client left while sending its request")
+            return JSONResponse({}, 499)
+        try:
+            body = json.loads(raw, parse_constant=_not_json)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RequestError(400, f"The body is not valid JSON ({err})") from None
+        except RecursionError:
+            raise RequestError(400, "The body is nested too deeply (a chat request is a few levels deep)") from None
         job = await run_in_threadpool(server.parse_request, body)  # counts prompt tokens: not on the event loop
         loop, finished = asyncio.get_running_loop(), asyncio.Event()
         job.notify = lambda: loop.call_soon_threadsafe(finished.set)
@@ -253,11 +328,22 @@ def build_app(server: ModelServer):
 
     async def stream(job: Job, finished):
         events = ChunkWriter(server.name)
+        held = ""  # text that may be the start of a stop string: sent once it is known not to be
         try:
             yield events.chunk({"role": "assistant", "content": ""})
             async for text in job.streamer:
-                if text:
-                    yield events.chunk({"content": text})
+                held += text
+                cuts = [held.find(s) for s in job.stop if s and s in held]
+                if cuts:  # the answer ends before the stop string, as without streaming
+                    held = held[: min(cuts)]
+                    job.cancelled.set()  # generation stops at the next token
+                    break
+                keep = max((k for s in job.stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+                if len(held) > keep:
+                    yield events.chunk({"content": held[: len(held) - keep]})
+                    held = held[len(held) - keep :]
+            if held:
+                yield events.chunk({"content": held})
             await finished.wait()
             if job.error is not None:
                 yield events.error(RequestError(500, f"generation failed: {type(job.error).__name__}: {job.error}"))
@@ -273,6 +359,10 @@ def build_app(server: ModelServer):
                 log.info("streaming client left; its generation stopped")
 
     return app
+
+
+def _not_json(constant: str):
+    raise RequestError(400, f"The body is not valid JSON: {constant} is not a JSON number")
 
 
 def load_server(

@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from gpt4llm.data.templates import apply_template
-from gpt4llm.data.tokenizer import load_tokenizer
+from gpt4llm.data.tokenizer import check_model_dir, load_tokenizer
 from gpt4llm.models import attention
 from gpt4llm.models.zero3 import gathered
 
@@ -39,6 +39,7 @@ def import_model_code(path: str, auto_mapping) -> None:
     deepspeed.zero.Init fails with "Signature mismatch ... tensor_pynew"."""
     import torch._dynamo  # noqa: F401
 
+    check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
     if auto_mapping is not None and type(config) in auto_mapping:
         auto_mapping[type(config)]  # the lookup imports the class's module
@@ -52,6 +53,7 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     quantization=None,
 ) -> PreTrainedModel:
+    check_model_dir(path)  # said as a missing directory, not as transformers' "Repo id must be in the form..."
     # attn_implementation None: transformers' choice (SDPA where the model supports it).
     if attn_implementation == attention.NAME:
         attention.register()

@@ -15,6 +15,7 @@ The JSON (`humaneval_report.json`) is what `python -m gpt4llm.plots` reads for t
 from __future__ import annotations
 
 import itertools
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -49,7 +50,8 @@ def unblind(study: Study, votes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "choice": choice,
                     "winner": winner,
                     "outcome": outcome,
-                    "seconds": vote["seconds"],
+                    # A store from before seconds were checked may hold inf/NaN, which JSON cannot write.
+                    "seconds": vote["seconds"] if vote["seconds"] is None or math.isfinite(vote["seconds"]) else None,
                 }
             )
     return rows

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt4llm.data.sources import file_digest
-from gpt4llm.errors import MissingFileError, RecordError
+from gpt4llm.errors import ConfigError, MissingFileError, RecordError
 from gpt4llm.io.atomic import write_text
 
 STUDY_FILE = "study.json"
@@ -39,6 +39,9 @@ class Study:
         self.models: list[str] = spec["models"]
         self.criteria: dict[str, str] = spec["criteria"]
         self.items: dict[str, dict] = {item["id"]: item for item in spec["items"]}
+        # Open sign-up: the start page hands an existing rater's link to whoever enters their name (studies made
+        # before this was a choice were open that way; they are closed now unless remade).
+        self.open_signup: bool = bool(spec.get("open_signup", False))
         pairs = list(itertools.combinations(self.models, 2))
         each = [(item["id"], pair) for item in spec["items"] for pair in pairs]
         self.tasks = [Task(k, item_id, pair) for k, (item_id, pair) in enumerate(each)]
@@ -66,14 +69,27 @@ def load_study(directory: str | Path) -> Study:
         raise MissingFileError(
             f"{path}: no such study (create one with responses=[A/responses.jsonl,B/responses.jsonl])"
         )
-    return Study(directory, json.loads(path.read_text(encoding="utf-8")))
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RecordError(f"{path}: not a readable study file ({err}): restore it from a backup") from None
+    # Checked here, so a damaged study stops at start and not in the middle of a rater's request.
+    keys = ("models", "criteria", "items", "secret", "responses")
+    missing = [key for key in keys if key not in spec] if isinstance(spec, dict) else list(keys)
+    if missing:
+        raise RecordError(f"{path}: not a study file (no {', '.join(missing)}): restore it from a backup")
+    return Study(directory, spec)
 
 
 def create_study(
-    directory: str | Path, responses: list[str], criteria: dict[str, str], names: list[str] | None = None
+    directory: str | Path,
+    responses: list[str],
+    criteria: dict[str, str],
+    names: list[str] | None = None,
+    open_signup: bool = False,
 ) -> Study:
     """Reads two or more responses files answering the same eval set and writes the study. Files of different eval
-    sets (other ids) are refused, naming the ids."""
+    sets (other ids, or the same ids asking other questions) are refused, naming the ids."""
     from gpt4llm.evaluation.responses import read_responses
 
     directory = Path(directory)
@@ -103,9 +119,18 @@ def create_study(
     items = []
     for item_id in first_ids:
         rows = [table[item_id] for table in by_model]
-        source = next((row for row in rows if "instruction" in row), None)
-        if source is None:
+        given = [(path, row) for path, row in zip(responses, rows) if "instruction" in row]
+        if not given:
             raise RecordError(f"id {item_id}: no file gives its instruction (gpt4llm.generate's responses.jsonl do)")
+        (source_path, source), *others = given
+        for path, row in others:
+            # Shared ids are not enough: a study must not show A's question beside B's answer to another one.
+            for field in ("instruction", "input"):
+                if _question(row, field) != _question(source, field):
+                    raise RecordError(
+                        f"{path}: id {item_id} asks another question than {source_path} ({field} differs): "
+                        "compare answers to the same eval set"
+                    )
         items.append(
             {
                 "id": item_id,
@@ -123,22 +148,33 @@ def create_study(
         "criteria": dict(criteria),
         "items": items,
         "secret": secrets.token_hex(16),  # the A/B order's seed: never sent to a browser
+        "open_signup": bool(open_signup),
     }
     write_text(directory / STUDY_FILE, json.dumps(spec, ensure_ascii=False, indent=1))
     return Study(directory, spec)
 
 
 def open_or_create(
-    directory: str | Path, responses: list[str], criteria: dict[str, str], names: list[str] | None = None
+    directory: str | Path,
+    responses: list[str],
+    criteria: dict[str, str],
+    names: list[str] | None = None,
+    open_signup: bool | None = None,
 ) -> Study:
     """The study in `directory`; created from `responses` when it has none. An existing study given other responses
-    files is refused, not silently mixed."""
+    files, or the other sign-up than it was made with, is refused, not silently mixed."""
     directory = Path(directory)
     if not (directory / STUDY_FILE).is_file():
         if not responses:
             raise MissingFileError(f"{directory / STUDY_FILE}: no such study, and no responses=[...] to create it from")
-        return create_study(directory, responses, criteria, names)
+        return create_study(directory, responses, criteria, names, open_signup=bool(open_signup))
     study = load_study(directory)
+    if open_signup is not None and bool(open_signup) != study.open_signup:
+        raise ConfigError(
+            f"open_signup={str(bool(open_signup)).lower()}: {directory} was made with "
+            f"open_signup={str(study.open_signup).lower()}, which it keeps; leave open_signup out, or start a new "
+            "study with study=<new dir>"
+        )
     given = {_sha256(Path(p)) for p in responses}
     if given and given != {r["sha256"] for r in study.spec["responses"]}:
         raise RecordError(
@@ -152,3 +188,7 @@ def _sha256(path: Path) -> str:
     if not path.is_file():
         raise MissingFileError(f"{path}: no such responses file (write one with python -m gpt4llm.generate)")
     return file_digest(path, "sha256")
+
+
+def _question(row: dict, field: str) -> str:
+    return str(row.get(field) or "").strip()  # no input and an empty one are the same question

@@ -2,9 +2,15 @@
 directory of its own, `<root>/<stage name>/`, and is done when that directory holds `stage.json`, written last.
 
 - Cached: a stage's fingerprint is the digest of its command, the fingerprints of the stages it reads, the content of
-  the outside files it reads, and our version. A rerun reuses every stage whose fingerprint is unchanged and redoes
-  the rest (their directory is emptied first, so nothing half-written is ever read: a directory without stage.json is
-  never used).
+  the outside files it reads, and our version. A rerun reuses a stage whose fingerprint is unchanged and whose files
+  (each recorded in its stage.json) are all still there as they were; it redoes the rest, saying why (a new try starts
+  in an empty directory, so nothing half-written is ever read: a directory without stage.json is never used). The
+  last run's outputs are moved aside, not deleted, until the new try has started, so a launcher that cannot start
+  loses nothing.
+- Checked before anything runs: every stages=/force= pattern matches a stage, every launcher is a program here, every
+  stage.json to be read is readable.
+- Stage processes die with the runner: each runs in a process group of its own that the runner ends when it stops,
+  and on Linux gets SIGTERM when the runner dies, even by SIGKILL (prctl's parent-death signal).
 - Failures stop the run with the stage's name, exit status, log and last lines; earlier stages keep what they made.
 - Progress: "[n/N] stage: ..." with an ETA only once every stage left has a measured duration: its own last time, or
   this run's stages of its kind (train, generate, judge ...: a training stage says nothing of a plot's time).
@@ -17,11 +23,13 @@ order) is a hundred lines.
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,11 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from gpt4llm.data.sources import file_digest
-from gpt4llm.errors import ConfigError, GPT4LLMError, StageFailed
-from gpt4llm.io.atomic import write_text
+from gpt4llm.errors import ConfigError, GPT4LLMError, RecordError, StageFailed
+from gpt4llm.io.atomic import remove_stale_temporaries, write_text
 
 DONE = "stage.json"
 LOG = "stage.log"
+# A stage's files are recorded by sha256 up to this size, and by size and modification time above it: hashing a 7B
+# model's 13 GB export or its checkpoints on every rerun would take minutes. Deleting or rewriting such a file (or
+# copying the study without keeping times: cp -p, rsync -a do) redoes its stage; a same-size edit that keeps the
+# time does not, which is the price of not reading it.
+DIGEST_UP_TO = 64 * 2**20
 
 
 class Status(str, Enum):
@@ -102,7 +115,7 @@ class Pipeline:
     ):
         self.root = Path(root)
         self.stages = stages
-        self.force, self.only = list(force), list(only) if only else None
+        self.force, self.only = _names(force) or [], _names(only) or None
         self.echo = echo
         self.fingerprints: dict[str, str] = {}
         self.durations: dict[str, list[float]] = {}  # kind -> seconds of the stages this invocation ran, for the ETA
@@ -111,13 +124,85 @@ class Pipeline:
             unknown = [n for n in stage.needs + stage.after if n not in names[: names.index(stage.name)]]
             if unknown:
                 raise ConfigError(f"stage {stage.name} needs {unknown}, which do not come before it")
+        for key, patterns in (("stages", self.only or []), ("force", self.force)):
+            unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+            if unmatched:
+                raise ConfigError(
+                    f"{key}=[{','.join(unmatched)}] matches no stage; the stages: {', '.join(names)} "
+                    f"(patterns such as generate/* match several)"
+                )
+        outside = [p for p in self.force if not any(self.selected(s) for s in stages if fnmatch.fnmatch(s.name, p))]
+        if outside:
+            raise ConfigError(
+                f"force=[{','.join(outside)}] names no stage that stages={self.only} selects: add it to stages=[...]"
+            )
 
     def directory(self, stage: Stage) -> Path:
         return self.root / stage.name
 
     def record(self, stage: Stage) -> dict[str, Any] | None:
+        """The stage's stage.json, None if it has none; a RecordError naming the file if it cannot be read."""
         path = self.directory(stage) / DONE
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:  # truncated, edited, not UTF-8, unreadable
+            raise RecordError(
+                f"{path} cannot be read ({err}): redo the stage with force=[{stage.name}] or delete {path.parent}"
+            ) from None
+        if not isinstance(record, dict):
+            raise RecordError(
+                f"{path} is not a stage record (a JSON object): redo the stage with force=[{stage.name}] or delete "
+                f"{path.parent}"
+            )
+        return record
+
+    def files(self, stage: Stage) -> dict[str, str]:
+        """Every file the stage left in its directory (not stage.json, not another stage's directory inside it),
+        relative path -> seal (see DIGEST_UP_TO)."""
+        directory = self.directory(stage)
+        others = [self.directory(s) for s in self.stages if s is not stage]
+        return {
+            path.relative_to(directory).as_posix(): _seal(path)
+            for path in sorted(directory.rglob("*"))
+            if path.is_file() and path.name != DONE and not any(o in path.parents for o in others)
+        }
+
+    def changed(self, stage: Stage, record: dict[str, Any]) -> str:
+        """Why the stage's recorded files no longer stand for it ("" while every one is there as it was)."""
+        directory = self.directory(stage)
+        recorded = record.get("files")
+        if recorded is None:  # a stage.json from before files were recorded: its declared outputs must be there
+            recorded = {name: None for name in record.get("outputs", stage.outputs)}
+        problems = []
+        for name, seal in recorded.items():
+            path = directory / name
+            if not path.exists():
+                problems.append(f"{stage.name}/{name} is missing")
+            elif seal is not None and (not path.is_file() or _seal(path) != seal):
+                problems.append(f"{stage.name}/{name} changed")
+        if not problems:
+            return ""
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        return f"its outputs changed since it ran: {', '.join(problems[:3])}{more}"
+
+    def check_before_running(self) -> None:
+        """What would fail a stage after earlier ones ran, refused before anything runs: a stage.json that cannot be
+        read, a launcher that is not here for a stage that will run for certain (forced or never done; whether a done
+        one is redone is known only as the run goes: check_launcher again before each)."""
+        for stage in self.stages:
+            if self.selected(stage) and not stage.skip:
+                if self.forced(stage) or self.record(stage) is None:
+                    self.check_launcher(stage)
+
+    def check_launcher(self, stage: Stage) -> None:
+        program = (stage.launcher or [sys.executable])[0]
+        if shutil.which(program) is None:
+            raise ConfigError(
+                f"launcher={stage.launcher}: no program {program!r} here (not on PATH, or not executable); stage "
+                f"{stage.name} needs it. Nothing of it was removed"
+            )
 
     def missing_inputs(self, stage: Stage) -> list[str]:
         return [p for p in stage.inputs if not Path(p).is_file()]
@@ -154,9 +239,13 @@ class Pipeline:
     def selected(self, stage: Stage) -> bool:
         return self.only is None or any(fnmatch.fnmatch(stage.name, p) for p in self.only)
 
+    def forced(self, stage: Stage) -> bool:
+        return any(fnmatch.fnmatch(stage.name, p) for p in self.force)
+
     def run(self) -> list[Outcome]:
         """Every stage's outcome, in order. A failed stage stops the run: its StageFailed carries the outcomes so far
         (`.outcomes`, the failed one last), so the report can still be written."""
+        self.check_before_running()
         outcomes: list[Outcome] = []
         by_name: dict[str, Outcome] = {}
         started_all = time.monotonic()
@@ -177,23 +266,23 @@ class Pipeline:
 
     def run_stage(self, stage: Stage, index: int, by_name: dict[str, Outcome]) -> Outcome:
         blocked = [n for n in stage.needs if by_name[n].status in (Status.SKIPPED, Status.FAILED)]
-        record = self.record(stage)
         unfinished = [n for n in stage.needs if by_name[n].status == Status.NOT_SELECTED and not by_name[n].fingerprint]
         if stage.skip or blocked:
             return Outcome(stage, Status.SKIPPED, stage.skip or f"it needs {', '.join(blocked)}, which did not run")
         if not self.selected(stage):
             fp = None if unfinished else self.fingerprint(stage)
-            done = fp is not None and record is not None and record.get("fingerprint") == fp
             if fp:
                 self.fingerprints[stage.name] = fp
-            return Outcome(
-                stage,
-                Status.NOT_SELECTED,
-                "" if done else "not selected, and not done with these settings",
-                record.get("seconds") if done else None,
-                record.get("command", "") if done else "",
-                fp if done else "",
-            )
+            try:
+                record = self.record(stage)
+            except RecordError as err:
+                return Outcome(stage, Status.NOT_SELECTED, f"not selected, and {err}")
+            why = "not done with these settings"
+            if fp is not None and record is not None and record.get("fingerprint") == fp:
+                why = self.changed(stage, record)
+            if why:
+                return Outcome(stage, Status.NOT_SELECTED, f"not selected, and {why}")
+            return Outcome(stage, Status.NOT_SELECTED, "", record.get("seconds"), record.get("command", ""), fp)
         if unfinished:
             raise StageFailed(
                 f"stage {stage.name} needs {', '.join(unfinished)}, which has not run with these "
@@ -202,12 +291,28 @@ class Pipeline:
         self.fetch_inputs(stage)
         fp = self.fingerprint(stage)
         self.fingerprints[stage.name] = fp
-        if record and record.get("fingerprint") == fp and stage.name not in self.force:
-            return Outcome(
-                stage, Status.REUSED, f"unchanged since {record['finished']}", record["seconds"], record["command"], fp
-            )
-        self.echo(f"[{index}/{len(self.stages)}] {stage.name}: running{self.eta(index)}")
-        return self.execute(stage, fp, "its settings or inputs changed" if record else "not done before")
+        if self.forced(stage):
+            why = f"forced (force={self.force})"
+        else:
+            record = self.record(stage)
+            if record is None:
+                why = "not done before"
+            elif record.get("fingerprint") != fp:
+                why = "its settings or inputs changed"
+            else:
+                why = self.changed(stage, record)
+                if not why:
+                    return Outcome(
+                        stage,
+                        Status.REUSED,
+                        f"unchanged since {record.get('finished')}",
+                        record.get("seconds"),
+                        record.get("command", ""),
+                        fp,
+                    )
+        self.check_launcher(stage)  # before its last outputs are moved aside
+        self.echo(f"[{index}/{len(self.stages)}] {stage.name}: running ({why}){self.eta(index)}")
+        return self.execute(stage, fp, why)
 
     def eta(self, index: int) -> str:
         """An ETA only where every stage left that will run has a measured duration: its own last time (its
@@ -229,7 +334,10 @@ class Pipeline:
         return ""
 
     def estimate(self, stage: Stage) -> float | None:
-        record = self.record(stage)
+        try:
+            record = self.record(stage)
+        except RecordError:  # a forced stage's damaged stage.json: no last time to go by
+            record = None
         if record and record.get("seconds") is not None:
             return record["seconds"]
         same_kind = self.durations.get(_kind(stage))
@@ -237,22 +345,40 @@ class Pipeline:
 
     def execute(self, stage: Stage, fingerprint: str, reason: str) -> Outcome:
         directory = self.directory(stage)
-        if directory.exists():
-            shutil.rmtree(directory)  # a changed or half-made stage starts empty
-        directory.mkdir(parents=True)
         args = [*stage.args, *(stage.runtime_args() if stage.runtime_args else [])]
         command = [*(stage.launcher or [sys.executable]), "-m", stage.module, *args, f"hydra.run.dir={directory}"]
         shown = " ".join(command[1:] if not stage.launcher else command)
-        started = time.monotonic()
         env = dict(os.environ, TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
         if (
             stage.launcher
         ):  # every rank the launcher starts writes to this one directory (training.hardware.check_launch)
             env["GPT4LLM_RUN_ID"] = f"{stage.name.replace('/', '_')}_{fingerprint}"
+        # The last run's outputs wait beside the directory (".tmp-<pid>": what a runner killed meanwhile left there is
+        # removed by the next one) until the new try has started; the new try starts empty.
+        remove_stale_temporaries(directory.parent)
+        previous = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+        if directory.exists():
+            os.replace(directory, previous)
+        directory.mkdir(parents=True)
+        started = time.monotonic()
         with (directory / LOG).open("w") as log:
             log.write(f"$ {shown}\n")
             log.flush()
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent()
+                )
+            except OSError as err:  # the launcher or python could not be started: the last outputs go back
+                shutil.rmtree(directory)
+                if previous.exists():
+                    os.replace(previous, directory)
+                raise StageFailed(
+                    f"stage {stage.name} could not start {command[0]!r}: {err.strerror or err}; check launcher= "
+                    f"(what the stage had made before is kept)"
+                ) from None
+            if previous.exists():
+                shutil.rmtree(previous)
+            code = wait_for(process)
         seconds = time.monotonic() - started
         missing = [o for o in stage.outputs if not (directory / o).exists()]
         if code != 0 or missing:
@@ -270,6 +396,7 @@ class Pipeline:
                     "seconds": round(seconds, 1),
                     "finished": finished,
                     "outputs": stage.outputs,
+                    "files": self.files(stage),  # a rerun reuses the stage only while these are as they were
                 },
                 indent=1,
             ),
@@ -277,6 +404,68 @@ class Pipeline:
         self.durations.setdefault(_kind(stage), []).append(seconds)
         self.echo(f"  {stage.name}: done in {_duration(seconds)} ({reason})")
         return Outcome(stage, Status.RAN, reason, round(seconds, 1), shown, fingerprint)
+
+
+def _names(value: Any) -> list[str] | None:
+    """stages=/force= as a list of names or patterns: a bare string is one name (stages=plots), not its letters."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def _seal(path: Path) -> str:
+    """What a file is recorded by: its sha256, or its size and modification time above DIGEST_UP_TO."""
+    stat = path.stat()
+    if stat.st_size > DIGEST_UP_TO:
+        return f"size {stat.st_size}, modified {stat.st_mtime_ns}"
+    return "sha256:" + file_digest(path, "sha256")
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A preexec_fn for a process that must not outlive this one: it leads a process group of its own (which
+    wait_for ends with everything the stage started), and on Linux the kernel sends it SIGTERM when this process dies,
+    however it dies (SIGKILL included). SIGTERM rather than SIGKILL so that a launcher (torchrun, srun) or Lightning
+    passes it on to the processes they started."""
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def preexec() -> None:
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the runner died before the signal was asked for
+                os._exit(1)
+
+    return preexec
+
+
+def wait_for(process: subprocess.Popen) -> int:
+    """Its exit status; if this process stops waiting (Ctrl-C, an error), the stage's whole process group ends too."""
+    try:
+        return process.wait()
+    finally:
+        if process.returncode is None:
+            stop_group(process)
+
+
+def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group `process` leads, then, after `grace` seconds at most, SIGKILL to what is left of it
+    (the leader if it ignored SIGTERM, what it started)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def _kind(stage: Stage) -> str:

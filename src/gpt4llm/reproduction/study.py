@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gpt4llm.errors import ServerStartError
-from gpt4llm.reproduction.runner import Stage
+from gpt4llm.reproduction.runner import Stage, die_with_parent
 
 
 def _strings(values) -> list[str]:
@@ -241,6 +241,7 @@ class JudgeServer:
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            preexec_fn=die_with_parent(),  # a server left behind by a killed reproduce would serve on for ever
         )
         deadline, lines = time.monotonic() + 300, []
         while time.monotonic() < deadline and self.process.poll() is None:
