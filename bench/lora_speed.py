@@ -5,10 +5,12 @@
 
 The same random-init LLaMA-architecture model (the tiny tokenizer; --hidden-size, --layers), the same examples (the
 Alpaca prompt, the GPT-4 answer and EOS; loss on the answer only: TRL's prompt-completion format), LoRA r 8, alpha
-16, dropout 0.05 on q_proj and v_proj, batch 4, lr 3e-4, fp32 on the CPU, one epoch. Each way runs in its own
-process. Printed: real (non-pad) tokens per second of the training loop (first step to last, setup excluded), the
-process's peak resident memory (and how much of it came during training: the peak less the memory when the loop
-started, which leaves out what each library's imports and set-up take), and the ratios; median of --repeats.
+16, dropout 0.05 on q_proj and v_proj, batch 4, lr 3e-4, fp32 on the CPU (--gpu: bf16 on one GPU), gradient
+checkpointing on (TRL's SFTConfig default; --no-gradient-checkpointing turns it off all ways), one epoch. Each way
+runs in its own process. Printed: real (non-pad) tokens per second of the training loop (first step to last, setup
+excluded), the process's peak resident memory (and how much of it came during training: the peak less the memory
+when the loop started, which leaves out what each library's imports and set-up take), and the ratios; median of
+--repeats.
 
     ours, full      python -m gpt4llm.train peft=none (its default batching: packed rows)
     ours, LoRA      python -m gpt4llm.train peft=lora
@@ -84,7 +86,9 @@ def run_ours(args, data: Path, model: Path, work: Path, peft: str) -> dict:
         f"model.max_length={args.max_length}",
         "trainer.max_epochs=1",
         "trainer.max_steps=-1",
-        "trainer.precision=32-true",
+        f"trainer.accelerator={'gpu' if args.gpu else 'cpu'}",
+        f"trainer.precision={'bf16-mixed' if args.gpu else '32-true'}",
+        f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         "task.optimizer.lr=3e-4",
         "task.warmup_ratio=0",
         "export=false",
@@ -142,10 +146,11 @@ def run_trl(args, rows: list[dict], model: Path, work: Path) -> dict:
         report_to="none",
         save_strategy="no",
         logging_steps=10_000,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not args.gpu,
+        bf16=args.gpu,
         fp16=False,
         completion_only_loss=True,
+        gradient_checkpointing=args.gradient_checkpointing,  # TRL's default is on: set both ways, explicitly
         dataloader_num_workers=0,
         seed=42,
     )
@@ -219,6 +224,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="one GPU in bf16 (both ways) instead of the CPU in fp32")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="all ways (TRL's SFTConfig default: on)",
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -232,10 +243,15 @@ def main() -> None:
     model = build_model(work / "model", args.hidden_size, args.layers)
     tokens = real_tokens(rows, model, args.max_length)
     variants = ("ours_full", "ours_lora", "trl_lora")
-    results = run_children(__file__, variants, args.repeats, work, model, args)
+    checkpointing = f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing"
+    results = run_children(
+        __file__, variants, args.repeats, work, model, args, checkpointing, *(["--gpu"] if args.gpu else [])
+    )
     print(
         f"{len(rows)} examples ({tokens} real tokens), model hidden {args.hidden_size} x {args.layers} layers, "
-        f"batch {args.batch_size}, max length {args.max_length}, {args.repeats} repeats (median), fp32 CPU"
+        f"batch {args.batch_size}, max length {args.max_length}, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}, {args.repeats} repeats (median), "
+        f"{'bf16 GPU' if args.gpu else 'fp32 CPU'}"
     )
     rate = {v: statistics.median(tokens / r["seconds"] for r in rs) for v, rs in results.items()}
     rss = {v: statistics.median(r["peak_rss_mib"] for r in rs) for v, rs in results.items()}
