@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_speed import build_model, current_rss_mib, records, run_children
+from lora_speed import add_common_arguments, build_model, current_rss_mib, records, run_children
 
 
 def make_pairs(n: int) -> list[dict]:
@@ -172,21 +172,7 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="both ways (TRL's DPOConfig default: on)",
-    )
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args()
     if args.variant:
         return child(args)
@@ -196,8 +182,7 @@ def main() -> None:
     (work / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False))
     model = build_model(work / "model", args.hidden_size, args.layers)
     tokens = real_tokens(pairs, model, args.max_length)
-    checkpointing = f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing"
-    results = run_children(__file__, ("ours", "ours-packed", "trl"), args.repeats, work, model, args, checkpointing)
+    results = run_children(__file__, ("ours", "ours-packed", "trl"), args.repeats, work, model, args)
     print(
         f"{len(pairs)} pairs ({tokens} real tokens), model hidden {args.hidden_size} x {args.layers} layers, "
         f"batch {args.batch_size} pairs, max length {args.max_length}, gradient checkpointing "

@@ -182,6 +182,25 @@ def real_tokens(rows: list[dict], model: Path, max_length: int) -> int:
     return sum(min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"])
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings every benchmark of ours against TRL takes, and the ones a child process is started with."""
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every way (TRL's SFTConfig and DPOConfig turn it on by default)",
+    )
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+
+
 def run_children(script: str, variants, repeats: int, work: Path, model: Path, args, *extra: str) -> dict:
     """Each variant `repeats` times, each run in a process of its own (`script --variant=...`, so its peak memory is
     its own), round-robin; the RESULT line each prints, by variant."""
@@ -191,6 +210,7 @@ def run_children(script: str, variants, repeats: int, work: Path, model: Path, a
             command = [sys.executable, script, f"--variant={variant}", f"--work={work}", f"--model={model}"]
             command += [f"--batch-size={args.batch_size}", f"--max-length={args.max_length}"]
             command += [f"--threads={args.threads}"]
+            command += [f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing"]
             proc = subprocess.run([*command, *extra], capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -217,22 +237,8 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="one GPU in bf16 (both ways) instead of the CPU in fp32")
-    parser.add_argument(
-        "--gradient-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="all ways (TRL's SFTConfig default: on)",
-    )
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args()
     if args.variant:
         return child(args)
@@ -243,10 +249,7 @@ def main() -> None:
     model = build_model(work / "model", args.hidden_size, args.layers)
     tokens = real_tokens(rows, model, args.max_length)
     variants = ("ours_full", "ours_lora", "trl_lora")
-    checkpointing = f"--{'' if args.gradient_checkpointing else 'no-'}gradient-checkpointing"
-    results = run_children(
-        __file__, variants, args.repeats, work, model, args, checkpointing, *(["--gpu"] if args.gpu else [])
-    )
+    results = run_children(__file__, variants, args.repeats, work, model, args, *(["--gpu"] if args.gpu else []))
     print(
         f"{len(rows)} examples ({tokens} real tokens), model hidden {args.hidden_size} x {args.layers} layers, "
         f"batch {args.batch_size}, max length {args.max_length}, gradient checkpointing "

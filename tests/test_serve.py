@@ -20,6 +20,7 @@ from gpt4llm.data.demo import make_demo_records
 from gpt4llm.data.prompts import format_prompt
 from gpt4llm.inference.openai_protocol import prompt_from_messages
 from gpt4llm.inference.server import load_server
+from helpers.runs import raw_chat_request
 
 KEY = "sk-serve-NEVER-WRITE-THIS-777"
 RECORDS = make_demo_records(6, seed=11)
@@ -379,14 +380,7 @@ def test_streams_whose_clients_hang_up_stop_generating(server):
     ).encode()
     for _ in range(8):  # open a stream, read its first bytes, hang up
         conn = socket.create_connection((server.host, server.port))
-        conn.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            + KEY.encode()
-            + b"\r\nContent-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
+        conn.sendall(raw_chat_request(KEY, body))
         conn.recv(100)
         conn.close()
     started = time.monotonic()

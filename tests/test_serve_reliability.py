@@ -17,6 +17,7 @@ from gpt4llm.errors import ConfigError
 from gpt4llm.inference.batcher import Batcher, Job
 from gpt4llm.inference.server import ModelServer, load_server
 from gpt4llm.serve import check_settings
+from helpers.runs import raw_chat_request
 
 KEY = "sk-reliability-key"
 TIMEOUT = 1.0  # request_timeout here: short, so that the test waits little for what it checks
@@ -116,14 +117,7 @@ def test_worker_survives_a_client_leaving_while_its_request_waits(server):
     body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
     batches = server.batcher.batches
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            + KEY.encode()
-            + b"\r\nContent-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
+        sock.sendall(raw_chat_request(KEY, body))
         time.sleep(0.4)  # in the queue, the worker waiting batch_wait (1 s) for companions
     time.sleep(1.2)  # the handler notices the hang-up (it polls every 0.25 s); the worker's wait ends
     assert server.batcher.alive() and server.batcher.batches == batches  # nothing was run for it

@@ -55,3 +55,16 @@ def hparams_of(run: Path) -> tuple[dict, set[str]]:
         for k, v in session.session_start_info.hparams.items()
     }
     return params, {m.name.tag for m in experiment.experiment.metric_infos}
+
+
+def raw_chat_request(key: str, body: bytes) -> bytes:
+    """A whole POST /v1/chat/completions as bytes, for tests that drive serve through a bare socket (hang-ups,
+    half-sent requests)."""
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + key.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
