@@ -4,8 +4,8 @@
     python bench/chat_tokenize_speed.py --template llama3 --tokenizer-dir /models/Meta-Llama-3-8B-Instruct
 
 Both run gpt4llm.data.cache.tokenize_rows (batched, every core from 20K records): the Alpaca path with
-data.sft_examples.tokenize_batch on Alpaca records, the chat path with data.templates.tokenize_conversations on the same
-records as conversations (user: instruction and input; assistant: output), rendered by --template. The tokenizer is
+the Alpaca format's tokenize_examples on Alpaca records, the chat format's (data.formats) on the same records as
+conversations (user: instruction and input; assistant: output), rendered by --template. The tokenizer is
 the tiny model's byte-level BPE unless --tokenizer-dir names a fast one. Printed: seconds each, median of --repeats,
 and the ratio chat / Alpaca (the goal: within 2).
 """
@@ -22,8 +22,7 @@ from pathlib import Path
 from gpt4llm.data.cache import tokenize_rows
 from gpt4llm.data.conversations import read_conversation
 from gpt4llm.data.demo import make_demo_records
-from gpt4llm.data.sft_examples import tokenize_batch
-from gpt4llm.data.templates import apply_template, tokenize_conversations
+from gpt4llm.data.formats import prompt_format
 from gpt4llm.data.tokenizer import load_tokenizer
 from gpt4llm.models.tiny import build_tiny_model
 
@@ -47,11 +46,12 @@ def main() -> None:
     directory = args.tokenizer_dir or build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     tokenizer = load_tokenizer(str(directory), backend="tokenizers")
     chat_tokenizer = load_tokenizer(str(directory), backend="tokenizers")
-    apply_template(chat_tokenizer, args.template, str(directory))
+    alpaca_format, chat_format = prompt_format("alpaca"), prompt_format(args.template)
+    chat_format.prepare_tokenizer(chat_tokenizer, str(directory))
     runs = {
-        "alpaca": lambda: tokenize_rows(alpaca, tokenize_batch, tokenizer, args.max_length, args.data),
+        "alpaca": lambda: tokenize_rows(alpaca, alpaca_format.tokenize_examples, tokenizer, args.max_length, args.data),
         f"chat ({args.template})": lambda: tokenize_rows(
-            chats, tokenize_conversations, chat_tokenizer, args.max_length, args.data, train_on="all_assistant"
+            chats, chat_format.tokenize_examples, chat_tokenizer, args.max_length, args.data
         ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in runs}

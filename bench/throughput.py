@@ -172,7 +172,7 @@ def main() -> None:
     if not args.model_dir:
         cfg.model.tiny.max_position_embeddings = max(args.max_length, cfg.model.tiny.max_position_embeddings)
 
-    tokenizer = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
+    tokenizer, _ = prepare_tokenizer(cfg.model.path, cfg.model.tiny)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")
     train = datamodule.splits["train"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import LlamaTokenizer
 
 from gpt4llm.data.cache import tokenize_rows
-from gpt4llm.data.sft_examples import tokenize_batch
+from gpt4llm.data.formats import prompt_format
 from gpt4llm.data.tokenizer import PAD_TOKEN, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,7 +44,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, tokenizer in tokenizers.items():
             start = time.perf_counter()
-            ids[name] = tokenize_rows(rows, tokenize_batch, tokenizer, 512, args.data)["input_ids"]
+            ids[name] = tokenize_rows(rows, prompt_format().tokenize_examples, tokenizer, 512, args.data)["input_ids"]
             seconds[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     for name, median in medians.items():

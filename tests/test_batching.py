@@ -8,11 +8,13 @@ import torch
 
 from gpt4llm.data.collators import PackedCollator, SFTCollator
 from gpt4llm.data.encoding import IGNORE_INDEX
+from gpt4llm.data.formats.alpaca import AlpacaFormat
 from gpt4llm.data.samplers import LengthGroupedSampler
 from gpt4llm.data.sft_datamodule import padding_report, resolve_batching
-from gpt4llm.data.sft_examples import tokenize_batch
 from gpt4llm.models.sft_module import SFTModule, token_loss
 from helpers.configs import compose_train
+
+tokenize_batch = AlpacaFormat().tokenize_examples  # stanford_alpaca's preprocess()
 
 
 def masked_lm_loss(logits, labels):

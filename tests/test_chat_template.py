@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from gpt4llm.data.encoding import IGNORE_INDEX
-from gpt4llm.data.prompts import chat_template
-from gpt4llm.data.sft_examples import tokenize_batch
+from gpt4llm.data.formats.alpaca import AlpacaFormat
+
+tokenize_batch = AlpacaFormat().tokenize_examples  # stanford_alpaca's preprocess()
+chat_template = AlpacaFormat().export_chat_template  # what an Alpaca export carries
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",

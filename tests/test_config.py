@@ -97,3 +97,44 @@ def test_global_batch_must_divide():
     assert derive_accumulation(64, 4, 2) == 8
     with pytest.raises(ValueError, match="not a multiple"):
         derive_accumulation(64, 3, 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, metric",
+    [
+        ([], "val/loss"),  # the demo
+        (["task=rm", "data=demo_pairs"], "val/loss"),
+        (["experiment=paper_rm_opt1.3b"], "val/loss"),
+        (["experiment=dpo_llama7b_gpt4"], "val/rewards/accuracies"),
+        (["experiment=dpo_lora_llama7b_gpt4"], "val/rewards/accuracies"),
+    ],
+)
+def test_the_optimized_metric_is_the_one_the_readme_names(overrides, metric):
+    """README's Sweeps section once named val/exact_match and val/rm_acc as defaults that no config set."""
+    readme = (CONF.parent / "README.md").read_text()
+    assert compose_train(overrides).optimized_metric == metric
+    assert f"`{metric}`" in readme.split("## Sweeps, resume")[1].split("\n## ")[0]
+    assert "`val/exact_match` for the demo, `val/rm_acc` for the reward model" not in readme
+
+
+@pytest.mark.parametrize(
+    "overrides, lr",
+    [
+        (["model=hf", "model.path=/models/x"], 2e-5),  # full fine-tuning: the model's rate
+        (["model=hf", "model.path=/models/x", "peft=lora"], 2e-4),  # adapters: their own, ten times higher
+        (["model=hf", "model.path=/models/x", "peft=qlora"], 2e-4),
+        (["model=hf", "model.path=/models/x", "peft=lora", "peft.lr=1e-4"], 1e-4),
+        (["model=hf", "model.path=/models/x", "peft=lora", "task=rm", "data=demo_pairs"], 2e-4),
+        (["experiment=lora_sft_llama7b_gpt4"], 3e-4),  # a recipe's own rate wins
+    ],
+)
+def test_lora_runs_get_the_adapters_learning_rate(overrides, lr):
+    """peft=lora once kept full fine-tuning's 2e-5, where alpaca-lora and LLaMA-Factory train adapters at 1e-4..3e-4."""
+    assert compose_train(overrides).task.optimizer.lr == pytest.approx(lr)
+
+
+def test_gradient_checkpointing_is_on_for_real_models_as_trl_and_llama_factory_have_it():
+    assert compose_train(
+        ["model=hf", "model.path=/models/x", "task=dpo", "data=demo_pairs"]
+    ).task.gradient_checkpointing
+    assert not compose_train([]).task.gradient_checkpointing  # the tiny demo model: it never pays there

@@ -11,10 +11,17 @@ import torch
 
 from gpt4llm.data.conversations import TurnProblem, check_turns, read_conversation
 from gpt4llm.data.encoding import IGNORE_INDEX
+from gpt4llm.data.formats import prompt_format
+from gpt4llm.data.formats.base import shipped_template
+from gpt4llm.data.formats.chat import SHIPPED, tokenize_conversations
 from gpt4llm.data.records import load_conversations
-from gpt4llm.data.templates import NAMED, apply_template, tokenize_conversations
 from gpt4llm.errors import ConfigError, RecordError
 from helpers.configs import compose_train, demo_overrides
+
+
+def apply_template(tokenizer, template, model="the model"):
+    prompt_format(template).prepare_tokenizer(tokenizer, model)
+
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 CONVERSATIONS = [
@@ -122,7 +129,7 @@ def test_labels_are_exactly_the_assistant_tokens_transformers_marks(template, ti
             t for t, m in zip(oracle["input_ids"][k], oracle["assistant_masks"][k]) if m
         ]
         # the end of each assistant turn, as the template writes it, is trained on
-        end = NAMED[template].end_of_turn or tokenizer.eos_token
+        end = SHIPPED[template].end_of_turn or tokenizer.eos_token
         assert ours["labels"][k][-1 if template != "chatml" else -2] == tokenizer.convert_tokens_to_ids(end)
 
 
@@ -276,7 +283,7 @@ def test_chatml_training_exports_its_template_and_serve_renders_the_whole_conver
     assert "val/exact_match" in metrics
     export = tmp_path / "run" / "export"
     loaded = AutoTokenizer.from_pretrained(export)
-    assert loaded.chat_template == NAMED["chatml"].jinja
+    assert loaded.chat_template == shipped_template("chatml")
     assert json.loads((export / "config.json").read_text())["gpt4llm_template"] == "chatml"
     assert loaded.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(export).eos_token_id
 
@@ -302,3 +309,86 @@ def test_chatml_training_exports_its_template_and_serve_renders_the_whole_conver
         assert whole.usage.prompt_tokens == len(rendered)  # the whole conversation, as the template renders it
     finally:
         server.close()
+
+
+# --- per-turn weights ------------------------------------------------------------------------------------------------
+def _without_block(mask: list[int], block: int) -> list[int]:
+    """The oracle's assistant mask with its `block`-th run of marked tokens (one assistant turn) unmarked."""
+    out, run, previous = list(mask), -1, 0
+    for i, m in enumerate(mask):
+        run += m and not previous
+        if m and run == block:
+            out[i] = 0
+        previous = m
+    return out
+
+
+def test_a_turn_of_weight_0_is_context_not_target(tiny_model_dir, tmp_path):
+    """ShareGPT's per-turn `weight: 0` (axolotl's and LLaMA-Factory's data carry it): that assistant turn stays in the
+    input and gets no loss; the others train as transformers' own assistant mask marks them."""
+    conversation = [
+        {"from": "human", "value": "Sort 3, 1, 2."},
+        {"from": "gpt", "value": "3, 2, 1", "weight": 0},  # a wrong answer kept as context
+        {"from": "human", "value": "Ascending, please."},
+        {"from": "gpt", "value": "1, 2, 3", "weight": 1},
+    ]
+    path = tmp_path / "weighted.jsonl"
+    records = [
+        {"conversations": conversation},
+        {"conversations": [dict(t, weight=0) if t["from"] == "gpt" else t for t in conversation]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded, report = load_conversations(path)
+    assert [r["untrained"] for r in loaded] == [[1]]
+    assert report.summary()["skipped"]["every assistant turn has weight 0"]["count"] == 1
+    assert "weight" not in report.summary()["unused_fields"]
+
+    tokenizer = chat_tokenizer(tiny_model_dir, "chatml")
+    ours = tokenize_conversations(
+        {"messages": [loaded[0]["messages"]], "untrained": [[1]]}, tokenizer, 4096, "all_assistant"
+    )
+    oracle = tokenizer.apply_chat_template([loaded[0]["messages"]], return_dict=True, return_assistant_tokens_mask=True)
+    assert ours["input_ids"][0] == oracle["input_ids"][0]
+    supervised = [int(label != IGNORE_INDEX) for label in ours["labels"][0]]
+    assert supervised == _without_block(oracle["assistant_masks"][0], 0)
+    assert sum(supervised) > 0
+
+
+@pytest.mark.parametrize("weight", [0.5, "0", None, 2])
+def test_a_weight_other_than_0_or_1_is_named(weight, tmp_path):
+    path = tmp_path / "weighted.jsonl"
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello", "weight": weight}]
+    path.write_text(json.dumps({"conversations": turns}) + "\n")
+    with pytest.raises(RecordError, match=r"record 0: field 'conversations\[1\].weight' is .*: 0 \(kept as context"):
+        load_conversations(path)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "vicuna_v1.1"])
+def test_every_whole_conversation_ends_on_its_end_of_turn_token(template, tiny_model_dir):
+    """`prepare` once flagged ChatML conversations as having lost their EOS: the template writes a newline after
+    <|im_end|>, which is the last token but not trained on. What counts is the last token trained on."""
+    tokenizer = chat_tokenizer(tiny_model_dir, template)
+    ours = prompt_format(template).tokenize_examples({"messages": CONVERSATIONS}, tokenizer, 4096)
+    assert ours["ends_with_eos"] == [True] * len(CONVERSATIONS)
+
+
+def test_a_long_answer_is_cut_not_dropped_and_only_a_prompt_that_fills_the_length_is_skipped(tiny_model_dir, tmp_path):
+    """The chat path once dropped every record whose first answer did not fit (312 of 999 GPT-4 records at 256
+    tokens) where the Alpaca path cuts it: now both cut, and a skip names its true reason."""
+    from gpt4llm.data.cache import SplitSettings
+    from gpt4llm.data.sft_datamodule import build_sft_splits
+
+    long_answer = " ".join(str(i) for i in range(300))
+    records = [{"instruction": f"Count to 300, take {i}.", "input": "", "output": long_answer} for i in range(12)]
+    records.append({"instruction": "word " * 400, "input": "", "output": "ok"})  # the prompt alone is too long
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(records))
+    tokenizer = chat_tokenizer(tiny_model_dir, "chatml")
+    settings = SplitSettings(max_length=64, val_size=2, template="chatml", template_text=tokenizer.chat_template)
+    splits, report = build_sft_splits(path, tokenizer, settings, tmp_path / "cache")
+    assert sum(splits.num_rows.values()) == 12 and report["truncated"]["count"] == 13
+    assert {k: v["count"] for k, v in report["skipped"].items()} == {
+        "prompt before the first assistant turn fills max_length": 1
+    }
+    first = splits["train"][0]
+    assert len(first["input_ids"]) == 64 and first["labels"][-1] != IGNORE_INDEX  # the answer's start, trained on

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import gpt4llm.data.sft_datamodule as datamodule
 from gpt4llm.data.cache import SplitSettings
 from gpt4llm.data.encoding import IGNORE_INDEX
+from gpt4llm.data.formats.alpaca import AlpacaFormat
 from gpt4llm.data.sft_datamodule import SFTDataModule, build_sft_splits
 
 
@@ -41,7 +41,7 @@ def test_splits_report_and_cache(tmp_path, tokenizer, monkeypatch):
     assert set(splits["train"]["index"]).isdisjoint(splits["validation"]["index"])
 
     # Same file, tokenizer and settings: read back from the cache, nothing is tokenized again.
-    monkeypatch.setattr(datamodule, "tokenize_batch", lambda *a, **k: pytest.fail("tokenized twice"))
+    monkeypatch.setattr(AlpacaFormat, "tokenize_examples", lambda *a, **k: pytest.fail("tokenized twice"))
     again, report_again = build_sft_splits(
         path, tokenizer, SplitSettings(max_length=128, val_size=5), tmp_path / "cache"
     )

@@ -175,6 +175,195 @@ def test_at_step_0_the_loss_is_ln2_and_the_rewards_0_then_a_repeated_batch_is_le
     assert last["loss"].item() < math.log(2)
 
 
+def test_the_precomputed_reference_stays_fp32_when_the_module_is_cast(tiny_model_dir, tokenizer):
+    module = DPOModule(tokenizer, str(tiny_model_dir), dict(OPTIMIZER))
+    module.configure_model()
+    module.set_reference_logps("train", [-100.125, -2.0], [-3.0, -4.0])
+    module.to(torch.bfloat16)  # as DeepSpeed's 16-bit modes cast the module's parameters and buffers
+    table = module.precomputed_logps["train"]
+    assert table.dtype == torch.float32 and table.tolist() == [[-100.125, -3.0], [-2.0, -4.0]]
+    assert "precomputed_logps" not in str(list(module.state_dict()))  # not in the checkpoint either
+    batch = {"pair_index": torch.tensor([1, 0])}
+    assert module.reference_logps(batch, "train").tolist() == [-2.0, -100.125, -4.0, -3.0]  # chosen, then rejected
+
+
+# --- the precomputed reference's cache ------------------------------------------------------------------------------
+QLORA = {
+    "method": "lora",
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.1,
+    "target_modules": "all-linear",
+    "quantization": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+    },
+}
+
+
+def pairs_data(tmp: Path, tokenizer):
+    """24 demo pairs (15 train, 8 validation), the validation split in one batch as the reference pass batches it."""
+    from gpt4llm.data.pair_datamodule import PairDataModule
+
+    data = PairDataModule(
+        tokenizer,
+        path=str(tmp / "pairs.json"),
+        demo={"num_records": 24, "seed": 0},
+        max_length=128,
+        val_size=8,
+        batch_size=8,
+        eval_batch_size=32,
+        cache_dir=str(tmp / "cache"),
+    )
+    data.setup("fit")
+    return data
+
+
+def attached(tmp: Path, tokenizer, model_dir, **settings) -> DPOModule:
+    """A DPO module (beta 1: a reference off by a little is off by as much in the loss) on a CPU trainer, fp32, its
+    reference cache under tmp/cache."""
+    import lightning as L
+
+    module = DPOModule(tokenizer, str(model_dir), dict(OPTIMIZER), beta=1.0, cache_dir=str(tmp / "cache"), **settings)
+    module.trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return module
+
+
+def step0_loss(tmp: Path, tokenizer, model_dir, **settings) -> float:
+    """The loss on the validation pairs with the policy just loaded, the reference (precomputed: read from the cache,
+    or computed and cached) as `settings` say: ln 2 when the reference is the policy's start."""
+    data = pairs_data(tmp, tokenizer)
+    module = attached(tmp, tokenizer, model_dir, **settings)
+    if module.reference == "precomputed":
+        module.precompute_reference(data)
+    module.configure_model()
+    with torch.no_grad():
+        return module.step(next(iter(data.val_dataloader())), "validation")["loss"].item()
+
+
+def reference_caches(tmp: Path) -> list[str]:
+    return sorted(p.name for p in (tmp / "cache").glob("dpo-reference-*.json"))
+
+
+def test_a_dtype_change_computes_its_own_reference(tmp_path, tiny_model_dir, tokenizer):
+    assert step0_loss(tmp_path, tokenizer, tiny_model_dir) == pytest.approx(math.log(2), abs=1e-6)
+    # model.dtype=bfloat16 after an fp32 run: the fp32 reference's numbers would be off by the policy's rounding
+    assert step0_loss(tmp_path, tokenizer, tiny_model_dir, dtype="bfloat16") == pytest.approx(math.log(2), abs=1e-6)
+    assert len(reference_caches(tmp_path)) == 2
+    assert step0_loss(tmp_path, tokenizer, tiny_model_dir) == pytest.approx(math.log(2), abs=1e-6)  # reused
+    assert len(reference_caches(tmp_path)) == 2
+
+
+def test_a_model_swapped_with_its_size_and_mtime_kept_computes_its_own_reference(tmp_path, tiny_model_dir, tokenizer):
+    import os
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from gpt4llm.models import dpo_module
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    assert step0_loss(tmp_path, tokenizer, model) == pytest.approx(math.log(2), abs=1e-6)
+    weights = model / "model.safetensors"
+    before = weights.stat()
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(weights)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 3  # another model: the same names, shapes and size
+    save_file(tensors, weights, metadata=metadata)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    dpo_module._file_digests.clear()  # a new run, in a new process: nothing remembered
+    assert step0_loss(tmp_path, tokenizer, model) == pytest.approx(math.log(2), abs=1e-6)
+    assert len(reference_caches(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "live"])
+def test_under_qlora_the_reference_is_the_4bit_base_the_policy_trains_on(
+    reference, tmp_path, tiny_model_dir, tokenizer
+):
+    from gpt4llm.errors import ConfigError
+    from gpt4llm.models.adapters import check_4bit
+
+    try:
+        check_4bit()
+    except ConfigError as err:
+        pytest.skip(str(err))
+    if reference == "precomputed":  # a full-precision run's cache first, in the same place: not the 4-bit one's
+        assert step0_loss(tmp_path, tokenizer, tiny_model_dir) == pytest.approx(math.log(2), abs=1e-6)
+    loss = step0_loss(tmp_path, tokenizer, tiny_model_dir, peft=QLORA, reference=reference)
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
+    assert len(reference_caches(tmp_path)) == (2 if reference == "precomputed" else 0)
+
+
+def _edit(content: dict) -> bytes:
+    content["splits"]["train"]["chosen"][0] += 3.0  # valid JSON, the digest left as it was
+    return json.dumps(content).encode()
+
+
+def _resealed(change):
+    """A change made and the file's digest written anew: only the checks of what it holds can tell."""
+
+    def damage(content: dict) -> bytes:
+        from gpt4llm.models.dpo_module import values_digest
+
+        change(content["splits"])
+        return json.dumps(content | {"sha256": values_digest(content["splits"])}).encode()
+
+    return damage
+
+
+DAMAGES = {
+    "edited": _edit,
+    "truncated": lambda content: json.dumps(content).encode()[:300],
+    "empty": lambda content: b"",
+    "random bytes": lambda content: bytes(range(256)) * 3,
+    "short": _resealed(lambda splits: splits["train"]["rejected"].pop()),
+    "missing split": _resealed(lambda splits: splits.pop("validation")),
+    "not numbers": _resealed(lambda splits: splits["train"]["chosen"].__setitem__(1, "x")),
+    "not a cache": lambda content: b"[1, 2, 3]",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_reference_cache_is_one_error_naming_it_and_how_to_rebuild_it(
+    damage, tmp_path, tiny_model_dir, tokenizer
+):
+    from gpt4llm.errors import RecordError
+
+    module = attached(tmp_path, tokenizer, tiny_model_dir)
+    data = pairs_data(tmp_path, tokenizer)
+    module.precompute_reference(data)
+    target = module.reference_cache(data)
+    target.write_bytes(DAMAGES[damage](json.loads(target.read_text())))
+    with pytest.raises(RecordError) as err:  # at start, not a JSONDecodeError or IndexError mid-training
+        attached(tmp_path, tokenizer, tiny_model_dir).precompute_reference(pairs_data(tmp_path, tokenizer))
+    message = str(err.value)
+    assert str(target) in message and "delete it and run again to rebuild it" in message and "\n" not in message
+    target.unlink()  # as the message says: rebuilt, and the run starts at ln 2
+    assert step0_loss(tmp_path, tokenizer, tiny_model_dir) == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [float("nan"), float("inf"), -float("inf"), 0, -0.1])
+def test_beta_must_be_a_finite_number_above_0(beta, tiny_model_dir, tokenizer):
+    from gpt4llm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^task.beta={beta}: "):
+        DPOModule(tokenizer, str(tiny_model_dir), dict(OPTIMIZER), beta=beta)
+
+
 def test_scored_lists_pair_all_best_vs_worst_or_best_vs_rest(tmp_path):
     from gpt4llm.data.comparisons import read_comparison_pairs
 

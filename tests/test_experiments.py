@@ -54,13 +54,13 @@ def tiny_chat_dir(tiny_model_dir, tmp_path_factory) -> Path:
     <|eot_id|>), as a chat model's does; it has no tokenizer.model, so its ids come from tokenizers."""
     import shutil
 
-    from gpt4llm.data.templates import apply_template
+    from gpt4llm.data.formats import prompt_format
     from gpt4llm.data.tokenizer import load_tokenizer
 
     out = tmp_path_factory.mktemp("models") / "tiny-chat"
     shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
     tokenizer = load_tokenizer(str(out))
-    apply_template(tokenizer, "llama3")
+    prompt_format("llama3").prepare_tokenizer(tokenizer)
     tokenizer.save_pretrained(out)
     return out
 
@@ -200,10 +200,14 @@ def adapter_model_from_checkpoint(auto, base_dir, tokenizer, settings, state):
     if quantization:
         base = base.dequantize()
     base = base.float()
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+    grown = list(range(base.get_input_embeddings().num_embeddings, len(tokenizer)))  # the tokens the run added
+    if grown:
         resize_embeddings_with_mean(base, len(tokenizer))
-    settings.pop("method"), settings.pop("name", None)
+    settings.pop("method"), settings.pop("name", None), settings.pop("lr", None)  # ours, not LoraConfig's
     task = "SEQ_CLS" if auto.__name__.endswith("Classification") else "CAUSAL_LM"
+    if grown:  # their rows train with the adapters (the output layer's too where it is not tied)
+        heads = {"embed_tokens": grown} | ({"lm_head": grown} if task == "CAUSAL_LM" else {})
+        settings["trainable_token_indices"] = heads
     model = get_peft_model(base, LoraConfig(task_type=task, **{k: v for k, v in settings.items() if v is not None}))
     result = model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys[:5]

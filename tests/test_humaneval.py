@@ -126,7 +126,7 @@ def test_the_finished_page_says_all_items_are_rated_not_item_5_of_4(tmp_path):
     paths = [write_responses(tmp_path, model, ids=range(4)) for model in ("alpha", "beta")]
     study = create_study(tmp_path / "s", [str(p) for p in paths], CRITERIA)
     store = VoteStore(study.votes_path)
-    rating, token = Rating(study, store), store.rater_token("ann")
+    rating, token = Rating(study, store), store.add_rater("ann")
     assert rating.item(token, -1)["heading"] == "ann · item 1 of 4 · 0 rated"
     for position in range(4):
         task = rating.item(token, position)["task"]
@@ -143,7 +143,7 @@ def test_a_rater_left_without_items_by_the_quota_is_told_so_in_the_singular(tmp_
     study = create_study(tmp_path / "s", [str(p) for p in paths], CRITERIA)
     store = VoteStore(study.votes_path)
     rating = Rating(study, store, votes_per_item=1)
-    ann, bob = store.rater_token("ann"), store.rater_token("bob")
+    ann, bob = store.add_rater("ann"), store.add_rater("bob")
     rating.item(bob, 0)  # bob is shown one item, ann the other: each has had its one rater
     task = rating.item(ann, 0)["task"]
     rating.vote(ann, 0, Vote(task=task, choices=dict.fromkeys(CRITERIA, "A")))

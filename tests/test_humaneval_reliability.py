@@ -12,6 +12,7 @@ import sys
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import httpx
 import pytest
@@ -24,7 +25,8 @@ from gpt4llm.rating.humaneval_report import unblind
 from gpt4llm.rating.store import VoteStore
 from gpt4llm.rating.study import create_study, load_study, open_or_create
 from gpt4llm.rating.web import Rating, RatingServer, reachable_host
-from helpers.studies import CRITERIA, start_cli, write_responses
+from helpers.runs import run_cli
+from helpers.studies import CRITERIA, lines_until, start_cli, write_responses
 
 ALL_A = dict.fromkeys(CRITERIA, "A")
 
@@ -58,7 +60,7 @@ def test_a_known_name_gets_no_token_and_names_are_normalised(server):
     decomposed = unicodedata.normalize("NFD", "José")
     assert decomposed != "José"
     assert client.post("/api/raters", json={"name": "José"}).status_code == 200
-    assert client.post("/api/raters", json={"name": decomposed}).status_code == 409  # one name after NFC
+    assert client.post("/api/raters", json={"name": decomposed}).status_code == 409  # one name after NFKC
     for blank in ("", "   ", "\t"):
         assert client.post("/api/raters", json={"name": blank}).status_code == 422
     bob = client.post("/api/raters", json={"name": "bob"}).json()["token"]
@@ -73,7 +75,9 @@ def test_open_signup_is_chosen_when_the_study_is_made_and_the_report_says_so(tmp
     store, running = serving(study)
     client = httpx.Client(base_url=running.url)
     first = client.post("/api/raters", json={"name": "ann"}).json()["token"]
-    assert client.post("/api/raters", json={"name": " ann "}).json()["token"] == first  # the same name resumes
+    again = client.post("/api/raters", json={"name": " ann "}).json()["token"]  # the same name resumes: ann again,
+    assert again != first and store.rater_name(again) == store.rater_name(first) == "ann"  # on a link of her own,
+    assert client.get(f"/api/rate/{first}/items/-1").json()["rater"] == "ann"  # and her first link still works
     running.close()
     with pytest.raises(ConfigError, match=r"open_signup=false: .*open was made with open_signup=true, which it keeps"):
         open_or_create(tmp_path / "open", [], CRITERIA, open_signup=False)
@@ -353,3 +357,177 @@ def test_a_second_server_on_a_study_stops_at_once_naming_the_first(tmp_path, res
         third.send_signal(signal.SIGTERM)
         third.wait(timeout=30)
     assert (study_dir / "server.lock").read_text() == ""
+
+
+# --- round 4, 12: look-alike names, what votes.sqlite gives away, who can read the study's files ---------------------
+LOOK_ALIKES = [
+    "ann\u200b",  # zero-width space
+    "\u200ban\u200cn\u200d",  # zero-width space, non-joiner, joiner
+    "an\u2060n",  # word joiner
+    "\ufeffann",  # byte-order mark
+    "\u202eann\u202c",  # right-to-left override ... pop
+    "\u2066ann\u2069",  # left-to-right isolate ... pop
+    "an\u00adn",  # soft hyphen
+    "ann\ufe0f",  # variation selector
+    "ａｎｎ",  # full-width
+    "\u3000ann\u00a0",  # ideographic and no-break spaces
+]
+
+
+def test_names_that_look_the_same_are_the_same_name(server):
+    running, client = server
+    ann = client.post("/api/raters", json={"name": "ann"}).json()["token"]
+    for look_alike in LOOK_ALIKES:
+        reply = client.post("/api/raters", json={"name": look_alike})
+        assert reply.status_code == 409, look_alike.encode("unicode_escape")
+        assert reply.json()["detail"].startswith("the name 'ann' is taken: ") and ann not in reply.text
+    assert client.post("/api/raters", json={"name": "ann  lee"}).status_code == 200
+    reply = client.post("/api/raters", json={"name": " ann\t\u200b lee "})  # whitespace runs are one space
+    assert reply.status_code == 409 and reply.json()["detail"].startswith("the name 'ann lee' is taken")
+    for blank in ("\u200b", "\ufeff \u2060", "\u202e\u202c\t"):  # nothing visible: blank
+        reply = client.post("/api/raters", json={"name": blank})
+        assert reply.status_code == 422 and "a rater's name cannot be blank" in reply.text
+    with pytest.raises(ConfigError, match=r"raters: '\\u200b': a rater's name cannot be blank"):
+        check_settings(settings(raters=["bob", "\u200b"]))
+    with sqlite3.connect(running.rating.study.votes_path) as db:
+        assert [name for (name,) in db.execute("SELECT name FROM raters ORDER BY name")] == ["ann", "ann lee"]
+
+
+def test_votes_sqlite_holds_no_rater_link(server):
+    running, client = server
+    token = client.post("/api/raters", json={"name": "ann"}).json()["token"]
+    task = client.get(f"/api/rate/{token}/items/0").json()["task"]
+    assert client.post(f"/api/rate/{token}/items/0/vote", json={"task": task, "choices": ALL_A}).status_code == 200
+    directory = running.rating.study.directory
+    wal = directory / "votes.sqlite-wal"
+    assert wal.stat().st_size > 0  # the vote is in the WAL: the server still runs
+    for path in (directory / "votes.sqlite", wal, *directory.rglob("*")):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    with sqlite3.connect(directory / "votes.sqlite") as db:  # what someone who can read the store learns
+        kept = [row for row in db.execute("SELECT * FROM links")]
+    assert len(kept) == 1 and kept[0][1] == "ann"
+    assert client.get(f"/api/rate/{kept[0][0]}/items/-1").status_code == 404  # a digest is no link
+    assert client.get(f"/api/rate/{token}/items/-1").json()["rated"] == 1  # the link itself still is
+
+
+def test_a_store_from_before_digests_keeps_its_links_but_no_longer_the_tokens(tmp_path, responses):
+    study = create_study(tmp_path / "s", responses, CRITERIA)
+    token = "an-old-token-of-22-chars"
+    with closing(sqlite3.connect(study.votes_path)) as db:  # the layout a store had when it kept the tokens
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE raters (token TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL)")
+        db.execute("INSERT INTO raters VALUES (?, 'ann', 1.0)", (token,))
+        db.commit()
+    study.votes_path.chmod(0o644)
+    assert token.encode() in study.votes_path.read_bytes()
+    store = VoteStore(study.votes_path)
+    vote_once(study, store)
+    try:
+        assert store.rater_name(token) == "ann" and store.add_rater("ann") is None
+        for path in tmp_path.glob("s/votes.sqlite*"):
+            assert token.encode() not in path.read_bytes(), path
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def umask_022():
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def modes(directory) -> dict[str, int]:
+    """Every path in `directory` (and itself, as '.') with its permission bits."""
+    paths = [directory, *directory.rglob("*")]
+    return {str(path.relative_to(directory)): path.stat().st_mode & 0o777 for path in paths}
+
+
+def test_the_studys_files_are_the_owners_alone_under_umask_022(tmp_path, responses, umask_022):
+    study = open_or_create(tmp_path / "logs" / "study", responses, CRITERIA)
+    store = VoteStore(study.votes_path)
+    vote_once(study, store)
+    cfg = OmegaConf.create({"confidence": 0.95, "resamples": 50, "seed": 0, "formats": ["png"]})
+    write_report(study, store, cfg)
+    found = modes(study.directory)
+    store.close()
+    assert {"votes.sqlite", "votes.sqlite-wal", "votes.sqlite-shm", "votes_held.json", "study.json"} < set(found)
+    assert {"humaneval_report.json", "votes_unblinded.jsonl", "pie_alpha_vs_beta.png"} < set(found)
+    assert found == {name: 0o700 if name == "." else 0o600 for name in found}
+    assert (tmp_path / "logs").stat().st_mode & 0o777 == 0o755  # only the study's own directory is closed
+
+
+@pytest.mark.slow
+def test_the_command_prints_a_link_once_and_keeps_every_file_owner_only(tmp_path, responses, umask_022):
+    study_dir = tmp_path / "study"
+    proc, url = start_cli(tmp_path, f"responses=[{responses[0]},{responses[1]}]", f"study={study_dir}", "raters=[ann]")
+    try:
+        (line,) = [line for line in lines_until(proc, "Sign-up:") if line.startswith("  ann: ")]
+        token = line.split("/rate/", 1)[1]
+        task = httpx.get(f"{url}/api/rate/{token}/items/0").json()["task"]
+        assert httpx.post(f"{url}/api/rate/{token}/items/0/vote", json={"task": task, "choices": ALL_A}).is_success
+        running = modes(study_dir)  # with the server's lock, WAL and shared memory, and Hydra's session files
+        assert {"server.lock", "votes.sqlite-wal", "votes.sqlite-shm"} < set(running)
+        assert any(name.endswith("humaneval.log") for name in running)
+        assert running == {n: 0o700 if (study_dir / n).is_dir() else 0o600 for n in running}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    again, url = start_cli(tmp_path, f"study={study_dir}", "raters=[ann,bob]")
+    try:
+        printed = [line for line in lines_until(again, "Sign-up:") if line.startswith(("  ann: ", "  bob: "))]
+        assert printed[0] == (
+            "  ann: added before; their link was printed then (only its digest is kept). If it is lost, "
+            "new_links=[ann] prints a new one and ends the old"
+        )
+        assert printed[1].startswith(f"  bob: {url}/rate/") and len(printed) == 2
+        assert httpx.get(f"{url}/api/rate/{token}/items/-1").json()["rated"] == 1  # ann goes on with her link
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(timeout=30)
+    run_cli("gpt4llm.humaneval", [f"study={study_dir}", "report=true", "resamples=50", "formats=[png]"], cwd=tmp_path)
+    found = modes(study_dir)
+    assert "humaneval_report.json" in found and "pie_alpha_vs_beta.png" in found
+    assert found == {n: 0o700 if (study_dir / n).is_dir() else 0o600 for n in found}
+    for path in study_dir.rglob("*"):
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+
+
+def test_a_new_link_for_a_rater_ends_the_old_one_and_keeps_their_votes(tmp_path, responses):
+    from gpt4llm.humaneval import rater_links
+
+    study = create_study(tmp_path / "s", responses, CRITERIA)
+    store, running = serving(study)
+    client = httpx.Client(base_url=running.url)
+    try:
+        first = rater_links(store, running.url, ["ann", "bob"], [])
+        assert [line.split(": ", 1)[0] for line in first] == ["ann", "bob"]
+        ann, bob = (line.split("/rate/", 1)[1] for line in first)
+        task = client.get(f"/api/rate/{ann}/items/0").json()["task"]
+        assert client.post(f"/api/rate/{ann}/items/0/vote", json={"task": task, "choices": ALL_A}).is_success
+        again = rater_links(store, running.url, ["ann", "ａｎｎ"], [])  # started again: no link to show
+        assert again == [
+            "ann: added before; their link was printed then (only its digest is kept). If it is lost, "
+            "new_links=[ann] prints a new one and ends the old"
+        ]
+        (renewed, new_rater) = rater_links(store, running.url, ["ann"], ["ann\u200b", "cy"])
+        assert renewed.startswith(f"ann: {running.url}/rate/")
+        assert renewed.endswith(" (a new link: the one given before no longer works)")
+        assert new_rater.startswith(f"cy: {running.url}/rate/") and "(a new link" not in new_rater
+        new = renewed.split("/rate/", 1)[1].split(" ", 1)[0]
+        assert new != ann and store.rater_name(ann) is None and store.rater_name(new) == "ann"
+        assert client.get(f"/api/rate/{ann}/items/-1").status_code == 404  # the old link is ended
+        assert client.get(f"/rate/{ann}", follow_redirects=False).status_code == 307
+        item = client.get(f"/api/rate/{new}/items/-1").json()  # the new one goes on where ann was
+        assert item["rater"] == "ann" and item["rated"] == 1 and item["position"] == 1
+        assert store.rater_name(bob) == "bob"  # the others' links are untouched
+        rater_links(store, running.url, ["ann lee"], [])
+        (quoted,) = rater_links(store, running.url, ["ann lee"], [])  # the setting to give, quoted for the shell
+        assert quoted.endswith(""" 'new_links=["ann lee"]' prints a new one and ends the old""")
+    finally:
+        running.close()
+        store.close()
+    with pytest.raises(ConfigError, match=r"new_links: '\\u2060': a rater's name cannot be blank"):
+        check_settings(settings(new_links=["\u2060"]))

@@ -31,14 +31,21 @@ def lora_module(model_dir, tokenizer, **settings) -> SFTModule:
     return module
 
 
-@pytest.mark.parametrize("settings", [{}, {"target_modules": "all-linear", "r": 4, "use_rslora": True}])
-def test_only_the_adapters_train_and_the_count_is_pefts(tiny_model_dir, tokenizer, settings):
+@pytest.mark.parametrize(
+    "settings, spelled",
+    [
+        ({}, {}),
+        ({"target_modules": "all-linear", "r": 4, "use_rslora": True}, {"target_modules": "all"}),  # LLaMA-Factory's
+        ({"target_modules": ["q_proj"]}, {"target_modules": "q_proj"}),  # a command line's single name
+    ],
+)
+def test_only_the_adapters_train_and_the_count_is_pefts(tiny_model_dir, tokenizer, settings, spelled):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from gpt4llm.models import adapters
 
-    module = lora_module(tiny_model_dir, tokenizer, **settings)
+    module = lora_module(tiny_model_dir, tokenizer, **(settings | spelled))
     ours = adapters.parameter_counts(module.model)
     lora = {k: v for k, v in (LORA | settings).items() if k != "method"}
     oracle = get_peft_model(

@@ -106,6 +106,36 @@ def test_v1_and_plain_layouts(tmp_path):
     assert report["dropped_pairs"] == {"identical responses": {"count": 1, "first_indices": [3]}}
 
 
+def test_pairs_with_an_empty_answer_are_dropped_and_counted(tmp_path, tokenizer):
+    records = [{"prompt": f"Repeat the number {i}.", "chosen": str(i), "rejected": str(i + 1)} for i in range(6)]
+    records += [
+        {"prompt": "Say yes.", "chosen": "", "rejected": "no"},
+        {"prompt": "Say no.", "chosen": "no", "rejected": " \n\t"},  # whitespace alone is empty too
+        {
+            "user_input": "Rate these.",
+            "responses_and_scores": [
+                {"response": "good", "score": 9},
+                {"response": "", "score": 1},  # paired with each of the others: two empty pairs
+                {"response": "fine", "score": 5},
+            ],
+        },
+    ]
+    path = write(tmp_path, records)
+    pairs, report = read_comparison_pairs(path)
+    assert report["dropped_pairs"] == {"empty response": {"count": 4, "first_indices": [6, 7, 8]}}
+    assert [(p["index"], p["chosen"], p["rejected"]) for p in pairs][-1] == (8, "good", "fine")
+    assert all(p["chosen"].strip() and p["rejected"].strip() for p in pairs)
+
+    # The reward model's and DPO's data (one data module): not trained on, and said in the report and the summary.
+    data = pairs_module.PairDataModule(
+        tokenizer, path=str(path), max_length=64, val_size=2, cache_dir=str(tmp_path / "cache")
+    )
+    data.setup("fit")
+    assert data.report["dropped_pairs"]["empty response"]["count"] == 4 and data.report["pairs"] == 7
+    assert "'empty response': 4" in data.summary()
+    assert sorted(i for split in data.splits.values() for i in split["index"]) == [0, 1, 2, 3, 4, 5, 8]
+
+
 @pytest.mark.parametrize(
     "record, message",
     [

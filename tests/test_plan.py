@@ -263,3 +263,18 @@ def test_dpo_plans_two_sequences_a_pair_and_a_live_reference_beside_the_policy()
     )
     reference = live.gpu_bytes.parameters - cached.gpu_bytes.parameters  # the frozen copy's 16-bit shard
     assert reference == pytest.approx(2 * cached.parameters["total"] / 16)
+
+
+def test_the_plan_counts_the_dpo_reference_pass_before_step_1(tmp_path):
+    """A DPO run once spent 18 minutes on its reference pass before step 1 with nothing said; the plan gives it."""
+    from gpt4llm.training.memory_plan import format_plan
+
+    common = ["task=dpo", "data=demo_pairs", "model=llama7b", "trainer=gpu", "plan.device=A100-80GB"]
+    common.append(f"paths.data_dir={tmp_path}")
+    precomputed = make_plan(compose_plan(common))
+    assert precomputed.reference_pass_hours and 0 < precomputed.reference_pass_hours < precomputed.hours
+    assert "before step 1:" in format_plan(precomputed)
+    assert make_plan(compose_plan([*common, "task.reference=live"])).reference_pass_hours is None
+    assert (
+        make_plan(compose_plan(["model=llama7b", "trainer=gpu", "plan.device=A100-80GB"])).reference_pass_hours is None
+    )

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from gpt4llm.app.checks import check_values
-from gpt4llm.data.records import read_json_records
 from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.io import atomic
+from gpt4llm.io.json_files import read_json_records
 from helpers.configs import ROOT, TINY_OVERRIDES, compose_train
 from helpers.runs import run_cli, scalars_by_step
 

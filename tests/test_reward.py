@@ -80,12 +80,15 @@ def test_training_step_and_validation_statistics(tiny_model_dir, tokenizer):
 
     import lightning as L
 
+    from gpt4llm.training.callbacks import LastValidation
+
     trainer = L.Trainer(
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[LastValidation()],  # as train's trainer has it: it marks the module's validated_at_step
     )
     metrics = trainer.validate(
         module, dataloaders=torch.utils.data.DataLoader([batch], batch_size=None), verbose=False

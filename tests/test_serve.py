@@ -1,12 +1,14 @@
 """`gpt4llm.serve` with the tiny model on 127.0.0.1, over real HTTP: the prompt template, batched answers equal to
-one-by-one answers, streaming, the key, 4xx errors in OpenAI's shape after which the server keeps serving, and the
-command line end to end (serve, then synthesize against it)."""
+one-by-one answers, streaming, the key, 4xx errors in OpenAI's shape after which the server keeps serving, the name a
+model is served under and what is said at start, and the command line end to end (serve, then synthesize against
+it)."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,10 +19,18 @@ import pytest
 import torch
 
 from gpt4llm.data.demo import make_demo_records
+from gpt4llm.data.formats import prompt_format
 from gpt4llm.data.prompts import format_prompt
-from gpt4llm.inference.openai_protocol import prompt_from_messages
-from gpt4llm.inference.server import load_server
+from gpt4llm.inference.openai_protocol import chat_prompt, parse_chat_request
+from gpt4llm.inference.server import ServerSettings, load_server, served_name
+from gpt4llm.serve import announce
 from helpers.runs import raw_chat_request
+
+
+def prompt_from_messages(messages):
+    """A chat's prompt for a model trained on the paper's Alpaca prompt."""
+    return chat_prompt(prompt_format("alpaca"), None, parse_chat_request({"messages": messages}).messages)
+
 
 KEY = "sk-serve-NEVER-WRITE-THIS-777"
 RECORDS = make_demo_records(6, seed=11)
@@ -29,15 +39,8 @@ RECORDS = make_demo_records(6, seed=11)
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     # A generous batch_wait, so that requests sent together reliably share a batch on a busy machine.
-    s = load_server(
-        str(tiny_model_dir),
-        name="tiny",
-        api_key=KEY,
-        max_batch=4,
-        batch_wait=0.3,
-        max_body_bytes=20_000,
-        default_max_tokens=16,
-    ).start()
+    settings = ServerSettings(api_key=KEY, max_batch=4, batch_wait=0.3, max_body_bytes=20_000, default_max_tokens=16)
+    s = load_server(str(tiny_model_dir), name="tiny", settings=settings).start()
     yield s
     s.close()
 
@@ -271,6 +274,7 @@ def test_cli_serve_then_synthesize_against_it(tiny_model_dir, tmp_path):
         while "Serving" not in first and time.time() < deadline and serve.poll() is None:
             first = serve.stdout.readline()
         assert "Serving 'tiny'" in first and "Bearer key from $GPT4LLM_API_KEY" in first, first
+        assert serve.stdout.readline().startswith("Prompt format: alpaca")
         base_url = first.rsplit(" at ", 1)[1].strip()
         assert base_url.startswith("http://127.0.0.1:")
         seed = tmp_path / "seed.json"
@@ -392,6 +396,64 @@ def test_port_in_use_and_a_missing_export_are_said_plainly(server, tiny_model_di
     from gpt4llm.errors import ServerStartError
 
     with pytest.raises(ServerStartError, match=f"port {server.port} on 127.0.0.1 is in use"):
-        load_server(str(tiny_model_dir), port=server.port)
+        load_server(str(tiny_model_dir), settings=ServerSettings(port=server.port))
     with pytest.raises(ServerStartError, match="no such directory"):
         load_server(str(tmp_path / "nothing"))
+
+
+# --- the name served, and what is said at start ----------------------------------------------------------------------
+def training_run(runs, name: str, base: str | None, task: str | None = "SFTModule", model_dir=None):
+    """<runs>/<name>/export as train leaves it: config.json with the training record (the base model), and the run's
+    saved config naming the task; the tiny model's files when `model_dir` is given."""
+    export = runs / name / "export"
+    if model_dir is not None:
+        shutil.copytree(model_dir, export)
+    else:
+        export.mkdir(parents=True)
+        (export / "config.json").write_text("{}")
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps(config | ({"gpt4llm_base_model": base} if base else {})))
+    if task:
+        (runs / name / ".hydra").mkdir()
+        module = {"SFTModule": "sft_module", "DPOModule": "dpo_module"}[task]
+        (runs / name / ".hydra" / "config.yaml").write_text(f"task:\n  _target_: gpt4llm.models.{module}.{task}\n")
+    return export
+
+
+def test_the_served_name_is_what_the_model_is_not_when_it_was_trained(tmp_path):
+    runs = tmp_path / "logs" / "train" / "runs"
+    sft = training_run(runs, "2024-05-01_12-00-00_4242", "huggyllama/llama-7b")
+    assert served_name(sft) == "llama-7b-sft"  # not the run's start time
+    assert served_name(sft / "adapter") == "llama-7b-sft"  # an adapter's config is its base's: the export's record
+    dpo = training_run(runs, "2024-05-02_09-30-00_77", str(sft), task="DPOModule")
+    assert served_name(dpo) == "llama-7b-sft-dpo"  # trained from our SFT export: named through it
+    assert served_name(training_run(runs, "123456", str(tmp_path / "models" / "vicuna-7b"))) == "vicuna-7b-sft"
+    assert served_name(training_run(runs, "llama-gpt4", "huggyllama/llama-7b")) == "llama-gpt4"  # a person's name
+    assert served_name(training_run(runs, "2024-05-03_08-00-00_1", None)) == "2024-05-03_08-00-00_1"  # no record
+    assert served_name(training_run(runs, "2024-05-04_08-00-00_1", "org/base-1b", task=None)) == "base-1b-tuned"
+    assert served_name(tmp_path / "models" / "vicuna-7b") == "vicuna-7b"  # not an export: its own name
+
+
+def test_an_export_is_served_and_listed_under_its_models_name(tiny_model_dir, tmp_path, capsys):
+    export = training_run(tmp_path / "runs", "2024-05-01_12-00-00_4242", str(tiny_model_dir), model_dir=tiny_model_dir)
+    s = load_server(str(export), settings=ServerSettings(default_max_tokens=2)).start()
+    try:
+        assert s.name == "tiny-sft"
+        status, models = call(s, "GET", "/v1/models", key=None)
+        assert status == 200 and [m["id"] for m in models["data"]] == ["tiny-sft"]
+        status, body = call(
+            s, "POST", "/v1/chat/completions", {"model": "tiny-sft", "messages": [{"role": "user", "content": "Hi"}]}
+        )
+        assert status == 200 and body["model"] == "tiny-sft"
+        announce(s, "GPT4LLM_API_KEY")
+    finally:
+        s.close()
+    assert capsys.readouterr().out.startswith("Serving 'tiny-sft' (")
+
+
+def test_start_says_where_it_serves_and_which_prompt_format(server, capsys):
+    announce(server, "GPT4LLM_API_KEY")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Serving 'tiny' (") and lines[0].endswith(f" at {server.base_url}")
+    assert lines[1] == f"Prompt format: {server.served.why}" and lines[1].startswith("Prompt format: alpaca")
+    assert lines[2].startswith("  try: curl ") and KEY not in "\n".join(lines)

@@ -10,9 +10,11 @@ import torch
 
 from gpt4llm.data.collators import SFTCollator
 from gpt4llm.data.encoding import IGNORE_INDEX
+from gpt4llm.data.formats.alpaca import AlpacaFormat
 from gpt4llm.data.prompts import format_prompt
-from gpt4llm.data.sft_examples import tokenize_batch
 from helpers.configs import SHARED_DATA
+
+tokenize_batch = AlpacaFormat().tokenize_examples  # stanford_alpaca's preprocess()
 
 RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.\n2. Sleep.\n3. Move."},

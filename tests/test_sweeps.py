@@ -70,3 +70,28 @@ def test_the_readmes_one_line_completes_every_console_script(tmp_path):
     assert len(scripts) == 13
     for script in scripts:
         assert f"-F hydra_bash_completion {script}" in bound, script
+
+
+def test_a_sweep_ends_with_its_best_job(tmp_path):
+    proc = run_cli(
+        "gpt4llm.train",
+        ["-m", "task.optimizer.lr=1e-4,3e-3", *demo_overrides(tmp_path, "trainer.max_steps=3", "export=false")],
+        cwd=tmp_path,
+    )
+    best = [line for line in proc.stdout.splitlines() if line.startswith("Best job: ")]
+    assert len(best) == 1 and "val/loss=" in best[0] and "the lowest of 2 jobs" in best[0]
+    assert str(tmp_path / "sweep" / "1") in best[0]  # 3e-3 learns within three steps; 1e-4 barely moves
+
+
+def test_the_best_job_follows_the_metrics_direction(tmp_path):
+    import json
+
+    from gpt4llm.app.sweep_summary import best_job
+
+    for job, (loss, accuracy) in enumerate([(1.5, 0.6), (0.9, 0.4), (1.2, 0.7)]):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "metrics.json").write_text(json.dumps({"val/loss": loss, "val/rm_acc": accuracy}))
+    assert best_job(tmp_path, "val/loss").startswith(f"Best job: {tmp_path / '1'} (val/loss=0.9, the lowest of 3")
+    assert best_job(tmp_path, "val/rm_acc").startswith(f"Best job: {tmp_path / '2'} (val/rm_acc=0.7, the highest")
+    assert str(tmp_path / "1") in best_job(tmp_path, "val/rm_acc", direction="minimize")
+    assert best_job(tmp_path, "val/exact_match") is None

@@ -270,9 +270,9 @@ def test_task_and_inputs_are_checked_at_start(tmp_path):
 # --- the whole loop against our own server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tiny_model_dir):
-    from gpt4llm.inference.server import load_server
+    from gpt4llm.inference.server import ServerSettings, load_server
 
-    server = load_server(str(tiny_model_dir), name="tiny", api_key=KEY, max_batch=8).start()
+    server = load_server(str(tiny_model_dir), name="tiny", settings=ServerSettings(api_key=KEY, max_batch=8)).start()
     yield server
     server.close()
 

@@ -36,12 +36,14 @@ def files(tmp: Path) -> dict[str, Path]:
     for name, text in made.items():
         (tmp / name).write_text(text)
     (tmp / "plain_dir").mkdir()
+    (tmp / "other_program").mkdir()  # a folder that holds something, but no model
+    (tmp / "other_program" / "notes.txt").write_text("not a model")
     (tmp / "zero.parquet").write_bytes(b"")
     (tmp / "latin1.csv").write_bytes("instruction,input,output\nCafé?,,Sí.\n".encode("latin-1"))
     import datasets
 
     datasets.DatasetDict(test=datasets.Dataset.from_list(GOOD)).save_to_disk(str(tmp / "saved_test_only"))
-    return {name: tmp / name for name in [*made, "plain_dir"]}
+    return {name: tmp / name for name in [*made, "plain_dir", "other_program"]}
 
 
 # (command, arguments with {tmp} for the test's directory, what the error line must name)
@@ -66,9 +68,29 @@ CASES = [
     ("train", ["data=local", "data.path={tmp}/latin1.csv"], "latin1.csv: not UTF-8 text"),
     ("train", ["data=local", "data.path={tmp}/saved_test_only"], "has no split 'train': its splits are test"),
     ("train", ["model=hf", "model.path={tmp}/no_model"], "no_model: no such model directory"),
+    ("train", ["model=hf", "model.path={tmp}/plain_dir"], "plain_dir: holds no model (no config.json"),
+    ("train", ["model=hf", "model.path={tmp}/other_program"], "it holds notes.txt"),
+    ("score", ["reward_model={tmp}/other_program", "input={tmp}/scored.jsonl"], "other_program: holds no model"),
+    (
+        "bestofn",
+        ["sft_model={tmp}/plain_dir", "reward_model={tmp}/plain_dir", "prompts={tmp}/prompts.jsonl"],
+        "plain_dir: holds no model",
+    ),
+    ("train", ["peft=lora", "peft.lora_alpha=0"], "peft.lora_alpha=0: the adapters' output is scaled"),
+    ("train", ["peft=lora", "peft.lora_dropout=1.0"], "peft.lora_dropout=1.0"),
+    ("train", ["peft=lora", "peft.lora_dropout=1.5"], "peft.lora_dropout=1.5"),
+    ("train", ["peft=lora", "peft.r=0"], "peft.r=0: LoRA's rank"),
+    ("train", ["peft=lora", "peft.r=-1"], "peft.r=-1"),
+    ("train", ["peft=lora", "peft.r=1.5"], "peft.r=1.5"),
+    ("train", ["peft=lora", "peft.r=abc"], "peft.r='abc'"),
+    ("train", ["peft=lora", "peft.bias=sometimes"], "peft.bias='sometimes': choose one of none, all, lora_only"),
+    ("train", ["peft=lora", "peft.target_modules=[]"], "peft.target_modules=[]"),
+    ("train", ["peft=lora", "peft.target_modules=[q_proj,qq_proj]"], "qq_proj matches no layer of LlamaForCausalLM"),
     ("prepare", ["data=local", "data.path={tmp}/missing.json"], "missing.json"),
     ("prepare", ["data.val_size=2.5"], "data.val_size=2.5"),
     ("plan", ["plan.device=TPU"], "plan.device=TPU"),
+    ("plan", ["peft=lora", "peft.r=-8"], "peft.r=-8"),
+    ("plan", ["peft=lora", "peft.lora_dropout=1.0"], "peft.lora_dropout=1.0"),
     ("plan", ["model=hf", "model.path={tmp}/no_model"], "model.path="),
     ("generate", [], "model.path is required"),
     ("generate", ["model.path={tmp}", "decoding.num_samples=3"], "decoding.num_samples"),
@@ -96,6 +118,12 @@ CASES = [
     ("humaneval", ["responses=[{tmp}/missing.jsonl,{tmp}/answers.jsonl]", "study={tmp}/study"], "missing.jsonl"),
     ("analyze", ["field=title"], "field=title"),
     ("plots", ["results={tmp}/nowhere"], "nowhere"),
+    ("train", ["task=dpo", "data=demo_pairs", "data.demo.num_records=60", "task.beta=nan"], "task.beta=nan"),
+    ("train", ["task=dpo", "data=demo_pairs", "data.demo.num_records=60", "task.beta=inf"], "task.beta=inf"),
+    ("train", ["task=dpo", "data=demo_pairs", "data.demo.num_records=60", "task.beta=0"], "task.beta=0"),
+    ("train", ["task=dpo", "data=demo_pairs", "data.demo.num_records=60", "task.beta=-0.1"], "task.beta=-0.1"),
+    ("train", ["ckpt_path={tmp}/good.json"], "good.json: not a Lightning checkpoint"),
+    ("train", ["ckpt_path={tmp}/plain_dir"], "plain_dir: a directory, but not a DeepSpeed checkpoint"),
 ]
 
 
@@ -132,3 +160,73 @@ def _last_wins(overrides: list[str]) -> list[str]:
         out.pop(key, None)
         out[key] = override
     return list(out.values())
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("command", ["train", "prepare", "plan"])
+def test_a_forgotten_model_hf_never_overwrites_the_users_model(command, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`model.path=<a real model>` under the default `model=tiny` (model=hf forgotten) once replaced the user's model
+    directory with a random tiny one and exited 0: it is refused, and every file in it keeps its bytes."""
+    import shutil
+
+    user_model = tmp_path / "my-model"
+    shutil.copytree(tiny_model_dir, user_model)  # a real Hugging Face model directory: config, weights, tokenizer
+    (user_model / "tiny_spec.json").unlink()  # ... that gpt4llm did not build
+    (user_model / "README.md").write_text("my fine-tuned model, three weeks of GPU time\n")
+    before = _digests(user_model)
+    run = tmp_path / "run"
+    argv = [*TINY_OVERRIDES, f"model.path={user_model}", f"hydra.run.dir={run}", f"paths.data_dir={tmp_path / 'data'}"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"gpt4llm-{command}", *argv])
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(f"gpt4llm.{command}").main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1, err[-2000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("Error: ") and f"model.path={user_model}" in last and "model=hf" in last, last
+    assert _digests(user_model) == before
+    beside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("my-model"))
+    assert beside == ["my-model"]  # no lock file, no temporary beside it
+
+
+def test_the_tiny_model_is_built_only_where_it_was_built_before_or_nothing_is(tmp_path):
+    from gpt4llm.errors import ConfigError
+    from gpt4llm.models.tiny import build_tiny_model
+    from helpers.configs import TINY_SPEC
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="did not build"):
+        build_tiny_model(other, **TINY_SPEC)
+    assert (other / "todo.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+    ours = build_tiny_model(tmp_path / "tiny", **TINY_SPEC)
+    assert build_tiny_model(ours, **{**TINY_SPEC, "seed": 1}) == ours  # ours: rebuilt in place for another spec
+
+
+@pytest.mark.parametrize(
+    "command, typo, nearest",
+    [
+        ("train", "trainer.max_step=10", "did you mean trainer.max_steps=10?"),
+        ("train", "data.batchsize=4", "did you mean data.batch_size=4?"),
+        ("generate", "decoding.max_new_token=8", "did you mean decoding.max_new_tokens=8?"),
+    ],
+)
+def test_a_mistyped_setting_is_answered_with_the_nearest_one(command, typo, nearest, tmp_path, monkeypatch, capsys):
+    """Hydra answers `trainer.max_step=10` with "use +trainer.max_step=10", which adds a key nothing reads."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"gpt4llm-{command}", typo, f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(f"gpt4llm.{command}").main()
+    assert exited.value.code == 1
+    last = [line for line in capsys.readouterr().err.splitlines() if line.strip()][-1]
+    assert last.startswith(f"Error: {typo.split('=')[0]} is not a setting") and nearest in last, last

@@ -8,16 +8,14 @@ gpt4llm.analysis.verb_noun."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.app.cli import hydra_command, reports_user_errors
 from gpt4llm.errors import MissingFileError
 
 log = logging.getLogger(__name__)
@@ -50,7 +48,7 @@ def analyze(cfg: DictConfig) -> dict:
     from gpt4llm.analysis.verb_noun import cached_pairs, load_parser
     from gpt4llm.data.records import load_instruction_records
     from gpt4llm.evaluation import paper_figures as F
-    from gpt4llm.io.atomic import write_text
+    from gpt4llm.io.json_files import write_json
 
     if cfg.field not in ("output", "instruction"):
         from gpt4llm.errors import ConfigError
@@ -130,7 +128,7 @@ def analyze(cfg: DictConfig) -> dict:
         "parser": cfg.parser.model if nlp is not None else None,
         "skipped_figures": not_drawn,
     }
-    write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    write_json(out / "summary.json", summary, indent=1)
     print(f"Figures and tables in {out}")
     for name, row in summary["datasets"].items():
         pairs = f", {row['unique_pairs']} unique verb-noun pairs" if "unique_pairs" in row else ""
@@ -140,7 +138,7 @@ def analyze(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="analyze")
+@hydra_command("analyze")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     analyze(cfg)

@@ -3,17 +3,16 @@ reward_model=<rm run>/export prompts=questions.jsonl n=5`. What it writes: gpt4l
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
+from gpt4llm.app.cli import hydra_command, reports_user_errors, use_hydra_logging
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bestofn")
+@hydra_command("bestofn")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     from gpt4llm.inference.best_of_n import best_of_n, read_prompts
-    from gpt4llm.io import atomic
+    from gpt4llm.io import json_files
 
     use_hydra_logging()
     rows = best_of_n(
@@ -27,7 +26,7 @@ def main(cfg: DictConfig) -> None:
         cfg.top_p,
         cfg.seed,
     )
-    output = atomic.write_jsonl(cfg.output, rows)
+    output = json_files.write_jsonl(cfg.output, rows)
     print(f"Best-of-{cfg.n} for {len(rows)} prompts -> {output}")
 
 

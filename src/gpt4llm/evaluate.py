@@ -9,17 +9,15 @@ Everything goes to the run directory (logs/evaluate/runs/<time>/).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.app.cli import hydra_command, reports_user_errors
 from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.evaluation.responses import slug
-from gpt4llm.io import atomic
+from gpt4llm.io import json_files
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +27,9 @@ def evaluate_rouge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
 
     tables, per_pair, problems = evaluate_rouge(answers, use_stemmer=cfg.metric.use_stemmer)
     files = write_tables(tables, out, cfg.metric.prefix)
-    atomic.write_jsonl(out / f"{cfg.metric.prefix}_scores.jsonl", per_pair)
+    json_files.write_jsonl(out / f"{cfg.metric.prefix}_scores.jsonl", per_pair)
     report = {"use_stemmer": cfg.metric.use_stemmer, "problems": problems, "tables": [str(p) for p in files]}
-    atomic.write_text(out / f"{cfg.metric.prefix}_report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    json_files.write_json(out / f"{cfg.metric.prefix}_report.json", report, indent=2)
     print(format_table(tables))
     _print_problems(problems)
     print(
@@ -87,8 +85,8 @@ def evaluate_judge_cmd(cfg: DictConfig, answers: list[list[dict]], out: Path) ->
             summary["judge"]["fastchat_files"] = {
                 k: OmegaConf.to_container(m.fastchat[k]) for k in ("prompts", "reviewers")
             }
-        atomic.write_jsonl(out / f"judge_reviews_{name}.jsonl", reviews)
-        atomic.write_text(out / f"judge_summary_{name}.json", json.dumps(summary, indent=2, ensure_ascii=False))
+        json_files.write_jsonl(out / f"judge_reviews_{name}.jsonl", reviews)
+        json_files.write_json(out / f"judge_summary_{name}.json", summary, indent=2)
         summaries.append(summary)
         _print_judge(summary)
         _print_problems({name: summary["problems"]})
@@ -141,7 +139,7 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
     for path in paths:
         if is_best_of_n(path):  # rewards are in the file: summarise the ranking groups, write each for the judge
             for name, answers in ranking_groups(path).items():
-                atomic.write_jsonl(out / "ranking_groups" / name / "responses.jsonl", answers)
+                json_files.write_jsonl(out / "ranking_groups" / name / "responses.jsonl", answers)
                 summary[name] = summarize_rewards(answers) | {"source": str(path)}
             continue
         if not cfg.metric.model:
@@ -156,12 +154,12 @@ def evaluate_reward_cmd(cfg: DictConfig, paths: list[str], out: Path) -> dict:
         for answer, reward in zip(answers, score_answers(cfg.metric.model, answers, cfg.metric.batch_size)):
             answer["reward"] = reward
         name = answers[0]["model"]
-        atomic.write_jsonl(
+        json_files.write_jsonl(
             out / f"reward_scores_{slug(name)}.jsonl",
             [{k: a.get(k) for k in ("id", "model", "category", "reward")} for a in answers],
         )
         summary[name] = summarize_rewards(answers) | {"source": str(path), "reward_model": str(cfg.metric.model)}
-    atomic.write_text(out / "reward_summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    json_files.write_json(out / "reward_summary.json", summary, indent=2)
     print("| model / group | scored | mean reward |\n|---|---:|---:|")
     for name, s in summary.items():
         mean = "-" if s["mean_reward"] is None else f"{s['mean_reward']:.4f}"
@@ -195,7 +193,7 @@ def evaluate(cfg: DictConfig):
     raise ConfigError(f"metric={cfg.metric.name}: expected rouge, judge or reward")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+@hydra_command("evaluate")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)

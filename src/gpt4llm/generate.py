@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.app.cli import hydra_command, reports_user_errors
 from gpt4llm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,7 @@ def generate(cfg: DictConfig) -> Path:
     from gpt4llm.data.tokenizer import load_tokenizer
     from gpt4llm.evaluation.eval_sets import load_eval_set
     from gpt4llm.inference.resumable_generation import generate_to_file
+    from gpt4llm.models import model_card
     from gpt4llm.models.hf import load_causal_lm
 
     if not cfg.model.path:
@@ -55,6 +55,8 @@ def generate(cfg: DictConfig) -> Path:
     model = load_causal_lm(cfg.model.path, tokenizer, dtype=cfg.model.dtype)
     device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    served = model_card.prompt_format_of(model, tokenizer)
+    log.info(f"Prompt format: {served.why}")
     output = Path(cfg.output)
     counts = generate_to_file(
         model,
@@ -65,7 +67,7 @@ def generate(cfg: DictConfig) -> Path:
         batch_size=cfg.batch_size,
         extra={"model": cfg.model.name, "eval": cfg.eval.name},
         progress=f"{cfg.eval.name} / {cfg.model.name}",
-        template=getattr(model.config, "gpt4llm_template", "alpaca"),  # the prompt it was trained with
+        prompt_format=served.format,
     )
     log.info(f"Responses: {counts}")
     print(
@@ -75,7 +77,7 @@ def generate(cfg: DictConfig) -> Path:
     return output
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
+@hydra_command("generate")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     generate(cfg)

@@ -3,25 +3,23 @@ fits, FLOPs and time for the composed run (gpt4llm.training.memory_plan)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
+from gpt4llm.app.cli import hydra_command, reports_user_errors, use_hydra_logging
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plan")
+@hydra_command("plan")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
-    from gpt4llm.io import atomic
+    from gpt4llm.io import json_files
     from gpt4llm.training.memory_plan import format_plan, make_plan
 
     use_hydra_logging()
     plan = make_plan(cfg)
     print(format_plan(plan))
-    out = atomic.write_text(Path(cfg.paths.output_dir) / "plan.json", json.dumps(plan.as_json(), indent=2))
+    out = json_files.write_json(Path(cfg.paths.output_dir) / "plan.json", plan.as_json(), indent=2)
     print(f"\nplan.json: {out}")
 
 

@@ -12,10 +12,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, ListConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.app.cli import hydra_command, reports_user_errors
 
 
 def plots(cfg: DictConfig) -> dict[str, list[str]]:
@@ -122,7 +121,7 @@ def _save(fig, out: Path, name: str, formats: tuple[str, ...]) -> list[str]:
     return [str(p) for p in save(fig, out, name, formats)]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="plots")
+@hydra_command("plots")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     plots(cfg)

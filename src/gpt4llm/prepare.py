@@ -9,24 +9,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
+from gpt4llm.app.cli import hydra_command, reports_user_errors, use_hydra_logging
 
 
 def prepare(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
     from gpt4llm.app.checks import check_config, check_values
-    from gpt4llm.io import atomic
+    from gpt4llm.io import atomic, json_files
     from gpt4llm.models.hf import prepare_tokenizer
 
     check_config(cfg.data, "data")
     check_values(cfg)
-    tokenizer = prepare_tokenizer(
-        cfg.model.path, cfg.model.tiny, cfg.model.tokenizer, cfg.data.get("template", "alpaca")
+    tokenizer, trains = prepare_tokenizer(
+        cfg.model.path, cfg.model.tiny, cfg.model.tokenizer, cfg.data.get("template", "auto")
     )
+    with open_dict(cfg.data):
+        cfg.data.template = trains.format.name  # what data.template=auto decided
+    print(f"Prompt format: {trains.why}")
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     splits, report = datamodule.build()
     out = Path(cfg.paths.output_dir) / "prepared"
@@ -36,13 +38,13 @@ def prepare(cfg: DictConfig) -> dict:
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for row in split.select_columns(list(datamodule.audit_columns)):
                     f.write(json.dumps(row) + "\n")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        json_files.write_json(tmp / "report.json", report, indent=2)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"\nProcessed examples: {', '.join(str(out / f'{n}.jsonl') for n in splits)}\nReport: {out / 'report.json'}")
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@hydra_command("train")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     use_hydra_logging()

@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.app.cli import hydra_command, reports_user_errors
 
 
 def reproduce(cfg: DictConfig) -> dict:
@@ -25,17 +24,12 @@ def reproduce(cfg: DictConfig) -> dict:
     from gpt4llm.errors import StageFailed
     from gpt4llm.io.study_lock import study_lock
     from gpt4llm.reproduction.runner import Pipeline
-    from gpt4llm.reproduction.study import JudgeServer, build_stages
+    from gpt4llm.reproduction.study import build_stages, judge_server_for
     from gpt4llm.reproduction.study_report import write_report
 
     started = time.monotonic()
     root = Path(cfg.out).resolve()
-    judge = cfg.preset.judge
-    server = (
-        JudgeServer(root / "train" / str(judge.serve) / "export", str(judge.serve), root / "judge" / "server")
-        if judge.serve
-        else None
-    )
+    server = judge_server_for(cfg.preset.judge, root)
     stages = build_stages(cfg, root, server)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     command = " ".join(["python -m gpt4llm.reproduce", *overrides])
@@ -69,7 +63,7 @@ def reproduce(cfg: DictConfig) -> dict:
     return {"outcomes": outcomes, **report}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="reproduce")
+@hydra_command("reproduce")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     reproduce(cfg)

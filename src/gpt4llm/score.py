@@ -9,13 +9,12 @@ unless `output=` says otherwise, written atomically.
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
+from gpt4llm.app.cli import hydra_command, reports_user_errors, use_hydra_logging
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="score")
+@hydra_command("score")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     from gpt4llm.inference.scoring import score_file

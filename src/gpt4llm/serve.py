@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import hydra
 from omegaconf import DictConfig
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.app.cli import hydra_command, reports_user_errors
 from gpt4llm.errors import ConfigError
+
+if TYPE_CHECKING:  # the server module (FastAPI, the model code) is imported once the settings are checked
+    from gpt4llm.inference.server import ModelServer, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ def check_settings(cfg: DictConfig) -> None:
         "max_tokens_limit": 1,
         "default_max_tokens": 1,
         "max_body_bytes": 256,  # below it even a one-word chat request gets 413
+        "max_connections": 2,  # uvicorn counts a request's own connection: at 1 every request would get 503
+        "max_connections_per_client": 1,  # 0: every connection would be closed at once
     }
     for key, least in minimums.items():
         value = cfg[key]
@@ -46,6 +51,9 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: must be a number of at least 0")
     if cfg.request_timeout == 0:
         raise ConfigError("request_timeout=0: no request could arrive in time; give seconds, e.g. request_timeout=10")
+    idle = cfg.idle_timeout
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 < idle < float("inf"):
+        raise ConfigError(f"idle_timeout={idle}: must be a number of seconds above 0 (default in conf/serve.yaml)")
     if cfg.max_context is not None and (
         isinstance(cfg.max_context, bool) or not isinstance(cfg.max_context, int) or cfg.max_context < 2
     ):
@@ -61,15 +69,20 @@ def serve(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
-    key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    server = load_server(
-        cfg.model.path,
-        cfg.model.name,
-        cfg.model.dtype,
-        cfg.model.device,
+    settings = server_settings(cfg)
+    server = load_server(cfg.model.path, cfg.model.name, cfg.model.dtype, cfg.model.device, settings)
+    announce(server, cfg.api_key_env)
+    server.serve_until_stopped()
+
+
+def server_settings(cfg: DictConfig) -> ServerSettings:
+    """The server's settings from conf/serve.yaml; the key is read from the environment variable api_key_env names."""
+    from gpt4llm.inference.server import ServerSettings
+
+    return ServerSettings(
         host=cfg.host,
         port=cfg.port,
-        api_key=key,
+        api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
         max_batch=cfg.max_batch,
         batch_wait=cfg.batch_wait_ms / 1000,
         default_max_tokens=cfg.default_max_tokens,
@@ -78,27 +91,36 @@ def serve(cfg: DictConfig) -> None:
         max_body_bytes=cfg.max_body_bytes,
         max_queue=cfg.max_queue,
         max_context=cfg.max_context,
+        max_connections=cfg.max_connections,
+        max_connections_per_client=cfg.max_connections_per_client,
+        idle_timeout=cfg.idle_timeout,
         request_timeout=cfg.request_timeout,
     )
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        open_to_all = "" if key else f", and ${cfg.api_key_env} is not set: no key is asked for"
-        log.warning(f"Listening on {cfg.host}: reachable from other machines{open_to_all}")
-    auth = f"Bearer key from ${cfg.api_key_env}" if key else "no key"
+
+
+def announce(server: ModelServer, api_key_env: str | None) -> None:
+    """Where the server listens, the prompt format chats become, and a request to try, never the key; a warning when
+    other machines can reach it."""
+    settings = server.settings
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        open_to_all = "" if settings.api_key else f", and ${api_key_env} is not set: no key is asked for"
+        log.warning(f"Listening on {settings.host}: reachable from other machines{open_to_all}")
+    auth = f"Bearer key from ${api_key_env}" if settings.api_key else "no key"
     print(
-        f"Serving '{server.name}' (context {server.max_context} tokens, batches of up to {cfg.max_batch}, {auth}) at "
-        f"{server.base_url}",
+        f"Serving '{server.name}' (context {server.max_context} tokens, batches of up to {settings.max_batch}, "
+        f"{auth}) at {server.base_url}",
         flush=True,
     )
-    header = f' -H "Authorization: Bearer ${cfg.api_key_env}"' if key else ""
+    print(f"Prompt format: {server.served.why}", flush=True)
+    header = f' -H "Authorization: Bearer ${api_key_env}"' if settings.api_key else ""
     print(
         f"  try: curl {server.base_url}/chat/completions -H 'Content-Type: application/json'{header} "
         f'-d \'{{"model": "{server.name}", "messages": [{{"role": "user", "content": "Hi"}}]}}\'',
         flush=True,
     )
-    server.serve_until_stopped()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
+@hydra_command("serve")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     serve(cfg)

@@ -36,14 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors
+from gpt4llm.app.cli import hydra_command, reports_user_errors
 from gpt4llm.errors import ConfigError
 from gpt4llm.inference.openai_client import check_success, client_from_config
-from gpt4llm.io import atomic
+from gpt4llm.io import json_files
 from gpt4llm.synthesis.tasks import (
     TASKS,
     answer,
@@ -73,9 +72,9 @@ def synthesize(cfg: DictConfig) -> dict[str, Any]:
     if name == "score":
         sources = read_sources(cfg.responses)
         data, scores, reviews, found = score(client, sources, cfg.job, cfg.limit)
-        scores_file = atomic.write_json(output.with_name("cmp_data_scores.json"), scores, indent=None)
+        scores_file = json_files.write_json(output.with_name("cmp_data_scores.json"), scores, indent=None)
         reviews_file = output.with_name(output.stem + ".reviews.jsonl")
-        atomic.write_jsonl(reviews_file, reviews)
+        json_files.write_jsonl(reviews_file, reviews)
         report |= {
             "responses": {s: str(p) for s, p in _source_files(cfg.responses, sources).items()},
             "scores": str(scores_file),
@@ -90,7 +89,7 @@ def synthesize(cfg: DictConfig) -> dict[str, Any]:
         }
         run = answer if name == "answer" else translate
         data, found = run(client, records, cfg.job)
-    atomic.write_json(output, data)
+    json_files.write_json(output, data)
     stats = client.stats.as_dict()
     report |= found | {
         "teacher": {"base_url": client.base_url, "model": client.model, "api_key_env": client.api_key_env},
@@ -100,7 +99,7 @@ def synthesize(cfg: DictConfig) -> dict[str, Any]:
         "saved_by_cache_usd": client.estimated_cost(cached=True),
         "seconds": round(time.time() - started, 1),
     }
-    report_file = atomic.write_json(output.with_name(output.stem + ".report.json"), report, indent=2)
+    report_file = json_files.write_json(output.with_name(output.stem + ".report.json"), report, indent=2)
     _print_summary(name, report, output, report_file)
     asked = report["records"] if name != "score" else found.get("prompts", report["written"])
     check_success(
@@ -143,7 +142,7 @@ def _print_summary(name: str, report: dict, output: Path, report_file: Path) -> 
     print(f"  report: {report_file}")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="synthesize")
+@hydra_command("synthesize")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     try:

@@ -9,23 +9,31 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from gpt4llm.app.cli import CONFIG_PATH, reports_user_errors, use_hydra_logging
+from gpt4llm.app.cli import hydra_command, reports_user_errors, use_hydra_logging
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    """Trains as `cfg` says, the one training in its run directory while it runs (a second stops at once, naming the
+    first: gpt4llm.training.resume.run_directory_lock); returns the final metrics."""
+    from gpt4llm.training.resume import run_directory_lock
+
+    with run_directory_lock(cfg.paths.output_dir):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     # Heavy imports here, so that --help and --cfg job answer at once.
     import lightning as L
     from hydra.utils import instantiate
 
     from gpt4llm.app.checks import check_config, check_values
-    from gpt4llm.models import adapters
     from gpt4llm.models.export import export_hf
     from gpt4llm.models.hf import prepare_tokenizer
+    from gpt4llm.training.callbacks import LastValidation, RandomState, RecordedSettings, ValidationCost
     from gpt4llm.training.hardware import (
         check_launch,
         check_precision,
@@ -33,36 +41,43 @@ def train(cfg: DictConfig) -> dict[str, float]:
         derive_accumulation,
     )
     from gpt4llm.training.hyperparameters import compared_hyperparameters
-    from gpt4llm.training.resume import checkpoint_step
+    from gpt4llm.training.resume import check_resume, checkpoint_step, run_settings
+    from gpt4llm.training.strategies import build_strategy, check_adapters
 
     check_config(cfg)
     check_values(cfg)
     check_launch()  # under torchrun/srun every rank must name the same run directory
-    if adapters.active(cfg.get("peft")) and cfg.peft.get("quantization"):
-        adapters.check_4bit()  # QLoRA where bitsandbytes cannot run 4-bit stops here, in one line
+    check_adapters(cfg.get("peft"))
     if cfg.trainer.accelerator != "cpu":  # bf16 asked for on a GPU without it (V100) stops here, not in a kernel
         check_precision(cfg.trainer.precision, cfg.trainer.accelerator, *cuda_capabilities())
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = prepare_tokenizer(
-        cfg.model.path, cfg.model.tiny, cfg.model.tokenizer, cfg.data.get("template", "alpaca")
+    tokenizer, trains = prepare_tokenizer(
+        cfg.model.path, cfg.model.tiny, cfg.model.tokenizer, cfg.data.get("template", "auto")
     )
+    with open_dict(cfg.data):
+        cfg.data.template = trains.format.name  # what data.template=auto decided, for the data, the task, the logs
+    log.info(f"Prompt format: {trains.why}")
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     module = instantiate(cfg.task, tokenizer=tokenizer)
-    validating = cfg.data.val_size > 0
+    validating = cfg.data.val_size != 0  # a number, or auto (5% of the records)
     if not validating:
         metric = optimized_metric(cfg)
         fallback = f"; optimized_metric falls back to {metric}" if metric != cfg.optimized_metric else ""
         log.info(f"data.val_size=0: nothing is held out (as in the paper); no validation loop{fallback}")
     # A resumed run goes on in its run directory: TensorBoard drops what the interrupted run logged past the checkpoint.
     purge = {"purge_step": checkpoint_step(cfg.ckpt_path)} if cfg.ckpt_path else {}
-    strategy = instantiate(cfg.strategy)
-    if adapters.active(cfg.get("peft")) and hasattr(strategy, "exclude_frozen_parameters"):
-        strategy.exclude_frozen_parameters = True  # DeepSpeed's checkpoint of an adapter run: the adapters alone
+    last_validation, recorded, validation_cost = LastValidation(), RecordedSettings(), ValidationCost()
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         **({} if validating else {"limit_val_batches": 0}),
-        strategy=strategy,
-        callbacks=[instantiate(c) for c in cfg.callbacks.values() if c],
+        strategy=build_strategy(cfg.strategy, cfg.get("peft")),
+        callbacks=[
+            *(instantiate(c) for name, c in cfg.callbacks.items() if c and not _bar_off(name, cfg)),
+            last_validation,
+            validation_cost,
+            recorded,
+            RandomState(),  # dropout's masks after a resume as without one
+        ],
         logger=[
             instantiate(c, **(purge if c._target_.endswith("TensorBoardLogger") else {}))
             for c in cfg.logger.values()
@@ -74,6 +89,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.global_batch_size, cfg.data.batch_size, trainer.world_size
         )
         log.info(f"Global batch {cfg.global_batch_size}: gradient accumulation {trainer.accumulate_grad_batches}")
+    recorded.settings = run_settings(cfg, trainer, datamodule)  # what every checkpoint records of this run
+    if cfg.ckpt_path:  # a resume that would train another run (other data, template, task, ...) stops here
+        recorded.settings = check_resume(cfg.ckpt_path, recorded.settings, datamodule)
     # The settings runs are compared by, not the whole config (that is the run directory's .hydra/config.yaml).
     hparams = compared_hyperparameters(cfg, _hydra_choices())
     for logger in trainer.loggers:
@@ -82,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if validating and cfg.validate_first and not cfg.ckpt_path:
         trainer.validate(module, datamodule=datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    if validating and module.validated_at_step != trainer.global_step and not trainer.interrupted:
+    if validating and last_validation.step != trainer.global_step and not trainer.interrupted:
         # Stopped by max_steps between two validations: the final figures should be those of the final model.
         trainer.validate(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -100,12 +118,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_text(out / "metrics.json", json.dumps({"global_step": trainer.global_step, **metrics}, indent=1))
         checkpoint = trainer.checkpoint_callback
         print(f"\nRun directory: {out}")
-        print(f"  TensorBoard:  tensorboard --logdir {out}")
+        if any(isinstance(logger, L.pytorch.loggers.TensorBoardLogger) for logger in trainer.loggers):
+            print(f"  TensorBoard:  tensorboard --logdir {out}")
         if checkpoint is not None and checkpoint.last_model_path:
             print(f"  Checkpoint:   {checkpoint.last_model_path}  (resume with ckpt_path=...)")
         if cfg.export:
             print(f"  Export:       {out / 'export'}  (AutoModelForCausalLM.from_pretrained)")
         print("  Final:        " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+        if validation_cost.summary():
+            print(f"  Validation:   {validation_cost.summary()}")
     _end_process_group()
     return metrics
 
@@ -137,7 +158,12 @@ def _hydra_choices() -> dict | None:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else None
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def _bar_off(callback: str, cfg: DictConfig) -> bool:
+    """The progress bar's callback, left out when the trainer has no bar (Lightning refuses a bar callback then)."""
+    return callback == "progress_bar" and not cfg.trainer.get("enable_progress_bar", True)
+
+
+@hydra_command("train")
 @reports_user_errors
 def main(cfg: DictConfig) -> float | None:
     use_hydra_logging()

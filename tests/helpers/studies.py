@@ -54,3 +54,14 @@ def start_cli(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
             return proc, line.split(" at ", 1)[1].strip().rstrip("/")
     proc.kill()
     raise AssertionError("".join(lines) + (proc.stdout.read() or ""))
+
+
+def lines_until(proc: subprocess.Popen, prefix: str, timeout: float = 60) -> list[str]:
+    """The server's next lines of output, up to and with the first that starts with `prefix` (the rater links a
+    start prints come after "Raters start at" and before "Sign-up:")."""
+    deadline, lines = time.time() + timeout, []
+    while time.time() < deadline and proc.poll() is None:
+        lines.append(proc.stdout.readline().rstrip("\n"))
+        if lines[-1].startswith(prefix):
+            return lines
+    raise AssertionError("\n".join(lines))

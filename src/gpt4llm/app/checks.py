@@ -89,7 +89,10 @@ def _optional(test):
 RANGES: dict[str, tuple] = {
     "model.max_length": (_whole(1), "a whole number >= 1 (tokens)"),
     # data.* after model.*: data.max_length is ${model.max_length} unless set, and the key set is the one to name
-    "data.val_size": (_whole(0), "a whole number >= 0 (records held out; 0 holds nothing out)"),
+    "data.val_size": (
+        lambda v: v == "auto" or _whole(0)(v),
+        "a whole number >= 0 (records held out; 0 holds nothing out) or auto (5% of the records, at most 200)",
+    ),
     "data.batch_size": (_whole(1), "a whole number >= 1"),
     "data.eval_batch_size": (_optional(_whole(1)), "null or a whole number >= 1"),
     "data.max_length": (_whole(1), "a whole number >= 1 (tokens)"),

@@ -56,6 +56,69 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def hydra_command(config_name: str) -> Callable:
+    """`hydra.main` for a command's config, and, when the command line names a setting the config does not have
+    (`trainer.max_step=10`), a last `Error:` line with the nearest one: Hydra's own advice, `+trainer.max_step=10`,
+    would add a key that nothing reads."""
+    import hydra
+
+    def decorate(function: Callable) -> Callable:
+        hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(function)
+
+        @functools.wraps(hydra_main)
+        def run(*args, **kwargs):
+            try:
+                return hydra_main(*args, **kwargs)
+            except SystemExit as exited:
+                hint = unknown_setting(config_name, sys.argv[1:]) if exited.code not in (0, None) else None
+                if hint:
+                    print(f"Error: {hint}", file=sys.stderr)
+                raise
+
+        return run
+
+    return decorate
+
+
+def unknown_setting(config_name: str, arguments: list[str]) -> str | None:
+    """What is wrong with the first `key=value` whose key the composed config does not have, with the nearest key
+    that it does have; None when every key is known."""
+    import difflib
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    overrides = [a for a in arguments if "=" in a and not a.startswith(("+", "~", "-", "hydra."))]
+    choices = [o for o in overrides if not {".", "/"} & set(o.split("=", 1)[0])]  # model=hf, experiment=...
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("gpt4llm.conf", version_base="1.3"):
+            config = compose(config_name, overrides=choices)
+    except Exception:  # a wrong group choice: Hydra's own message says which
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    keys = list(_leaf_keys(OmegaConf.to_container(config, resolve=False)))
+    for override in overrides:
+        key, value = override.split("=", 1)
+        if "." in key and key not in keys and not any(k.startswith(key + ".") for k in keys):
+            nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            advice = f": did you mean {nearest[0]}={value}?" if nearest else ": `--cfg job` lists the settings"
+            return f"{key} is not a setting{advice} (a leading + would add a key that nothing reads)"
+    return None
+
+
+def _leaf_keys(node, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        if prefix:
+            yield prefix[:-1]  # a whole section can be set too (model.tiny=null)
+    else:
+        yield prefix[:-1]
+
+
 def reports_user_errors(main: Callable) -> Callable:
     """What a user can act on (gpt4llm.errors: a bad setting or record, a missing or unwritable file) ends the command
     with its one-line message and exit status 1, not a traceback; GPT4LLM_TRACEBACK=1 shows the traceback as well."""
@@ -105,5 +168,11 @@ def _remove_empty_run_directory() -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     own = {".hydra", f"{HydraConfig.get().job.name}.log"}
     if out.is_dir() and all(p.name in own for p in out.iterdir()):
-        logging.shutdown()  # the log file is closed before it is removed
+        # the log file is closed and its handler detached before it is removed: a later line logged in this process
+        # (a caller that catches SystemExit) would reopen it in a directory that is gone
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in list(getattr(logger, "handlers", [])):
+                if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out.resolve():
+                    handler.close()
+                    logger.removeHandler(handler)
         shutil.rmtree(out, ignore_errors=True)

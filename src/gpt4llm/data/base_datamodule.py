@@ -1,4 +1,4 @@
-"""The base of the SFT and the reward-model data modules, the pipeline both run:
+"""The base of the SFT and the pair data modules (reward model and DPO), the pipeline both run:
 
     file (local, downloaded and checked, or generated) -> validated records -> tokenized, cached train/validation
     splits and a report -> loaders in an epoch-seeded order -> batches
@@ -21,11 +21,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from gpt4llm.data.cache import SplitSettings
+from gpt4llm.data.formats import resolve_format
 from gpt4llm.data.samplers import EpochSampler, InOrderSampler, ShuffledSampler
 from gpt4llm.data.sources import ensure_file
-from gpt4llm.data.templates import check_template
 from gpt4llm.errors import ConfigError, DownloadError, MissingFileError, RecordError
-from gpt4llm.io import atomic
+from gpt4llm.io import json_files
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, with no such local path: a dataset on the Hugging Face hub
 
@@ -45,7 +45,7 @@ def hub_snapshot(dataset_id: str, cache_dir: Path, split_name: str = "train") ->
         ) from err
     target = cache_dir / "hub" / dataset_id.replace("/", "__") / f"{split._fingerprint}.jsonl"
     if not target.exists():
-        atomic.write_jsonl(target, split.to_list())
+        json_files.write_jsonl(target, split.to_list())
     return target
 
 
@@ -53,6 +53,17 @@ def batches_per_epoch(examples: int, world_size: int, batch_size: int) -> int:
     """Training batches per device per epoch: `examples`, sharded as Lightning's DistributedSampler does (padded to
     equal shards), in batches of `batch_size` (the last one partial). `plan` counts with it too."""
     return math.ceil(math.ceil(examples / world_size) / batch_size)
+
+
+AUTO_VAL_SHARE, AUTO_VAL_MAX = 0.05, 200  # data.val_size=auto: 5% of what is usable, at most 200
+
+
+def held_out(val_size: int | str, usable: int) -> int:
+    """How many of `usable` records (or prompts) `data.val_size` holds out: a number as given; `auto` 5% of them, at
+    least one and at most 200 (a fixed 200 left 7 of 207 conversations to train on)."""
+    if val_size == "auto":
+        return min(AUTO_VAL_MAX, max(1, round(AUTO_VAL_SHARE * usable))) if usable > 1 else 0
+    return int(val_size)
 
 
 def check_usable(path: Path, usable: int, val_size: int, unit: str, counted: str) -> None:
@@ -104,9 +115,9 @@ class SplitsDataModule(L.LightningDataModule):
         split: str | None = None,
     ) -> None:
         super().__init__()
-        check_template(template, train_on)
+        # data.formats: records to ids, held-out prompts (`auto` decided against this tokenizer)
+        self.prompt_format = resolve_format(template, tokenizer, train_on).format
         self.tokenizer = tokenizer
-        self.template, self.train_on = template, train_on
         self.path, self.url, self.checksum, self.num_records, self.demo = Path(path), url, checksum, num_records, demo
         self.max_length, self.val_size, self.split_seed = max_length, val_size, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -167,9 +178,15 @@ class SplitsDataModule(L.LightningDataModule):
         return self.path / name
 
     def split_settings(self) -> SplitSettings:
-        text = self.tokenizer.chat_template if self.template != "alpaca" else None
+        fmt = self.prompt_format
         return SplitSettings(
-            self.max_length, self.val_size, self.split_seed, self.skip_invalid, self.template, self.train_on, text
+            self.max_length,
+            self.val_size,
+            self.split_seed,
+            self.skip_invalid,
+            fmt.name,
+            fmt.train_on,
+            fmt.template_text(self.tokenizer),
         )
 
     def build(self) -> tuple[DatasetDict, dict[str, Any]]:
@@ -203,6 +220,11 @@ class SplitsDataModule(L.LightningDataModule):
         return InOrderSampler(len(split), **self.shard())
 
     def loader(self, split: Dataset, sampler: EpochSampler, batch_size: int, collate) -> StatefulDataLoader:
+        # Each iterator over a loader draws its workers' seed from `generator`; without one, from torch's global
+        # generator, which dropout draws from too: a resumed run, whose generators are put back from the checkpoint
+        # (training.callbacks.RandomState), would then draw other masks after an epoch's end or a validation.
+        generator = torch.Generator()
+        generator.manual_seed(sampler.seed)
         return StatefulDataLoader(
             split,
             batch_size=batch_size,
@@ -211,4 +233,5 @@ class SplitsDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            generator=generator,
         )

@@ -1,4 +1,4 @@
-"""The tokenized-splits cache shared by the SFT and the reward-model pipelines.
+"""The tokenized-splits cache shared by the SFT and the pair (reward model, DPO) pipelines.
 
 A cache entry is keyed on everything that can change what it holds (the file's bytes, the tokenizer's identity, the
 settings and the builder's version), so a second run on the same data and tokenizer loads it in seconds, and any
@@ -18,7 +18,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from gpt4llm.io import atomic
+from gpt4llm.io import atomic, json_files
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -94,7 +94,7 @@ class SplitSettings:
     val_size: int
     split_seed: int = 0
     skip_invalid: bool = False
-    template: str = "alpaca"  # data.templates
+    template: str = "alpaca"  # data.formats
     train_on: str = "all_assistant"
     template_text: str | None = None  # the chat template itself: the cache keys on the text, not on its name
     pairing: str = "all"  # comparison_data_v2's scored lists as pairs (data.comparisons.PAIRINGS)
@@ -117,7 +117,7 @@ def cached_splits(
         with atomic.atomic_path(target) as tmp:  # an interrupted run never leaves a half-written cache
             # datasets cannot save an empty split (data.val_size=0 holds nothing out): left out, and made again below
             DatasetDict({name: split for name, split in splits.items() if len(split)}).save_to_disk(str(tmp / "splits"))
-            (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+            json_files.write_json(tmp / "report.json", report, indent=2)
     splits, report = load_from_disk(str(target / "splits")), json.loads((target / "report.json").read_text())
     for name in report["splits"]:  # the empty ones, with the columns of the others
         if name not in splits:

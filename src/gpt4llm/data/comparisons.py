@@ -7,21 +7,22 @@
   comparison_data (v1) {"user_input", "completion_a", "completion_b"}: completion_a preferred
   plain                {"prompt", "chosen", "rejected"}
 
-The prompt is put in the Alpaca template unless it holds one already (data.prompts.alpaca_prompt).
+The prompt is put in the Alpaca template unless it holds one already (data.formats).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.conversations import RecordProblem, TurnProblem, check_turns, read_conversation
-from gpt4llm.data.prompts import PREAMBLES, alpaca_prompt
-from gpt4llm.data.records import Skip, read_json_records, unicode_problem
+from gpt4llm.data.conversations import RecordProblem, read_conversation
+from gpt4llm.data.formats import FormatProblem, Unfit, prompt_format
+from gpt4llm.data.prompts import PREAMBLES
+from gpt4llm.data.records import Skip, unicode_problem
 from gpt4llm.errors import RecordError
+from gpt4llm.io.json_files import read_json_records
 
 LAYOUTS = {  # name -> the fields that only this layout has (the first that matches)
     "comparison_data_v2": ("responses_and_scores",),
@@ -117,17 +118,14 @@ def _ranked_responses(record: dict, layout: str) -> tuple[list[dict[str, str]], 
 
 
 def prompt_key(messages: list[dict[str, str]], template: str) -> str:
-    """The prompt as the pairs carry it: the Alpaca prompt (one user turn, wrapped unless templated already), or the
-    conversation as JSON for a chat template. A _Problem when the Alpaca template cannot hold it."""
-    if template != "alpaca":
-        try:
-            check_turns(messages, final="user")
-        except TurnProblem as problem:
-            raise _Problem(f"the prompt: {problem}") from None
-        return json.dumps(messages, ensure_ascii=False)
-    if [m["role"] for m in messages] != ["user"]:
-        raise Skip(f"the prompt is a conversation ({len(messages)} turns): the paper's template holds one user turn")
-    return alpaca_prompt(messages[0]["content"])
+    """The prompt as the pairs carry it (data.formats: the Alpaca prompt, or the conversation as JSON for a chat
+    template). A Skip when the paper's one-turn template cannot hold it, a _Problem for a malformed conversation."""
+    try:
+        return prompt_format(template).pair_prompt(messages)
+    except Unfit as reason:
+        raise Skip(str(reason)) from None
+    except FormatProblem as problem:
+        raise _Problem(str(problem)) from None
 
 
 PAIRINGS = ("all", "best_vs_worst", "best_vs_rest")
@@ -150,8 +148,9 @@ def read_comparison_pairs(
     """Every (prompt, chosen, rejected) pair of a comparison file, each with its record's index, and what was dropped.
 
     Structural problems (not an object, a missing or non-string field, a missing or non-numeric score) stop with the
-    file, record and field, unless `skip_invalid`; a record with fewer than two responses, tied scores, identical
-    responses and repeated pairs are always dropped and counted.
+    file, record and field, unless `skip_invalid`; a record with fewer than two responses, tied scores, an empty (or
+    whitespace-only) chosen or rejected response, identical responses and repeated pairs are always dropped and
+    counted.
     """
     raw = read_json_records(path)
     layouts: Counter = Counter()
@@ -191,6 +190,8 @@ def read_comparison_pairs(
             chosen, rejected = (text_a, text_b) if score_a > score_b else (text_b, text_a)
             if score_a == score_b:
                 dropped["tied scores"].append(index)
+            elif not chosen.strip() or not rejected.strip():  # nothing to prefer or to avoid: not trained on
+                dropped["empty response"].append(index)
             elif text_a == text_b:
                 dropped["identical responses"].append(index)
             elif (prompt, chosen, rejected) in seen:

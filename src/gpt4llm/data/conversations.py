@@ -1,5 +1,5 @@
 """The message layer: every record layout becomes a conversation, a list of {role, content} turns (system?, user,
-assistant, user, assistant, ...), before any template turns it into ids (data.templates).
+assistant, user, assistant, ...), before any template turns it into ids (data.formats).
 
     Alpaca                    instruction (+ "\\n\\n" + input) -> user; output -> assistant
     LLaMA-Factory's Alpaca    the same, after `system` (a system turn) and `history` ([[user, assistant], ...])
@@ -37,6 +37,7 @@ class Conversation:
     layout: str  # alpaca | llama_factory | sharegpt | messages
     unused: set[str] = field(default_factory=set)  # the record's fields that are not part of the conversation
     alpaca: tuple[str, str] | None = None  # an Alpaca record's (instruction, input), as the paper's template needs them
+    untrained: tuple[int, ...] = ()  # assistant turns marked `weight: 0`: kept as context, not trained on
 
 
 def alpaca_user_text(instruction: str, input: str) -> str:
@@ -50,6 +51,15 @@ def _text(value: Any, where: str) -> str:
     return value
 
 
+def _weight(turn: dict, where: str) -> int:
+    """A turn's `weight` (ShareGPT's, as axolotl and LLaMA-Factory's multi-turn data carry it): 1 (the default) trains
+    on an assistant turn, 0 keeps it as context only."""
+    weight = turn.get("weight", 1)
+    if isinstance(weight, str) or weight not in (0, 1):
+        raise RecordProblem(f"field '{where}' is {weight!r}: 0 (kept as context, not trained on) or 1 (trained on)")
+    return int(weight)
+
+
 def read_conversation(record: Any) -> Conversation:
     """The conversation of one record of any layout above; a RecordProblem when its structure cannot be read.
     Turn order and emptiness are not judged here (check_turns), so that each template can say what it accepts."""
@@ -60,12 +70,15 @@ def read_conversation(record: Any) -> Conversation:
         turns = record[key]
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise RecordProblem(f"field '{key}' is not a list of turn objects")
-        messages = []
+        messages, untrained = [], []
         for i, turn in enumerate(turns):
             who, say = ("from", "value") if "from" in turn else ("role", "content")
             role = ROLES.get(str(turn.get(who)), str(turn.get(who)))
             messages.append({"role": role, "content": _text(turn.get(say), f"{key}[{i}].{say}")})
-        return Conversation(messages, "sharegpt" if key == "conversations" else "messages", set(record) - {key})
+            if _weight(turn, f"{key}[{i}].weight") == 0 and role == "assistant":
+                untrained.append(i)
+        layout = "sharegpt" if key == "conversations" else "messages"
+        return Conversation(messages, layout, set(record) - {key}, untrained=tuple(untrained))
     for name in ("instruction", "output"):
         if name not in record:
             raise RecordProblem(f"field '{name}' is missing")

@@ -7,12 +7,11 @@ of training on a tiny model take held-out exact match from zero to far above it.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from gpt4llm.errors import ConfigError
-from gpt4llm.io import atomic
+from gpt4llm.io import json_files
 
 WORDS = (
     "apple river stone cloud green tiger piano garden silver window rocket candle forest orange mirror planet "
@@ -137,4 +136,4 @@ def make_demo_records(num_records: int, seed: int = 0) -> list[dict[str, str]]:
 
 def write_demo_file(path: str | Path, num_records: int = 4000, seed: int = 0) -> Path:
     """Writes the demo records as an Alpaca JSON file (atomically: a reader never sees half a file)."""
-    return atomic.write_text(path, json.dumps(make_demo_records(num_records, seed), ensure_ascii=False, indent=1))
+    return json_files.write_json(path, make_demo_records(num_records, seed), indent=1)

@@ -14,14 +14,13 @@ The prompt is written already templated, as in GPT-4-LLM's comparison files. Det
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from gpt4llm.data.demo import TASKS, make_demo_records
 from gpt4llm.data.prompts import format_prompt
 from gpt4llm.errors import ConfigError
-from gpt4llm.io import atomic
+from gpt4llm.io import json_files
 
 KINDS = ("off_topic", "truncated", "run_on", "other")
 KIND_CYCLE = ("truncated", "run_on", "off_topic", "other", "truncated", "run_on", "off_topic", "off_topic")
@@ -70,4 +69,4 @@ def make_demo_pairs(num_records: int, seed: int = 0) -> list[dict[str, str]]:
 
 def write_demo_pairs_file(path: str | Path, num_records: int = 4000, seed: int = 0) -> Path:
     """Writes the demo pairs as a JSON list (atomically: a reader never sees half a file)."""
-    return atomic.write_text(path, json.dumps(make_demo_pairs(num_records, seed), ensure_ascii=False, indent=1))
+    return json_files.write_json(path, make_demo_pairs(num_records, seed), indent=1)

@@ -1,4 +1,5 @@
-"""Text to token ids and ids to padded tensors, the one way both the SFT and the reward-model data do it."""
+"""Text to token ids and ids to padded tensors, the one way the prompt formats (data.formats), the pair data and
+scoring do it."""
 
 from __future__ import annotations
 

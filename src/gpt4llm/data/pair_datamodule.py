@@ -1,11 +1,11 @@
-"""Comparison pairs for the reward model: a comparison file (data.comparisons) -> (prompt, chosen, rejected) pairs ->
-tokenized, cached train/validation splits -> batches with every chosen and rejected sequence stacked for one forward
-pass (data.collators.PairCollator).
+"""Comparison pairs for the reward model and DPO: a comparison file (data.comparisons) -> (prompt, chosen, rejected)
+pairs -> tokenized, cached train/validation splits -> batches with every chosen and rejected sequence stacked for one
+forward pass (data.collators.PairCollator).
 
-A reward-model sequence is `prompt + response + EOS` (the SFT text, so the reward is read where the policy stops),
-right-truncated at `max_length`, and the reward is read at its last token. `build_pair_splits` is the one code path
-shared by training and `gpt4llm.prepare`; `data.encoding.encode_responses` the one shared with
-`gpt4llm.inference.scoring`.
+A sequence is prompt + response + its end as the prompt format builds it (data.formats; for the paper's format
+`prompt + response + EOS`, the SFT text, so the reward is read where the policy stops), right-truncated at
+`max_length`, and the reward is read at its last token. `build_pair_splits` is the one code path shared by training and
+`gpt4llm.prepare`; the format's `reward_ids` the one shared with `gpt4llm.inference.scoring`.
 """
 
 from __future__ import annotations
@@ -17,48 +17,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import DatasetDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt4llm.data.base_datamodule import SplitsDataModule, check_usable
+from gpt4llm.data.base_datamodule import SplitsDataModule, check_usable, held_out
 from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.collators import PairCollator
 from gpt4llm.data.comparisons import PAIRINGS, read_comparison_pairs
 from gpt4llm.data.demo_pairs import write_demo_pairs_file
-from gpt4llm.data.encoding import encode_responses, encode_truncated
+from gpt4llm.data.formats import prompt_format
 from gpt4llm.data.samplers import InOrderSampler
-from gpt4llm.data.templates import render
 from gpt4llm.data.tokenizer import describe
 from gpt4llm.errors import ConfigError
 
-CACHE_VERSION = 2  # bump when parsing, tokenization or the split change what the cache holds
+CACHE_VERSION = 3  # bump when parsing, tokenization or the split change what the cache holds
 
 
 def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int, template: str = "alpaca") -> dict[str, list]:
-    """`datasets.map(batched=True)` function: pairs -> chosen/rejected ids, how many of each sequence's first tokens
-    are the prompt (`*_prompt_tokens`: DPO sums log-probabilities over the rest), and audit columns. With a chat
-    template the prompt is a conversation (JSON) and each response its final assistant turn, rendered whole."""
-    if template == "alpaca":
-        chosen, chosen_len = encode_responses(tokenizer, batch["prompt"], batch["chosen"], max_length)
-        rejected, rejected_len = encode_responses(tokenizer, batch["prompt"], batch["rejected"], max_length)
-        # the prompt tokenized alone, as SFT's labels mask it (data.sft_examples)
-        prompt_ids = tokenizer(batch["prompt"], max_length=max_length, truncation=True)["input_ids"]
-        prompt_len = [len(ids) for ids in prompt_ids]
-    else:
-        prompts = [json.loads(p) for p in batch["prompt"]]
-        (chosen, chosen_len), (rejected, rejected_len) = (
-            encode_truncated(
-                tokenizer,
-                render(tokenizer, [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, batch[side])]),
-                max_length,
-                add_special_tokens=False,
-            )
-            for side in ("chosen", "rejected")
-        )
-        # what the template writes before the answer: the conversation and its generation prompt
-        prefixes = render(tokenizer, prompts, add_generation_prompt=True)
-        prompt_len = [len(ids) for ids in tokenizer(prefixes, add_special_tokens=False)["input_ids"]]
+    """`datasets.map(batched=True)` function: pairs -> chosen/rejected ids as the prompt format `template` builds them
+    (data.formats), how many of each sequence's first tokens are the prompt (`*_prompt_tokens`: DPO sums
+    log-probabilities over the rest), and audit columns."""
+    chosen, chosen_len, rejected, rejected_len, prompt_len = prompt_format(template).tokenize_pairs(
+        batch, tokenizer, max_length
+    )
     return {
         "chosen_input_ids": chosen,
         "rejected_input_ids": rejected,
@@ -99,19 +80,20 @@ def build_pair_splits(
         usable = [i for i, same in enumerate(tokenized["identical_ids"]) if not same]
         column = tokenized["prompt"]
         prompts = list(dict.fromkeys(column[i] for i in usable))  # unique, in file order
+        held = held_out(val_size, len(prompts))
         check_usable(
             path,
             len(prompts),
-            val_size,
+            held,
             "prompts",
             f"{len(prompts)} prompts, {len(usable)} pairs; val_size counts prompts",
         )
-        held_out = set(random.Random(split_seed).sample(prompts, val_size))
+        validation_prompts = set(random.Random(split_seed).sample(prompts, held))
         splits = DatasetDict(
-            train=tokenized.select([i for i in usable if column[i] not in held_out]),
-            validation=tokenized.select([i for i in usable if column[i] in held_out]),
+            train=tokenized.select([i for i in usable if column[i] not in validation_prompts]),
+            validation=tokenized.select([i for i in usable if column[i] in validation_prompts]),
         )
-        report = _report(path, read_report, tokenized, identical, splits, val_size, max_length, tokenizer)
+        report = _report(path, read_report, tokenized, identical, splits, held, max_length, tokenizer)
         return splits, report | {"template": settings.template}
 
     return cached_splits("pairs", CACHE_VERSION, path, tokenizer, asdict(settings), cache_dir, build)
@@ -147,7 +129,8 @@ def _report(path, read_report, tokenized, identical, splits, val_size, max_lengt
 class PairDataModule(SplitsDataModule):
     """Comparison records from one file (local, downloaded, or the generated demo) as batches of pairs: for the reward
     model, and for preference optimisation (task=dpo), which also reads the labels (the response tokens) and, when
-    the reference is precomputed, the reference's log-probabilities (`set_reference_logps`)."""
+    the reference is precomputed, each pair's row in its split (`index_pairs`), by which it finds the pair's reference
+    log-probabilities."""
 
     audit_columns = ("index", "chosen_input_ids", "rejected_input_ids")  # what `gpt4llm.prepare` writes per pair
     model_columns = ("chosen_input_ids", "rejected_input_ids", "chosen_prompt_tokens", "rejected_prompt_tokens")
@@ -165,22 +148,36 @@ class PairDataModule(SplitsDataModule):
         self.required_fields = tuple(required_fields or ())
         self.pairing = pairing  # comparison_data_v2's scored lists as pairs
         self.packed = packed  # DPO: a batch's sequences in one row (data.collators.PairCollator)
-        self.reference_columns: tuple[str, ...] = ()
-        self.reference_logps: dict[str, torch.Tensor] = {}
 
     def split_settings(self) -> SplitSettings:
         return replace(super().split_settings(), pairing=self.pairing)
 
-    def set_reference_logps(self, split: str, chosen: list[float], rejected: list[float]) -> None:
-        """The reference model's log-probabilities of each pair's responses (DPO's precomputed reference): kept here
-        in fp32 as `reference_logps[split]` (pairs x [chosen, rejected]), found by the `pair_index` each batch carries.
-        Not in the batches themselves: Lightning casts a batch's floating tensors to the 16-bit dtype under
-        DeepSpeed's and the true-half precisions, and a sum of a hundred log-probabilities in bf16 is a quarter nat
-        off."""
-        self.reference_logps[split] = torch.tensor([chosen, rejected], dtype=torch.float32).T.contiguous()
+    def index_pairs(self, split: str) -> None:
+        """Each pair of `split` with its row, `pair_index`, which its batches then carry: DPO's precomputed reference
+        log-probabilities stay with the DPO module (in fp32, out of the batches) and are found by it."""
         if "pair_index" not in self.splits[split].column_names:
             self.splits[split] = self.splits[split].add_column("pair_index", list(range(len(self.splits[split]))))
-        self.reference_columns = ("pair_index",)
+
+    def pairs_digest(self, split: str) -> str:
+        """sha256 of what a reference pass reads of `split`, pair by pair in row order: the chosen and rejected ids and
+        their prompt lengths. DPO's precomputed reference is cached under it: the same pairs, the same numbers."""
+        import hashlib
+
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        digest = hashlib.sha256(f"{split}:{len(self.splits[split])}".encode())
+        data = self.splits[split].select_columns(list(self.model_columns)).with_format("arrow")
+        for batch in data.iter(batch_size=65536):  # fixed batches: the same rows, the same digest
+            for name in self.model_columns:
+                column = batch.column(name).combine_chunks()
+                if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+                    digest.update(f"{name}.lengths".encode() + np.asarray(lengths, dtype=np.int64).tobytes())
+                    column = column.flatten()
+                values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.int64)
+                digest.update(name.encode() + values.tobytes())
+        return digest.hexdigest()
 
     def write_demo(self, path: Path, **settings) -> Path:
         return write_demo_pairs_file(path, **settings)
@@ -199,7 +196,8 @@ class PairDataModule(SplitsDataModule):
         )
 
     def columns(self, split: str) -> list[str]:
-        return [*self.model_columns, *(c for c in self.reference_columns if c in self.splits[split].column_names)]
+        indexed = "pair_index" in self.splits[split].column_names
+        return [*self.model_columns, *(["pair_index"] if indexed else [])]
 
     def eval_collate(self) -> PairCollator:
         return PairCollator(self.tokenizer.pad_token_id)
@@ -214,6 +212,6 @@ class PairDataModule(SplitsDataModule):
         return self.loader(split, self.shuffled(split, self.split_seed), self.batch_size, collate)
 
     def reference_loader(self, split: str, batch_size: int) -> StatefulDataLoader:
-        """The split in file order, padded, for the reference pass (no reference columns yet)."""
+        """The split in file order, padded, for the reference pass (without `pair_index`)."""
         data = self.splits[split].select_columns(list(self.model_columns))
         return self.loader(data, InOrderSampler(len(data)), batch_size, self.eval_collate())

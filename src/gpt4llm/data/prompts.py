@@ -1,7 +1,9 @@
 """The Alpaca prompt templates, verbatim from stanford_alpaca's train.py (PROMPT_DICT), which the paper followed.
 
-Training, generation, serving and data synthesis all build prompts here, so there is one copy; `alpaca_prompt` also
-recognises text that is an Alpaca prompt already (the GPT-4-LLM comparison files, clients sending templated prompts).
+Training, generation, serving and data synthesis all build prompts here (through data.formats.alpaca where a prompt
+format is asked), so there is one copy; `alpaca_prompt` also recognises text that is an Alpaca prompt already (the
+GPT-4-LLM comparison files, clients sending templated prompts). The chat template an Alpaca export carries is
+formats/templates/alpaca.jinja, held to this text id for id by tests/test_chat_template.py.
 """
 
 PROMPT_INPUT = (
@@ -42,25 +44,3 @@ def without_response_tag(prompt: str) -> str:
     if not prompt.endswith("\n\n" + RESPONSE_TAG):
         raise ValueError("not an Alpaca prompt: it does not end with '### Response:'")
     return prompt[: -len("\n\n" + RESPONSE_TAG)]
-
-
-def chat_template() -> str:
-    """A Jinja chat template that renders a conversation as the prompt the model was trained on: BOS, the no-input
-    Alpaca template around the last user message, and (for a finished conversation) the assistant's answer and EOS.
-    Exports carry it, so `apply_chat_template`, `transformers serve`, vLLM and TGI build the training prompt."""
-    preamble, after = PROMPT_NO_INPUT.split("{instruction}")
-    return (
-        "{%- set users = messages | selectattr('role', 'equalto', 'user') | list -%}"
-        "{%- if not users -%}"
-        "{{ raise_exception('an Alpaca prompt needs a user message: the instruction') }}"
-        "{%- endif -%}"
-        "{{ bos_token }}"
-        + _jinja_text(preamble)
-        + "{{ users[-1]['content'] }}"
-        + _jinja_text(after)
-        + "{%- if messages[-1]['role'] == 'assistant' -%}{{ messages[-1]['content'] }}{{ eos_token }}{%- endif -%}"
-    )
-
-
-def _jinja_text(text: str) -> str:
-    return "{{ " + repr(text) + " }}"

@@ -22,6 +22,7 @@ from gpt4llm.data.conversations import (
     read_conversation,
 )
 from gpt4llm.errors import MissingFileError, RecordError
+from gpt4llm.io.json_files import read_json_records
 
 
 @dataclass
@@ -128,46 +129,6 @@ def _read_arrow(path: Path) -> list[Any]:
         ) from None
 
 
-def read_json_records(path: str | Path) -> list[Any]:
-    """A JSON list or a JSONL file (one object per line) as a list of records."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file")
-    if path.is_dir():
-        raise RecordError(f"{path}: a directory, not a records file: point at a .json list or a .jsonl file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise RecordError(f"{path}: not UTF-8 text ({err})") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg != "Extra data":  # anything but "a second JSON value follows" is a malformed file
-            raise RecordError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
-        if text.lstrip().startswith("["):  # a whole list, then more: the error is where the list ends, not in line 1
-            raise RecordError(
-                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: text after the list's end)"
-            ) from err
-        data = _read_jsonl(path, text)
-    if isinstance(data, dict):  # a one-line JSONL file parses as a single object
-        data = [data]
-    if not isinstance(data, list):
-        raise RecordError(f"{path}: expected a JSON list of records or JSONL, got a JSON {type(data).__name__}")
-    return data
-
-
-def _read_jsonl(path: Path, text: str) -> list[Any]:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise RecordError(f"{path}: line {lineno} is not valid JSON (column {err.colno}: {err.msg})") from err
-    return records
-
-
 class Skip(Exception):
     """A record that is well-formed but cannot be trained in the paper's single-turn template (a counted skip)."""
 
@@ -191,6 +152,8 @@ def as_alpaca(record: Any) -> tuple[dict[str, Any], set[str]]:
             raise Skip(f"{key} has a system turn (the paper's template has none)")
         if roles != ["user", "assistant"]:
             raise Skip(f"{key} is not one user turn and one assistant turn ({len(roles)} turns)")
+        if conversation.untrained:
+            raise Skip(f"{key}: its assistant turn has weight 0 (not to be trained on)")
         user, assistant = (m["content"] for m in conversation.messages)
         return {"instruction": user, "input": "", "output": assistant}, conversation.unused
     for name, reason in (("history", "history (earlier turns)"), ("system", "a system prompt")):
@@ -224,12 +187,16 @@ def load_conversations(path: str | Path, skip_invalid: bool = False) -> tuple[li
             continue
         for name in conversation.unused:
             report.unused_fields[name] = report.unused_fields.get(name, 0) + 1
-        key = json.dumps(conversation.messages, ensure_ascii=False)
+        assistant_turns = sum(m["role"] == "assistant" for m in conversation.messages)
+        if len(conversation.untrained) == assistant_turns:
+            report.skipped["every assistant turn has weight 0"].append(index)
+            continue
+        key = json.dumps([conversation.messages, conversation.untrained], ensure_ascii=False)
         if key in seen:
             report.skipped["duplicate record"].append(index)
             continue
         seen.add(key)
-        records.append({"index": index, "messages": conversation.messages})
+        records.append({"index": index, "messages": conversation.messages, "untrained": list(conversation.untrained)})
     report.kept = len(records)
     report.skipped = dict(report.skipped)
     check_kept(path, report)

@@ -23,7 +23,9 @@ class EpochSampler(Sampler[int]):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of the {world_size} processes")
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.epoch, self._yielded, self._skip = 0, 0, 0
+        self.epoch, self._yielded = 0, 0
+        self._started = False  # whether an iteration over `epoch` has begun
+        self._resume: tuple[int, int] | None = None  # (epoch, yielded) loaded from a checkpoint, not yet iterated
 
     def order(self, epoch: int) -> list[int]:
         raise NotImplementedError
@@ -37,18 +39,34 @@ class EpochSampler(Sampler[int]):
         return padded[self.rank :: self.world_size]
 
     def __iter__(self):
-        shard = self.shard(self.epoch)
-        self._yielded, self._skip = self._skip, 0
-        for index in shard[self._yielded :]:
+        # Decided when the first index is asked for (a generator's body runs then), not when the iterator is made:
+        # each iteration that begins is one epoch, the next after the last, or the position a checkpoint held. Not
+        # at the end of the shard: Lightning knows an epoch's last batch from the loader's length and never asks for
+        # one index more, so the shard's end is never passed (every epoch once drew the first one's order).
+        if self._resume is not None:
+            (self.epoch, start), self._resume = self._resume, None
+        else:
+            self.epoch, start = (self.epoch + 1 if self._started else self.epoch), 0
+        self._started, self._yielded = True, start
+        for index in self.shard(self.epoch)[start:]:
             self._yielded += 1
             yield index
-        self.epoch, self._yielded = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "yielded": self._yielded}
+        """Where the next index comes from: its epoch and how many of that epoch's indices came before it. A shard
+        yielded to its end (a checkpoint at an epoch's last batch) is the next epoch's start."""
+        if self._resume is not None:
+            epoch, yielded = self._resume
+        else:
+            epoch, yielded = self.epoch, self._yielded if self._started else 0
+        return dict(zip(("epoch", "yielded"), self._position(epoch, yielded)))
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._skip = state["epoch"], state["yielded"]
+        # A checkpoint written before state_dict moved a finished shard on is read the same way.
+        self._resume = self._position(state["epoch"], state["yielded"])
+
+    def _position(self, epoch: int, yielded: int) -> tuple[int, int]:
+        return (epoch + 1, 0) if yielded >= len(self) else (epoch, yielded)
 
 
 class ShuffledSampler(EpochSampler):

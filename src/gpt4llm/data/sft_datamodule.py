@@ -15,14 +15,12 @@ import numpy as np
 from datasets import DatasetDict
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from gpt4llm.data.base_datamodule import SplitsDataModule, check_usable
+from gpt4llm.data.base_datamodule import SplitsDataModule, check_usable, held_out
 from gpt4llm.data.cache import SplitSettings, cached_splits, tokenize_rows
 from gpt4llm.data.collators import PACKING_ATTENTION, PackedCollator, SFTCollator
 from gpt4llm.data.demo import write_demo_file
-from gpt4llm.data.records import load_conversations, load_instruction_records
+from gpt4llm.data.formats import prompt_format
 from gpt4llm.data.samplers import LengthGroupedSampler, ShuffledSampler
-from gpt4llm.data.sft_examples import tokenize_batch
-from gpt4llm.data.templates import render, render_prompts, tokenize_conversations
 from gpt4llm.data.tokenizer import describe
 from gpt4llm.errors import ConfigError
 
@@ -40,7 +38,7 @@ def resolve_batching(batching: str, attn_implementation: str | None) -> str:
     return "packed" if attn_implementation in PACKING_ATTENTION else "grouped"
 
 
-CACHE_VERSION = 2  # bump when reading, tokenize_batch or the split changes what it produces
+CACHE_VERSION = 3  # bump when reading, tokenize_batch or the split changes what it produces
 
 
 def build_sft_splits(
@@ -56,19 +54,13 @@ def build_sft_splits(
     )
 
     def build() -> tuple[DatasetDict, dict[str, Any]]:
-        chat = settings.template != "alpaca"
-        load = load_conversations if chat else load_instruction_records
-        records, load_report = load(path, skip_invalid=skip_invalid)
+        fmt = prompt_format(settings.template, settings.train_on)
+        records, load_report = fmt.load_records(path, skip_invalid=skip_invalid)
         skipped = {reason: s["count"] for reason, s in load_report.summary()["skipped"].items()}
         if not records:
             check_usable(path, 0, val_size, "records", f"of {load_report.total}; skipped: {skipped or 'none'}")
-        if chat:
-            tokenized = tokenize_rows(
-                records, tokenize_conversations, tokenizer, max_length, path, train_on=settings.train_on
-            )
-        else:
-            tokenized = tokenize_rows(records, tokenize_batch, tokenizer, max_length, path)
-        # A prompt that fills the whole length (a conversation whose first assistant turn does not fit) leaves nothing
+        tokenized = tokenize_rows(records, fmt.tokenize_examples, tokenizer, max_length, path)
+        # A prompt that fills the whole length (before a conversation's first assistant turn) leaves nothing
         # to learn from (stanford_alpaca kept such rows; their loss is 0/0), so they are dropped and reported.
         no_target = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n == 0]
         usable = [i for i, n in enumerate(tokenized["supervised_tokens"]) if n > 0]
@@ -76,13 +68,15 @@ def build_sft_splits(
             f"{len(usable)} usable of {load_report.total} records; skipped: {skipped or 'none'}; "
             f"without a target: {len(no_target)}"
         )
-        check_usable(path, len(usable), val_size, "records", counted)
+        held = held_out(val_size, len(usable))
+        check_usable(path, len(usable), held, "records", counted)
         order = random.Random(split_seed).sample(usable, len(usable))
         splits = DatasetDict(
-            train=tokenized.select(sorted(order[val_size:])), validation=tokenized.select(sorted(order[:val_size]))
+            train=tokenized.select(sorted(order[held:])), validation=tokenized.select(sorted(order[:held]))
         )
+        chat = fmt.conversational
         report = _report(path, load_report.summary(), tokenized, no_target, splits, max_length, tokenizer, chat)
-        return splits, report | {"template": settings.template} | ({"train_on": settings.train_on} if chat else {})
+        return splits, report | {"template": fmt.name} | ({"train_on": fmt.train_on} if chat else {})
 
     return cached_splits("sft", CACHE_VERSION, path, tokenizer, asdict(settings), cache_dir, build)
 
@@ -94,7 +88,7 @@ def _report(path, load_summary, tokenized, no_target, splits, max_length, tokeni
     indices = tokenized["index"]
     skipped = dict(load_summary["skipped"])
     if no_target:
-        reason = "first assistant turn does not fit in max_length" if chat else "prompt fills max_length"
+        reason = "prompt before the first assistant turn fills max_length" if chat else "prompt fills max_length"
         skipped[reason] = {"count": len(no_target), "first_indices": [indices[i] for i in no_target[:10]]}
     truncated = [indices[i] for i in np.flatnonzero(lengths > max_length)]
     # Among the examples trained on: a truncated target loses its EOS, and a model never shown EOS never stops.
@@ -111,6 +105,7 @@ def _report(path, load_summary, tokenized, no_target, splits, max_length, tokeni
         "splits": {name: len(split) for name, split in splits.items()},
         "truncated": {"count": len(truncated), "first_indices": truncated[:10]},
         **({"turns_dropped": _turns_dropped(tokenized, no_target)} if chat else {}),
+        **({"untrained_turns": _untrained_turns(tokenized)} if chat else {}),
         "missing_eos_label": {"count": len(missing_eos), "first_indices": missing_eos[:10]},
         "token_length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99)}
         | {"max": int(lengths.max())},
@@ -127,6 +122,12 @@ def _turns_dropped(tokenized, no_target) -> dict[str, Any]:
         "turns": sum(n for i, n in enumerate(dropped) if i not in skipped),
         "first_indices": cut[:10],
     }
+
+
+def _untrained_turns(tokenized) -> dict[str, Any]:
+    """Assistant turns the data marked `weight: 0`: kept as context, not trained on."""
+    counts = [len(turns) for turns in tokenized["untrained"]] if "untrained" in tokenized.column_names else []
+    return {"conversations": sum(n > 0 for n in counts), "turns": sum(counts)}
 
 
 def padding_report(lengths: list[int], batch_size: int, seed: int, batching: str) -> dict[str, Any]:
@@ -182,8 +183,14 @@ class SFTDataModule(SplitsDataModule):
     def summary(self) -> str:
         r = self.report
         skipped = {reason: s["count"] for reason, s in r["skipped"].items()}
+        turns = (
+            f"; assistant turns cut at max_length: {r['turns_dropped']['turns']}, "
+            f"kept as context (weight 0): {r['untrained_turns']['turns']}"
+            if "untrained_turns" in r
+            else ""
+        )
         return (
-            f"Data {r['file']}: {r['splits']} examples, template {r.get('template', 'alpaca')}; "
+            f"Data {r['file']}: {r['splits']} examples, template {r.get('template', 'alpaca')}{turns}; "
             f"ids by {r['tokenizer']['backend']}; skipped {skipped or 'none'}; "
             f"fields not used: {r['unused_fields'] or 'none'}; "
             f"truncated at {self.max_length} tokens: {r['truncated']['count']}; "
@@ -211,10 +218,4 @@ class SFTDataModule(SplitsDataModule):
         reference `output`."""
         split = self.splits["validation"]
         rows = split.select(range(min(self.exact_match_examples, len(split))))
-        if self.template == "alpaca":
-            records = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows]
-            prompts = render_prompts(self.tokenizer, "alpaca", records)
-            return [{"prompt": p, "output": r["output"]} for p, r in zip(prompts, records)]
-        conversations = [list(r["messages"]) for r in rows]
-        prompts = render(self.tokenizer, [c[:-1] for c in conversations], add_generation_prompt=True)
-        return [{"prompt": p, "output": c[-1]["content"]} for p, c in zip(prompts, conversations)]
+        return self.prompt_format.held_out_examples(self.tokenizer, rows)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from gpt4llm.data.records import read_json_records
 from gpt4llm.errors import ConfigError, DownloadError, MissingFileError, RecordError
 from gpt4llm.io import atomic
+from gpt4llm.io.json_files import read_json_records
 
 CHUNK = 1 << 16
 # Hugging Face's switches (users set them to keep a whole job off the network) and ours, for the files we download.

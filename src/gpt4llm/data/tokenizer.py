@@ -19,6 +19,7 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 from transformers.utils import cached_file
 
 from gpt4llm.errors import ConfigError, MissingFileError
+from gpt4llm.io import checksums, json_files
 
 BACKENDS = ("auto", "sentencepiece", "tokenizers")
 PAD_TOKEN = "[PAD]"  # stanford_alpaca's DEFAULT_PAD_TOKEN
@@ -72,7 +73,7 @@ class SentencePieceTokenizer(SentencePieceBackend):
         config_file = Path(save_directory) / "tokenizer_config.json"
         config = json.loads(config_file.read_text())
         config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
-        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        json_files.write_json(config_file, config, indent=2)
         return saved
 
 
@@ -86,14 +87,33 @@ def looks_local(path: str | Path) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
+# What a Hugging Face model directory holds: its config, or at least its tokenizer's files.
+MODEL_DIR_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
 def check_model_dir(path: str | Path) -> None:
-    """A MissingFileError for a local model directory that is not there: transformers would take the path for a
-    malformed hub id and say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
-    if looks_local(path) and not Path(path).expanduser().exists():
+    """A MissingFileError for a local model directory that is not there, or that holds no model (an empty directory,
+    another program's folder): transformers would take a missing path for a malformed hub id ("Repo id must be in the
+    form ...") and an empty one for a tokenizer it cannot build ("Couldn't instantiate the backend tokenizer ...
+    install sentencepiece")."""
+    if not looks_local(path):
+        return
+    local = Path(path).expanduser()
+    if not local.exists():
         raise MissingFileError(
             f"{path}: no such model directory. Check the path: it should be a directory with config.json "
             f"(a run's export/ directory), or a hub model's id (owner/name)"
         )
+    if not local.is_dir():
+        raise MissingFileError(f"{path}: a file, not a model directory: point at the directory that holds config.json")
+    if not any((local / name).is_file() for name in MODEL_DIR_FILES):
+        held = sorted(p.name for p in local.iterdir())
+        listed = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "") if held else "nothing"
+        raise MissingFileError(
+            f"{path}: holds no model (no config.json or tokenizer files; it holds {listed}). Point at a model "
+            f"directory: a run's export/ directory, or one saved with save_pretrained"
+        )
+    checksums.verify_manifest(local)  # an export of ours: every file as it was written
 
 
 def model_file(path: str | Path, name: str) -> Path | None:

@@ -20,9 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.records import read_json_records
 from gpt4llm.data.sources import ensure_file
 from gpt4llm.errors import ConfigError, RecordError
+from gpt4llm.io.json_files import read_json_records
 
 # The fields each layout must have; a download without them is rejected, a local file names the missing one.
 REQUIRED = {

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt4llm.data.records import read_json_records
 from gpt4llm.errors import RecordError
+from gpt4llm.io.json_files import read_json_records
 
 SINGLE_SYSTEM = None
 SINGLE_TEMPLATE = (

@@ -25,9 +25,9 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
-from gpt4llm.data.records import read_json_records
 from gpt4llm.errors import MissingFileError, RecordError
 from gpt4llm.evaluation.responses import slug  # noqa: F401  (file names here and in the commands)
+from gpt4llm.io.json_files import read_json_records
 
 BUCKETS = ("0-2", "3-5", "6-10", "10-")  # the file-name labels; the x axis says ">10" for "10-"
 TABLE_FILE = re.compile(r"^(?P<prefix>.*)_len(?P<bucket>0-2|3-5|6-10|10-|ALL)\.json$")

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.records import read_json_records
 from gpt4llm.errors import MissingFileError, RecordError
+from gpt4llm.io.json_files import read_json_records
 
 
 def slug(name: str) -> str:

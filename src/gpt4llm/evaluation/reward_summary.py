@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.records import read_json_records
 from gpt4llm.errors import RecordError
+from gpt4llm.io.json_files import read_json_records
 
 
 def is_best_of_n(path: str | Path) -> bool:

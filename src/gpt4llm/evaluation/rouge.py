@@ -12,12 +12,12 @@ response scores 0 against it; such pairs are counted and reported, not hidden.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from gpt4llm.errors import RecordError
+from gpt4llm.io import json_files
 
 # (label in the files, smallest and largest reference length in words). The labels are those of the original files;
 # its 6-10 file says "5-10" in the Length field, a typo in the original (its counts are of 6-10 words).
@@ -100,7 +100,7 @@ def write_tables(tables: dict[str, list[dict]], directory: Path, prefix: str) ->
     paths = []
     for label, rows in tables.items():
         path = directory / f"{prefix}_len{label}.json"
-        path.write_text(json.dumps(rows, indent=2))
+        json_files.write_json(path, rows, indent=2)
         paths.append(path)
     return paths
 

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 def read_prompts(path: str | Path) -> list[dict]:
     """Alpaca records with `id`, `instruction` and `input`; a clear error naming file, record and field otherwise."""
-    from gpt4llm.data.records import read_json_records
     from gpt4llm.errors import RecordError
+    from gpt4llm.io.json_files import read_json_records
 
     prompts = []
     for index, record in enumerate(read_json_records(path)):
@@ -69,14 +69,13 @@ def best_of_n(
 
     tokenizer = load_tokenizer(str(sft_model))
     model = AutoModelForCausalLM.from_pretrained(str(sft_model)).to("cuda" if torch.cuda.is_available() else "cpu")
-    template = getattr(model.config, "gpt4llm_template", "alpaca")  # the prompt it was trained with
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
     draws = []
     for k in range(n):
         torch.manual_seed(seed + k)  # one seed per draw: any draw can be reproduced on its own
-        draws.append(generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, template, **sampling))
+        draws.append(generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, **sampling))
         log.info(f"Draw {k + 1}/{n}: {len(prompts)} responses")
-    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, template)  # greedy
+    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)  # greedy, as trained
     del model  # the reward model needs the memory next
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

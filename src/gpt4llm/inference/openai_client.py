@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt4llm.errors import ConfigError, TooFewSucceeded
-from gpt4llm.io import atomic
+from gpt4llm.io import json_files
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class ChatClient:
                     .batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
                     .id
                 )
-                atomic.write_text(state, json.dumps({"batch_id": batch_id, "requests": len(lines)}))
+                json_files.write_json(state, {"batch_id": batch_id, "requests": len(lines)}, indent=None)
                 log.info(f"{progress or 'batch'}: submitted {len(lines)} requests as batch {batch_id}")
             while (batch := self._sdk().batches.retrieve(batch_id)).status not in (
                 "completed",

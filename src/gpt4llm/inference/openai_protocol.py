@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gpt4llm.data.prompts import alpaca_prompt
+from gpt4llm.data.formats import FormatProblem, PromptFormat
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 ERROR_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error"}
@@ -98,6 +98,14 @@ class ChatRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    def stop_strings(self) -> list[str]:
+        """`stop` as a list (OpenAI takes one string or a list)."""
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a chunk holding the usage (stream_options.include_usage)."""
+        return self.stream_options is not None and self.stream_options.include_usage is True
+
 
 def refuse_unsupported(body: dict) -> None:
     """A 400 naming the first field this server does not honour (logprobs, tools, response_format, ...)."""
@@ -128,8 +136,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
             raise RequestError(
                 400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content"
             )
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    if stop is not None and len(stop) > 4:
+    if len(request.stop_strings()) > 4:
         raise RequestError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
     if request.n is not None and request.n > 1 and request.temperature == 0:
         raise RequestError(400, "'n' > 1 needs temperature > 0: greedy answers would all be the same", "n")
@@ -166,35 +173,15 @@ def _param(loc: tuple) -> str:
     return str(loc[0]) if loc else "body"
 
 
-def prompt_from_messages(messages: Any) -> str:
-    """The Alpaca prompt for a chat: the last user message as the instruction, or, when that message already is an
-    Alpaca prompt, the message itself (ending in '### Response:'). System messages and earlier turns are not part of
-    it: the model only ever saw single-turn Alpaca prompts, whose fixed preamble stands in for a system prompt."""
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    checked = parse_chat_request({"messages": messages}).messages
-    users = [m.text() for m in checked if m.role == "user"]
-    if not users:
-        raise RequestError(400, "'messages' has no user message: the last user message is the instruction", "messages")
-    if not users[-1].strip():
-        raise RequestError(400, "the last user message is empty", "messages")
-    return alpaca_prompt(users[-1])
-
-
-def conversation_from_messages(messages: list[dict]) -> list[dict[str, str]]:
-    """A chat's messages as the conversation a chat template renders (system, user, assistant, ...; a developer
-    message is a system one), ending with the user turn to answer; a RequestError naming what does not fit."""
-    from gpt4llm.data.conversations import TurnProblem, check_turns
-
-    checked = parse_chat_request({"messages": messages}).messages
-    if any(m.role == "tool" for m in checked):
-        raise RequestError(400, "tool messages are not supported by this server", "messages")
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in checked]
+def chat_prompt(prompt_format: PromptFormat, tokenizer, messages: list[Message]) -> str:
+    """The prompt a chat's messages (a parsed request's) are answered from, as the model's prompt format builds it
+    (data.formats): the paper's Alpaca prompt around the last user message, or the whole conversation through a chat
+    template (a developer message is a system one). A RequestError naming what does not fit."""
+    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        check_turns(conversation, final="user")
-    except TurnProblem as problem:
-        raise RequestError(400, f"'messages' {problem}", "messages") from None
-    return conversation
+        return prompt_format.chat_prompt(tokenizer, conversation)
+    except FormatProblem as problem:
+        raise RequestError(400, str(problem), "messages") from None
 
 
 # --- the responses -------------------------------------------------------------------------------------------------

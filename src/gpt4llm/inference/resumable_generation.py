@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gpt4llm.data.templates import render_prompts
+from gpt4llm.data.formats import PromptFormat
 from gpt4llm.errors import RecordError
+from gpt4llm.models import model_card
 from gpt4llm.models.decoding import generate_completions
 
 
@@ -24,7 +25,7 @@ def generate_to_file(
     batch_size: int = 16,
     extra: dict[str, Any] | None = None,
     progress: str | None = "Generating",
-    template: str = "alpaca",
+    prompt_format: PromptFormat | None = None,
 ) -> dict[str, int]:
     """Appends a JSON line per record to `path`: the record's fields (`id`, `instruction`, `input`, and `category`,
     `reference` where it has them), `prompt`, `response` (`responses` too when decoding.num_samples > 1),
@@ -48,7 +49,8 @@ def generate_to_file(
     sampling = {
         k: decoding[k] for k in ("temperature", "top_p", "top_k") if decoding.get("do_sample") and k in decoding
     }
-    prompts = render_prompts(tokenizer, template, todo)
+    fmt = prompt_format or model_card.prompt_format_of(model, tokenizer).format  # the prompt it was trained with
+    prompts = fmt.record_prompts(tokenizer, todo)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for rows, completions in generate_completions(
@@ -59,7 +61,7 @@ def generate_to_file(
             batch_size,
             decoding.get("num_samples", 1),
             progress=progress,
-            add_special_tokens=template == "alpaca",
+            add_special_tokens=fmt.add_special_tokens,
             do_sample=bool(decoding.get("do_sample")),
             **sampling,
         ):

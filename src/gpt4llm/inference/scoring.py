@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gpt4llm.data.formats import PromptFormat
 from gpt4llm.errors import ConfigError, RecordError
-from gpt4llm.io import atomic
+from gpt4llm.io import json_files
+from gpt4llm.models import model_card
 
 
-def record_prompt(record: dict, index: int, template: str = "alpaca") -> str:
-    """The prompt of a record to score (the Alpaca prompt; for a reward model trained with a chat template, the user
-    turn's text), or a RecordError naming the record and the field."""
-    from gpt4llm.data.conversations import alpaca_user_text
-    from gpt4llm.data.prompts import alpaca_prompt, format_prompt
-
+def record_prompt(record: dict, index: int, prompt_format: PromptFormat) -> str:
+    """The prompt of a record to score, as the reward model's format renders it (data.formats), or a RecordError
+    naming the record and the field."""
     if not isinstance(record, dict):
         raise RecordError(f"record {index}: is a JSON {type(record).__name__}, not an object")
     if "prompt" not in record and "instruction" not in record:
@@ -24,13 +23,7 @@ def record_prompt(record: dict, index: int, template: str = "alpaca") -> str:
             raise RecordError(f"record {index}: field '{name}' is missing")
         if name in record and not isinstance(record[name], str):
             raise RecordError(f"record {index}: field '{name}' is {type(record[name]).__name__}, not a string")
-    if template != "alpaca":
-        return (
-            record["prompt"] if "prompt" in record else alpaca_user_text(record["instruction"], record.get("input", ""))
-        )
-    if "prompt" in record:
-        return alpaca_prompt(record["prompt"])
-    return format_prompt(record["instruction"], record.get("input", ""))
+    return prompt_format.score_prompt(record)
 
 
 def score_records(
@@ -43,24 +36,17 @@ def score_records(
     """
     import torch
 
-    from gpt4llm.data.encoding import encode_responses, encode_truncated, padded_batch
-    from gpt4llm.data.templates import render
+    from gpt4llm.data.encoding import padded_batch
     from gpt4llm.data.tokenizer import load_tokenizer
     from gpt4llm.models.reward_module import load_reward_model, sequence_rewards
 
     tokenizer = load_tokenizer(str(model_dir))
     model = load_reward_model(str(model_dir), tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    template = getattr(model.config, "gpt4llm_template", "alpaca")  # as its training rendered the sequences
-    prompts = [record_prompt(r, i, template) for i, r in enumerate(records)]
-    max_length = getattr(model.config, "reward_max_length", None) or model.config.max_position_embeddings
-    responses = [r["response"] for r in records]
-    if template == "alpaca":
-        ids, _ = encode_responses(tokenizer, prompts, responses, max_length)
-    else:
-        turns = [
-            [{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)
-        ]
-        ids, _ = encode_truncated(tokenizer, render(tokenizer, turns), max_length, add_special_tokens=False)
+    card = model_card.read(model.config)
+    fmt = model_card.prompt_format_of(model, tokenizer).format  # as its training rendered the sequences
+    prompts = [record_prompt(r, i, fmt) for i, r in enumerate(records)]
+    max_length = card.reward_max_length or model.config.max_position_embeddings
+    ids = fmt.reward_ids(tokenizer, prompts, [r["response"] for r in records], max_length)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
     rewards = [0.0] * len(ids)
     with torch.no_grad():
@@ -78,8 +64,9 @@ def score_records(
 
 
 def reward_statistics(config, model_dir) -> tuple[float, float]:
-    """The validation reward mean and std that `train task=rm` stored in the exported config."""
-    mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
+    """The validation reward mean and std that `train task=rm` recorded in the export's card."""
+    card = model_card.read(config)
+    mean, std = card.reward_mean, card.reward_std
     if mean is None or not std:
         raise ConfigError(f"{model_dir}: no reward_mean/reward_std in its config (trained without validation data)")
     return mean, std
@@ -88,7 +75,7 @@ def reward_statistics(config, model_dir) -> tuple[float, float]:
 def score_file(model_dir: str | Path, path: str | Path, output: str | Path | None = None, batch_size: int = 8) -> Path:
     from transformers import AutoConfig
 
-    from gpt4llm.data.records import read_json_records
+    from gpt4llm.io.json_files import read_json_records
 
     path = Path(path)
     output = Path(output) if output else path.with_name(f"{path.stem}.scored.jsonl")
@@ -98,6 +85,6 @@ def score_file(model_dir: str | Path, path: str | Path, output: str | Path | Non
     except RecordError as err:
         raise RecordError(f"{path}: {err}") from None
     config = AutoConfig.from_pretrained(str(model_dir))
-    stats = reward_statistics(config, model_dir) if getattr(config, "reward_std", None) else None
+    stats = reward_statistics(config, model_dir) if model_card.read(config).reward_std else None
     normalized = [{"reward_normalized": (r - stats[0]) / stats[1]} if stats else {} for r in rewards]
-    return atomic.write_jsonl(output, [rec | {"reward": r} | n for rec, r, n in zip(records, rewards, normalized)])
+    return json_files.write_jsonl(output, [rec | {"reward": r} | n for rec, r, n in zip(records, rewards, normalized)])

@@ -6,11 +6,10 @@ that directory. A write that fails for want of space or permission says which pa
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,10 +60,37 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def umask() -> int:
+    """The process's umask: from /proc (Linux), else by setting it and setting it back at once (os.umask can only be
+    read that way, and a thread creating a file in between would get the temporary mask)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _respect_umask(path: Path) -> None:
+    """Files and directories under `path` with the modes the umask gives new ones: some writers create theirs 0600
+    (safetensors' weights, tempfile), which would keep a teammate on a shared cluster from loading an export."""
+    if not path.exists():
+        return
+    mask = umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
-def atomic_path(target: str | Path, suffix: str = "tmp") -> Iterator[Path]:
+def atomic_path(target: str | Path, suffix: str = "tmp", private: bool = False) -> Iterator[Path]:
     """A path beside `target` to write a file or a directory into; on success it replaces `target`, on any error it
-    is removed."""
+    is removed. What was written gets the modes the umask gives (readable by the group and others under the usual
+    022), or owner-only with `private` (files that hold secrets)."""
     target = Path(target)
     tmp = target.with_name(f"{target.name}.{suffix}-{os.getpid()}")
     try:
@@ -75,6 +101,11 @@ def atomic_path(target: str | Path, suffix: str = "tmp") -> Iterator[Path]:
         raise explain(err, target) from err
     try:
         yield tmp
+        if private:
+            for item in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
+                item.chmod(0o700 if item.is_dir() else 0o600)
+        else:
+            _respect_umask(tmp)
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)  # os.replace cannot replace a directory that has files
         os.replace(tmp, target)
@@ -96,11 +127,3 @@ def write_text(target: str | Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(target)
-
-
-def write_json(target: str | Path, data, indent: int | None = 4) -> Path:
-    return write_text(target, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
-
-
-def write_jsonl(target: str | Path, rows: Iterable[dict]) -> Path:
-    return write_text(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

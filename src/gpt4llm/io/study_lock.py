@@ -1,7 +1,8 @@
 """One running process per study directory (a humaneval server, a reproduce run): the holder keeps an flock on
 `<directory>/<name>` and writes its pid, host, start time and command into it; a second process stops at once with
 a message naming the holder. The kernel drops an flock when its process dies (even by SIGKILL), so a lock file left
-by a dead process is simply taken over; what it said is returned so the caller can mention it."""
+by a dead process is simply taken over; what it said is returned so the caller can mention it. A training run's
+directory is locked the same way (gpt4llm.training.resume.run_directory_lock), its lock file removed at the end."""
 
 from __future__ import annotations
 
@@ -43,23 +44,37 @@ def read_holder(path: str | Path) -> dict[str, Any]:
 
 @contextmanager
 def study_lock(
-    directory: str | Path, name: str = "lock", action: str = "use this study", command: str | None = None
+    directory: str | Path,
+    name: str = "lock",
+    action: str = "use this study",
+    command: str | None = None,
+    advice: str = "wait for it to end or stop it (kill <pid>), then run this again",
+    remove: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Holds `<directory>/<name>` while the block runs, or raises LockHeld at once when a live process holds it
-    ("cannot <action>: <directory> is in use by pid ..."). Yields what the file said before (the holder of a stale
-    lock, {} if none): a dead holder's lock is taken over. `command`: how the holder is described (its argv)."""
+    ("cannot <action>: <directory> is in use by pid ...; <advice>", the holder's pid in place of <pid>). Yields what
+    the file said before (the holder of a stale lock, {} if none): a dead holder's lock is taken over. `command`: how
+    the holder is described (its argv). `remove`: the file is deleted on release (while still held), so a directory
+    left behind holds no lock file; a process that opened it just before is told apart by the file it locked no
+    longer being the one at the path."""
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    # "a+" creates without truncating: the current holder's details stay readable until we own the lock.
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the whole block)
-    try:
+    while True:
+        # "a+" creates without truncating: the current holder's details stay readable until we own the lock.
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held for the whole block)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
+            holder = read_holder(path)
             raise LockHeld(
-                f"cannot {action}: {Path(directory)} is in use by {describe(read_holder(path))}; wait for it to end "
-                f"or stop it (kill <pid>), then run this again"
+                f"cannot {action}: {Path(directory)} is in use by {describe(holder)}; "
+                + advice.replace("<pid>", str(holder.get("pid", "<pid>")))
             ) from None
+        if _still_at(path, handle):
+            break
+        handle.close()  # locked a file its holder had removed on release: lock the one at the path now
+    try:
         previous = read_holder(path)
         handle.seek(0)
         handle.truncate()
@@ -77,8 +92,18 @@ def study_lock(
         try:
             yield previous
         finally:
-            handle.seek(0)
-            handle.truncate()  # nobody holds it now: a reader must not name us
+            if remove:
+                path.unlink(missing_ok=True)
+            else:
+                handle.seek(0)
+                handle.truncate()  # nobody holds it now: a reader must not name us
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+def _still_at(path: Path, handle) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False

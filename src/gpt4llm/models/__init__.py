@@ -1,1 +1,2 @@
-"""The LightningModules for SFT and reward models, Hugging Face loading and export, tokenizers, attention."""
+"""The LightningModules (SFT, reward model, DPO), Hugging Face loading, adapters, export and its model card, batched
+decoding, attention."""

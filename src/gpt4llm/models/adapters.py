@@ -19,12 +19,68 @@ LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_r
 
 
 def plain(settings) -> dict | None:
-    """The settings as plain Python (a composed config's DictConfig and ListConfig become dict and list)."""
+    """The settings as plain Python (a composed config's DictConfig and ListConfig become dict and list), checked
+    (`check_lora`) where they ask for LoRA."""
     if not settings:
         return None
     from omegaconf import DictConfig, OmegaConf
 
-    return OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else dict(settings)
+    settings = OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else dict(settings)
+    return check_lora(settings) if active(settings) else settings
+
+
+BIASES = ("none", "all", "lora_only")
+
+
+def check_lora(settings: dict) -> dict:
+    """A ConfigError, one line at start, for settings under which nothing would train or peft would fail mid-setup;
+    `target_modules` as LLaMA-Factory and a command line spell it (`all`, a single name) made peft's."""
+    r, alpha, dropout = settings.get("r"), settings.get("lora_alpha"), settings.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"peft.r={r!r}: LoRA's rank is a whole number of at least 1 (8 to 64 are usual)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ConfigError(
+            f"peft.lora_alpha={alpha!r}: the adapters' output is scaled by lora_alpha / r, so it must be above 0 "
+            f"(alpaca-lora uses 16 with r 8)"
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(
+            f"peft.lora_dropout={dropout!r}: the share of the adapters' inputs dropped, at least 0 and below 1 "
+            f"(1 drops them all, and nothing trains)"
+        )
+    if settings.get("bias", "none") not in BIASES:
+        raise ConfigError(f"peft.bias={settings.get('bias')!r}: choose one of {', '.join(BIASES)}")
+    targets = settings.get("target_modules")
+    if targets in ("all", "all-linear"):  # LLaMA-Factory spells peft's all-linear "all"
+        targets = "all-linear"
+    elif isinstance(targets, str) and targets.strip():
+        targets = [t.strip() for t in targets.split(",")]  # `peft.target_modules=q_proj` or `=q_proj,v_proj`
+    if not targets or (isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets)):
+        raise ConfigError(
+            f"peft.target_modules={targets!r}: name the layers to adapt, e.g. [q_proj,v_proj], or all-linear"
+        )
+    return settings | {"target_modules": targets}
+
+
+def check_targets(model_path: str, auto_mapping, targets) -> None:
+    """Every named target matches a layer of the model at `model_path` (peft drops one that matches nothing without a
+    word, or fails when none does): a ConfigError naming it and the model's linear layers. Built on the meta device
+    from its config, so it costs nothing and runs before the run starts."""
+    if not isinstance(targets, list):
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = auto_mapping[type(config)]._from_config(config)
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"peft.target_modules: {', '.join(missing)} matches no layer of {type(model).__name__}; its linear "
+            f"layers are {', '.join(linear)} (or use all-linear)"
+        )
 
 
 def active(settings: dict | None) -> bool:
@@ -62,8 +118,14 @@ def check_4bit() -> None:
         ) from None
 
 
-def wrap(model, settings: dict | None, task_type: str, gradient_checkpointing: bool = False):
-    """`model` with LoRA adapters (only they, and a reward model's head, train), or `model` as it is for peft=none."""
+def wrap(model, settings: dict | None, task_type: str, gradient_checkpointing: bool = False, new_token_ids=()):
+    """`model` with LoRA adapters (only they, a reward model's head and the rows of `new_token_ids` train), or `model`
+    as it is for peft=none.
+
+    New tokens' rows (input embeddings, and the output layer's where it is not tied) train through peft's
+    `trainable_token_indices` and are saved in the adapter (a few rows, not the whole matrices that LLaMA-Factory's
+    `modules_to_save` keeps): the adapter then loads with peft's documented steps, `base.resize_token_embeddings(
+    len(tokenizer))` and `PeftModel.from_pretrained`, whatever the resize fills the new rows with."""
     if not active(settings):
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -82,11 +144,22 @@ def wrap(model, settings: dict | None, task_type: str, gradient_checkpointing: b
     zero3 = is_deepspeed_zero3_enabled()
     # peft keeps adapters in fp32 over a 16-bit base; under ZeRO-3 every trainable tensor must share the base's
     # dtype (DeepSpeed keeps the fp32 master copies itself)
-    config = LoraConfig(task_type=task_type, modules_to_save=save, **lora)
+    tokens = new_token_layers(model, list(new_token_ids)) if new_token_ids else None
+    config = LoraConfig(task_type=task_type, modules_to_save=save, trainable_token_indices=tokens, **lora)
     model = get_peft_model(model, config, autocast_adapter_dtype=not zero3)
     if zero3:
         initialize_partitioned_adapters(model)
     return model
+
+
+def new_token_layers(model, ids: list[int]) -> dict[str, list[int]]:
+    """peft's `trainable_token_indices`: the embedding layers (by module name) whose rows `ids` train."""
+    names = {module: name for name, module in model.named_modules()}
+    layers = {names[model.get_input_embeddings()]: ids}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:  # untied (LLaMA): its own rows
+        layers[names[head]] = ids
+    return layers
 
 
 def initialize_partitioned_adapters(model) -> None:

@@ -1,4 +1,4 @@
-"""What the SFT and the reward LightningModules share: a Hugging Face backbone built where the strategy wants it,
+"""What the SFT, reward-model and DPO LightningModules share: a Hugging Face backbone built where the strategy wants it,
 AdamW of the implementation the strategy needs, and warmup followed by the configured schedule."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, get_scheduler
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from gpt4llm.data.formats import resolve_format
 from gpt4llm.errors import CheckpointError
-from gpt4llm.models import adapters
-from gpt4llm.models.hf import import_model_code, load_causal_lm
+from gpt4llm.models import adapters, model_card
+from gpt4llm.models.hf import added_token_ids, import_model_code, load_causal_lm
 from gpt4llm.models.optim import (
     CHOICES,
     build_adamw,
@@ -33,6 +34,19 @@ class HFBackboneModule(L.LightningModule):
     """
 
     auto_mapping: Any = None  # transformers' auto mapping of the backbone's class (for import_model_code)
+    # What the task is, for what sizes a run from its config before building it (gpt4llm.training.memory_plan):
+    sequences_per_example = 1  # sequences one example puts through a forward pass
+
+    @classmethod
+    def keeps_frozen_copy(cls, settings) -> bool:
+        """Whether a run with these task settings (its `task` config) holds a frozen copy of the backbone in memory
+        beside the one that trains."""
+        return False
+
+    @classmethod
+    def precomputes_reference(cls, settings) -> bool:
+        """Whether a run with these task settings makes a forward pass over its data before step 1."""
+        return False
 
     def __init__(
         self,
@@ -52,12 +66,16 @@ class HFBackboneModule(L.LightningModule):
         # hold them alone (strict_loading off: the frozen base comes from model_path, not from the checkpoint)
         self.peft = adapters.plain(peft)
         self.strict_loading = not adapters.active(self.peft)
-        self.template = template  # data.templates: how prompts are rendered, recorded in the export
+        if adapters.active(self.peft):  # at start, before the run makes its directories
+            adapters.check_targets(model_path, self.auto_mapping, self.peft["target_modules"])
+        # data.formats: how prompts are rendered (`auto` decided against this tokenizer), recorded in the export
+        self.prompt_format = resolve_format(template, tokenizer).format
         self.model_path, self.dtype_name, self.gradient_checkpointing = model_path, dtype, gradient_checkpointing
         self.optimizer_settings = dict(optimizer)
         self.lr_scheduler, self.warmup_ratio = lr_scheduler, warmup_ratio
         self.model: PreTrainedModel | None = None
-        self.validated_at_step: int | None = None  # lets `train` add a final validation when fit did not end on one
+        # the step of the last validation, kept here by training.callbacks.LastValidation (train asks the callback)
+        self.validated_at_step: int | None = None
 
     peft_task_type = "CAUSAL_LM"  # peft's task type of the backbone
 
@@ -118,11 +136,21 @@ class HFBackboneModule(L.LightningModule):
             # whole model on every rank; None under any other strategy.
             self._zero3_config = hf_deepspeed_config(self._trainer.strategy if self._trainer is not None else None)
             model = self.load_backbone(adapters.quantization_config(self.peft))
-            record_template(model, self.tokenizer, self.template)
-            self.model = adapters.wrap(model, self.peft, self.peft_task_type, self.gradient_checkpointing)
+            adapter = self.peft if adapters.active(self.peft) else None
+            model_card.record_training(model, self.tokenizer, self.prompt_format, self.model_path, adapter)
+            # the rows of tokens this run added (a pad token, a template's <|im_end|>) train with the adapters:
+            # frozen at the mean embedding, a new end-of-turn token could never be preferred
+            added = added_token_ids(self.model_path, self.tokenizer) if adapter else []
+            self.model = adapters.wrap(
+                model, self.peft, self.peft_task_type, self.gradient_checkpointing, new_token_ids=added
+            )
             self.model.train()  # from_pretrained returns it in eval mode, and Lightning keeps a submodule's mode
             trainable, total = adapters.parameter_counts(self.model)
-            rank_zero_info(f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+            checkpointing = "on" if self.gradient_checkpointing else "off"
+            rank_zero_info(
+                f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%); "
+                f"gradient checkpointing {checkpointing} (model.gradient_checkpointing)"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """An adapter run's checkpoint keeps the tensors that train (and their optimizer state), not the frozen base
@@ -178,19 +206,6 @@ def optimizer_steps(
     )
     steps = math.ceil(batches / accumulation) * max(max_epochs, 1)
     return min(steps, max_steps) if max_steps != -1 else steps
-
-
-def record_template(model: PreTrainedModel, tokenizer, template: str) -> None:
-    """The prompt template in the model's config (`gpt4llm_template`, read by generate, serve and score), and its
-    end-of-turn ids among those generation stops at."""
-    from gpt4llm.data.templates import end_of_turn_ids
-
-    model.config.gpt4llm_template = template
-    if template == "alpaca" or model.generation_config is None:
-        return
-    configured = model.generation_config.eos_token_id
-    configured = [configured] if isinstance(configured, int) else list(configured or [])
-    model.generation_config.eos_token_id = list(dict.fromkeys([*configured, *end_of_turn_ids(tokenizer, template)]))
 
 
 class CausalLMModule(HFBackboneModule):

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt4llm.data.templates import render_prompts
+from gpt4llm.data.formats import PromptFormat
+from gpt4llm.models import model_card
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,15 @@ def generate_responses(
     records: list[dict[str, str]],
     max_new_tokens: int = 256,
     batch_size: int = 16,
-    template: str = "alpaca",
+    prompt_format: PromptFormat | None = None,
     **sampling,
 ) -> list[str]:
-    """One response per record (`instruction`, optional `input`), in input order, from the prompt `template` renders
-    (data.templates); `sampling` goes to `generate` (greedy unless it says do_sample=True)."""
-    prompts = render_prompts(tokenizer, template, records)
-    return generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, template == "alpaca", **sampling)
+    """One response per record (`instruction`, optional `input`), in input order, from the prompt `prompt_format`
+    renders (data.formats; default: the model's, models.model_card.prompt_format_of); `sampling` goes to `generate`
+    (greedy unless it says do_sample=True)."""
+    fmt = prompt_format or model_card.prompt_format_of(model, tokenizer).format
+    prompts = fmt.record_prompts(tokenizer, records)
+    return generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, fmt.add_special_tokens, **sampling)
 
 
 def generate_texts(

@@ -9,8 +9,9 @@ Whatever the strategy, the export holds complete weights or does not exist:
 It is written into a sibling directory, reloaded with `from_pretrained` and checked: every tensor has the shape the
 model's config gives (an empty or partial tensor, a missing or unexpected key is an error), and the reloaded model's
 logits on a fixed batch match the in-training model's within the tolerance of the precision it computed in. Only
-then is the directory renamed into place. With sharded weights, call it on every rank (the gather is collective);
-rank 0 writes, and an error on rank 0 is raised on every rank.
+then is the directory renamed into place, with a checksum manifest of its files (gpt4llm.io.checksums, verified where
+the export is loaded) and the modes the umask gives. With sharded weights, call it on every rank (the gather is
+collective); rank 0 writes, and an error on rank 0 is raised on every rank.
 
 A DeepSpeed checkpoint directory (checkpoints/last.ckpt/ under ZeRO) becomes a single fp32 file with Lightning's
 `lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict(ckpt_dir, out_file)`.
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from gpt4llm.data.prompts import chat_template, format_prompt
+from gpt4llm.data.prompts import format_prompt
 from gpt4llm.errors import ExportError
-from gpt4llm.io import atomic
-from gpt4llm.models import adapters
+from gpt4llm.io import atomic, checksums
+from gpt4llm.models import adapters, model_card
 from gpt4llm.models.zero3 import transformers_zero3_off, zero3_state_dict
 
 # Relative RMS difference of the logits allowed between the in-training model and the reloaded export, by the dtype
@@ -180,15 +181,22 @@ def check_complete(state_dict: dict[str, torch.Tensor], expected: dict[str, tupl
         )
 
 
+def carry_chat_template(model, tokenizer) -> None:
+    """The chat template of the prompt the model learned, set on the tokenizer the export saves: the paper's Alpaca
+    prompt as a chat template (a base model's own template, copied by model=hf, would not be the one it learned), or
+    the chat template it was trained with (the tokenizer's already)."""
+    template = model_card.prompt_format_of(model).format.export_chat_template()
+    if template is not None:
+        tokenizer.chat_template = template
+
+
 def _write_verified(model, tokenizer, directory: Path, state_dict, reference, batch) -> None:
     check_complete(state_dict, expected_shapes(model))
-    # The template of the prompt the model learned: the paper's Alpaca prompt as a chat template (a base model's own
-    # template, copied by model=hf, would not be the one it learned), or the chat template it was trained with.
-    if getattr(model.config, "gpt4llm_template", "alpaca") == "alpaca":
-        tokenizer.chat_template = chat_template()
+    carry_chat_template(model, tokenizer)
     with atomic.atomic_path(directory) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        checksums.write_manifest(tmp)
         if reference is not None:
             verify_export(tmp, reference, batch, type(model))
 
@@ -196,8 +204,7 @@ def _write_verified(model, tokenizer, directory: Path, state_dict, reference, ba
 def _write_adapter_and_merged(model, tokenizer, directory: Path, adapter_state, reference, batch, load_base) -> None:
     if load_base is None:
         raise ExportError("an adapter export needs the base model to merge into (export_hf(load_base=...))")
-    if getattr(model.config, "gpt4llm_template", "alpaca") == "alpaca":
-        tokenizer.chat_template = chat_template()
+    carry_chat_template(model, tokenizer)
     quantized = getattr(adapters.backbone(model), "is_loaded_in_4bit", False)
     with atomic.atomic_path(directory) as tmp:
         adapter_dir = tmp / "adapter"
@@ -205,13 +212,12 @@ def _write_adapter_and_merged(model, tokenizer, directory: Path, adapter_state, 
         model.save_pretrained(adapter_dir, state_dict=adapter_state, save_embedding_layers=False)
         tokenizer.save_pretrained(adapter_dir)
         merged = adapters.merge_into_base(load_base(), adapter_dir)
-        for key in ("gpt4llm_template", "reward_mean", "reward_std", "reward_max_length"):  # what training recorded
-            if hasattr(model.config, key):
-                setattr(merged.config, key, getattr(model.config, key))
+        model_card.copy(model.config, merged.config)  # what training recorded
         if model.generation_config is not None and merged.generation_config is not None:
             merged.generation_config.eos_token_id = model.generation_config.eos_token_id
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        checksums.write_manifest(tmp)  # the adapter's files too
         if reference is not None:  # a QLoRA run computed through 4-bit weights in its compute dtype: bf16's tolerance
             verify_export(tmp, reference, batch, type(merged), LOGIT_TOLERANCE[torch.bfloat16] if quantized else None)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -12,8 +14,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-from gpt4llm.data.templates import apply_template
+from gpt4llm.data.formats import resolve_format
 from gpt4llm.data.tokenizer import check_model_dir, load_tokenizer
+from gpt4llm.errors import MissingFileError
 from gpt4llm.models import attention
 from gpt4llm.models.zero3 import gathered
 
@@ -22,15 +25,26 @@ log = logging.getLogger(__name__)
 
 def prepare_tokenizer(path: str, tiny: dict | None = None, backend: str = "auto", template: str = "alpaca"):
     """The tokenizer of the configured model (`cfg.model`), building the local tiny model first if it is the one, made
-    to render `template` (data.templates: a named template's special tokens are added here, before the model sizes
-    its embeddings to the tokenizer)."""
+    to render the prompt format `template` (data.formats: `auto` decided against this tokenizer; a shipped template's
+    special tokens are added here, before the model sizes its embeddings to the tokenizer), and that format with how
+    it was chosen."""
     if tiny:
         from gpt4llm.models.tiny import build_tiny_model
 
         build_tiny_model(path, **tiny)
     tokenizer = load_tokenizer(path, backend=backend)
-    apply_template(tokenizer, template, f"model.path={path}")
-    return tokenizer
+    resolved = resolve_format(template, tokenizer)
+    resolved.format.prepare_tokenizer(tokenizer, f"model.path={path}")
+    return tokenizer, resolved
+
+
+def added_token_ids(path: str, tokenizer) -> list[int]:
+    """The ids of the tokens `tokenizer` has and the model at `path` was not trained with: the pad token and a
+    template's special tokens that this run added (prepare_tokenizer, data.tokenizer.load_tokenizer)."""
+    from gpt4llm.data.tokenizer import load_pretrained_tokenizer
+
+    base = load_pretrained_tokenizer(path).get_vocab()
+    return sorted(i for token, i in tokenizer.get_vocab().items() if token not in base)
 
 
 def import_model_code(path: str, auto_mapping) -> None:
@@ -59,17 +73,41 @@ def load_causal_lm(
         attention.register()
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     start = time.perf_counter()  # one line a load, where transformers' bar was (gpt4llm.app.cli.quiet_libraries)
+    adapter = adapter_base(path)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype) if dtype else None, **extra, **quantized_loading(quantization)
+        adapter or path, dtype=getattr(torch, dtype) if dtype else None, **extra, **quantized_loading(quantization)
     )
-    log.info(f"Loaded {path} in {time.perf_counter() - start:.1f}s")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         resize_embeddings_with_mean(model, len(tokenizer))
+    if adapter:  # peft's documented steps: the base, resized to the adapter's tokenizer, then the adapter, merged
+        from gpt4llm.models.adapters import merge_into_base
+
+        model = merge_into_base(model, path)
+    log.info(f"Loaded {path}{f' onto {adapter}' if adapter else ''} in {time.perf_counter() - start:.1f}s")
     model.config.pad_token_id = tokenizer.pad_token_id
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def adapter_base(path: str) -> str | None:
+    """For a peft adapter directory (an export's adapter/: adapter_config.json, no config.json), the base model it
+    names; None for a model directory. transformers would load the base at its own size and fail on the adapter's
+    rows of tokens the run added."""
+    local = Path(path).expanduser()
+    if not (local / "adapter_config.json").is_file() or (local / "config.json").is_file():
+        return None
+    base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise MissingFileError(f"{path}/adapter_config.json names no base_model_name_or_path: set it to the base model")
+    try:
+        check_model_dir(base)
+    except MissingFileError as err:
+        raise MissingFileError(
+            f"{path} is an adapter for {base} (its base_model_name_or_path), which is missing: {err}"
+        ) from None
+    return base
 
 
 def quantized_loading(quantization) -> dict:

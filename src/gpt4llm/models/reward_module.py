@@ -20,7 +20,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
 )
 
-from gpt4llm.models import adapters
+from gpt4llm.models import adapters, model_card
 from gpt4llm.models.base_module import HFBackboneModule
 from gpt4llm.models.hf import quantized_loading, resize_embeddings_with_mean
 
@@ -66,6 +66,7 @@ class RewardModule(HFBackboneModule):
     """Batches hold 2B sequences: B chosen, then their B rejected (gpt4llm.data.pair_datamodule.PairCollator)."""
 
     auto_mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    sequences_per_example = 2  # a pair: chosen and rejected in one forward pass (the memory plan counts both)
 
     def __init__(self, *args, max_length: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # HFBackboneModule's settings
@@ -80,7 +81,7 @@ class RewardModule(HFBackboneModule):
         model = load_reward_model(
             self.model_path, self.tokenizer, self.dtype_name, self.gradient_checkpointing, quantization
         )
-        model.config.reward_max_length = self.max_length
+        model_card.write(model, reward_max_length=self.max_length)  # scoring truncates as training did
         return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,6 @@ class RewardModule(HFBackboneModule):
             std = math.sqrt(max(self.val_reward_sq.compute().item() - mean**2, 0.0))
             self.log_dict({"val/reward_mean": mean, "val/reward_std": std})
             # Exported with the model: score = (reward - reward_mean) / reward_std puts any RM on one scale.
-            self.model.config.reward_mean, self.model.config.reward_std = mean, std
+            model_card.write(adapters.backbone(self.model), reward_mean=mean, reward_std=std)
         self.val_reward.reset()
         self.val_reward_sq.reset()
-        self.validated_at_step = self.global_step

@@ -57,4 +57,3 @@ class SFTModule(CausalLMModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/ppl", torch.exp(self.val_loss.compute()))
-        self.validated_at_step = self.global_step

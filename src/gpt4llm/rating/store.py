@@ -2,15 +2,25 @@
 before the page hears it was saved, so a killed server loses nothing. Votes are only ever appended; a rater who goes
 back and changes a vote adds a new row, and the report takes each rater's latest vote per task.
 
-A rater's token is their key: it is made with `secrets` and never derived from the name. Names are compared after
-`normal_name` (stripped, Unicode NFC).
+A rater's link token is their key: it is made with `secrets` and never derived from the name, and the store keeps
+only its SHA-256 digest (table `links`), never the token, so whoever reads votes.sqlite cannot rate as anyone. A link
+can therefore be shown only when it is made: `add_rater` (a new rater) and `new_link` (a new link for a rater, which
+ends their earlier ones) return it once. A store written before digests were kept has its tokens replaced by their
+digests when opened (the links keep working, and the freed pages are zeroed). The database and its -wal and -shm are
+owner-only (0600; gpt4llm.rating.private).
+
+Names are compared after `normal_name`: Unicode NFKC, invisible and format characters removed, whitespace runs
+collapsed, so two raters cannot look the same ('ann' and 'ann' with a zero-width space, or full-width 'ａｎｎ').
 
 The store knows how many votes it held: `votes_held.json` beside it records the count after every vote, so a store
 that went missing, was emptied (0 bytes) or lost votes is refused when opened instead of passing for a new study."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
 import secrets
 import sqlite3
 import threading
@@ -22,10 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from gpt4llm.errors import RecordError
-from gpt4llm.io.atomic import write_json
+from gpt4llm.io.json_files import write_json
+from gpt4llm.rating.private import owner_only, private_directory, private_file
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS raters (token TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS raters (name TEXT PRIMARY KEY, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS links (digest TEXT PRIMARY KEY, rater TEXT NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS links_by_rater ON links (rater);
 CREATE TABLE IF NOT EXISTS assignments (
     rater TEXT NOT NULL, position INTEGER NOT NULL, task INTEGER NOT NULL, shown REAL NOT NULL,
     PRIMARY KEY (rater, position), UNIQUE (rater, task));
@@ -37,10 +52,26 @@ CREATE TABLE IF NOT EXISTS votes (
 MAX_NAME = 80
 
 
+# Characters that show as nothing: Unicode's Default_Ignorable_Code_Point (the format characters, category Cf, are
+# removed by category: zero-width space and joiners, word joiner, BOM, soft hyphen, the bidi controls; these are the
+# others: combining grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian and other variation selectors).
+INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0\ufff0-\ufff8"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+
+
+def _visible(text: str) -> str:
+    return INVISIBLE.sub("", "".join(c for c in text if unicodedata.category(c) != "Cf"))
+
+
 def normal_name(name: str) -> str:
-    """A rater's name as compared and stored: stripped, Unicode NFC (so 'ann ', 'ann' and a decomposed 'é' are one
-    name). ValueError for a blank or over-long name, or one that is not text (a lone surrogate, a control char)."""
-    name = unicodedata.normalize("NFC", str(name)).strip()
+    """A rater's name as compared and stored: invisible and format characters removed (zero-width space and
+    joiners, BOM, bidi controls, variation selectors), Unicode NFKC (full-width and other compatibility forms
+    folded, a decomposed 'é' composed), whitespace runs made one space and the ends stripped; so 'ann ', 'ann' with
+    a zero-width space, and full-width 'ａｎｎ' are the name 'ann'. ValueError for a blank (also: nothing visible)
+    or over-long name, or one that is not text (a lone surrogate, a control character other than whitespace)."""
+    name = " ".join(_visible(unicodedata.normalize("NFKC", _visible(str(name)))).split())
     if not name:
         raise ValueError("a rater's name cannot be blank")
     if len(name) > MAX_NAME:
@@ -50,11 +81,17 @@ def normal_name(name: str) -> str:
     return name
 
 
+def link_digest(token: str) -> str:
+    """What the store keeps of a link's token: its SHA-256, hex. A token is 16 random bytes, so the digest gives
+    nobody the token back."""
+    return hashlib.sha256(str(token).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class VoteStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.held_path = self.path.with_name(f"{self.path.stem}_held.json")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.path.parent)
         held = self._held()
         if held and (not self.path.is_file() or self.path.stat().st_size == 0):
             state = "missing" if not self.path.exists() else "empty (0 bytes)"
@@ -62,13 +99,19 @@ class VoteStore:
                 f"{self.path}: {state}, but this study's store held {held} votes ({self.held_path}): restore "
                 f"{self.path.name} (with {self.path.name}-wal if there was one) from a backup; nothing was changed"
             )
+        # Owner-only before SQLite opens it: SQLite gives the -wal, -shm and -journal it makes the database's mode.
+        private_file(self.path)
+        for extra in ("-wal", "-shm", "-journal"):  # an older version's, made under the umask
+            owner_only(self.path.with_name(self.path.name + extra))
         # One connection shared by FastAPI's worker threads, used under a lock: SQLite serialises writers anyway.
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
+            self.db.execute("PRAGMA secure_delete=ON")  # what is deleted (an old token, a replaced link) is zeroed
+            self._digest_old_tokens()
+            self._create_tables()
             check = self.db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
@@ -86,6 +129,47 @@ class VoteStore:
                 "votes were lost; restore it from a backup"
             )
         self.lock = threading.Lock()
+
+    def _create_tables(self) -> None:
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                self.db.execute(statement)
+
+    def _has_tokens(self) -> bool:
+        return "token" in {row["name"] for row in self.db.execute("PRAGMA table_info(raters)")}
+
+    def _digest_old_tokens(self) -> None:
+        """A store written before only digests were kept has its raters' tokens in `raters.token`: they become
+        digests in `links` (each rater's link keeps working), in one transaction, and the file is rewritten (VACUUM)
+        and the WAL emptied, so no copy of a token stays in votes.sqlite or votes.sqlite-wal."""
+        if not self._has_tokens():  # a new store, or one converted before: nothing written (a reader may read only)
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._has_tokens():  # another process converted it meanwhile
+                self.db.execute("ROLLBACK")
+                return
+            rows = self.db.execute("SELECT token, name, created FROM raters").fetchall()
+            self.db.execute("ALTER TABLE raters RENAME TO raters_with_tokens")
+            self._create_tables()  # statement by statement: executescript would commit the transaction first
+            self.db.executemany("INSERT INTO raters VALUES (?, ?)", [(r["name"], r["created"]) for r in rows])
+            self.db.executemany(
+                "INSERT INTO links VALUES (?, ?, ?)", [(link_digest(r["token"]), r["name"], r["created"]) for r in rows]
+            )
+            self.db.execute("DROP TABLE raters_with_tokens")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        self.db.execute("VACUUM")
+        busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            log.warning(
+                f"{self.path}: another process has the store open, so its WAL still holds the old link tokens until "
+                "it closes"
+            )
+        log.info(f"{self.path}: the {len(rows)} raters' link tokens are now kept as digests only")
 
     def _held(self) -> int:
         """The vote count recorded beside the store (0: none recorded, a new study or one made before the record)."""
@@ -115,28 +199,43 @@ class VoteStore:
             self.db.execute("COMMIT")
 
     # -- raters ---------------------------------------------------------------------------------------------------
+    def _link(self, name: str, now: float) -> str:
+        token = secrets.token_urlsafe(16)
+        self.db.execute("INSERT INTO links VALUES (?, ?, ?)", (link_digest(token), name, now))
+        return token
+
     def add_rater(self, name: str) -> str | None:
-        """A new rater's token; None when the name is taken (the start page must not hand out someone's key)."""
+        """A new rater's link token (the only time it is seen: the store keeps its digest); None when the name is
+        taken (the start page must not hand out someone's key)."""
         name = normal_name(name)
         with self._transaction():
             if self.db.execute("SELECT 1 FROM raters WHERE name = ?", (name,)).fetchone():
                 return None
-            token = secrets.token_urlsafe(16)
-            self.db.execute("INSERT INTO raters VALUES (?, ?, ?)", (token, name, time.time()))
-            return token
+            now = time.time()
+            self.db.execute("INSERT INTO raters VALUES (?, ?)", (name, now))
+            return self._link(name, now)
 
-    def rater_token(self, name: str) -> str:
-        """The token of rater `name`, made on first use: for the links the operator prints (raters=[...]), and the
-        start page of a study with open sign-up."""
-        name = normal_name(name)
+    def has_rater(self, name: str) -> bool:
         with self.lock:
-            row = self.db.execute("SELECT token FROM raters WHERE name = ?", (name,)).fetchone()
-        return row["token"] if row else self.add_rater(name) or self.rater_token(name)
+            return self.db.execute("SELECT 1 FROM raters WHERE name = ?", (normal_name(name),)).fetchone() is not None
+
+    def new_link(self, name: str, keep_others: bool = False) -> str:
+        """A new link token for rater `name` (made a rater if new). Their earlier links stop working, unless
+        `keep_others` (a study with open sign-up, where entering the name again continues as that rater)."""
+        name = normal_name(name)
+        with self._transaction():
+            now = time.time()
+            if not self.db.execute("SELECT 1 FROM raters WHERE name = ?", (name,)).fetchone():
+                self.db.execute("INSERT INTO raters VALUES (?, ?)", (name, now))
+            elif not keep_others:
+                self.db.execute("DELETE FROM links WHERE rater = ?", (name,))
+            return self._link(name, now)
 
     def rater_name(self, token: str) -> str | None:
+        """The rater whose link `token` is; None for an unknown (or replaced) link."""
         with self.lock:
-            row = self.db.execute("SELECT name FROM raters WHERE token = ?", (token,)).fetchone()
-        return row["name"] if row else None
+            row = self.db.execute("SELECT rater FROM links WHERE digest = ?", (link_digest(token),)).fetchone()
+        return row["rater"] if row else None
 
     # -- what each rater sees -------------------------------------------------------------------------------------
     def assigned(self, rater: str) -> list[int]:
@@ -188,7 +287,7 @@ class VoteStore:
                 (rater, task, item, shown[0], shown[1], json.dumps(choices), comment, seconds, time.time()),
             )
             self.votes_held += 1
-            write_json(self.held_path, {"votes": self.votes_held})
+            write_json(self.held_path, {"votes": self.votes_held}, private=True)
 
     def latest_votes(self, rater: str | None = None) -> list[dict[str, Any]]:
         """Each rater's last vote per task, oldest first."""

@@ -1,5 +1,6 @@
 """A blind pairwise study (the paper's human evaluation, Figure 3): the items (instruction, input, each model's answer)
-and the comparisons raters make, fixed in `<study>/study.json` when the study is created.
+and the comparisons raters make, fixed in `<study>/study.json` when the study is created (owner-only, 0600, in a
+0700 directory: gpt4llm.rating.private).
 
 A task is one item compared for one pair of models (with two models, one task per item). Which answer a rater sees
 as A is decided per rater and task from the study's secret, so it cannot be guessed from the page, and is recorded
@@ -19,7 +20,8 @@ from typing import Any
 
 from gpt4llm.data.sources import file_digest
 from gpt4llm.errors import ConfigError, MissingFileError, RecordError
-from gpt4llm.io.atomic import write_text
+from gpt4llm.io.json_files import write_json
+from gpt4llm.rating.private import private_directory
 
 STUDY_FILE = "study.json"
 VOTES_FILE = "votes.sqlite"
@@ -150,7 +152,8 @@ def create_study(
         "secret": secrets.token_hex(16),  # the A/B order's seed: never sent to a browser
         "open_signup": bool(open_signup),
     }
-    write_text(directory / STUDY_FILE, json.dumps(spec, ensure_ascii=False, indent=1))
+    private_directory(directory)  # 0700 before anything is in it: the study's files are its owner's alone
+    write_json(directory / STUDY_FILE, spec, indent=1, private=True)  # 0600: it holds the secret
     return Study(directory, spec)
 
 

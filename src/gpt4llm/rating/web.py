@@ -3,15 +3,18 @@ JavaScript (gpt4llm/rating/static/).
 
     GET  /                                  the start page: a new rater enters a name
     POST /api/raters          {"name"}      -> {"token", "url": "/rate/<token>"}; 409 for a name already taken,
-                                            unless the study has open sign-up (then the name resumes)
+                                            unless the study has open sign-up (then the name resumes, with a
+                                            new link beside the rater's others)
     GET  /rate/<token>                      the rating page
     GET  /api/rate/<token>/items/<k>        the rater's k-th item (k=-1: where they left off): the task shown,
                                             instruction, input, answers as A and B, their earlier vote
     POST /api/rate/<token>/items/<k>/vote   {"task", "choices": {criterion: "A"|"tie"|"B"}, "comment", "seconds"}
 
-Access: a rater's link (/rate/<token>, an unguessable token) is their key; a name is only a label. The start page
-makes new raters; a name already taken is refused, so nobody reads or overrides someone else's votes by typing their
-name (a study made with open_signup=true lets the same name resume, and its report says so).
+Access: a rater's link (/rate/<token>, an unguessable token) is their key; a name is only a label. The store keeps
+only the token's digest, so a link is shown once, when it is made. The start page makes new raters; a name already
+taken (compared after store.normal_name: look-alikes with invisible characters or full-width letters are the same
+name) is refused, so nobody reads or overrides someone else's votes by typing their name (a study made with
+open_signup=true lets the same name resume, and its report says so).
 
 The page never learns which model wrote which answer: the server keeps the order (Study.shown_order) and records it
 with the vote. Items are dealt to raters least-shown first (ties broken by a per-rater random rank), so raters spread
@@ -74,14 +77,15 @@ class Rating:
         return name
 
     def new_rater(self, name: str) -> str:
-        if self.study.open_signup:
-            return self.store.rater_token(name)
+        if self.study.open_signup:  # the name resumes: a new link, the rater's earlier ones still work
+            return self.store.new_link(name, keep_others=True)
         token = self.store.add_rater(name)
         if token is None:
             raise HTTPException(
                 409,
                 f"the name {normal_name(name)!r} is taken: if it is yours, go on with your own rating link (the "
-                "address of your rating page); otherwise choose another name",
+                "address of your rating page; if you lost it, the study's organiser can give you a new one); "
+                "otherwise choose another name",
             )
         return token
 

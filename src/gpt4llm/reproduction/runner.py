@@ -42,7 +42,8 @@ from typing import Any
 
 from gpt4llm.data.sources import file_digest
 from gpt4llm.errors import ConfigError, GPT4LLMError, RecordError, StageFailed
-from gpt4llm.io.atomic import remove_stale_temporaries, write_text
+from gpt4llm.io.atomic import remove_stale_temporaries
+from gpt4llm.io.json_files import write_json
 
 DONE = "stage.json"
 LOG = "stage.log"
@@ -386,20 +387,18 @@ class Pipeline:
             what = f"exited with status {code}" if code else f"did not write {', '.join(missing)}"
             raise StageFailed(f"stage {stage.name} {what}; its log: {directory / LOG}\n{tail}")
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_text(
+        write_json(
             directory / DONE,
-            json.dumps(
-                {
-                    "stage": stage.name,
-                    "fingerprint": fingerprint,
-                    "command": shown,
-                    "seconds": round(seconds, 1),
-                    "finished": finished,
-                    "outputs": stage.outputs,
-                    "files": self.files(stage),  # a rerun reuses the stage only while these are as they were
-                },
-                indent=1,
-            ),
+            {
+                "stage": stage.name,
+                "fingerprint": fingerprint,
+                "command": shown,
+                "seconds": round(seconds, 1),
+                "finished": finished,
+                "outputs": stage.outputs,
+                "files": self.files(stage),  # a rerun reuses the stage only while these are as they were
+            },
+            indent=1,
         )
         self.durations.setdefault(_kind(stage), []).append(seconds)
         self.echo(f"  {stage.name}: done in {_duration(seconds)} ({reason})")

@@ -18,12 +18,15 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from gpt4llm.errors import ServerStartError
 from gpt4llm.reproduction.runner import Stage, die_with_parent
+
+TRAINED = ("export/config.json", "metrics.json")  # what a training stage leaves
 
 
 def _strings(values) -> list[str]:
@@ -48,153 +51,213 @@ def ranking_group_names(args: list[str]) -> list[str]:
 
 
 def build_stages(cfg: DictConfig, root: Path, judge_server: JudgeServer | None = None) -> list[Stage]:
+    """The study's stages in the order they run: training, generation, ROUGE, best-of-N, the reviews, the figures."""
     p = cfg.preset
-    paths = [f"paths.data_dir={cfg.paths.data_dir}", f"paths.log_dir={cfg.paths.log_dir}"]
-    launcher = _strings(cfg.launcher) or None
-    stages: list[Stage] = []
-    export = lambda model: root / "train" / model / "export"  # noqa: E731
-    answers = lambda model, eval_set: root / "generate" / model / eval_set / "responses.jsonl"  # noqa: E731
+    layout = Layout(
+        root,
+        paths=[f"paths.data_dir={cfg.paths.data_dir}", f"paths.log_dir={cfg.paths.log_dir}"],
+        launcher=_strings(cfg.launcher) or None,
+    )
+    tuned = tuned_models(p)
+    groups = ranking_group_names(_strings(p.bestofn.args))
+    judges = judge_stages(p.judge, layout, tuned, groups, judge_server)
+    return [
+        *training_stages(p, layout, peft_overrides(cfg)),
+        *dpo_stages(p, layout),
+        *generation_stages(p, layout, [*p.sft, *tuned]),
+        rouge_stage(p.rouge, layout, tuned),
+        *best_of_n_stages(p.bestofn, layout),
+        *judges,
+        plots_stage(layout, [stage.name for stage in judges]),
+    ]
 
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the study's stages write under its root, and what every stage's command is given."""
+
+    root: Path
+    paths: list[str]  # paths.data_dir and paths.log_dir, the same for every command
+    launcher: list[str] | None  # the multi-node prefix of the training stages
+
+    def export(self, model: str) -> Path:
+        return self.root / "train" / model / "export"
+
+    def answers(self, model: str, eval_set: str) -> Path:
+        return self.root / "generate" / model / eval_set / "responses.jsonl"
+
+
+def peft_overrides(cfg: DictConfig) -> list[str]:
+    """Beyond the paper: the SFT models with LoRA or QLoRA adapters (the study's peft=)."""
     peft = cfg.peft.name if cfg.get("peft") else "none"
-    adapters = [f"peft={peft}"] if peft != "none" else []  # beyond the paper: LoRA or QLoRA for the SFT models
-    for model, args in p.sft.items():
-        stages.append(
-            Stage(
-                f"train/{model}",
-                "gpt4llm.train",
-                merged(p.train_common, args, paths, adapters),
-                outputs=["export/config.json", "metrics.json"],
-                launcher=launcher,
-            )
+    return [f"peft={peft}"] if peft != "none" else []
+
+
+def tuned_models(p: DictConfig) -> list[str]:
+    """Beyond the paper: the SFT model after DPO, when the preset enables it; generated and judged like the others."""
+    dpo = p.get("dpo") or {}
+    return [dpo.name] if dpo.get("enabled") else []
+
+
+def training_stages(p: DictConfig, layout: Layout, adapters: list[str]) -> list[Stage]:
+    """The SFT of each model, then the reward model (never with adapters: the paper trains every weight of it)."""
+    stages = [
+        Stage(
+            f"train/{model}",
+            "gpt4llm.train",
+            merged(p.train_common, args, layout.paths, adapters),
+            outputs=list(TRAINED),
+            launcher=layout.launcher,
         )
+        for model, args in p.sft.items()
+    ]
     stages.append(
         Stage(
             "train/reward_model",
             "gpt4llm.train",
-            merged(p.train_common, p.reward_model, paths),
-            outputs=["export/config.json", "metrics.json"],
-            launcher=launcher,
-        )
-    )
-    dpo = p.get("dpo") or {}
-    tuned = [dpo.name] if dpo.get("enabled") else []  # beyond the paper: the SFT model after DPO
-    if tuned:
-        stages.append(
-            Stage(
-                f"train/{dpo.name}",
-                "gpt4llm.train",
-                merged(dpo.args, [f"model.path={export(dpo.model)}"], paths),
-                needs=[f"train/{dpo.model}"],
-                outputs=["export/config.json", "metrics.json"],
-                launcher=launcher,
-            )
-        )
-    for model in [*p.sft, *tuned]:
-        for eval_set, args in p.eval_sets.items():
-            stages.append(
-                Stage(
-                    f"generate/{model}/{eval_set}",
-                    "gpt4llm.generate",
-                    merged(args, p.generate_common, [f"model.path={export(model)}", f"model.name={model}"], paths),
-                    needs=[f"train/{model}"],
-                    outputs=["responses.jsonl"],
-                )
-            )
-
-    rouge_models = [*p.rouge.models, *tuned]
-    rouge_inputs = [answers(m, p.rouge.eval_set) for m in rouge_models]
-    stages.append(
-        Stage(
-            "evaluate/rouge",
-            "gpt4llm.evaluate",
-            ["metric=rouge", f"responses=[{','.join(map(str, rouge_inputs))}]", *paths],
-            needs=[f"generate/{m}/{p.rouge.eval_set}" for m in rouge_models],
-            outputs=["rouge_lenALL.json"],
-        )
-    )
-
-    b = p.bestofn
-    stages.append(
-        Stage(
-            "bestofn",
-            "gpt4llm.bestofn",
-            [
-                f"sft_model={export(b.model)}",
-                f"reward_model={export('reward_model')}",
-                f"prompts={answers(b.model, b.eval_set)}",
-                *_strings(b.args),
-                *paths,
-            ],
-            needs=[f"train/{b.model}", "train/reward_model", f"generate/{b.model}/{b.eval_set}"],
-            outputs=["bestofn.jsonl"],
-        )
-    )
-    stages.append(
-        Stage(
-            "evaluate/reward",
-            "gpt4llm.evaluate",
-            ["metric=reward", f"responses={root / 'bestofn' / 'bestofn.jsonl'}", *paths],
-            needs=["bestofn"],
-            outputs=["reward_summary.json"],
-        )
-    )
-
-    j = p.judge
-    groups = ranking_group_names(_strings(b.args))
-    judged_models = [*j.models, *tuned]
-    judged = [answers(m, j.eval_set) for m in judged_models]
-    judged += [root / "evaluate" / "reward" / "ranking_groups" / g / "responses.jsonl" for g in groups]
-    skip = judge_skip_reason(j)
-    judge_stages = []
-    for opponent, spec in j.opponents.items():
-        needs = [f"generate/{m}/{j.eval_set}" for m in judged_models] + ["evaluate/reward"]
-        inputs: list[str] = []
-        reason = skip  # the same for every opponent (no judge key)
-        downloads: dict[str, dict] = {}
-        if spec.get("model"):
-            opponent_file = answers(spec.model, j.eval_set)
-            needs.append(f"generate/{spec.model}/{j.eval_set}")
-        else:  # a published answer file: downloaded when the stage runs, not while the study is planned
-            opponent_file = Path(str(spec.path))
-            inputs.append(str(opponent_file))
-            downloads[str(opponent_file)] = {"url": spec.get("url"), "checksum": spec.get("checksum")}
-        args = [
-            "metric=judge",
-            f"responses=[{','.join(map(str, judged))}]",
-            f"metric.opponent={opponent_file}",
-            *_strings(j.eval),
-            *_strings(j.args),
-            *paths,
-        ]
-        runtime = None
-        if j.serve:
-            needs.append(f"train/{j.serve}")
-            args.append(f"metric.cache={root / 'judge' / opponent / 'replies.jsonl'}")  # the served model's own
-            runtime = judge_server.arguments if judge_server else None
-        stage = Stage(
-            f"judge/{opponent}",
-            "gpt4llm.evaluate",
-            args,
-            needs=list(dict.fromkeys(needs)),
-            inputs=inputs,
-            downloads=downloads,
-            outputs=[f"judge_summary_{j.models[0]}.json"],
-            skip=reason,
-            runtime_args=runtime,
-        )
-        judge_stages.append(stage.name)
-        stages.append(stage)
-
-    stages.append(
-        Stage(
-            "plots",
-            "gpt4llm.plots",
-            [f"results={root}", "paper=true", *paths],
-            needs=["evaluate/rouge"],
-            after=judge_stages + ["evaluate/reward"],
+            merged(p.train_common, p.reward_model, layout.paths),
+            outputs=list(TRAINED),
+            launcher=layout.launcher,
         )
     )
     return stages
+
+
+def dpo_stages(p: DictConfig, layout: Layout) -> list[Stage]:
+    """DPO from one SFT model's export, when the preset enables it; none otherwise."""
+    if not tuned_models(p):
+        return []
+    dpo = p.dpo
+    return [
+        Stage(
+            f"train/{dpo.name}",
+            "gpt4llm.train",
+            merged(dpo.args, [f"model.path={layout.export(dpo.model)}"], layout.paths),
+            needs=[f"train/{dpo.model}"],
+            outputs=list(TRAINED),
+            launcher=layout.launcher,
+        )
+    ]
+
+
+def generation_stages(p: DictConfig, layout: Layout, models: list[str]) -> list[Stage]:
+    """Every model's answers to every eval set."""
+    return [
+        Stage(
+            f"generate/{model}/{eval_set}",
+            "gpt4llm.generate",
+            merged(
+                args, p.generate_common, [f"model.path={layout.export(model)}", f"model.name={model}"], layout.paths
+            ),
+            needs=[f"train/{model}"],
+            outputs=["responses.jsonl"],
+        )
+        for model in models
+        for eval_set, args in p.eval_sets.items()
+    ]
+
+
+def rouge_stage(rouge: DictConfig, layout: Layout, tuned: list[str]) -> Stage:
+    """ROUGE-L by reference length (Figure 6) of the chosen models' answers to one eval set."""
+    models = [*rouge.models, *tuned]
+    inputs = [layout.answers(m, rouge.eval_set) for m in models]
+    return Stage(
+        "evaluate/rouge",
+        "gpt4llm.evaluate",
+        ["metric=rouge", f"responses=[{','.join(map(str, inputs))}]", *layout.paths],
+        needs=[f"generate/{m}/{rouge.eval_set}" for m in models],
+        outputs=["rouge_lenALL.json"],
+    )
+
+
+def best_of_n_stages(b: DictConfig, layout: Layout) -> list[Stage]:
+    """N samples of one model ranked by the reward model, then the ranking groups rank1..N and B it makes."""
+    sample = Stage(
+        "bestofn",
+        "gpt4llm.bestofn",
+        [
+            f"sft_model={layout.export(b.model)}",
+            f"reward_model={layout.export('reward_model')}",
+            f"prompts={layout.answers(b.model, b.eval_set)}",
+            *_strings(b.args),
+            *layout.paths,
+        ],
+        needs=[f"train/{b.model}", "train/reward_model", f"generate/{b.model}/{b.eval_set}"],
+        outputs=["bestofn.jsonl"],
+    )
+    rank = Stage(
+        "evaluate/reward",
+        "gpt4llm.evaluate",
+        ["metric=reward", f"responses={layout.root / 'bestofn' / 'bestofn.jsonl'}", *layout.paths],
+        needs=["bestofn"],
+        outputs=["reward_summary.json"],
+    )
+    return [sample, rank]
+
+
+def judge_stages(
+    j: DictConfig, layout: Layout, tuned: list[str], groups: list[str], judge_server: JudgeServer | None
+) -> list[Stage]:
+    """The review of the judged answers (the study's models and the ranking groups) against each opponent."""
+    judged_models = [*j.models, *tuned]
+    judged = [layout.answers(m, j.eval_set) for m in judged_models]
+    judged += [layout.root / "evaluate" / "reward" / "ranking_groups" / g / "responses.jsonl" for g in groups]
+    skip = judge_skip_reason(j)  # the same for every opponent (no judge key)
+    served = [f"train/{j.serve}"] if j.serve else []
+    runtime = judge_server.arguments if j.serve and judge_server else None
+    stages = []
+    for opponent, spec in j.opponents.items():
+        opponent_file, opponent_needs, downloads = opponent_answers(spec, j.eval_set, layout)
+        needs = [f"generate/{m}/{j.eval_set}" for m in judged_models] + ["evaluate/reward"]
+        stage = Stage(
+            f"judge/{opponent}",
+            "gpt4llm.evaluate",
+            judge_arguments(j, layout, opponent, judged, opponent_file),
+            needs=list(dict.fromkeys(needs + opponent_needs + served)),
+            inputs=list(downloads),
+            downloads=downloads,
+            outputs=[f"judge_summary_{j.models[0]}.json"],
+            skip=skip,
+            runtime_args=runtime,
+        )
+        stages.append(stage)
+    return stages
+
+
+def opponent_answers(spec: DictConfig, eval_set: str, layout: Layout) -> tuple[Path, list[str], dict[str, dict]]:
+    """An opponent's answers, the stages that make them and the files to download for them: a model of the study's
+    (generated by its stage) or a published answer file (downloaded when the stage runs, not while the study is
+    planned)."""
+    if spec.get("model"):
+        return layout.answers(spec.model, eval_set), [f"generate/{spec.model}/{eval_set}"], {}
+    path = Path(str(spec.path))
+    return path, [], {str(path): {"url": spec.get("url"), "checksum": spec.get("checksum")}}
+
+
+def judge_arguments(j: DictConfig, layout: Layout, opponent: str, judged: list[Path], opponent_file: Path) -> list[str]:
+    """The review's settings; a served judge's replies are cached in the stage (the served model's own)."""
+    args = [
+        "metric=judge",
+        f"responses=[{','.join(map(str, judged))}]",
+        f"metric.opponent={opponent_file}",
+        *_strings(j.eval),
+        *_strings(j.args),
+        *layout.paths,
+    ]
+    if j.serve:
+        args.append(f"metric.cache={layout.root / 'judge' / opponent / 'replies.jsonl'}")
+    return args
+
+
+def plots_stage(layout: Layout, judge_stage_names: list[str]) -> Stage:
+    """Every figure, drawn from the result files once ROUGE has run (and the reviews and rewards, when they ran)."""
+    return Stage(
+        "plots",
+        "gpt4llm.plots",
+        [f"results={layout.root}", "paper=true", *layout.paths],
+        needs=["evaluate/rouge"],
+        after=judge_stage_names + ["evaluate/reward"],
+    )
 
 
 def judge_skip_reason(judge: DictConfig) -> str | None:
@@ -206,6 +269,13 @@ def judge_skip_reason(judge: DictConfig) -> str | None:
             f"metric.model=...] for an endpoint other than OpenAI's GPT-4)"
         )
     return None
+
+
+def judge_server_for(judge: DictConfig, root: Path) -> JudgeServer | None:
+    """The server of the study's model that judges (preset.judge.serve), or None where an endpoint judges."""
+    if not judge.serve:
+        return None
+    return JudgeServer(root / "train" / str(judge.serve) / "export", str(judge.serve), root / "judge" / "server")
 
 
 class JudgeServer:

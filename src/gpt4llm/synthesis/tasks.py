@@ -15,8 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 from gpt4llm.data.prompts import format_prompt, without_response_tag
-from gpt4llm.data.records import read_json_records
 from gpt4llm.errors import ConfigError, MissingFileError, RecordError
+from gpt4llm.io.json_files import read_json_records
 
 log = logging.getLogger(__name__)
 

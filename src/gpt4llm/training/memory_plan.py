@@ -13,13 +13,14 @@ states; DDP and FSDP are counted the same way (tests/test_plan.py checks the Dee
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from gpt4llm.errors import ConfigError
+from gpt4llm.errors import ConfigError, LaunchError
 from gpt4llm.training.flops import training_flops
+from gpt4llm.training.hardware import check_precision, derive_accumulation
 
 GIB = 2**30
 ADAM_BYTES = 8  # Adam's two fp32 moments per parameter
@@ -40,36 +41,52 @@ class Arch:
 def arch_of(model_cfg) -> Arch:
     """The architecture of `cfg.model`: the tiny spec, a local directory's config.json and tokenizer, or `arch`."""
     if model_cfg.get("tiny"):
-        t = model_cfg.tiny
-        return Arch(
-            t.hidden_size,
-            t.num_hidden_layers,
-            t.num_attention_heads,
-            t.num_attention_heads,
-            t.intermediate_size,
-            t.vocab_size,
-        )
+        from gpt4llm.models.tiny import refuse_foreign_directory
+
+        refuse_foreign_directory(Path(str(model_cfg.path)))  # a model of yours there: you meant model=hf
+        return _tiny_arch(model_cfg.tiny)
     path = Path(str(model_cfg.path))
     if path.is_dir() and (path / "config.json").exists():
-        from transformers import AutoConfig
+        return _local_arch(path)
+    return _declared_arch(model_cfg)
 
-        from gpt4llm.data.tokenizer import load_tokenizer
 
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type != "llama":
-            raise ConfigError(f"{path}: model_type {config.model_type!r}; the plan knows LLaMA-architecture models")
-        rows = config.vocab_size
-        if (path / "tokenizer_config.json").exists() or (path / "tokenizer.model").exists():
-            rows = max(rows, len(load_tokenizer(str(path))))  # load_causal_lm resizes the embeddings to this
-        return Arch(
-            config.hidden_size,
-            config.num_hidden_layers,
-            config.num_attention_heads,
-            config.num_key_value_heads or config.num_attention_heads,
-            config.intermediate_size,
-            rows,
-            bool(config.tie_word_embeddings),
-        )
+def _tiny_arch(t) -> Arch:
+    return Arch(
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.num_attention_heads,
+        t.intermediate_size,
+        t.vocab_size,
+    )
+
+
+def _local_arch(path: Path) -> Arch:
+    """A model directory's config.json, with the embedding rows its tokenizer makes it grow to."""
+    from transformers import AutoConfig
+
+    from gpt4llm.data.tokenizer import load_tokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "llama":
+        raise ConfigError(f"{path}: model_type {config.model_type!r}; the plan knows LLaMA-architecture models")
+    rows = config.vocab_size
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.model").exists():
+        rows = max(rows, len(load_tokenizer(str(path))))  # load_causal_lm resizes the embeddings to this
+    return Arch(
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads or config.num_attention_heads,
+        config.intermediate_size,
+        rows,
+        bool(config.tie_word_embeddings),
+    )
+
+
+def _declared_arch(model_cfg) -> Arch:
+    """The model config's `arch` block, for a model that is not on this machine."""
     arch = model_cfg.get("arch")
     if not arch:
         raise ConfigError(
@@ -150,16 +167,10 @@ class Setup:
 
 def setup_of(cfg: DictConfig, devices_per_node: int) -> Setup:
     s, t = cfg.strategy, cfg.trainer
-    devices = t.devices
-    if isinstance(devices, str) and devices not in ("auto", "-1"):
-        devices = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
-    elif devices in ("auto", "-1", -1, None):
-        devices = devices_per_node
-    elif not isinstance(devices, int):
-        devices = len(devices)  # a list of device ids
+    devices = _device_count(t.devices, devices_per_node)
     nodes, precision = int(t.num_nodes), str(t.precision)
     target = str(s.get("_target_", "")) if isinstance(s, DictConfig) else ""
-    common = dict(gpus_per_node=int(devices), nodes=nodes, precision=precision)
+    common = dict(gpus_per_node=devices, nodes=nodes, precision=precision)
     if target.endswith("DeepSpeedStrategy"):
         return Setup(
             "deepspeed",
@@ -182,6 +193,17 @@ def setup_of(cfg: DictConfig, devices_per_node: int) -> Setup:
     return Setup("single" if devices * nodes == 1 else "ddp", **common)  # "auto": Lightning picks DDP for several
 
 
+def _device_count(devices, devices_per_node: int) -> int:
+    """Devices per node from `trainer.devices`: a count, "0,1,2" or a list of ids, or all of them ("auto", -1)."""
+    if isinstance(devices, str) and devices not in ("auto", "-1"):
+        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    if devices in ("auto", "-1", -1, None):
+        return int(devices_per_node)
+    if not isinstance(devices, int):
+        return len(devices)  # a list of device ids
+    return devices
+
+
 # ----------------------------------------------------------------------------------------------- model states
 def model_states(s: Setup, total: int, largest_module: int, largest_unit: int, cpu_factor: float = 1.5) -> dict:
     """Bytes of parameters, gradients and optimizer states per GPU, and per node on CPU (the offloaded part, or the
@@ -201,48 +223,62 @@ def model_states(s: Setup, total: int, largest_module: int, largest_unit: int, c
       16-bit; SHARD_GRAD_OP keeps the gathered 16-bit parameters from forward to backward (2P).
     CPU figures include DeepSpeed's estimation factor cpu_factor (its additional_buffer_factor, 1.5).
     """
-    P, N, n, g = total, s.world, s.nodes, s.gpus_per_node
+    if s.strategy == "deepspeed" and s.zero_stage == 3:
+        parameters, gradients, optimizer, cpu = _zero3_states(s, total, largest_module)
+    elif s.strategy == "deepspeed":
+        parameters, gradients, optimizer, cpu = _zero12_states(s, total)
+    elif s.strategy == "fsdp":
+        parameters, gradients, optimizer, cpu = _fsdp_states(s, total, largest_unit)
+    else:
+        parameters, gradients, optimizer, cpu = _ddp_states(s, total)
+    gpu = {"parameters": parameters, "gradients": gradients, "optimizer": optimizer}
+    gpu["total"] = parameters + gradients + optimizer
+    return {"gpu": gpu, "cpu_per_node": cpu * cpu_factor}
+
+
+# Each: bytes per GPU of (parameters, gradients, optimizer states), and per node on CPU, before cpu_factor.
+def _zero3_states(s: Setup, P: int, largest_module: int) -> tuple[float, float, float, float]:
+    N, n, g = s.world, s.nodes, s.gpus_per_node
     p = 2 if s.half else 4  # bytes of the weights computed with
     master = 4 if s.half else 0  # fp32 master copy beside 16-bit weights
-    gpu = {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0}
-    cpu = 0.0
-    if s.strategy == "deepspeed" and s.zero_stage == 3:
-        gathered = 2 * p * largest_module
-        grads, optim = 4, master + ADAM_BYTES
-        gpu["parameters"] = gathered + (0 if s.offload_parameters else p * P / N)
-        if s.offload_optimizer:
-            # zero.Init (Lightning's sharded context) builds each rank's shard only: CPU holds shards, not models
-            cpu = (grads + optim + (p if s.offload_parameters else 0)) * P / n
-        else:
-            gpu["gradients"], gpu["optimizer"] = grads * P / N, optim * P / N
-            cpu = 4 * largest_module * g  # zero.Init materialises one module at a time, in fp32
-    elif s.strategy == "deepspeed":  # ZeRO-1/2
-        gpu["parameters"] = p * P
-        grads = (p + 4) if s.half else 4
-        if s.offload_optimizer:
-            cpu = max(4 * N, 16) * P  # the estimator's figure (it counts 4 bytes for every GPU of the job)
-        else:
-            gpu["gradients"], gpu["optimizer"] = grads * P / N, (master + ADAM_BYTES) * P / N
-            cpu = 4 * P * g  # every process loads the fp32 model before DeepSpeed takes it
-    elif s.strategy == "fsdp":
-        shards = g if s.fsdp_sharding.startswith("HYBRID") else N
-        gathered = 2 * p * largest_unit
-        if s.fsdp_sharding == "SHARD_GRAD_OP":
-            gathered = p * P
-        if s.fsdp_cpu_offload:
-            gpu["parameters"] = gathered
-            cpu = 16 * P / n
-        else:
-            gpu["parameters"] = gathered + 4 * P / shards
-            gpu["gradients"], gpu["optimizer"] = 4 * P / shards, ADAM_BYTES * P / shards
-            cpu = 4 * P * g  # from_pretrained materialises the full fp32 model in every process before sharding
-    else:  # ddp, single
-        gpu["parameters"] = 4 * P + (2 * P if s.half and s.precision.endswith("mixed") else 0)
-        gpu["gradients"] = 4 * P * (1 if s.ddp_bucket_view or s.strategy == "single" else 2)
-        gpu["optimizer"] = ADAM_BYTES * P
-        cpu = 4 * P * g
-    gpu["total"] = gpu["parameters"] + gpu["gradients"] + gpu["optimizer"]
-    return {"gpu": gpu, "cpu_per_node": cpu * cpu_factor}
+    gathered = 2 * p * largest_module
+    grads, optim = 4, master + ADAM_BYTES
+    parameters = gathered + (0 if s.offload_parameters else p * P / N)
+    if s.offload_optimizer:
+        # zero.Init (Lightning's sharded context) builds each rank's shard only: CPU holds shards, not models
+        return parameters, 0.0, 0.0, (grads + optim + (p if s.offload_parameters else 0)) * P / n
+    # zero.Init materialises one module at a time, in fp32
+    return parameters, grads * P / N, optim * P / N, 4 * largest_module * g
+
+
+def _zero12_states(s: Setup, P: int) -> tuple[float, float, float, float]:
+    N, g = s.world, s.gpus_per_node
+    p = 2 if s.half else 4
+    master = 4 if s.half else 0
+    grads = (p + 4) if s.half else 4
+    if s.offload_optimizer:
+        return p * P, 0.0, 0.0, max(4 * N, 16) * P  # the estimator's figure (4 bytes for every GPU of the job)
+    # every process loads the fp32 model before DeepSpeed takes it
+    return p * P, grads * P / N, (master + ADAM_BYTES) * P / N, 4 * P * g
+
+
+def _fsdp_states(s: Setup, P: int, largest_unit: int) -> tuple[float, float, float, float]:
+    p = 2 if s.half else 4
+    shards = s.gpus_per_node if s.fsdp_sharding.startswith("HYBRID") else s.world
+    gathered = 2 * p * largest_unit
+    if s.fsdp_sharding == "SHARD_GRAD_OP":
+        gathered = p * P
+    if s.fsdp_cpu_offload:
+        return gathered, 0.0, 0.0, 16 * P / s.nodes
+    # from_pretrained materialises the full fp32 model in every process before sharding
+    return gathered + 4 * P / shards, 4 * P / shards, ADAM_BYTES * P / shards, 4 * P * s.gpus_per_node
+
+
+def _ddp_states(s: Setup, P: int) -> tuple[float, float, float, float]:
+    """DDP, or one device."""
+    parameters = 4 * P + (2 * P if s.half and s.precision.endswith("mixed") else 0)
+    gradients = 4 * P * (1 if s.ddp_bucket_view or s.strategy == "single" else 2)
+    return parameters, gradients, ADAM_BYTES * P, 4 * P * s.gpus_per_node
 
 
 def buffer_bytes(s: Setup) -> float:
@@ -391,7 +427,11 @@ def examples_per_epoch(cfg: DictConfig) -> int | None:
     records = cfg.plan.get("examples") or d.get("num_records") or ((d.get("demo") or {}).get("num_records"))
     if not records:
         return None
-    return int(records) - (0 if cfg.plan.get("examples") else int(d.get("val_size") or 0))
+    if cfg.plan.get("examples"):
+        return int(records)
+    from gpt4llm.data.base_datamodule import held_out
+
+    return int(records) - held_out(d.get("val_size") or 0, int(records))
 
 
 @dataclass(frozen=True)
@@ -447,6 +487,7 @@ class Plan:
     peak_tflops_per_device: float | None
     utilization: float
     hours: float | None
+    reference_pass_hours: float | None  # DPO's precomputed reference: one forward pass over the data before step 1
     offload_traffic: OffloadTraffic | None
     problems: list[str]
 
@@ -455,140 +496,43 @@ class Plan:
 
 
 def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
-    from gpt4llm.data.base_datamodule import batches_per_epoch
-    from gpt4llm.errors import LaunchError
-    from gpt4llm.models.base_module import optimizer_steps
-    from gpt4llm.models.optim import CHOICES, optimizer_choice
-    from gpt4llm.training.hardware import check_precision, derive_accumulation
-
     plan_cfg = cfg.plan
-    device = device or plan_cfg.device
-    if device == "auto":
-        device = _trainer_choice_device(plan_cfg)
-    if device not in plan_cfg.devices:
-        raise ConfigError(f"plan.device={device}: not one of {', '.join(plan_cfg.devices)} (conf/plan.yaml)")
+    device = _plan_device(plan_cfg, device or plan_cfg.device)
     hw = plan_cfg.devices[device]
     arch = arch_of(cfg.model)
     counts = llama_parameters(arch)
     s = setup_of(cfg, hw.devices_per_node)
-    problems = []
-    try:
-        has_bf16 = any(str(k).startswith("bf16") for k in hw.tflops) if device != "cpu" else None
-        check_precision(s.precision, str(cfg.trainer.accelerator), has_bf16, device)
-    except LaunchError as err:
-        problems.append(str(err))
-
-    states = model_states(
-        s, counts["total"], counts["largest_module"], counts["largest_fsdp_unit"], plan_cfg.cpu_buffer_factor
-    )
-    micro, seq = int(cfg.data.batch_size), int(cfg.data.max_length)
-    preference = str(cfg.task.get("_target_", "")).endswith("DPOModule")
-    sequences = 2 * micro if preference else micro  # a pair is two sequences in one forward: chosen and rejected
+    precision_problems = _precision_problems(s, str(cfg.trainer.accelerator), hw, device)
+    memory = _training_memory(cfg, arch, counts, s, device)
     checkpointing = bool(cfg.model.get("gradient_checkpointing", False))
-    with_ckpt = activation_bytes(arch, s, sequences, seq, True, plan_cfg.attention)
-    without_ckpt = activation_bytes(arch, s, sequences, seq, False, plan_cfg.attention)
-    peft = cfg.get("peft") or {}
-    trainable = counts["total"]
-    if peft.get("method", "none") == "lora":
-        trainable = lora_parameters(arch, int(peft.r), peft.target_modules)
-        dtype_bytes = {"float16": 2, "bfloat16": 2}.get(str(cfg.model.get("dtype")), 2 if s.half else 4)
-        optimizer_bytes = 2 if "8bit" in str(cfg.task.optimizer.get("implementation", "")) else ADAM_BYTES
-        gpu = adapter_states(
-            s, arch, counts["total"], trainable, bool(peft.get("quantization")), dtype_bytes, optimizer_bytes
-        )
-        states = {"gpu": gpu | {"total": sum(gpu.values())}, "cpu_per_node": states["cpu_per_node"]}
-        with_ckpt, without_ckpt = (
-            lora_activation_bytes(
-                arch,
-                s,
-                sequences,
-                seq,
-                int(peft.r),
-                peft.target_modules,
-                float(peft.lora_dropout),
-                c,
-                mask_bytes=(2 if s.half else 4) if device == "cpu" else 1,
-            )
-            for c in (True, False)
-        )
-    if preference and cfg.task.get("reference") == "live":
-        # the frozen reference beside the policy, in the weights' dtype (sharded like them under ZeRO-3 and FSDP);
-        # precomputed keeps two floats per pair, adapters nothing but the policy
-        shards = s.world if (s.strategy == "deepspeed" and s.zero_stage == 3) or s.strategy == "fsdp" else 1
-        reference = counts["total"] * (2 if s.half else 4) / shards
-        states["gpu"]["parameters"] += reference
-        states["gpu"]["total"] += reference
-    buffers = buffer_bytes(s)
-    overhead = plan_cfg.overhead_gib * GIB if str(cfg.trainer.accelerator) != "cpu" else 0.0
-    used = with_ckpt if checkpointing else without_ckpt
-    total = states["gpu"]["total"] + used + buffers + overhead
-    capacity = hw.memory_gib * GIB if hw.memory_gib else None
-    node_capacity = hw.node_memory_gib * GIB if hw.node_memory_gib else None
-
-    # batch and steps, derived as training derives them
-    accumulation: int | None = int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    global_batch = int(cfg.get("global_batch_size") or micro * s.world * accumulation)
-    if cfg.get("global_batch_size"):
-        try:
-            accumulation = derive_accumulation(global_batch, micro, s.world)
-        except ConfigError as err:
-            accumulation = None
-            problems.append(str(err))
+    gpu_bytes = _gpu_bytes(memory, checkpointing, buffer_bytes(s), _overhead_bytes(cfg))
+    micro, seq = int(cfg.data.batch_size), int(cfg.data.max_length)
+    accumulation, global_batch, batch_problems = _batch(cfg, micro, s.world)
     examples = examples_per_epoch(cfg)
-    max_steps = int(cfg.trainer.get("max_steps", -1))
-    epochs = cfg.trainer.get("max_epochs")
-    steps = None
-    if accumulation and (examples or max_steps > 0):
-        batches = batches_per_epoch(examples, s.world, micro) if examples else 0
-        steps = optimizer_steps(batches, accumulation, None if not examples else epochs, max_steps) or None
+    steps = _optimizer_steps(cfg, examples, s.world, micro, accumulation)
     tokens_per_example = int(plan_cfg.tokens_per_example or seq)
-    # Useful training FLOPs (gpt4llm.training.flops, the formula `train/mfu` measures with): recomputation under
-    # gradient checkpointing is not counted, it is part of what keeps utilisation below 1.
-    matmul_params = counts["total"] - (0 if arch.tie_word_embeddings else counts["embedding"])
-    flops_per_token = (
-        training_flops(matmul_params, arch.num_hidden_layers, arch.hidden_size, [tokens_per_example])
-        / tokens_per_example
-    )
     tokens = steps * global_batch * tokens_per_example if steps else None
-    flops = flops_per_token * tokens if tokens else None
+    flops = _flops_per_token(arch, counts, tokens_per_example) * tokens if tokens else None
     peak = hw.tflops.get(s.precision)
-    seconds = flops / (plan_cfg.utilization * peak * 1e12 * s.world) if (flops and peak) else None
-
     return Plan(
         model=str(cfg.model.path),
         arch=arch,
-        parameters=counts | {"trainable": trainable},
+        parameters=counts | {"trainable": memory.trainable},
         device=device,
         device_memory_gib=hw.memory_gib,
         node_memory_gib=hw.node_memory_gib,
         setup=s,
-        optimizer=CHOICES[
-            optimizer_choice(
-                s.strategy == "deepspeed" and s.offload_optimizer,
-                "gpu",
-                cfg.task.optimizer.get("implementation", "auto"),
-            )
-        ],
+        optimizer=_optimizer_name(cfg, s),
         micro_batch=micro,
         max_length=seq,
         accumulation=accumulation,
         global_batch=global_batch,
         gradient_checkpointing=checkpointing,
-        gpu_bytes=GpuBytes(
-            parameters=states["gpu"]["parameters"],
-            gradients=states["gpu"]["gradients"],
-            optimizer=states["gpu"]["optimizer"],
-            model_states=states["gpu"]["total"],
-            activations_with_checkpointing=with_ckpt,
-            activations_without_checkpointing=without_ckpt,
-            buffers=buffers,
-            overhead=overhead,
-            total=total,
-        ),
-        cpu_bytes_per_node=states["cpu_per_node"],
-        fits=None if capacity is None else total <= capacity,
-        fits_without_checkpointing=None if capacity is None else total - used + without_ckpt <= capacity,
-        cpu_fits=None if node_capacity is None else states["cpu_per_node"] <= node_capacity,
+        gpu_bytes=gpu_bytes,
+        cpu_bytes_per_node=memory.cpu_per_node,
+        fits=_within(gpu_bytes.total, hw.memory_gib),
+        fits_without_checkpointing=_within(_total_without_checkpointing(gpu_bytes, checkpointing), hw.memory_gib),
+        cpu_fits=_within(memory.cpu_per_node, hw.node_memory_gib),
         examples_per_epoch=examples,
         tokens_per_example=tokens_per_example,
         tokens_per_example_is_upper_bound=plan_cfg.tokens_per_example is None,
@@ -597,10 +541,206 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
         training_flops=flops,
         peak_tflops_per_device=peak,
         utilization=plan_cfg.utilization,
-        hours=seconds / 3600 if seconds else None,
+        hours=_hours(flops, peak, plan_cfg.utilization, s.world),
+        reference_pass_hours=_reference_pass_hours(cfg, arch, counts, examples, tokens_per_example, peak, s.world),
         offload_traffic=offload_traffic(s, counts["total"], accumulation, checkpointing, steps, hw.host_link_gb_s),
-        problems=problems,
+        problems=precision_problems + batch_problems,
     )
+
+
+def _plan_device(plan_cfg, device: str) -> str:
+    """A key of plan.devices: the one asked for, or for "auto" the one the trainer config is written for."""
+    if device == "auto":
+        device = _trainer_choice_device(plan_cfg)
+    if device not in plan_cfg.devices:
+        raise ConfigError(f"plan.device={device}: not one of {', '.join(plan_cfg.devices)} (conf/plan.yaml)")
+    return device
+
+
+def _precision_problems(s: Setup, accelerator: str, hw, device: str) -> list[str]:
+    """What train's precision check would stop the run for, as a problem of the plan (a device without a bf16 peak
+    has no bf16)."""
+    has_bf16 = any(str(k).startswith("bf16") for k in hw.tflops) if device != "cpu" else None
+    try:
+        check_precision(s.precision, accelerator, has_bf16, device)
+    except LaunchError as err:
+        return [str(err)]
+    return []
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """What training keeps: model states per GPU (parameters, gradients, optimizer, total), CPU memory per node, and
+    the activations kept for backward with and without gradient checkpointing."""
+
+    gpu: dict[str, float]
+    cpu_per_node: float
+    with_checkpointing: float
+    without_checkpointing: float
+    trainable: int
+
+
+def _training_memory(cfg: DictConfig, arch: Arch, counts: dict[str, int], s: Setup, device: str) -> TrainingMemory:
+    """Full training or adapters, and the frozen reference copy where the task keeps one; the task class says how
+    many sequences an example puts through the forward pass and whether it keeps that copy."""
+    from hydra.utils import get_object
+
+    task = get_object(str(cfg.task._target_))
+    sequences = task.sequences_per_example * int(cfg.data.batch_size)
+    states = model_states(
+        s, counts["total"], counts["largest_module"], counts["largest_fsdp_unit"], cfg.plan.cpu_buffer_factor
+    )
+    peft = cfg.get("peft") or {}
+    if peft.get("method", "none") == "lora":
+        from omegaconf import OmegaConf
+
+        from gpt4llm.models.adapters import plain
+
+        peft = OmegaConf.create(plain(peft))  # checked as training checks them: no plan of negative parameters
+        memory = _adapter_memory(cfg, peft, arch, counts["total"], s, sequences, device, states["cpu_per_node"])
+    else:
+        memory = _full_memory(cfg, arch, counts["total"], s, sequences, states)
+    if not task.keeps_frozen_copy(cfg.task):
+        return memory
+    return _with_frozen_copy(memory, counts["total"], s, quantized=bool(peft.get("quantization")))
+
+
+def _full_memory(cfg: DictConfig, arch: Arch, total: int, s: Setup, sequences: int, states: dict) -> TrainingMemory:
+    with_ckpt, without_ckpt = (
+        activation_bytes(arch, s, sequences, int(cfg.data.max_length), c, cfg.plan.attention) for c in (True, False)
+    )
+    return TrainingMemory(states["gpu"], states["cpu_per_node"], with_ckpt, without_ckpt, total)
+
+
+def _adapter_memory(
+    cfg: DictConfig, peft, arch: Arch, total: int, s: Setup, sequences: int, device: str, cpu_per_node: float
+) -> TrainingMemory:
+    """LoRA or QLoRA: the frozen base, the adapters' states (8-bit optimizers keep two bytes per parameter), and
+    what the adapters keep for backward."""
+    trainable = lora_parameters(arch, int(peft.r), peft.target_modules)
+    dtype_bytes = {"float16": 2, "bfloat16": 2}.get(str(cfg.model.get("dtype")), 2 if s.half else 4)
+    optimizer_bytes = 2 if "8bit" in str(cfg.task.optimizer.get("implementation", "")) else ADAM_BYTES
+    gpu = adapter_states(s, arch, total, trainable, bool(peft.get("quantization")), dtype_bytes, optimizer_bytes)
+    with_ckpt, without_ckpt = (
+        lora_activation_bytes(
+            arch,
+            s,
+            sequences,
+            int(cfg.data.max_length),
+            int(peft.r),
+            peft.target_modules,
+            float(peft.lora_dropout),
+            c,
+            mask_bytes=(2 if s.half else 4) if device == "cpu" else 1,
+        )
+        for c in (True, False)
+    )
+    return TrainingMemory(gpu | {"total": sum(gpu.values())}, cpu_per_node, with_ckpt, without_ckpt, trainable)
+
+
+def _with_frozen_copy(memory: TrainingMemory, total: int, s: Setup, quantized: bool = False) -> TrainingMemory:
+    """Plus a frozen copy of the model beside the one that trains, in the weights' dtype (a QLoRA reference is the
+    4-bit base like the policy's: half a byte a weight), sharded like them under ZeRO-3 and FSDP."""
+    shards = s.world if (s.strategy == "deepspeed" and s.zero_stage == 3) or s.strategy == "fsdp" else 1
+    copy = total * (0.5 if quantized else 2 if s.half else 4) / shards
+    gpu = memory.gpu | {"parameters": memory.gpu["parameters"] + copy, "total": memory.gpu["total"] + copy}
+    return replace(memory, gpu=gpu)
+
+
+def _overhead_bytes(cfg: DictConfig) -> float:
+    """CUDA context, NCCL and fragmentation: on GPUs only."""
+    return cfg.plan.overhead_gib * GIB if str(cfg.trainer.accelerator) != "cpu" else 0.0
+
+
+def _gpu_bytes(memory: TrainingMemory, checkpointing: bool, buffers: float, overhead: float) -> GpuBytes:
+    used = memory.with_checkpointing if checkpointing else memory.without_checkpointing
+    return GpuBytes(
+        parameters=memory.gpu["parameters"],
+        gradients=memory.gpu["gradients"],
+        optimizer=memory.gpu["optimizer"],
+        model_states=memory.gpu["total"],
+        activations_with_checkpointing=memory.with_checkpointing,
+        activations_without_checkpointing=memory.without_checkpointing,
+        buffers=buffers,
+        overhead=overhead,
+        total=memory.gpu["total"] + used + buffers + overhead,
+    )
+
+
+def _total_without_checkpointing(g: GpuBytes, checkpointing: bool) -> float:
+    used = g.activations_with_checkpointing if checkpointing else g.activations_without_checkpointing
+    return g.total - used + g.activations_without_checkpointing
+
+
+def _within(used: float, capacity_gib: float | None) -> bool | None:
+    """Whether `used` bytes fit in `capacity_gib`; None when the capacity is not known."""
+    return None if not capacity_gib else used <= capacity_gib * GIB
+
+
+def _batch(cfg: DictConfig, micro: int, world: int) -> tuple[int | None, int, list[str]]:
+    """Gradient accumulation and the global batch, derived as train derives them, and what stops that: with
+    global_batch_size set, an accumulation of None and the problem."""
+    accumulation = int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    if not cfg.get("global_batch_size"):
+        return accumulation, micro * world * accumulation, []
+    global_batch = int(cfg.global_batch_size)
+    try:
+        return derive_accumulation(global_batch, micro, world), global_batch, []
+    except ConfigError as err:
+        return None, global_batch, [str(err)]
+
+
+def _optimizer_steps(
+    cfg: DictConfig, examples: int | None, world: int, micro: int, accumulation: int | None
+) -> int | None:
+    """The run's optimizer steps as the LR schedule counts them; None when the data or the batch does not say."""
+    from gpt4llm.data.base_datamodule import batches_per_epoch
+    from gpt4llm.models.base_module import optimizer_steps
+
+    max_steps = int(cfg.trainer.get("max_steps", -1))
+    if not (accumulation and (examples or max_steps > 0)):
+        return None
+    batches = batches_per_epoch(examples, world, micro) if examples else 0
+    epochs = cfg.trainer.get("max_epochs") if examples else None
+    return optimizer_steps(batches, accumulation, epochs, max_steps) or None
+
+
+def _flops_per_token(arch: Arch, counts: dict[str, int], tokens_per_example: int) -> float:
+    # Useful training FLOPs (gpt4llm.training.flops, the formula `train/mfu` measures with): recomputation under
+    # gradient checkpointing is not counted, it is part of what keeps utilisation below 1.
+    matmul_params = counts["total"] - (0 if arch.tie_word_embeddings else counts["embedding"])
+    return (
+        training_flops(matmul_params, arch.num_hidden_layers, arch.hidden_size, [tokens_per_example])
+        / tokens_per_example
+    )
+
+
+def _reference_pass_hours(cfg, arch, counts, examples, tokens_per_example, peak, world) -> float | None:
+    """A forward pass (a third of a training step's FLOPs) over every held-out and training example, where the task
+    precomputes a reference (DPO's default): the minutes a user waits before step 1, spent once per cache."""
+    from hydra.utils import get_object
+
+    task = get_object(str(cfg.task._target_))
+    if not (examples and task.precomputes_reference(cfg.task)):
+        return None
+    from gpt4llm.data.base_datamodule import held_out
+
+    held = held_out(cfg.data.get("val_size") or 0, examples)
+    tokens = (examples + held) * task.sequences_per_example * tokens_per_example
+    return _hours(_flops_per_token(arch, counts, tokens_per_example) / 3 * tokens, peak, cfg.plan.utilization, world)
+
+
+def _hours(flops: float | None, peak_tflops: float | None, utilization: float, world: int) -> float | None:
+    seconds = flops / (utilization * peak_tflops * 1e12 * world) if (flops and peak_tflops) else None
+    return seconds / 3600 if seconds else None
+
+
+def _optimizer_name(cfg: DictConfig, s: Setup) -> str:
+    """What HFBackboneModule.configure_optimizers will build for this strategy (plans are for GPUs)."""
+    from gpt4llm.models.optim import CHOICES, optimizer_choice
+
+    offloaded = s.strategy == "deepspeed" and s.offload_optimizer
+    return CHOICES[optimizer_choice(offloaded, "gpu", cfg.task.optimizer.get("implementation", "auto"))]
 
 
 def offload_traffic(
@@ -630,13 +770,16 @@ def _trainer_choice_device(plan_cfg) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    def gib(b):
-        return f"{b / GIB:8.2f}"
+    lines = [*_summary_lines(plan), "", *_memory_lines(plan), *_compute_lines(plan), *_offload_lines(plan)]
+    return "\n".join(lines + [f"  PROBLEM: {p}" for p in plan.problems])
 
-    s, g, n = plan.setup, plan.gpu_bytes, plan.parameters
-    ckpt = plan.gradient_checkpointing
-    verdict = {True: "fits", False: "DOES NOT FIT", None: "not checked"}
-    lines = [
+
+VERDICT = {True: "fits", False: "DOES NOT FIT", None: "not checked"}
+
+
+def _summary_lines(plan: Plan) -> list[str]:
+    s, n = plan.setup, plan.parameters
+    return [
         f"Plan for {plan.model} on {s.nodes} node(s) x {s.gpus_per_node} {plan.device} "
         f"({s.label}, precision {s.precision})",
         f"  parameters {n['total']:,} (per decoder layer {n['per_layer']:,}, "
@@ -645,7 +788,15 @@ def format_plan(plan: Plan) -> str:
         f"  batch: {plan.micro_batch} per device x {s.world} devices x accumulation {plan.accumulation} = "
         f"{plan.global_batch} sequences of up to {plan.max_length} tokens",
         f"  optimizer: {plan.optimizer}",
-        "",
+    ]
+
+
+def _memory_lines(plan: Plan) -> list[str]:
+    def gib(b):
+        return f"{b / GIB:8.2f}"
+
+    g, ckpt = plan.gpu_bytes, plan.gradient_checkpointing
+    return [
         "  memory per device                                GiB",
         f"    parameters                               {gib(g.parameters)}",
         f"    gradients                                {gib(g.gradients)}",
@@ -658,30 +809,42 @@ def format_plan(plan: Plan) -> str:
         f"    communication buckets                    {gib(g.buffers)}",
         f"    CUDA context, NCCL, fragmentation        {gib(g.overhead)}",
         f"    total                                    {gib(g.total)}  "
-        f"of {plan.device_memory_gib or '-'}: {verdict[plan.fits]}"
-        + ("" if plan.fits is None else f" (without checkpointing: {verdict[plan.fits_without_checkpointing]})"),
+        f"of {plan.device_memory_gib or '-'}: {VERDICT[plan.fits]}"
+        + ("" if plan.fits is None else f" (without checkpointing: {VERDICT[plan.fits_without_checkpointing]})"),
         f"  CPU memory per node (offloaded states, or the models processes load): "
-        f"{plan.cpu_bytes_per_node / GIB:.1f} GiB of {plan.node_memory_gib or '-'}: {verdict[plan.cpu_fits]}",
+        f"{plan.cpu_bytes_per_node / GIB:.1f} GiB of {plan.node_memory_gib or '-'}: {VERDICT[plan.cpu_fits]}",
     ]
-    if plan.training_flops:
-        bound = "at most " if plan.tokens_per_example_is_upper_bound else ""
-        lines += [
-            "",
-            f"  compute: {plan.optimizer_steps:,} optimizer steps x {plan.global_batch} sequences x {bound}"
-            f"{plan.tokens_per_example} tokens = {plan.training_tokens / 1e6:,.1f}M tokens, "
-            f"{plan.training_flops:.3g} FLOPs",
-        ]
-        if plan.hours:
-            lines.append(
-                f"  time: {plan.hours:.1f} h at {plan.utilization:.0%} of {plan.peak_tflops_per_device} TFLOPS "
-                f"x {s.world} GPUs"
-            )
-    traffic = plan.offload_traffic
-    if traffic and traffic.seconds_per_step:
-        total = f", >= {traffic.seconds_total / 3600:.1f} h in all" if traffic.seconds_total else ""
+
+
+def _compute_lines(plan: Plan) -> list[str]:
+    if not plan.training_flops:
+        return []
+    bound = "at most " if plan.tokens_per_example_is_upper_bound else ""
+    lines = [
+        "",
+        f"  compute: {plan.optimizer_steps:,} optimizer steps x {plan.global_batch} sequences x {bound}"
+        f"{plan.tokens_per_example} tokens = {plan.training_tokens / 1e6:,.1f}M tokens, "
+        f"{plan.training_flops:.3g} FLOPs",
+    ]
+    if plan.hours:
         lines.append(
-            f"  offload traffic: {traffic.bytes_per_gpu_per_step / 1e9:.1f} GB per GPU per optimizer step over PCIe: "
-            f">= {traffic.seconds_per_step:.2f} s/step{total} (plus the optimizer step on the CPU)"
+            f"  time: {plan.hours:.1f} h at {plan.utilization:.0%} of {plan.peak_tflops_per_device} TFLOPS "
+            f"x {plan.setup.world} GPUs"
         )
-    lines += [f"  PROBLEM: {p}" for p in plan.problems]
-    return "\n".join(lines)
+    if plan.reference_pass_hours:
+        lines.append(
+            f"  before step 1: {plan.reference_pass_hours * 60:.0f} min for the reference's log-probabilities "
+            f"(one forward pass over the pairs; cached, so once for these weights and data)"
+        )
+    return lines
+
+
+def _offload_lines(plan: Plan) -> list[str]:
+    traffic = plan.offload_traffic
+    if not (traffic and traffic.seconds_per_step):
+        return []
+    total = f", >= {traffic.seconds_total / 3600:.1f} h in all" if traffic.seconds_total else ""
+    return [
+        f"  offload traffic: {traffic.bytes_per_gpu_per_step / 1e9:.1f} GB per GPU per optimizer step over PCIe: "
+        f">= {traffic.seconds_per_step:.2f} s/step{total} (plus the optimizer step on the CPU)"
+    ]

@@ -8,6 +8,9 @@ micro-batch is the data module's; DeepSpeed then computes `train_batch_size` = m
 itself. Nothing in our configs can state a batch size that disagrees (the paper's hard-coded `train_batch_size: 64`
 broke on any other GPU count), and there is no `scheduler` block, so the LR schedule is the one `task.lr_scheduler`
 names (the paper's WarmupLR silently replaced its cosine).
+
+Also what an adapter run (peft=lora|qlora) asks of the launch: `check_adapters` before anything is built, and
+`build_strategy`, the configured strategy set up for it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from __future__ import annotations
 import inspect
 import os
 
+from hydra.utils import instantiate
 from lightning.pytorch.strategies import (
     DeepSpeedStrategy as _LightningDeepSpeedStrategy,
 )
+
+from gpt4llm.models import adapters
 
 # ZeRO-3 settings Lightning does not expose; each default is DeepSpeed's own.
 ZERO3_EXTRA_DEFAULTS = {
@@ -50,3 +56,20 @@ def _merged_signature() -> inspect.Signature:
 
 
 DeepSpeedStrategy.__signature__ = _merged_signature()
+
+
+# --- adapter runs -------------------------------------------------------------------------------------------------
+def check_adapters(peft) -> None:
+    """QLoRA where bitsandbytes cannot run 4-bit weights stops at start, in one line, before data or model is built."""
+    if adapters.active(peft) and peft.get("quantization"):
+        adapters.check_4bit()
+
+
+def build_strategy(strategy_cfg, peft):
+    """The configured strategy (`cfg.strategy`: a Strategy, or a name such as "auto" for Lightning to pick). An
+    adapter run's DeepSpeed checkpoints keep the adapters alone: DeepSpeed's engine writes the weights itself, past
+    HFBackboneModule.on_save_checkpoint, and the frozen base comes from model.path."""
+    strategy = instantiate(strategy_cfg)
+    if adapters.active(peft) and hasattr(strategy, "exclude_frozen_parameters"):
+        strategy.exclude_frozen_parameters = True
+    return strategy
