@@ -204,6 +204,7 @@ def test_bf16_on_v100_is_a_problem_in_the_plan():
     assert any("use trainer.precision=16-mixed on V100" in p for p in plan.problems)
 
 
+@pytest.mark.slow  # a command run as a subprocess (README, the test tiers)
 def test_plan_cli_writes_plan_json(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     args = [

@@ -96,6 +96,7 @@ def test_settings_out_of_range_are_named(override, message):
         check_values(compose_train([override]))
 
 
+@pytest.mark.slow  # a command run as a subprocess (README, the test tiers)
 def test_a_bad_setting_stops_at_start_in_one_line_and_leaves_no_run_directory(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "gpt4llm.train", "task.optimizer.lr=-1", f"paths.log_dir={tmp_path / 'logs'}"],
@@ -111,6 +112,7 @@ def test_a_bad_setting_stops_at_start_in_one_line_and_leaves_no_run_directory(tm
 
 
 # --- 3. a directory per run ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # a command run as a subprocess (README, the test tiers)
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     procs = [
         subprocess.Popen(
@@ -195,6 +197,7 @@ def test_a_full_disk_names_the_path_and_what_to_do(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # and no temporary left
 
 
+@pytest.mark.slow  # a command run as a subprocess (README, the test tiers)
 def test_prepare_outputs_appear_together(tmp_path):
     from helpers.configs import demo_overrides
 

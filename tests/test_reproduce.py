@@ -24,6 +24,7 @@ def toy(name: str, *args: str, **kw) -> Stage:
     return Stage(name, "gpt4llm.plots", [f"results={kw.pop('results')}", "formats=[png]", *args], **kw)
 
 
+@pytest.mark.slow  # a command run as a subprocess (README, the test tiers)
 def test_runner_reuses_unchanged_stages_and_redoes_changed_ones_and_their_dependents(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from helpers.configs import ROOT
 
 FRESH_INTERPRETER = textwrap.dedent(
@@ -48,6 +50,7 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+@pytest.mark.slow  # a command run as a subprocess (README, the test tiers)
 def test_model_builds_under_zero_init_in_a_fresh_interpreter(tiny_model_dir):
     import transformers
 

@@ -41,7 +41,7 @@ class Arch:
 def arch_of(model_cfg) -> Arch:
     """The architecture of `cfg.model`: the tiny spec, a local directory's config.json and tokenizer, or `arch`."""
     if model_cfg.get("tiny"):
-        from gpt4llm.models.tiny import refuse_foreign_directory
+        from gpt4llm.io.model_dirs import refuse_foreign_directory
 
         refuse_foreign_directory(Path(str(model_cfg.path)))  # a model of yours there: you meant model=hf
         return _tiny_arch(model_cfg.tiny)
