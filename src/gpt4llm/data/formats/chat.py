@@ -39,9 +39,6 @@ class ShippedTemplate:
     special_tokens: tuple[str, ...]  # added to the tokenizer, so each is one id
     end_of_turn: str | None  # what ends an assistant turn (generation stops there); None: the tokenizer's EOS
 
-    def jinja(self, name: str) -> str:
-        return shipped_template(name)
-
 
 # The templates in formats/templates/<name>.jinja. ChatML; Meta's Llama 3 layout (header tokens, <|eot_id|>, contents
 # trimmed) without the tools and date blocks; FastChat's vicuna_v1.1 (conversation.py: SeparatorStyle.ADD_COLON_TWO,
@@ -80,7 +77,7 @@ class ChatFormat(PromptFormat):
         shipped = SHIPPED[self.name]
         if shipped.special_tokens:
             tokenizer.add_special_tokens({"additional_special_tokens": list(shipped.special_tokens)})
-        tokenizer.chat_template = shipped.jinja(self.name)
+        tokenizer.chat_template = shipped_template(self.name)
 
     def template_text(self, tokenizer) -> str | None:
         return tokenizer.chat_template
