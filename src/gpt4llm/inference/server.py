@@ -230,13 +230,27 @@ class ConnectionGuard:
         """`conn` has no request in progress (from now, unless it had none already)."""
         if not conn.admitted or conn in self.waiting.get(conn.address, ()):
             return
+        # Room is made before `conn` is counted, so that waiting_count never exceeds max_waiting, even for a moment
+        # another thread (a health probe, a test) could see.
+        why = f"to keep half of max_connections for requests ({self.max_waiting})"
+        while self.waiting_count >= self.max_waiting:
+            # the address holding the most waiting connections, `conn` counted (on a tie, the one whose oldest has
+            # waited longest; `conn` itself has waited least)
+            now = time.monotonic()
+            most = max(
+                {*self.waiting, conn.address},
+                key=lambda a: (
+                    len(self.waiting.get(a, ())) + (a == conn.address),
+                    now - next(iter(self.waiting[a].values()), now) if a in self.waiting else 0.0,
+                ),
+            )
+            victim = self.victim(most)
+            if victim is None:
+                self.evict(conn, why)
+                return
+            self.evict(victim, why)
         self.waiting.setdefault(conn.address, {})[conn] = time.monotonic()
         self.waiting_count += 1
-        while self.waiting_count > self.max_waiting:
-            # the address holding the most waiting connections (on a tie, the one whose oldest has waited longest)
-            most = max(self.waiting, key=lambda a: (len(self.waiting[a]), -next(iter(self.waiting[a].values()))))
-            why = f"to keep half of max_connections for requests ({self.max_waiting})"
-            self.evict(self.victim(most) or conn, why)
 
     def busy(self, conn: HeaderTimeoutProtocol) -> None:
         """`conn` has a request in progress (or is gone)."""
