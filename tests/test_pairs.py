@@ -263,3 +263,47 @@ def test_prepare_audits_the_demo_pairs(tmp_path):
     assert report["splits"] == {"train": 100, "validation": 20} and report["ties_dropped"] == 0
     row = json.loads((tmp_path / "run" / "prepared" / "validation.jsonl").read_text().splitlines()[0])
     assert set(row) == {"index", "chosen_input_ids", "rejected_input_ids"}
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chatml"])
+def test_a_prompt_longer_than_half_the_length_loses_its_start_not_the_answers(tmp_path, tiny_model_dir, template):
+    """Issue 38: right truncation alone cut a long prompt's two answers away, and the pair was dropped as identical.
+    As TRL cuts one: the prompt keeps its last max_length // 2 tokens (and a leading BOS), the answers follow, the cut
+    is counted, and a score of the chosen response (reward_ids) sees the very ids training saw."""
+    from gpt4llm.data.formats import prompt_format
+    from gpt4llm.data.formats.chat import render
+    from gpt4llm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    fmt = prompt_format(template)
+    fmt.prepare_tokenizer(tokenizer)
+    question = "Summarise: " + " ".join(f"w{i}" for i in range(60))
+    records = [{"prompt": question, "chosen": "short answer", "rejected": "another reply"}]
+    records += [{"prompt": f"Say {i}.", "chosen": str(i), "rejected": str(i + 1)} for i in range(6)]
+    kwargs = dict(settings=SplitSettings(max_length=64, val_size=1, template=template), cache_dir=tmp_path / "cache")
+    splits, report = build_pair_splits(write(tmp_path, records), tokenizer, **kwargs)
+    assert "identical after tokenization" not in report["dropped_pairs"]
+    assert report["prompt_cut"] == {"count": 1, "first_indices": [0]} and report["truncated"]["count"] == 1
+    row = next(r for split in splits.values() for r in split if r["index"] == 0)
+    assert row["chosen_input_ids"] != row["rejected_input_ids"]
+
+    # the ids, from the tokenizer directly: the whole text, the prompt's start cut to leave it 32 tokens
+    if template == "alpaca":
+        prompt, whole = format_prompt(question), format_prompt(question) + "short answer" + tokenizer.eos_token
+        encode = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+    else:
+        conversation = [{"role": "user", "content": question}]
+        prompt = render(tokenizer, [conversation], add_generation_prompt=True)[0]
+        whole = render(tokenizer, [conversation + [{"role": "assistant", "content": "short answer"}]])[0]
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids, prompt_tokens = encode(whole), len(encode(prompt))
+    assert prompt_tokens > 32 and len(ids) > 64
+    keep = 1 if ids[0] == tokenizer.bos_token_id else 0
+    expected = (ids[:keep] + ids[keep + prompt_tokens - 32 :])[:64]
+    assert row["chosen_input_ids"] == expected and row["chosen_prompt_tokens"] == 32
+    assert (
+        tokenizer.decode(expected[row["chosen_prompt_tokens"] :], skip_special_tokens=True)
+        .strip()
+        .startswith("short answer")
+    )
+    assert fmt.reward_ids(tokenizer, [fmt.score_prompt({"prompt": question})], ["short answer"], 64) == [expected]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from gpt4llm.data.samplers import LengthGroupedSampler, ShuffledSampler
 from gpt4llm.errors import CheckpointError
@@ -383,6 +384,11 @@ def test_two_trainings_with_one_run_id_the_second_stops_naming_the_first(tmp_pat
         assert last.startswith(f"Error: cannot train in this run directory: {run} is in use by pid {first.pid} on ")
         assert f"(python -m gpt4llm.train paths.data_dir={tmp_path / 'data'} " in last
         assert first.poll() is None  # the first goes on
+        # the refused launch's config is kept apart: the running one's .hydra/ is its own (before: overwritten)
+        saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+        assert saved.callbacks.slow.seconds == 0.5
+        launches = list((run / ".hydra" / "launches").glob("*/config.yaml"))
+        assert len(launches) == 1 and (launches[0].parent / "overrides.yaml").exists()
     finally:
         first.kill()
         first.wait()
@@ -398,3 +404,6 @@ def test_two_trainings_with_one_run_id_the_second_stops_naming_the_first(tmp_pat
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"took over the run directory's lock from pid {first.pid} on " in (run / "train.log").read_text()
     assert not (run / RUN_LOCK).exists()
+    assert OmegaConf.load(run / ".hydra" / "config.yaml") == saved  # the run's first config, still
+    launches = sorted((run / ".hydra" / "launches").glob("*/overrides.yaml"), key=lambda p: p.stat().st_mtime)
+    assert len(launches) == 2 and "trainer.max_steps=2" in OmegaConf.load(launches[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -69,6 +70,15 @@ def run_dir(ckpt_path: str | None, default: str) -> str:
     return default
 
 
+def config_subdir(output_dir: str) -> str:
+    """Where Hydra saves a launch's config in its run directory: `.hydra`, unless an earlier launch saved there (a
+    resume, or a second launch that the run's lock then refuses); that one's goes to `.hydra/launches/<time>_<pid>`,
+    so the run's own config is never overwritten."""
+    if not (Path(output_dir) / ".hydra" / "config.yaml").exists():
+        return ".hydra"
+    return f".hydra/launches/{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("gpt4llm.model_name", model_name, replace=True)
     OmegaConf.register_new_resolver("gpt4llm.stem", stem, replace=True)
@@ -76,3 +86,5 @@ def register() -> None:
     OmegaConf.register_new_resolver("gpt4llm.groups_help", groups_help, replace=True)
     OmegaConf.register_new_resolver("gpt4llm.run_dir", run_dir, replace=True)
     OmegaConf.register_new_resolver("gpt4llm.pid", os.getpid, replace=True, use_cache=True)
+    # cached: the answer must not change once Hydra has saved the config it names
+    OmegaConf.register_new_resolver("gpt4llm.config_subdir", config_subdir, replace=True, use_cache=True)

@@ -3,6 +3,8 @@ scoring do it."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on: torch's cross-entropy default ignore_index
@@ -51,9 +53,41 @@ def padded_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def encode_responses(
-    tokenizer, prompts: list[str], responses: list[str], max_length: int
-) -> tuple[list[list[int]], list[int]]:
-    """Token ids of `prompt + response + EOS` (what a reward model scores), right-truncated at `max_length`, and each
-    untruncated length."""
-    return encode_truncated(tokenizer, [p + r + tokenizer.eos_token for p, r in zip(prompts, responses)], max_length)
+class PairSide(NamedTuple):
+    """One side of a batch of comparisons (or of responses to score): each prompt + response's ids, at most
+    `max_length` long; each untruncated length; how many of each sequence's first ids are the prompt; whether the
+    prompt's start was cut to keep room for the response (keep_the_answer)."""
+
+    ids: list[list[int]]
+    lengths: list[int]
+    prompt_tokens: list[int]
+    prompt_cut: list[bool]
+
+
+def keep_the_answer(whole: list[int], prompt_tokens: int, max_length: int, bos_id: int | None) -> tuple[list[int], int]:
+    """A prompt + response sequence cut to `max_length`, as TRL's preference trainers cut one: a prompt of more than
+    half of `max_length` loses its start (a leading BOS kept) down to half, then the end is cut. Right truncation alone
+    would leave a long prompt's two answers cut away (two identical sequences, which teach nothing). Returns the ids
+    and how many of them are the prompt."""
+    if len(whole) <= max_length or prompt_tokens <= max_length // 2:
+        return whole[:max_length], min(prompt_tokens, max_length)
+    keep = 1 if bos_id is not None and whole and whole[0] == bos_id else 0
+    cut = prompt_tokens - max_length // 2
+    return (whole[:keep] + whole[keep + cut :])[:max_length], prompt_tokens - cut
+
+
+def encode_with_prompt(
+    tokenizer, texts: list[str], prompt_tokens: list[int], max_length: int, add_special_tokens: bool = True
+) -> PairSide:
+    """Each `prompt + response` text's ids, right-truncated at `max_length` by the tokenizer (as `encode_truncated`),
+    except where the prompt (`prompt_tokens`: its untruncated length) would leave no room for the answer: there
+    `keep_the_answer` cuts the prompt's start."""
+    ids, lengths = encode_truncated(tokenizer, texts, max_length, add_special_tokens)
+    kept = [min(n, len(x)) for n, x in zip(prompt_tokens, ids)]
+    long = [i for i, (n, p) in enumerate(zip(lengths, prompt_tokens)) if n > max_length and p > max_length // 2]
+    if long:
+        wholes = tokenizer([texts[i] for i in long], add_special_tokens=add_special_tokens)["input_ids"]
+        for i, whole in zip(long, wholes):
+            ids[i], kept[i] = keep_the_answer(whole, prompt_tokens[i], max_length, tokenizer.bos_token_id)
+    cut = set(long)
+    return PairSide(ids, lengths, kept, [i in cut for i in range(len(ids))])

@@ -30,26 +30,26 @@ from gpt4llm.data.samplers import InOrderSampler
 from gpt4llm.data.tokenizer import describe
 from gpt4llm.errors import ConfigError
 
-CACHE_VERSION = 3  # bump when parsing, tokenization or the split change what the cache holds
+CACHE_VERSION = 4  # bump when parsing, tokenization or the split change what the cache holds
 
 
 def tokenize_pairs(batch: dict[str, list], tokenizer, max_length: int, template: str = "alpaca") -> dict[str, list]:
     """`datasets.map(batched=True)` function: pairs -> chosen/rejected ids as the prompt format `template` builds them
     (data.formats), how many of each sequence's first tokens are the prompt (`*_prompt_tokens`: DPO sums
     log-probabilities over the rest), and audit columns."""
-    chosen, chosen_len, rejected, rejected_len, prompt_len = prompt_format(template).tokenize_pairs(
-        batch, tokenizer, max_length
-    )
+    chosen, rejected = prompt_format(template).tokenize_pairs(batch, tokenizer, max_length)
     return {
-        "chosen_input_ids": chosen,
-        "rejected_input_ids": rejected,
-        "chosen_prompt_tokens": [min(n, len(ids)) for n, ids in zip(prompt_len, chosen)],
-        "rejected_prompt_tokens": [min(n, len(ids)) for n, ids in zip(prompt_len, rejected)],
-        "untruncated_tokens": [max(a, b) for a, b in zip(chosen_len, rejected_len)],
-        "truncated": [max(a, b) > max_length for a, b in zip(chosen_len, rejected_len)],
+        "chosen_input_ids": chosen.ids,
+        "rejected_input_ids": rejected.ids,
+        "chosen_prompt_tokens": chosen.prompt_tokens,
+        "rejected_prompt_tokens": rejected.prompt_tokens,
+        "untruncated_tokens": [max(a, b) for a, b in zip(chosen.lengths, rejected.lengths)],
+        "truncated": [max(a, b) > max_length for a, b in zip(chosen.lengths, rejected.lengths)],
+        # a prompt longer than half of max_length, its start cut so that the answers keep room (keep_the_answer)
+        "prompt_cut": [a or b for a, b in zip(chosen.prompt_cut, rejected.prompt_cut)],
         # Identical ids carry no preference (their loss is log 2 whatever the model): responses that differ only
         # past max_length, or in text the tokenizer maps to the same ids.
-        "identical_ids": [a == b for a, b in zip(chosen, rejected)],
+        "identical_ids": [a == b for a, b in zip(chosen.ids, rejected.ids)],
     }
 
 
@@ -103,6 +103,7 @@ def _report(path, read_report, tokenized, identical, splits, val_size, max_lengt
     indices = tokenized["index"]
     lengths = np.asarray(tokenized["untruncated_tokens"])
     truncated = [indices[i] for i, cut in enumerate(tokenized["truncated"]) if cut]
+    prompt_cut = [indices[i] for i, cut in enumerate(tokenized["prompt_cut"]) if cut]
     dropped = dict(read_report["dropped_pairs"])
     if identical:
         dropped["identical after tokenization"] = {
@@ -121,6 +122,8 @@ def _report(path, read_report, tokenized, identical, splits, val_size, max_lengt
         "validation_prompts": val_size,
         # a pair is truncated when either sequence is; a truncated response loses its end and its EOS
         "truncated": {"count": len(truncated), "first_indices": truncated[:10]},
+        # of those, pairs whose prompt took more than half of max_length: its start cut, the answers kept
+        "prompt_cut": {"count": len(prompt_cut), "first_indices": prompt_cut[:10]},
         "token_length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99)}
         | {"max": int(lengths.max())},
     }
@@ -193,6 +196,7 @@ class PairDataModule(SplitsDataModule):
             f"Pairs {r['file']}: {r['splits']}, template {r.get('template', 'alpaca')}, pairing {self.pairing}; "
             f"ids by {r['tokenizer']['backend']}; records skipped {skipped or 'none'}; "
             f"pairs dropped {dropped or 'none'}; truncated at {self.max_length} tokens: {r['truncated']['count']}"
+            f" (of which the prompt's start cut: {r['prompt_cut']['count']})"
         )
 
     def columns(self, split: str) -> list[str]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt4llm.data.encoding import IGNORE_INDEX, encode_responses, encode_truncated
-from gpt4llm.data.formats.base import FormatProblem, PromptFormat, Unfit, shipped_template
+from gpt4llm.data.encoding import IGNORE_INDEX, PairSide, encode_truncated, encode_with_prompt
+from gpt4llm.data.formats.base import SIDES, FormatProblem, PromptFormat, Unfit, shipped_template
 from gpt4llm.data.prompts import alpaca_prompt, format_prompt
 
 
@@ -62,11 +62,13 @@ class AlpacaFormat(PromptFormat):
         return alpaca_prompt(messages[0]["content"])
 
     def tokenize_pairs(self, batch, tokenizer, max_length):
-        chosen, chosen_len = encode_responses(tokenizer, batch["prompt"], batch["chosen"], max_length)
-        rejected, rejected_len = encode_responses(tokenizer, batch["prompt"], batch["rejected"], max_length)
-        # the prompt tokenized alone, as SFT's labels mask it
-        prompt_ids = tokenizer(batch["prompt"], max_length=max_length, truncation=True)["input_ids"]
-        return chosen, chosen_len, rejected, rejected_len, [len(ids) for ids in prompt_ids]
+        return tuple(self._responses(tokenizer, batch["prompt"], batch[side], max_length) for side in SIDES)
+
+    def _responses(self, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> PairSide:
+        # prompt + response + EOS, the prompt's length from tokenizing it alone (as SFT's labels mask it)
+        prompt_tokens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts, responses)]
+        return encode_with_prompt(tokenizer, texts, prompt_tokens, max_length)
 
     def held_out_examples(self, tokenizer, rows) -> list[dict[str, str]]:
         records = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows]
@@ -92,4 +94,4 @@ class AlpacaFormat(PromptFormat):
         return format_prompt(record["instruction"], record.get("input", ""))
 
     def reward_ids(self, tokenizer, prompts, responses, max_length):
-        return encode_responses(tokenizer, prompts, responses, max_length)[0]
+        return self._responses(tokenizer, prompts, responses, max_length).ids

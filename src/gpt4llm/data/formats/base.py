@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gpt4llm.data.encoding import PairSide
+
 TRAIN_ON = ("all_assistant", "last_assistant")
+SIDES = ("chosen", "rejected")  # a comparison's two responses, in the order tokenize_pairs returns them
 TEMPLATE_FILES = Path(__file__).with_name("templates")
 
 
@@ -73,9 +76,10 @@ class PromptFormat:
         """The prompt of a comparison as the pairs carry it (a FormatProblem when this format cannot hold it)."""
         raise NotImplementedError
 
-    def tokenize_pairs(self, batch: dict[str, list], tokenizer, max_length: int) -> tuple[list, list, list, list, list]:
-        """Pairs -> (chosen ids, chosen untruncated lengths, rejected ids, rejected untruncated lengths, prompt
-        lengths): each sequence is prompt + response + end, right-truncated at `max_length`."""
+    def tokenize_pairs(self, batch: dict[str, list], tokenizer, max_length: int) -> tuple[PairSide, PairSide]:
+        """Pairs -> the chosen and the rejected side (data.encoding.PairSide): each sequence is prompt + response +
+        end, at most `max_length` long: right-truncated, or, when the prompt takes more than half of it, the prompt's
+        start cut (encoding.keep_the_answer); reward_ids cuts alike, so a score sees what training saw."""
         raise NotImplementedError
 
     def held_out_examples(self, tokenizer, rows) -> list[dict[str, str]]:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt4llm.data.conversations import TurnProblem, alpaca_user_text, check_turns
-from gpt4llm.data.encoding import IGNORE_INDEX, encode_truncated
-from gpt4llm.data.formats.base import FormatProblem, PromptFormat, shipped_template
+from gpt4llm.data.encoding import IGNORE_INDEX, PairSide, encode_with_prompt
+from gpt4llm.data.formats.base import SIDES, FormatProblem, PromptFormat, shipped_template
 from gpt4llm.errors import ConfigError
 
 
@@ -108,19 +108,14 @@ class ChatFormat(PromptFormat):
     def tokenize_pairs(self, batch, tokenizer, max_length):
         # the prompt is a conversation (JSON) and each response its final assistant turn, rendered whole
         prompts = [json.loads(p) for p in batch["prompt"]]
-        (chosen, chosen_len), (rejected, rejected_len) = (
-            encode_truncated(
-                tokenizer,
-                render(tokenizer, [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, batch[side])]),
-                max_length,
-                add_special_tokens=False,
-            )
-            for side in ("chosen", "rejected")
-        )
-        # what the template writes before the answer: the conversation and its generation prompt
+        return tuple(self._responses(tokenizer, prompts, batch[side], max_length) for side in SIDES)
+
+    def _responses(self, tokenizer, prompts: list[list[dict]], responses: list[str], max_length: int) -> PairSide:
+        # the prompt's tokens: what the template writes before the answer (the conversation, its generation prompt)
         prefixes = render(tokenizer, prompts, add_generation_prompt=True)
-        prompt_len = [len(ids) for ids in tokenizer(prefixes, add_special_tokens=False)["input_ids"]]
-        return chosen, chosen_len, rejected, rejected_len, prompt_len
+        prompt_tokens = [len(ids) for ids in tokenizer(prefixes, add_special_tokens=False)["input_ids"]]
+        texts = render(tokenizer, [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
+        return encode_with_prompt(tokenizer, texts, prompt_tokens, max_length, add_special_tokens=False)
 
     def held_out_examples(self, tokenizer, rows) -> list[dict[str, str]]:
         conversations = [list(r["messages"]) for r in rows]
@@ -148,10 +143,8 @@ class ChatFormat(PromptFormat):
         )
 
     def reward_ids(self, tokenizer, prompts, responses, max_length):
-        turns = [
-            [{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)
-        ]
-        return encode_truncated(tokenizer, render(tokenizer, turns), max_length, add_special_tokens=False)[0]
+        users = [[{"role": "user", "content": p}] for p in prompts]
+        return self._responses(tokenizer, users, responses, max_length).ids
 
 
 # --- conversations to ids and labels ---------------------------------------------------------------------------------
