@@ -1,6 +1,6 @@
 """Generation mechanics on the tiny random model (its answers are noise; what they are does not matter here):
-left-padded batches answer as one-by-one runs do, decoding stops at EOS, a rerun skips what is written; and the
-generate -> evaluate -> plots commands end to end."""
+batches answer as one-by-one runs do, a rerun skips what is written; and the generate -> evaluate -> plots commands
+end to end. The engine's own oracle tests (stop ids, stop strings, limits, seeds): tests/test_engine.py."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM
 
 from gpt4llm.data.demo import make_demo_records
 from gpt4llm.data.prompts import format_prompt
 from gpt4llm.inference.resumable_generation import generate_to_file
-from gpt4llm.models.decoding import generate_completions, generate_responses
+from gpt4llm.models.decoding import generate_responses
 
 RECORDS = make_demo_records(6, seed=7)
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "num_samples": 1}
@@ -38,37 +38,6 @@ def test_batched_left_padded_greedy_equals_one_by_one(model, tokenizer):
     alone = [generate_responses(model, tokenizer, [r], max_new_tokens=8, batch_size=1)[0] for r in RECORDS]
     assert batched == alone
     assert all(batched)
-
-
-class StopRows(LogitsProcessor):
-    """Forces EOS at step `at` in the given batch rows (other rows go on): what a model that ends its answer does."""
-
-    def __init__(self, eos: int, rows: set[int], at: int):
-        self.eos, self.rows, self.at, self.step = eos, rows, at, 0
-
-    def __call__(self, input_ids, scores):
-        if self.step == self.at:
-            for row in self.rows:
-                scores[row] = -float("inf")
-                scores[row, self.eos] = 0.0
-        self.step += 1
-        return scores
-
-
-def test_stops_at_eos_per_row_and_drops_what_follows(model, tokenizer):
-    prompts = [format_prompt(r["instruction"], r["input"]) for r in RECORDS[:4]]
-    stop = StopRows(tokenizer.eos_token_id, rows={0, 2}, at=3)
-    [(rows, forced)] = generate_completions(
-        model, tokenizer, prompts, 8, batch_size=4, logits_processor=LogitsProcessorList([stop])
-    )
-    [(_, short)] = generate_completions(model, tokenizer, prompts, 3, batch_size=4)
-    for j in range(len(rows)):
-        c = forced[j][0]
-        if j in (0, 2):
-            assert (c.finish_reason, c.num_tokens) == ("eos", 3)
-            assert c.text == short[j][0].text  # the same three tokens, and nothing of the pads after EOS
-        elif c.finish_reason == "length":
-            assert c.num_tokens == 8
 
 
 def test_rerun_skips_written_ids_and_a_torn_line(model, tokenizer, tmp_path):

@@ -18,8 +18,9 @@ from gpt4llm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def decoding_settings(decoding: DictConfig) -> dict:
-    """The settings that shape the answers, written on every line: temperature and top_p only when sampling."""
+def decoding_settings(decoding: DictConfig, seed: int) -> dict:
+    """The settings that shape the answers, written on every line: temperature, top_p and the seed only when
+    sampling (each record samples with its own generator, seeded by `seed` and its id)."""
     settings = {
         "max_new_tokens": int(decoding.max_new_tokens),
         "do_sample": bool(decoding.do_sample),
@@ -30,7 +31,7 @@ def decoding_settings(decoding: DictConfig) -> dict:
             "decoding.num_samples > 1 needs decoding.do_sample=true: greedy answers would all be the same"
         )
     if settings["do_sample"]:
-        settings |= {"temperature": float(decoding.temperature), "top_p": float(decoding.top_p)}
+        settings |= {"temperature": float(decoding.temperature), "top_p": float(decoding.top_p), "seed": int(seed)}
     return settings
 
 
@@ -48,7 +49,7 @@ def generate(cfg: DictConfig) -> Path:
             "model.path is required: model.path=logs/train/runs/<time>/export, "
             "or any local Hugging Face causal LM directory"
         )
-    decoding = decoding_settings(cfg.decoding)
+    decoding = decoding_settings(cfg.decoding, cfg.seed)
     records = load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model.path, padding_side="left", backend=cfg.model.tokenizer)
@@ -68,11 +69,14 @@ def generate(cfg: DictConfig) -> Path:
         extra={"model": cfg.model.name, "eval": cfg.eval.name},
         progress=f"{cfg.eval.name} / {cfg.model.name}",
         prompt_format=served.format,
+        seed=cfg.seed,
     )
     log.info(f"Responses: {counts}")
     print(
         f"\nResponses: {output}  ({counts['generated']} new, {counts['already_done']} already there, "
-        f"{counts['empty']} empty, {counts['cut_by_length']} cut at max_new_tokens)"
+        f"{counts['empty']} empty, {counts['cut_by_length']} cut at max_new_tokens"
+        + (f", {counts['prompt_too_long']} prompts longer than the context" if counts["prompt_too_long"] else "")
+        + ")"
     )
     return output
 

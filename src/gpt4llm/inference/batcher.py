@@ -1,23 +1,28 @@
-"""The one thread that runs the model for `gpt4llm.serve`: requests wait as jobs, and are answered in batches.
+"""The one thread that runs the model for `gpt4llm.serve`: requests wait as jobs, and are answered through the
+generation engine (models.engine) with continuous batching.
 
-The worker takes the oldest waiting job and up to `max_batch - 1` others with the same sampling settings (temperature,
-top_p, n), runs one left-padded batched `generate` with the largest max_tokens among them, and cuts each answer to its
-own job's max_tokens (the first k tokens do not depend on the limit). Static batching: a batch ends when its longest
-answer does. A streamed job runs as a batch of its own (transformers' streamers take one sequence), in turn with the
-batches. A job whose client left is dropped while it waits, and its stream's generation stops at the next token.
+The worker takes the oldest waiting job and those that came with it (up to `max_batch` jobs), and runs them; while
+they run, every job that arrives joins the running batch as rows free up (a job of n choices takes n rows), so a
+request never waits for another's long answer. Each job has its own max_tokens, stop strings, sampling settings and
+seed; a streamed job's tokens go to its streamer as they come. A job whose client left is dropped while it waits, and
+its generation stops at the next token.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from gpt4llm.inference.openai_protocol import RequestError
-from gpt4llm.models.decoding import generate_completions, truncate_completion
+from gpt4llm.models.decoding import request_seed, stop_ids
+from gpt4llm.models.engine import EOS, STOP, Engine, Request, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class Job:
     sampling: tuple[float, float] | None = None  # (temperature, top_p); None: greedy
     stop: tuple[str, ...] = ()
     stream: bool = False
+    seed: int | None = None  # the request's seed; None: a random one
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     streamer: Any = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -53,13 +59,9 @@ class Job:
         if self.notify is not None:
             self.notify()
 
-    def key(self) -> tuple:
-        """Requests with the same key can share a batch (max_tokens may differ: answers are cut per request)."""
-        return (self.sampling, self.n)
-
 
 class Batcher:
-    """The one thread that runs the model: takes waiting jobs in batches and answers them."""
+    """The one thread that runs the model: takes waiting jobs and answers them through the engine."""
 
     def __init__(
         self,
@@ -73,6 +75,8 @@ class Batcher:
         self.model, self.tokenizer = model, tokenizer
         self.add_special_tokens = add_special_tokens  # False for prompts a chat template rendered
         self.max_batch, self.batch_wait, self.max_queue = max(1, max_batch), batch_wait, max_queue
+        # rows join as soon as one is free: a request's wait matters more than a prefill's cost here
+        self.engine = Engine(model, tokenizer, stop_ids(model, tokenizer), max_rows=self.max_batch, join_at=1)
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
         self.closed = False
@@ -97,14 +101,15 @@ class Batcher:
             self.cond.notify_all()
         self.thread.join(timeout=10)
 
-    def _take(self) -> list[Job] | None:
+    def _take(self) -> bool:
+        """Waits until jobs are pending (True) or the batcher is closed (False)."""
         with self.cond:
             while True:
                 while not self.pending and not self.closed:
                     self.cond.wait()
                 if self.closed:
-                    return None
-                if not self.pending[0].stream and self.batch_wait > 0 and len(self.pending) < self.max_batch:
+                    return False
+                if self.batch_wait > 0 and len(self.pending) < self.max_batch:
                     # A moment for requests sent together to arrive together; under load the queue is full anyway.
                     self.cond.wait_for(
                         lambda: len(self.pending) >= self.max_batch or self.closed, timeout=self.batch_wait
@@ -112,19 +117,12 @@ class Batcher:
                 # Looked at again after the wait: the jobs waited for may have been cancelled meanwhile (their clients
                 # hung up), down to none at all.
                 if self.closed:
-                    return None
-                if not self.pending:
-                    continue
-                first = self.pending[0]
-                if first.stream:
-                    return [self.pending.popleft()]
-                batch = [j for j in self.pending if not j.stream and j.key() == first.key()][: self.max_batch]
-                for job in batch:
-                    self.pending.remove(job)
-                return batch
+                    return False
+                if self.pending:
+                    return True
 
     def cancel(self, job: Job) -> None:
-        """A job whose client left: dropped if still waiting, stopped if streaming."""
+        """A job whose client left: dropped if still waiting, stopped if running."""
         job.cancelled.set()
         with self.cond:
             if job in self.pending:
@@ -136,48 +134,23 @@ class Batcher:
         return self.thread.is_alive() and not self.closed
 
     def _loop(self) -> None:
-        while (batch := self._take()) is not None:
+        while self._take():
+            running = _Running(self)
             try:
-                self._run(batch)
-            except Exception as err:  # a bug around generation fails this batch's requests, never the worker
-                log.exception("a batch of %d failed", len(batch))
-                self._fail(batch, err)
+                self._run(running)
+            except Exception as err:  # a bug around generation fails the running requests, never the worker
+                log.exception("generation failed for %d requests", len(running.jobs))
+                self._fail([job for job in running.jobs.values() if not job.done.is_set()], err)
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, running: _Running) -> None:
         self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        first = batch[0]
-        kwargs: dict[str, Any] = {}
-        if first.sampling is not None:
-            kwargs |= {"do_sample": True, "temperature": first.sampling[0], "top_p": first.sampling[1]}
-        if first.stream:
-            from transformers import StoppingCriteria, StoppingCriteriaList
-
-            class ClientLeft(StoppingCriteria):  # a streaming client that hung up stops its generation at once
-                def __call__(self, input_ids, scores, **kw):
-                    return first.cancelled.is_set()
-
-            kwargs |= {"streamer": first.streamer, "stopping_criteria": StoppingCriteriaList([ClientLeft()])}
         started = time.perf_counter()
-        try:
-            for rows, completions in generate_completions(
-                self.model,
-                self.tokenizer,
-                [j.prompt for j in batch],
-                max(j.max_tokens for j in batch),
-                batch_size=len(batch),
-                add_special_tokens=self.add_special_tokens,
-                num_samples=first.n,
-                **kwargs,
-            ):
-                for i, samples in zip(rows, completions):
-                    batch[i].choices = [self._choice(s, batch[i]) for s in samples]
-                    batch[i].finish()
-        except Exception as err:  # the batch fails, the server goes on
-            log.exception("generation failed for a batch of %d", len(batch))
-            self._fail(batch, err)
-        self.jobs_done += len(batch)
-        log.debug("batch of %d in %.3fs", len(batch), time.perf_counter() - started)
+        for index, completion in self.engine.run(
+            running.join(self.max_batch), running.on_token, running.cancelled, more=running.join
+        ):
+            running.done(index, completion)
+        self.jobs_done += running.finished
+        log.debug("%d requests in %.3fs", running.finished, time.perf_counter() - started)
 
     @staticmethod
     def _fail(batch: list[Job], err: BaseException) -> None:
@@ -188,11 +161,69 @@ class Batcher:
                     job.streamer.end()  # wakes the handler waiting on the stream
                 job.finish()
 
-    def _choice(self, completion, job: Job) -> Choice:
-        completion = truncate_completion(self.tokenizer, completion, job.max_tokens)
-        text, reason = completion.text, "length" if completion.finish_reason == "length" else "stop"
-        cuts = [text.find(s) for s in job.stop if s and s in text]
-        if cuts:  # usage counts the tokens of what is sent, not of what was generated past the stop string
-            text, reason = text[: min(cuts)], "stop"
-            return Choice(text, reason, len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-        return Choice(text, reason, completion.num_tokens)
+
+class _Running:
+    """The jobs of one engine run: which request (row) is whose choice, and what each job got so far."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.jobs: dict[int, Job] = {}  # request index -> its job
+        self.choice: dict[int, int] = {}  # request index -> its choice number in the job
+        self.answers: dict[int, list[Choice | None]] = {}  # id(job) -> its choices so far
+        self.next = self.finished = 0
+
+    def join(self, free: int) -> list[Request]:
+        """Pending jobs that fit in `free` rows, as requests (a job that cannot be set up fails alone)."""
+        b = self.batcher
+        taken: list[Request] = []
+        with b.cond:
+            # a job of n choices may take more rows than are free: the engine runs its other choices as rows free up
+            while b.pending and len(taken) < free:
+                job = b.pending.popleft()
+                try:
+                    requests = self.requests(job)
+                except Exception as err:
+                    log.exception("a request could not be set up")
+                    b._fail([job], err)
+                    continue
+                for k in range(len(requests)):
+                    self.jobs[self.next], self.choice[self.next] = job, k
+                    self.next += 1
+                taken += requests
+                self.answers[id(job)] = [None] * job.n
+                b.largest_batch = max(b.largest_batch, len({id(j) for j in self.jobs.values() if not j.done.is_set()}))
+        return taken
+
+    def requests(self, job: Job) -> list[Request]:
+        b = self.batcher
+        ids = tuple(b.tokenizer(job.prompt, add_special_tokens=b.add_special_tokens)["input_ids"])
+        sampling = None if job.sampling is None else Sampling(job.sampling[0], job.sampling[1])
+        seed = random.getrandbits(62) if job.seed is None else job.seed
+        return [Request(ids, job.max_tokens, sampling, request_seed(seed, "", k), job.stop) for k in range(job.n)]
+
+    def on_token(self, index: int, token: int) -> None:
+        streamer = self.jobs[index].streamer
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+
+    def cancelled(self, index: int) -> bool:
+        return self.jobs[index].cancelled.is_set()
+
+    def done(self, index: int, completion) -> None:
+        job = self.jobs.pop(index)
+        answers = self.answers[id(job)]
+        answers[self.choice.pop(index)] = self.choice_of(completion)
+        if all(a is not None for a in answers):
+            del self.answers[id(job)]
+            job.choices = answers
+            if job.streamer is not None:
+                job.streamer.end()
+            job.finish()
+            self.finished += 1
+
+    def choice_of(self, completion) -> Choice:
+        reason = "stop" if completion.finish_reason in (EOS, STOP) else "length"
+        if completion.finish_reason == STOP:  # usage counts the tokens of what is sent, not of what followed
+            tokens = len(self.batcher.tokenizer(completion.text, add_special_tokens=False)["input_ids"])
+            return Choice(completion.text, reason, tokens)
+        return Choice(completion.text, reason, completion.num_tokens)

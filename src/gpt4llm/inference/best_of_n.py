@@ -4,7 +4,8 @@ reward model, and keep the greedy single decode as the baseline B.
     python -m gpt4llm.bestofn sft_model=<sft run>/export reward_model=<rm run>/export prompts=questions.jsonl n=5
 
 `prompts` is a JSON list or JSONL file of Alpaca records: `instruction`, optional `input`, optional `id` (default:
-the record's index). Draw k (k = 0..n-1) samples every prompt with the torch seed `seed + k`, so a run is repeatable.
+the record's index). Draw k (k = 0..n-1) of a prompt samples with its own generator, seeded by `seed`, the prompt's id
+and k (models.decoding.request_seed), so a run is repeatable and a draw does not depend on the other prompts.
 
 Output, `<run dir>/bestofn.jsonl` unless `output=` says otherwise: one JSON object per prompt, in input order:
 
@@ -65,17 +66,33 @@ def best_of_n(
 
     from gpt4llm.data.tokenizer import load_tokenizer
     from gpt4llm.inference.scoring import score_records
-    from gpt4llm.models.decoding import generate_responses
+    from gpt4llm.models import model_card
+    from gpt4llm.models.decoding import generate_completions, generate_responses
 
     tokenizer = load_tokenizer(str(sft_model))
     model = AutoModelForCausalLM.from_pretrained(str(sft_model)).to("cuda" if torch.cuda.is_available() else "cpu")
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    draws = []
-    for k in range(n):
-        torch.manual_seed(seed + k)  # one seed per draw: any draw can be reproduced on its own
-        draws.append(generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, **sampling))
-        log.info(f"Draw {k + 1}/{n}: {len(prompts)} responses")
-    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)  # greedy, as trained
+    fmt = model_card.prompt_format_of(model, tokenizer).format
+    # all n draws of every prompt in one run of the engine, each seeded by the prompt's id and its draw number
+    draws = [[""] * len(prompts) for _ in range(n)]
+    for [i], [samples] in generate_completions(
+        model,
+        tokenizer,
+        fmt.record_prompts(tokenizer, prompts),
+        max_new_tokens,
+        batch_size,
+        num_samples=n,
+        progress=f"{n} draws",
+        add_special_tokens=fmt.add_special_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        keys=[str(p["id"]) for p in prompts],
+    ):
+        for k, sample in enumerate(samples):
+            draws[k][i] = sample.text
+    log.info(f"{n} draws of {len(prompts)} prompts")
+    baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, fmt)  # greedy, as trained
     del model  # the reward model needs the memory next
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -27,6 +27,7 @@ SUPPORTED = {
     "temperature",
     "top_p",
     "n",
+    "seed",
     "stop",
     "stream",
     "stream_options",
@@ -97,6 +98,7 @@ class ChatRequest(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    seed: int | None = None  # the same seed, settings and prompt give the same sampled answer
 
     def stop_strings(self) -> list[str]:
         """`stop` as a list (OpenAI takes one string or a list)."""

@@ -1,11 +1,12 @@
-"""`generate_to_file`, the form behind `python -m gpt4llm.generate`: it appends one JSON line per record as each batch
-finishes and, run again on the same file, skips the ids already there, so a killed run loses at most the batch it was
-in. The decoding itself: gpt4llm.models.decoding.
+"""`generate_to_file`, the form behind `python -m gpt4llm.generate`: it appends one JSON line per record as it is
+answered and, run again on the same file, skips the ids already there, so a killed run loses only the answers in
+progress. The decoding itself: gpt4llm.models.decoding.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from gpt4llm.data.formats import PromptFormat
 from gpt4llm.errors import RecordError
 from gpt4llm.models import model_card
 from gpt4llm.models.decoding import generate_completions
+
+log = logging.getLogger(__name__)
 
 
 def generate_to_file(
@@ -26,13 +29,16 @@ def generate_to_file(
     extra: dict[str, Any] | None = None,
     progress: str | None = "Generating",
     prompt_format: PromptFormat | None = None,
+    seed: int = 0,
 ) -> dict[str, int]:
     """Appends a JSON line per record to `path`: the record's fields (`id`, `instruction`, `input`, and `category`,
     `reference` where it has them), `prompt`, `response` (`responses` too when decoding.num_samples > 1),
     `finish_reason`, `num_tokens`, `decoding`, and `extra` (e.g. the model's name).
 
     `decoding`: max_new_tokens, num_samples, do_sample, and temperature / top_p when sampling. Ids already in the
-    file are skipped; a file written with other decoding settings is refused rather than mixed.
+    file are skipped; a file written with other decoding settings is refused rather than mixed. Sampling is seeded
+    per record (its id and `seed`), so a resumed run writes what an unbroken one would have. A prompt longer than the
+    model's context gets an empty response with finish_reason `prompt_too_long`, counted.
     """
     path = Path(path)
     done = read_done_ids(path, decoding)
@@ -43,6 +49,7 @@ def generate_to_file(
         "generated": 0,
         "empty": 0,
         "cut_by_length": 0,
+        "prompt_too_long": 0,
     }
     if not todo:
         return counts
@@ -52,6 +59,7 @@ def generate_to_file(
     fmt = prompt_format or model_card.prompt_format_of(model, tokenizer).format  # the prompt it was trained with
     prompts = fmt.record_prompts(tokenizer, todo)
     path.parent.mkdir(parents=True, exist_ok=True)
+    too_long: list[str] = []
     with open(path, "a", encoding="utf-8") as f:
         for rows, completions in generate_completions(
             model,
@@ -63,6 +71,8 @@ def generate_to_file(
             progress=progress,
             add_special_tokens=fmt.add_special_tokens,
             do_sample=bool(decoding.get("do_sample")),
+            seed=seed,
+            keys=[str(r["id"]) for r in todo],
             **sampling,
         ):
             for i, samples in zip(rows, completions):
@@ -86,8 +96,16 @@ def generate_to_file(
                 counts["generated"] += 1
                 counts["empty"] += not first.text.strip()
                 counts["cut_by_length"] += first.finish_reason == "length"
-            f.flush()  # a batch on disk is a batch a rerun will not redo
+                if first.finish_reason == "prompt_too_long":
+                    too_long.append(str(todo[i]["id"]))
+            f.flush()  # an answer on disk is one a rerun will not redo
             os.fsync(f.fileno())
+    counts["prompt_too_long"] = len(too_long)
+    if too_long:
+        log.warning(
+            f"{path}: {len(too_long)} prompts longer than the model's context, answered empty with finish_reason "
+            f"prompt_too_long: ids {', '.join(too_long[:10])}{' ...' if len(too_long) > 10 else ''}"
+        )
     return counts
 
 

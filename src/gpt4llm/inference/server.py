@@ -383,6 +383,7 @@ class ModelServer(WebServer):
             sampling(request),
             tuple(request.stop_strings()),
             bool(request.stream),
+            seed=request.seed,
             include_usage=request.include_usage(),
         )
 
@@ -584,7 +585,8 @@ def start_stream(server: ModelServer, job: Job, finished: asyncio.Event) -> Stre
     """The job submitted with a streamer its tokens' text comes through, answered as server-sent events."""
     from transformers import AsyncTextIteratorStreamer
 
-    job.streamer = AsyncTextIteratorStreamer(server.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    # the engine puts the generated tokens alone (no prompt first, as generate's streamer calls do)
+    job.streamer = AsyncTextIteratorStreamer(server.tokenizer, skip_prompt=False, skip_special_tokens=True)
     server.batcher.submit(job)
     return StreamingResponse(
         stream(server, job, finished), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
