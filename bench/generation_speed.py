@@ -135,7 +135,12 @@ def run_pipeline(model, tokenizer, prompts, ids, stops, sampling, args, add_spec
         pad_token_id=tokenizer.pad_token_id,
         **sampling,
     )
-    return [cut(out[0]["generated_token_ids"][len(i) :], stops) for out, i in zip(outputs, ids)]
+    answers = []
+    for out, prompt in zip(outputs, ids):
+        sequence = out[0]["generated_token_ids"]
+        start = next(k for k in range(len(sequence)) if sequence[k : k + len(prompt)] == prompt)  # after left pads
+        answers.append(cut(sequence[start + len(prompt) :], stops))
+    return answers
 
 
 def run_continuous(model, tokenizer, prompts, ids, stops, sampling, args, add_special) -> list[list[int]]:

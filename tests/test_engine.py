@@ -156,3 +156,54 @@ def test_a_batch_whose_kv_cache_would_not_fit_is_made_smaller_before_it_starts(m
     monkeypatch.setattr(engine_module, "free_memory", lambda device: per_row // 2)
     with pytest.raises(ConfigError, match="generation does not fit in memory: .* lower max_new_tokens"):
         list(Engine(model, tokenizer, [tokenizer.eos_token_id], max_rows=8).run(requests))
+
+
+def test_a_cache_whose_rows_cannot_leave_keeps_ended_rows_until_the_batch_ends(model, tokenizer, monkeypatch):
+    """Sliding-window and recurrent caches cannot drop or add rows: the batch runs whole (ended rows fed padding),
+    then the next; the answers are the same."""
+    import gpt4llm.models.engine as engine_module
+
+    prompts = prompt_ids(tokenizer)
+    requests = [Request(p, n) for p, n in zip(prompts, [3, 9, 5, 12, 2, 7, 12, 4])]
+    stops = [tokenizer.eos_token_id]
+    joining = dict(Engine(model, tokenizer, stops, max_rows=3).run(requests))
+    selected = []
+    monkeypatch.setattr(engine_module, "mergeable", lambda cache: cache is None)
+    monkeypatch.setattr(engine_module, "select", lambda *a: selected.append(a) or pytest.fail("rows dropped"))
+    static = dict(Engine(model, tokenizer, stops, max_rows=3).run(requests))
+    assert static == joining and not selected
+
+
+def _synced_rank(rank: int, init: str, model_dir: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from gpt4llm.data.tokenizer import load_tokenizer
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    prompts = prompt_ids(tokenizer)[: 4 if rank == 0 else 1]
+    requests = [Request(p, 10 if rank == 0 else 2) for p in prompts]
+    got = {i: c.token_ids for i, c in Engine(model, tokenizer, [tokenizer.eos_token_id], max_rows=2).run(requests)}
+    with open(f"{results}.{rank}", "w") as f:
+        json.dump({"answers": {str(i): list(t) for i, t in got.items()}, "forwards": len(forwards)}, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_generating_together_run_as_many_forwards_as_the_busiest(model, tokenizer, tiny_model_dir, tmp_path):
+    """Validation under ZeRO-3 or FSDP: every forward gathers the weights from all ranks, so a rank with less to
+    generate runs forwards of its own until the busiest is done (a hang before); the answers are unchanged."""
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'init'}"
+    mp.spawn(_synced_rank, args=(init, str(tiny_model_dir), str(tmp_path / "r")), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"r.{rank}").read_text()) for rank in (0, 1)]
+    assert ranks[0]["forwards"] == ranks[1]["forwards"] > 3
+    prompts = prompt_ids(tokenizer)
+    alone = dict(
+        Engine(model, tokenizer, [tokenizer.eos_token_id], max_rows=2).run([Request(p, 10) for p in prompts[:4]])
+    )
+    assert ranks[0]["answers"] == {str(i): list(c.token_ids) for i, c in alone.items()}

@@ -135,6 +135,30 @@ def test_concurrent_requests_share_a_batch_and_answer_as_alone(server):
     assert together == alone  # batched (left-padded, each cut at its own max_tokens) = one by one
 
 
+def test_a_seeded_sampled_request_answers_the_same_alone_and_beside_others(server):
+    """OpenAI's `seed`: the same seed, settings and prompt give the same sampled answer, whatever else runs beside it
+    (each request samples with its own generator); another seed another answer."""
+    prompt = format_prompt(RECORDS[2]["instruction"], RECORDS[2]["input"])
+    params = {"temperature": 1.5, "max_tokens": 12, "seed": 1234}
+    alone = chat(server, prompt, **params)[1]["choices"][0]["message"]["content"]
+    others: list = [None] * 3
+
+    def ask(i):
+        p = prompt if i == 0 else format_prompt(RECORDS[3 + i]["instruction"], RECORDS[3 + i]["input"])
+        others[i] = chat(server, p, **(params if i == 0 else {"temperature": 1.0, "max_tokens": 4 + i}))[1]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert others[0]["choices"][0]["message"]["content"] == alone
+    again = [
+        chat(server, prompt, **(params | {"seed": seed}))[1]["choices"][0]["message"]["content"] for seed in (1, 2)
+    ]
+    assert len({alone, *again}) > 1
+
+
 def test_streaming_sends_chunks_that_add_up_to_the_answer(server):
     prompt = format_prompt(RECORDS[1]["instruction"], RECORDS[1]["input"])
     whole = chat(server, prompt, temperature=0, max_tokens=10)[1]

@@ -2,7 +2,7 @@
 
 Writes one JSON line per question to <run dir>/responses.jsonl (id, prompt, response, decoding settings, the
 reference where the eval set has one). The run directory is logs/generate/<eval>/<model name>, so the same command
-run again skips the ids already written: a killed run loses at most one batch.
+run again skips the ids already written: a killed run loses only the answers in progress.
 """
 
 from __future__ import annotations

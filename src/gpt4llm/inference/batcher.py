@@ -139,8 +139,8 @@ class Batcher:
             try:
                 self._run(running)
             except Exception as err:  # a bug around generation fails the running requests, never the worker
-                log.exception("generation failed for %d requests", len(running.jobs))
-                self._fail([job for job in running.jobs.values() if not job.done.is_set()], err)
+                log.exception("generation failed for %d requests", len(running.taken))
+                self._fail(running.taken, err)
 
     def _run(self, running: _Running) -> None:
         self.batches += 1
@@ -170,6 +170,7 @@ class _Running:
         self.jobs: dict[int, Job] = {}  # request index -> its job
         self.choice: dict[int, int] = {}  # request index -> its choice number in the job
         self.answers: dict[int, list[Choice | None]] = {}  # id(job) -> its choices so far
+        self.taken: list[Job] = []  # every job this run took from the queue (failed together if the run fails)
         self.next = self.finished = 0
 
     def join(self, free: int) -> list[Request]:
@@ -178,8 +179,9 @@ class _Running:
         taken: list[Request] = []
         with b.cond:
             # a job of n choices may take more rows than are free: the engine runs its other choices as rows free up
-            while b.pending and len(taken) < free:
+            while b.pending and len(taken) < free and not b.closed:
                 job = b.pending.popleft()
+                self.taken.append(job)
                 try:
                     requests = self.requests(job)
                 except Exception as err:
@@ -202,17 +204,22 @@ class _Running:
         return [Request(ids, job.max_tokens, sampling, request_seed(seed, "", k), job.stop) for k in range(job.n)]
 
     def on_token(self, index: int, token: int) -> None:
-        streamer = self.jobs[index].streamer
-        if streamer is not None:
-            streamer.put(torch.tensor([token]))
+        job = self.jobs[index]
+        if job.streamer is not None and not job.cancelled.is_set():
+            try:
+                job.streamer.put(torch.tensor([token]))
+            except Exception:  # its stream is gone (the event loop closed): it stops, the others go on
+                log.exception("a stream could not take its tokens")
+                job.cancelled.set()
 
     def cancelled(self, index: int) -> bool:
         return self.jobs[index].cancelled.is_set()
 
     def done(self, index: int, completion) -> None:
-        job = self.jobs.pop(index)
+        job = self.jobs[index]
         answers = self.answers[id(job)]
-        answers[self.choice.pop(index)] = self.choice_of(completion)
+        answers[self.choice[index]] = self.choice_of(completion)
+        del self.jobs[index], self.choice[index]
         if all(a is not None for a in answers):
             del self.answers[id(job)]
             job.choices = answers

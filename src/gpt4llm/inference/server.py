@@ -303,8 +303,8 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port
     api_key: str | None = field(default=None, repr=False)  # when set, requests but /health must send it; never shown
-    max_batch: int = 8  # requests answered by one batched generate
-    batch_wait: float = 0.005  # seconds the worker waits for companions when fewer than max_batch are queued
+    max_batch: int = 8  # sequences the engine decodes at once (a request of n choices takes n)
+    batch_wait: float = 0.005  # seconds an idle worker waits for companions of a first request
     default_max_tokens: int = 256  # when a request gives no max_tokens
     max_tokens_limit: int = 1024  # a request asking for more gets 400
     max_n: int = 8  # choices per request

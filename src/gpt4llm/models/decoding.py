@@ -88,8 +88,8 @@ def generate_responses(
     **sampling,
 ) -> list[str]:
     """One response per record (`instruction`, optional `input`), in input order, from the prompt `prompt_format`
-    renders (data.formats; default: the model's, models.model_card.prompt_format_of); `sampling` goes to `generate`
-    (greedy unless it says do_sample=True)."""
+    renders (data.formats; default: the model's, models.model_card.prompt_format_of); `sampling`: generate_completions'
+    do_sample, temperature, top_p, top_k, seed, keys (greedy unless do_sample=True)."""
     fmt = prompt_format or model_card.prompt_format_of(model, tokenizer).format
     prompts = fmt.record_prompts(tokenizer, records)
     return generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, fmt.add_special_tokens, **sampling)

@@ -6,8 +6,11 @@ cache (DynamicCache), with per-request limits, stops and seeds.
   join the running batch, their cache merged in (left-padded to a common length, the pads masked), so no row waits
   for the longest answer of a static batch and the cache of what runs is kept.
 - Each request has its own max_new_tokens, stop strings and sampling settings, and samples with its own seeded
-  generator: its tokens do not depend on which other requests share its batch, so a rerun, or a resumed `generate`
-  that batches the remaining requests differently, gives the same answers.
+  generator, so a rerun, or a resumed `generate` that batches the remaining requests differently, draws the same
+  random numbers for it. Its answers are then the same where its logits are (tested on CPU in fp32); on a GPU, in
+  bf16, another batch can change their low-order bits and so, rarely, a token.
+- Under several ranks (validation in a DDP, ZeRO or FSDP run) every rank runs as many forward passes as the busiest,
+  and the same batch size, as transformers' synced_gpus does.
 
 Why not transformers' own: `generate` batches statically (a batch ends when its longest answer does, and a finished
 row keeps computing pads) and seeds one generator for the whole batch; its continuous batching (`generate_batch`,
@@ -51,7 +54,7 @@ class Request:
 @dataclass(frozen=True)
 class Completion:
     text: str
-    num_tokens: int  # generated tokens kept (a stop id is not counted, nor text past a stop string)
+    num_tokens: int  # generated tokens (a stop id not counted; at a stop string, up to the one that completed it)
     # "eos": a stop id ended it; "stop": a stop string did; "length": max_new_tokens or the context cut it;
     # "prompt_too_long": the prompt leaves no room in the model's context, nothing was generated
     finish_reason: str
@@ -64,6 +67,7 @@ class _Row:
     def __init__(self, index: int, request: Request, limit: int, device) -> None:
         self.index, self.request, self.limit = index, request, limit
         self.tokens: list[int] = []
+        self.dead = False  # ended, but kept in a batch whose cache cannot drop rows
         self.generator = None
         if request.sampling is not None:
             self.generator = torch.Generator(device=device).manual_seed(request.seed)
@@ -79,17 +83,22 @@ class Engine:
         self.max_rows = max(1, max_rows)
         # waiting requests join a running batch once this many rows are free: each join is a forward pass of its own
         self.join_at = join_at or max(1, self.max_rows // 4)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_ids))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad if pad is not None else 0  # what padding holds does not matter: the mask hides it
         config = model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.default_top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
-        parameters = inspect.signature(model.forward).parameters
+        # transformers' generate samples from the 50 likeliest tokens unless the model's generation config says
+        top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+        self.default_top_k = 50 if top_k is None else top_k
+        # a peft model's forward takes **kwargs and hands them to its base model: the base's signature tells
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        parameters = inspect.signature(base.forward).parameters
         self.logits_to_keep = "logits_to_keep" in parameters
         self.warned = False
         # transformers 5.x renames past_key_values to cache; the cache object is updated in place either way
         self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP's parameters cannot be used under it (pytorch#95957)
     def run(
         self,
         requests: list[Request],
@@ -126,19 +135,31 @@ class Engine:
     def _run(self, requests, on_token, cancelled, more) -> Iterator[tuple[int, Completion]]:
         waiting, refused = self._admit(requests, 0)
         yield from refused
-        max_rows = self.rows_that_fit([requests[i] for i in waiting])
+        synced = world_size() > 1
+        max_rows = self.rows_that_fit([requests[i] for i in waiting], synced)
+        join_at = min(self.join_at, max_rows)
+        # With a cache whose rows cannot be dropped (sliding-window or recurrent layers), an ended row stays in the
+        # batch, fed padding, until the whole batch has ended: static batching for those models.
         rows: list[_Row] = []
         cache = mask = None
         while True:
+            live = [r for r in rows if not r.dead]
             free = max_rows - len(rows)
-            if not waiting and more is not None and (not rows or free >= self.join_at):
+            can_join = not rows or (free >= join_at and mergeable(cache))
+            if not waiting and more is not None and can_join:
                 first = len(requests)
                 requests += more(free)
                 waiting, refused = self._admit(requests, first)
                 yield from refused
-            if not waiting and not rows:
+            busy = bool(waiting or live)
+            if not (all_ranks_any(busy, self.model.device) if synced else busy):
                 break
-            if waiting and (not rows or (free >= self.join_at and mergeable(cache))):
+            if not busy:
+                # Another rank still generates: under ZeRO-3 or FSDP each forward gathers every layer's weights from
+                # all ranks, so this one runs a forward of its own for each of theirs (transformers' synced_gpus).
+                self.model(input_ids=torch.tensor([[self.pad]], device=self.model.device), use_cache=False)
+                continue
+            if waiting and can_join:
                 new = []
                 while waiting and len(new) < free:
                     i = waiting.pop()
@@ -147,18 +168,18 @@ class Engine:
                     new.append(_Row(i, requests[i], limit, self.model.device))
                 new_cache, new_mask, logits = self._prefill([r.request.ids for r in new])
                 rows, cache, mask = rows + new, *merge(cache, mask, new_cache, new_mask)
-                chosen = [(r, t) for r, t in zip(new, self._choose(new, logits))]
+                chosen = list(zip(new, self._choose(new, logits)))
             else:
-                last = torch.tensor([[r.tokens[-1]] for r in rows], device=self.model.device)
+                last = [[self.pad if r.dead else r.tokens[-1]] for r in rows]
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                 out = self.model(
-                    input_ids=last,
+                    input_ids=torch.tensor(last, device=self.model.device),
                     attention_mask=mask,
                     position_ids=(mask.sum(dim=1, keepdim=True) - 1),
                     use_cache=True,
                     **{self.cache_arg: cache},
                 )
-                chosen = list(zip(rows, self._choose(rows, out.logits[:, -1, :])))
+                chosen = [(r, t) for r, t in zip(rows, self._choose(rows, out.logits[:, -1, :])) if not r.dead]
             ended = set()
             for row, token in chosen:
                 done = self._append(row, token, on_token, cancelled)
@@ -166,16 +187,19 @@ class Engine:
                     ended.add(id(row))
                     yield row.index, done
             if ended:
-                keep = [k for k, r in enumerate(rows) if id(r) not in ended]
-                rows = [rows[k] for k in keep]
-                if rows:
+                for row in rows:
+                    row.dead = row.dead or id(row) in ended
+                keep = [k for k, r in enumerate(rows) if not r.dead]
+                if not keep:
+                    rows, cache, mask = [], None, None
+                elif mergeable(cache):
+                    rows = [rows[k] for k in keep]
                     cache, mask = select(cache, mask, keep)
-                else:
-                    cache = mask = None
 
-    def rows_that_fit(self, requests: list[Request]) -> int:
+    def rows_that_fit(self, requests: list[Request], synced: bool = False) -> int:
         """max_rows, or fewer when the KV cache of max_rows of the longest of `requests` would not fit in the memory
-        free on the model's device (said once; a single row that does not fit is an error before anything runs)."""
+        free on the model's device (said once; a single row that does not fit is an error before anything runs).
+        `synced`: the fewest over all ranks, which must run the same batches."""
         if not requests:
             return self.max_rows
         longest = max(len(r.ids) for r in requests) + max(r.max_new_tokens for r in requests)
@@ -184,6 +208,8 @@ class Engine:
         per_row = kv_bytes_per_token(self.model) * longest + 4 * self.model.config.vocab_size  # + its logits
         free = free_memory(self.model.device)
         fit = int(free * MEMORY_SHARE) // per_row
+        if synced:
+            fit = all_ranks_min(fit, self.model.device)
         if fit >= self.max_rows:
             return self.max_rows
         need = f"{per_row / 2**20:.0f} MiB of KV cache per sequence of {longest} tokens, {free / 2**30:.1f} GiB free"
@@ -214,17 +240,25 @@ class Engine:
             **{self.cache_arg: cache},
             **extra,
         )
-        return cache, mask, out.logits[:, -1, :]
+        return cache, mask, out.logits[:, -1, :].clone()  # not a view keeping every position's logits alive
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """The next token of each row: the argmax for greedy rows, a draw from its own generator for sampling ones."""
+        """The next token of each row: the argmax for greedy rows; for sampling ones, a draw by inverse CDF with one
+        uniform number from the row's own generator (rows with the same settings warped together)."""
         logits = logits.float()
         tokens = logits.argmax(dim=-1).tolist()
+        groups: dict[Sampling, list[int]] = {}
         for k, row in enumerate(rows):
             if row.generator is not None:
-                scores = self._warp(row.request.sampling, logits[k : k + 1])
-                probs = torch.softmax(scores, dim=-1)
-                tokens[k] = int(torch.multinomial(probs, 1, generator=row.generator))
+                groups.setdefault(row.request.sampling, []).append(k)
+        for sampling, ks in groups.items():
+            probs = torch.softmax(self._warp(sampling, logits[ks]), dim=-1)
+            uniform = torch.cat([torch.rand(1, generator=rows[k].generator, device=probs.device) for k in ks])
+            cdf = probs.cumsum(dim=-1)
+            # the first token whose cumulative probability exceeds u (right=True: never one of probability 0)
+            drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+            for k, token in zip(ks, drawn.clamp(max=probs.shape[-1] - 1).tolist()):
+                tokens[k] = token
         return tokens
 
     def _warp(self, sampling: Sampling, scores: torch.Tensor) -> torch.Tensor:
@@ -283,7 +317,12 @@ def free_memory(device) -> int:
     """Bytes free for new tensors on `device`: the GPU's free memory, or the system's available memory."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # what the driver has free, and what torch's allocator holds but no tensor uses (free to it, not the driver)
+        return (
+            torch.cuda.mem_get_info(device)[0]
+            + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device)
+        )
     try:
         for line in open("/proc/meminfo", encoding="ascii"):
             if line.startswith("MemAvailable:"):
@@ -293,10 +332,29 @@ def free_memory(device) -> int:
     return 1 << 40  # unknown (not Linux): no limit from here
 
 
+# --- ranks ---------------------------------------------------------------------------------------------------------
+def world_size() -> int:
+    """Processes generating together (a validation under DDP, ZeRO or FSDP), 1 outside a distributed run."""
+    distributed = torch.distributed
+    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
+
+
+def all_ranks_any(flag: bool, device) -> bool:
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_ranks_min(number: int, device) -> int:
+    value = torch.tensor([number], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return int(value.item())
+
+
 # --- the cache of the running rows --------------------------------------------------------------------------------
 def mergeable(cache) -> bool:
-    """Whether new rows can join `cache`: every layer a plain DynamicLayer (a sliding-window or recurrent layer keeps
-    other state; such models run one batch at a time, rows still leaving it as they end)."""
+    """Whether rows can join and leave `cache`: every layer a plain DynamicLayer (a sliding-window or recurrent layer
+    keeps other state; such models run one batch at a time, ended rows kept in it until all have ended)."""
     from transformers.cache_utils import DynamicLayer
 
     return cache is None or all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
