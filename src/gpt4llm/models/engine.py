@@ -205,7 +205,10 @@ class Engine:
         longest = max(len(r.ids) for r in requests) + max(r.max_new_tokens for r in requests)
         if self.context:
             longest = min(longest, self.context)
-        per_row = kv_bytes_per_token(self.model) * longest + 4 * self.model.config.vocab_size  # + its logits
+        per_token = kv_bytes_per_token(self.model)
+        if not per_token:
+            return self.max_rows
+        per_row = per_token * longest + 4 * (getattr(self.model.config, "vocab_size", None) or 0)  # + its logits
         free = free_memory(self.model.device)
         fit = int(free * MEMORY_SHARE) // per_row
         if synced:
@@ -304,13 +307,18 @@ MEMORY_SHARE = 0.8  # of the free memory, what the KV cache may take (the rest: 
 
 
 def kv_bytes_per_token(model) -> int:
-    """Bytes one token's keys and values take in the cache, over all layers."""
-    config = model.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    """Bytes one token's keys and values take in the cache, over all layers (0 where the config does not say: a
+    model of another shape is not planned for)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    try:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = config.num_hidden_layers
+    except AttributeError:
+        return 0
     dtype = getattr(model, "dtype", torch.float32)  # the first floating-point weight's (not a 4-bit one's)
     dtype = dtype if dtype.is_floating_point else torch.float32
-    return 2 * config.num_hidden_layers * heads * head_dim * torch.finfo(dtype).bits // 8
+    return 2 * layers * heads * head_dim * torch.finfo(dtype).bits // 8
 
 
 def free_memory(device) -> int:
