@@ -207,3 +207,34 @@ def test_ranks_generating_together_run_as_many_forwards_as_the_busiest(model, to
         Engine(model, tokenizer, [tokenizer.eos_token_id], max_rows=2).run([Request(p, 10) for p in prompts[:4]])
     )
     assert ranks[0]["answers"] == {str(i): list(c.token_ids) for i, c in alone.items()}
+
+
+def test_a_request_joining_a_running_batch_waits_until_its_kv_cache_fits(model, tokenizer, monkeypatch):
+    """serve's case: a long request arriving while others run joins only once the cache of every row at its length
+    fits the memory planned at the start; until then it waits, and its answer is what it would be alone."""
+    import gpt4llm.models.engine as engine_module
+
+    prompts = prompt_ids(tokenizer)
+    short = [Request(prompts[0], 6), Request(prompts[1], 10)]
+    long = Request(prompts[2], 40)
+    engine = Engine(model, tokenizer, [tokenizer.eos_token_id], max_rows=4, join_at=1)
+    long_row = engine._row_bytes(engine._span(long))
+    assert 3 * long_row > 2.5 * long_row >= 2 * long_row and engine._row_bytes(engine._span(short[1])) < long_row
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: int(2.5 * long_row / engine_module.MEMORY_SHARE))
+    events, offered = [], []
+
+    def more(free: int) -> list[Request]:
+        if offered:
+            return []
+        offered.append(free)
+        return [long]
+
+    got = {}
+    for i, completion in engine.run(short, on_token=lambda i, t: events.append(("token", i)), more=more):
+        events.append(("done", i))
+        got[i] = completion
+    assert len(offered) == 1 and sorted(got) == [0, 1, 2]
+    first_long = events.index(("token", 2))
+    assert any(e[0] == "done" for e in events[:first_long]), "it joined while both others ran"
+    alone = dict(Engine(model, tokenizer, [tokenizer.eos_token_id], max_rows=1).run([long]))
+    assert got[2].token_ids == alone[0].token_ids

@@ -136,7 +136,7 @@ class Engine:
         waiting, refused = self._admit(requests, 0)
         yield from refused
         synced = world_size() > 1
-        max_rows = self.rows_that_fit([requests[i] for i in waiting], synced)
+        max_rows, budget = self._plan([requests[i] for i in waiting], synced)
         join_at = min(self.join_at, max_rows)
         # With a cache whose rows cannot be dropped (sliding-window or recurrent layers), an ended row stays in the
         # batch, fed padding, until the whole batch has ended: static batching for those models.
@@ -159,10 +159,10 @@ class Engine:
                 # all ranks, so this one runs a forward of its own for each of theirs (transformers' synced_gpus).
                 self.model(input_ids=torch.tensor([[self.pad]], device=self.model.device), use_cache=False)
                 continue
-            if waiting and can_join:
+            joining = self._joining(requests, waiting, rows, free, budget) if waiting and can_join else []
+            if joining:
                 new = []
-                while waiting and len(new) < free:
-                    i = waiting.pop()
+                for i in joining:
                     room = self.context - len(requests[i].ids) if self.context else requests[i].max_new_tokens
                     limit = min(requests[i].max_new_tokens, room)
                     new.append(_Row(i, requests[i], limit, self.model.device))
@@ -200,28 +200,56 @@ class Engine:
         """max_rows, or fewer when the KV cache of max_rows of the longest of `requests` would not fit in the memory
         free on the model's device (said once; a single row that does not fit is an error before anything runs).
         `synced`: the fewest over all ranks, which must run the same batches."""
-        if not requests:
-            return self.max_rows
-        longest = max(len(r.ids) for r in requests) + max(r.max_new_tokens for r in requests)
-        if self.context:
-            longest = min(longest, self.context)
-        per_token = kv_bytes_per_token(self.model)
-        if not per_token:
-            return self.max_rows
-        per_row = per_token * longest + 4 * (getattr(self.model.config, "vocab_size", None) or 0)  # + its logits
+        return self._plan(requests, synced)[0]
+
+    def _plan(self, requests: list[Request], synced: bool) -> tuple[int, int | None]:
+        """(rows_that_fit, the bytes the running rows' KV cache and logits may take; None: not planned)."""
+        if not kv_bytes_per_token(self.model):
+            return self.max_rows, None
         free = free_memory(self.model.device)
-        fit = int(free * MEMORY_SHARE) // per_row
+        budget = int(free * MEMORY_SHARE)
         if synced:
-            fit = all_ranks_min(fit, self.model.device)
+            budget = all_ranks_min(budget, self.model.device)
+        if not requests:  # a server's run starts empty: its requests are checked as they join
+            return self.max_rows, budget
+        longest = max(self._span(r) for r in requests)
+        per_row = self._row_bytes(longest)
+        fit = budget // per_row
         if fit >= self.max_rows:
-            return self.max_rows
+            return self.max_rows, budget
         need = f"{per_row / 2**20:.0f} MiB of KV cache per sequence of {longest} tokens, {free / 2**30:.1f} GiB free"
         if fit < 1:
             raise ConfigError(f"generation does not fit in memory: {need}; lower max_new_tokens or the prompts' length")
         if not self.warned:
             log.warning(f"generating {fit} sequences at a time instead of {self.max_rows}: {need}")
             self.warned = True
-        return fit
+        return fit, budget
+
+    def _span(self, request: Request) -> int:
+        """The most tokens `request` can hold in the cache: its prompt and its answer, within the context."""
+        span = len(request.ids) + request.max_new_tokens
+        return min(span, self.context) if self.context else span
+
+    def _row_bytes(self, length: int) -> int:
+        """What one row of `length` tokens takes: its keys and values, and one step's logits."""
+        return kv_bytes_per_token(self.model) * length + 4 * (getattr(self.model.config, "vocab_size", None) or 0)
+
+    def _joining(self, requests, waiting: list[int], rows: list[_Row], free: int, budget: int | None) -> list[int]:
+        """The waiting requests that join now, longest first: up to `free` rows, and, when the memory is planned, only
+        while the KV cache of every row at the longest span among them fits in `budget` (requests arriving while
+        others run, as serve's, are checked here; one request joins an empty batch whatever it needs)."""
+        joining: list[int] = []
+        longest = max((self._span(r.request) for r in rows), default=0)
+        for i in reversed(waiting):  # the longest prompt first (waiting is popped from its end)
+            if len(joining) == free:
+                break
+            longest = max(longest, self._span(requests[i]))
+            count = len(rows) + len(joining) + 1
+            if budget is not None and count > 1 and count * self._row_bytes(longest) > budget:
+                break
+            joining.append(i)
+        del waiting[len(waiting) - len(joining) :]
+        return joining
 
     def _prefill(self, prompts: list[tuple[int, ...]]):
         from transformers import DynamicCache
