@@ -95,6 +95,7 @@ class Engine:
         parameters = inspect.signature(base.forward).parameters
         self.logits_to_keep = "logits_to_keep" in parameters
         self.warned = False
+        self.kv_per_token = kv_bytes_per_token(model)  # for the memory plan
         # transformers 5.x renames past_key_values to cache; the cache object is updated in place either way
         self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
@@ -204,7 +205,7 @@ class Engine:
 
     def _plan(self, requests: list[Request], synced: bool) -> tuple[int, int | None]:
         """(rows_that_fit, the bytes the running rows' KV cache and logits may take; None: not planned)."""
-        if not kv_bytes_per_token(self.model):
+        if not self.kv_per_token:
             return self.max_rows, None
         free = free_memory(self.model.device)
         budget = int(free * MEMORY_SHARE)
@@ -232,7 +233,7 @@ class Engine:
 
     def _row_bytes(self, length: int) -> int:
         """What one row of `length` tokens takes: its keys and values, and one step's logits."""
-        return kv_bytes_per_token(self.model) * length + 4 * (getattr(self.model.config, "vocab_size", None) or 0)
+        return self.kv_per_token * length + 4 * (getattr(self.model.config, "vocab_size", None) or 0)
 
     def _joining(self, requests, waiting: list[int], rows: list[_Row], free: int, budget: int | None) -> list[int]:
         """The waiting requests that join now, longest first: up to `free` rows, and, when the memory is planned, only
@@ -414,7 +415,7 @@ def select(cache, mask, keep: list[int]):
     mask = mask[index]
     start = int((mask.sum(dim=0) > 0).nonzero()[0])
     cache.batch_select_indices(index)
-    if start and mergeable(cache):
+    if start:  # only called on caches whose rows can leave (mergeable)
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
         mask = mask[:, start:]

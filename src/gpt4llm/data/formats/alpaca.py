@@ -62,12 +62,19 @@ class AlpacaFormat(PromptFormat):
         return alpaca_prompt(messages[0]["content"])
 
     def tokenize_pairs(self, batch, tokenizer, max_length):
-        return tuple(self._responses(tokenizer, batch["prompt"], batch[side], max_length) for side in SIDES)
+        prompt_tokens = self._prompt_tokens(tokenizer, batch["prompt"])  # once for both sides
+        return tuple(
+            self._responses(tokenizer, batch["prompt"], batch[side], prompt_tokens, max_length) for side in SIDES
+        )
 
-    def _responses(self, tokenizer, prompts: list[str], responses: list[str], max_length: int) -> PairSide:
-        # prompt + response + EOS, the prompt's length from tokenizing it alone (as SFT's labels mask it)
-        prompt_tokens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts, responses)]
+    @staticmethod
+    def _prompt_tokens(tokenizer, prompts: list[str]) -> list[int]:
+        # the prompt's length from tokenizing it alone, as SFT's labels mask it
+        return [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+
+    @staticmethod
+    def _responses(tokenizer, prompts, responses, prompt_tokens: list[int], max_length: int) -> PairSide:
+        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts, responses)]  # prompt + response + EOS
         return encode_with_prompt(tokenizer, texts, prompt_tokens, max_length)
 
     def held_out_examples(self, tokenizer, rows) -> list[dict[str, str]]:
@@ -94,4 +101,4 @@ class AlpacaFormat(PromptFormat):
         return format_prompt(record["instruction"], record.get("input", ""))
 
     def reward_ids(self, tokenizer, prompts, responses, max_length):
-        return self._responses(tokenizer, prompts, responses, max_length).ids
+        return self._responses(tokenizer, prompts, responses, self._prompt_tokens(tokenizer, prompts), max_length).ids

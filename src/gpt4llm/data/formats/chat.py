@@ -108,12 +108,17 @@ class ChatFormat(PromptFormat):
     def tokenize_pairs(self, batch, tokenizer, max_length):
         # the prompt is a conversation (JSON) and each response its final assistant turn, rendered whole
         prompts = [json.loads(p) for p in batch["prompt"]]
-        return tuple(self._responses(tokenizer, prompts, batch[side], max_length) for side in SIDES)
+        prompt_tokens = self._prompt_tokens(tokenizer, prompts)  # once for both sides
+        return tuple(self._responses(tokenizer, prompts, batch[side], prompt_tokens, max_length) for side in SIDES)
 
-    def _responses(self, tokenizer, prompts: list[list[dict]], responses: list[str], max_length: int) -> PairSide:
-        # the prompt's tokens: what the template writes before the answer (the conversation, its generation prompt)
+    @staticmethod
+    def _prompt_tokens(tokenizer, prompts: list[list[dict]]) -> list[int]:
+        # what the template writes before the answer: the conversation and its generation prompt
         prefixes = render(tokenizer, prompts, add_generation_prompt=True)
-        prompt_tokens = [len(ids) for ids in tokenizer(prefixes, add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in tokenizer(prefixes, add_special_tokens=False)["input_ids"]]
+
+    @staticmethod
+    def _responses(tokenizer, prompts, responses, prompt_tokens: list[int], max_length: int) -> PairSide:
         texts = render(tokenizer, [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)])
         return encode_with_prompt(tokenizer, texts, prompt_tokens, max_length, add_special_tokens=False)
 
@@ -144,7 +149,7 @@ class ChatFormat(PromptFormat):
 
     def reward_ids(self, tokenizer, prompts, responses, max_length):
         users = [[{"role": "user", "content": p}] for p in prompts]
-        return self._responses(tokenizer, users, responses, max_length).ids
+        return self._responses(tokenizer, users, responses, self._prompt_tokens(tokenizer, users), max_length).ids
 
 
 # --- conversations to ids and labels ---------------------------------------------------------------------------------
