@@ -107,6 +107,7 @@ def test_global_batch_must_divide():
         (["experiment=paper_rm_opt1.3b"], "val/loss"),
         (["experiment=dpo_llama7b_gpt4"], "val/rewards/accuracies"),
         (["experiment=dpo_lora_llama7b_gpt4"], "val/rewards/accuracies"),
+        (["experiment=grpo_llama7b_gpt4_rm"], "val/reward"),
     ],
 )
 def test_the_optimized_metric_is_the_one_the_readme_names(overrides, metric):

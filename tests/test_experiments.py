@@ -49,6 +49,19 @@ def tiny_opt_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_rm_dir(tiny_opt_dir, tmp_path_factory) -> Path:
+    """A reward-model export in the paper's RM architecture (OPT with a one-output head), random: what online RL's
+    experiments score with (reward.path)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("models") / "tiny-rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_opt_dir, num_labels=1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_opt_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def tiny_chat_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny LLaMA as a chat model: its tokenizer carries a Llama-3-style chat template of its own (header tokens,
     <|eot_id|>), as a chat model's does; it has no tokenizer.model, so its ids come from tokenizers."""
@@ -108,7 +121,14 @@ def comparison_file(instruction_file, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_end_to_end(
-    experiment, tmp_path, sentencepiece_model_dir, tiny_opt_dir, tiny_chat_dir, instruction_file, comparison_file
+    experiment,
+    tmp_path,
+    sentencepiece_model_dir,
+    tiny_opt_dir,
+    tiny_chat_dir,
+    tiny_rm_dir,
+    instruction_file,
+    comparison_file,
 ):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -117,6 +137,7 @@ def test_experiment_runs_end_to_end(
     recipe = compose_train([f"experiment={experiment}"])
     rm = recipe.task._target_.endswith("RewardModule")
     pairs = rm or recipe.task._target_.endswith("DPOModule")  # both train on comparison data
+    online_rl = recipe.task._target_.startswith("gpt4llm.models.rl_module.")  # prompts, and a reward model
     substitute = {"llama": sentencepiece_model_dir, "opt": tiny_opt_dir}[recipe.model.arch.model_type]
     if recipe.data.get("template", "alpaca") == "chat":  # a chat model of LLaMA's architecture, template included
         substitute = tiny_chat_dir
@@ -133,6 +154,7 @@ def test_experiment_runs_end_to_end(
             "trainer.log_every_n_steps=1",
             # a recipe that holds out more than this small file has (alpaca-lora's 2,000) holds out 100
             *([f"data.val_size={min(recipe.data.val_size, 100)}"] if recipe.data.val_size else []),
+            *([f"reward.path={tiny_rm_dir}"] if online_rl else []),
         ],
         cwd=tmp_path,
     )
@@ -146,11 +168,14 @@ def test_experiment_runs_end_to_end(
     assert len(logged["train/loss"]) == STEPS and all(map(torch.isfinite, torch.tensor(logged["train/loss"])))
     # warmup (ceil of the ratio of the steps) then the schedule, never above the recipe's peak
     # (TensorBoard stores float32: the peak may read a rounding above the recipe's value)
-    assert logged["train/lr"][0] == 0.0 and 0 < max(logged["train/lr"]) <= recipe.task.optimizer.lr * (1 + 1e-6)
+    assert 0 < max(logged["train/lr"]) <= recipe.task.optimizer.lr * (1 + 1e-6)
+    assert (
+        logged["train/lr"][0] == 0.0 if recipe.task.warmup_ratio else logged["train/lr"][0] == max(logged["train/lr"])
+    )
     if recipe.data.val_size == 0:
         assert "nothing is held out" in log and not any(tag.startswith("val/") for tag in logged)
     else:
-        assert "val/loss" in logged
+        assert ("val/reward" if online_rl else "val/loss") in logged
 
     # The export against the last checkpoint's weights, loaded by Lightning's own format, not by our export code.
     auto = AutoModelForSequenceClassification if rm else AutoModelForCausalLM

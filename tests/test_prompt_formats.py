@@ -55,9 +55,20 @@ def test_the_checker_finds_a_comparison(tmp_path):
 
 
 def _reads_config_key(node, keys: set[str]) -> bool:
-    """`<...>.config.reward_mean` or `getattr(config, "gpt4llm_template", ...)`: a record key read or set directly."""
-    if isinstance(node, ast.Constant):
-        return node.value in keys
+    """`<...>.config.reward_mean`, `getattr(config, "gpt4llm_template", ...)`, `config.to_dict()["reward_mean"]` or
+    `.get("reward_mean")`: a record key read or set directly (a string equal to a key used otherwise, as online RL's
+    metric `reward_std`, is not a read)."""
+
+    def named(value) -> bool:
+        return isinstance(value, ast.Constant) and value.value in keys
+
+    if isinstance(node, ast.Call):
+        func = node.func
+        by_name = isinstance(func, ast.Name) and func.id in ("getattr", "setattr", "hasattr", "delattr")
+        by_method = isinstance(func, ast.Attribute) and func.attr in ("get", "pop", "setdefault", "__getitem__")
+        return (by_name or by_method) and any(named(a) for a in node.args)
+    if isinstance(node, ast.Subscript):
+        return named(node.slice)
     if isinstance(node, ast.Attribute) and node.attr in keys:
         owner = node.value
         return (isinstance(owner, ast.Attribute) and owner.attr == "config") or (

@@ -57,7 +57,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg.data):
         cfg.data.template = trains.format.name  # what data.template=auto decided, for the data, the task, the logs
     log.info(f"Prompt format: {trains.why}")
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = build_datamodule(cfg, tokenizer)
     module = instantiate(cfg.task, tokenizer=tokenizer)
     validating = cfg.data.val_size != 0  # a number, or auto (5% of the records)
     if not validating:
@@ -89,6 +89,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             cfg.global_batch_size, cfg.data.batch_size, trainer.world_size
         )
         log.info(f"Global batch {cfg.global_batch_size}: gradient accumulation {trainer.accumulate_grad_batches}")
+    if hasattr(datamodule, "accumulate"):  # online RL: the prompts of one generation, repeated num_iterations times
+        datamodule.accumulate = trainer.accumulate_grad_batches
     recorded.settings = run_settings(cfg, trainer, datamodule)  # what every checkpoint records of this run
     if cfg.ckpt_path:  # a resume that would train another run (other data, template, task, ...) stops here
         recorded.settings = check_resume(cfg.ckpt_path, recorded.settings, datamodule)
@@ -131,6 +133,27 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def build_datamodule(cfg: DictConfig, tokenizer):
+    """The data module of `cfg.data`; for a task that trains on prompts (online RL) the same file's prompts
+    (data.prompt_datamodule), whatever kind of data the config names."""
+    from hydra.utils import get_class, instantiate
+
+    if getattr(get_class(cfg.task._target_), "trains_on", None) != "prompts":
+        return instantiate(cfg.data, tokenizer=tokenizer)
+    from gpt4llm.models.rl_module import effective_prompt_length
+
+    longest = effective_prompt_length(
+        cfg.data.max_length, cfg.task.max_completion_length, cfg.task.get("max_prompt_length")
+    )
+    return instantiate(
+        cfg.data,
+        _target_="gpt4llm.data.prompt_datamodule.PromptDataModule",
+        tokenizer=tokenizer,
+        max_prompt_length=longest,
+        num_iterations=cfg.task.num_iterations,
+    )
+
+
 def _end_process_group() -> None:
     """Each rank of a multi-process run stops its process group's threads before the interpreter exits: left to
     the exit, a rank of a torchrun job was once killed by "terminate called without an active exception" (SIGABRT)
@@ -146,6 +169,8 @@ def optimized_metric(cfg: DictConfig) -> str:
     """What the run reports to a sweeper: `optimized_metric`, or with nothing held out (data.val_size=0, the paper's
     runs) its training counterpart, val/loss -> train/loss, since no val/ metric is ever logged."""
     name = cfg.optimized_metric
+    if name == "val/loss" and cfg.task._target_.startswith("gpt4llm.models.rl_module."):
+        name = "val/reward"  # online RL has no loss to compare on held-out data: the reward its samples earn
     if cfg.data.val_size == 0 and name.startswith("val/"):
         return "train/" + name.removeprefix("val/")
     return name

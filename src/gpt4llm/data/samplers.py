@@ -30,12 +30,16 @@ class EpochSampler(Sampler[int]):
     def order(self, epoch: int) -> list[int]:
         raise NotImplementedError
 
-    def __len__(self) -> int:
+    def shard_size(self) -> int:
+        """The indices of an epoch that fall to each rank."""
         return -(-self.size // self.world_size)
+
+    def __len__(self) -> int:
+        return self.shard_size()
 
     def shard(self, epoch: int) -> list[int]:
         order = self.order(epoch)
-        padded = order + order[: len(self) * self.world_size - len(order)]
+        padded = order + order[: self.shard_size() * self.world_size - len(order)]
         return padded[self.rank :: self.world_size]
 
     def __iter__(self):
@@ -76,6 +80,28 @@ class ShuffledSampler(EpochSampler):
         indices = list(range(self.size))
         random.Random(f"{self.seed}-{epoch}").shuffle(indices)
         return indices
+
+
+class RepeatedBlocksSampler(ShuffledSampler):
+    """Online RL's order with several updates per generation (task=grpo|rloo, num_iterations > 1): a fresh random
+    order every epoch; each rank's shard cut in blocks of `block` indices (the prompts of one generation: a batch
+    times the gradient accumulation), each block yielded `repeats` times in a row, so that the policy takes `repeats`
+    optimizer steps on the completions generated once (TRL's RepeatSampler). The shard is padded from its start to
+    whole blocks, so that no batch mixes two blocks."""
+
+    def __init__(self, size: int, seed: int, block: int, repeats: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(size, seed, rank, world_size)
+        self.block, self.repeats = max(1, block), max(1, repeats)
+
+    def __len__(self) -> int:
+        return -(-self.shard_size() // self.block) * self.block * self.repeats
+
+    def shard(self, epoch: int) -> list[int]:
+        indices = super().shard(epoch)
+        blocks = -(-len(indices) // self.block)
+        indices = (indices * (1 + blocks * self.block // max(1, len(indices))))[: blocks * self.block]
+        cut = [indices[b * self.block : (b + 1) * self.block] for b in range(blocks)]
+        return [i for block in cut for _ in range(self.repeats) for i in block]
 
 
 class InOrderSampler(EpochSampler):

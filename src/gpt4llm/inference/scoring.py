@@ -34,31 +34,14 @@ def score_records(
     Sequences are built and truncated exactly as in reward-model training, and the reward is read at the last token.
     With `normalize`, rewards are shifted and scaled by the statistics in the export's config.
     """
-    import torch
+    from gpt4llm.models.reward_scoring import RewardModelScorer
 
-    from gpt4llm.data.encoding import padded_batch
-    from gpt4llm.data.tokenizer import load_tokenizer
-    from gpt4llm.models.reward_module import load_reward_model, sequence_rewards
-
-    tokenizer = load_tokenizer(str(model_dir))
-    model = load_reward_model(str(model_dir), tokenizer).to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    card = model_card.read(model.config)
-    fmt = model_card.prompt_format_of(model, tokenizer).format  # as its training rendered the sequences
-    prompts = [record_prompt(r, i, fmt) for i, r in enumerate(records)]
-    max_length = card.reward_max_length or model.config.max_position_embeddings
-    ids = fmt.reward_ids(tokenizer, prompts, [r["response"] for r in records], max_length)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
-    rewards = [0.0] * len(ids)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = {
-                k: v.to(model.device) for k, v in padded_batch([ids[i] for i in rows], tokenizer.pad_token_id).items()
-            }
-            for i, reward in zip(rows, sequence_rewards(model, **batch).tolist()):
-                rewards[i] = reward
+    scorer = RewardModelScorer(model_dir, batch_size=batch_size)
+    for i, r in enumerate(records):
+        record_prompt(r, i, scorer.format)  # each record checked, named where it is wrong, before anything runs
+    rewards = scorer(records, [r["response"] for r in records])
     if normalize:
-        mean, std = reward_statistics(model.config, model_dir)
+        mean, std = reward_statistics(scorer.model.config, model_dir)
         rewards = [(r - mean) / std for r in rewards]
     return rewards
 

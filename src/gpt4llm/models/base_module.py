@@ -38,6 +38,11 @@ class HFBackboneModule(L.LightningModule):
     sequences_per_example = 1  # sequences one example puts through a forward pass
 
     @classmethod
+    def sequences_for(cls, settings) -> int:
+        """The sequences one example puts through a forward pass under these task settings."""
+        return cls.sequences_per_example
+
+    @classmethod
     def keeps_frozen_copy(cls, settings) -> bool:
         """Whether a run with these task settings (its `task` config) holds a frozen copy of the backbone in memory
         beside the one that trains."""
@@ -228,3 +233,47 @@ class CausalLMModule(HFBackboneModule):
             self.attn_implementation,
             quantization,
         )
+
+    # --- a frozen copy: DPO's reference, online RL's KL reference ---------------------------------------------------
+    def load_frozen_copy(self, path: str) -> PreTrainedModel:
+        """The causal LM at `path`, frozen, in eval mode. Under QLoRA it is built as the policy's base is: loaded in 4
+        bits and prepared and wrapped by the same code (models.adapters.wrap, its adapters untrained), and run with the
+        adapters disabled, so that it computes with the very 4-bit weights the policy trains on (a full-precision
+        reference would differ from the policy at step 0: DPO's loss 0.6899, not ln 2)."""
+        quantization = adapters.quantization_config(self.peft)
+        model = load_causal_lm(path, self.tokenizer, self.dtype_name, False, self.attn_implementation, quantization)
+        if quantization is not None:
+            added = added_token_ids(path, self.tokenizer)
+            model = adapters.wrap(model, self.peft, self.peft_task_type, False, new_token_ids=added)
+        model.eval().requires_grad_(False)
+        if quantization is not None:
+            keep_4bit_training_kernels(model)
+        return model
+
+    def quantization_settings(self) -> dict | None:
+        """The 4-bit settings of a QLoRA base (peft.quantization), None for a base in its own dtype."""
+        return dict((self.peft or {}).get("quantization") or {}) or None
+
+    def train(self, mode: bool = True):
+        """Lightning's train and eval of the whole module: a frozen copy (`reference_model`) stays in eval mode (no
+        dropout, as a precomputed reference was computed), and 4-bit layers keep the kernel they train with
+        (`keep_4bit_training_kernels`)."""
+        super().train(mode)
+        if getattr(self, "reference_model", None) is not None:
+            self.reference_model.eval()
+        if getattr(self, "peft", None) and self.quantization_settings() is not None:
+            keep_4bit_training_kernels(self)
+        return self
+
+
+def keep_4bit_training_kernels(model) -> None:
+    """bitsandbytes' 4-bit layers, on a CPU with AVX512-BF16, repack their weights for another kernel on their first
+    forward in eval mode without gradients (and keep them packed), whose numbers differ from the training kernel's by
+    ~1e-3: a reference computed in eval mode would then differ from the policy at step 0. Kept in training mode (a
+    4-bit layer holds no dropout: its mode chooses the kernel alone), the policy and its reference run one kernel.
+    Nothing changes on a GPU, where the mode chooses nothing."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):  # bitsandbytes' own layer, not peft's LoRA layer around it
+            module.training = True

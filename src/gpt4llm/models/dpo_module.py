@@ -40,7 +40,7 @@ from transformers import PreTrainedModel
 from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.models import adapters
 from gpt4llm.models.base_module import CausalLMModule
-from gpt4llm.models.hf import adapter_base, added_token_ids, load_causal_lm
+from gpt4llm.models.hf import adapter_base
 from gpt4llm.models.response_logps import response_logps
 
 LOSSES = ("sigmoid", "ipo", "hinge")
@@ -133,32 +133,9 @@ class DPOModule(CausalLMModule):
 
     # --- the reference --------------------------------------------------------------------------------------------
     def load_reference(self) -> PreTrainedModel:
-        """The reference, frozen, in eval mode. Under QLoRA it is built as the policy's base is: loaded in 4 bits and
-        prepared and wrapped by the same code (models.adapters.wrap, its adapters untrained), and run with the
-        adapters disabled (`reference_forward`), so that it computes with the very 4-bit weights the policy trains on
-        (a full-precision reference would differ from the policy at step 0: loss 0.6899, not ln 2)."""
-        quantization = adapters.quantization_config(self.peft)
-        model = load_causal_lm(
-            self.reference_path, self.tokenizer, self.dtype_name, False, self.attn_implementation, quantization
-        )
-        if quantization is not None:
-            added = added_token_ids(self.reference_path, self.tokenizer)
-            model = adapters.wrap(model, self.peft, self.peft_task_type, False, new_token_ids=added)
-        model.eval().requires_grad_(False)
-        if quantization is not None:
-            keep_4bit_training_kernels(model)
-        return model
-
-    def train(self, mode: bool = True):
-        """Lightning's train and eval of the whole module: the live reference stays frozen in eval mode (no dropout,
-        as the precomputed one was computed), and 4-bit layers keep the kernel they train with
-        (`keep_4bit_training_kernels`)."""
-        super().train(mode)
-        if getattr(self, "reference_model", None) is not None:
-            self.reference_model.eval()
-        if getattr(self, "peft", None) and self.quantization_settings() is not None:
-            keep_4bit_training_kernels(self)
-        return self
+        """The reference, frozen, in eval mode (CausalLMModule.load_frozen_copy: under QLoRA the 4-bit base run with
+        its adapters disabled, so that at step 0 the policy equals its reference exactly, loss ln 2)."""
+        return self.load_frozen_copy(self.reference_path)
 
     @staticmethod
     def reference_forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -202,10 +179,6 @@ class DPOModule(CausalLMModule):
         for name, (chosen, rejected) in read_reference_cache(target, identity, sizes).items():
             self.set_reference_logps(name, chosen, rejected)
             data.index_pairs(name)
-
-    def quantization_settings(self) -> dict | None:
-        """The 4-bit settings of a QLoRA base (peft.quantization), None for a base in its own dtype."""
-        return dict((self.peft or {}).get("quantization") or {}) or None
 
     def reference_identity(self, data) -> dict:
         """Everything the reference's log-probabilities depend on, as JSON: the reference's weights (a digest of
@@ -340,19 +313,6 @@ class DPOModule(CausalLMModule):
             metric = self.val_metrics[key.replace("/", "_")]
             metric.update(out[key], weight=out["pairs"])
             self.log(f"val/{key}", metric, prog_bar=key in ("loss", "rewards/accuracies"))
-
-
-def keep_4bit_training_kernels(model) -> None:
-    """bitsandbytes' 4-bit layers, on a CPU with AVX512-BF16, repack their weights for another kernel on their first
-    forward in eval mode without gradients (and keep them packed), whose numbers differ from the training kernel's by
-    ~1e-3: a reference computed in eval mode would then differ from the policy at step 0. Kept in training mode (a
-    4-bit layer holds no dropout: its mode chooses the kernel alone), the policy and its reference run one kernel.
-    Nothing changes on a GPU, where the mode chooses nothing."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):  # bitsandbytes' own layer, not peft's LoRA layer around it
-            module.training = True
 
 
 # --- the reference cache's file -------------------------------------------------------------------------------------

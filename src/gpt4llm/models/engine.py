@@ -58,7 +58,8 @@ class Completion:
     # "eos": a stop id ended it; "stop": a stop string did; "length": max_new_tokens or the context cut it;
     # "prompt_too_long": the prompt leaves no room in the model's context, nothing was generated
     finish_reason: str
-    token_ids: tuple[int, ...] = ()
+    token_ids: tuple[int, ...] = ()  # the generated ids, the stop id not among them
+    stop_id: int | None = None  # the stop id that ended it ("eos"): what a policy trained on it learns to end with
 
 
 class _Row:
@@ -313,7 +314,7 @@ class Engine:
     def _append(self, row: _Row, token: int, on_token, cancelled) -> Completion | None:
         """Adds `token` to `row`; its completion when that ended it."""
         if token in self.stop_ids:
-            return self._completion(row, EOS)
+            return self._completion(row, EOS, token)
         row.tokens.append(token)
         if on_token is not None:
             on_token(row.index, token)
@@ -326,9 +327,9 @@ class Engine:
             return self._completion(row, LENGTH)
         return None
 
-    def _completion(self, row: _Row, reason: str) -> Completion:
+    def _completion(self, row: _Row, reason: str, stop_id: int | None = None) -> Completion:
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        return Completion(text, len(row.tokens), reason, tuple(row.tokens))
+        return Completion(text, len(row.tokens), reason, tuple(row.tokens), stop_id)
 
 
 # --- memory --------------------------------------------------------------------------------------------------------

@@ -31,24 +31,8 @@ def response_logps(model, batch: dict[str, torch.Tensor], fused: bool = True) ->
     """Each sequence's summed log-probability of its labelled tokens (fp32) and how many those were. `model`: a causal
     LM, peft-wrapped or not; `batch`: input_ids, labels, and attention_mask (padded) or position_ids and
     sequence_lengths (packed)."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the positions predicting a response token
-    inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
-    lengths = batch.get("sequence_lengths")
-    if fused and not any(getattr(model.config, key, None) is not None for key in LOGIT_TRANSFORMS):
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[rows, positions]
-        head = model.get_output_embeddings()
-        chunks = zip(hidden.split(TOKEN_CHUNK), targets[rows, positions].split(TOKEN_CHUNK))
-        if torch.is_grad_enabled():
-            picked = [checkpoint(_target_logps, head, h, t, use_reentrant=False) for h, t in chunks]
-        else:  # the reference: nothing is kept for backward anyway
-            picked = [_target_logps(head, h, t) for h, t in chunks]
-        token_logps = torch.cat(picked) if picked else hidden.new_zeros(0, dtype=torch.float32)
-    else:
-        keep = positions.unique()  # the output layer only where some row predicts a response token
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-        token_logps = _target_logps(None, logits[rows, torch.searchsorted(keep, positions)], targets[rows, positions])
+    token_logps, _, rows, positions = labelled_token_logps(model, batch, fused)
+    labels, lengths = batch["labels"], batch.get("sequence_lengths")
     if lengths is None:
         owner, count = rows, len(labels)
     else:  # one packed row: a position (predicting the next token) belongs to the sequence it stands in
@@ -56,6 +40,46 @@ def response_logps(model, batch: dict[str, torch.Tensor], fused: bool = True) ->
         owner, count = owner[positions], len(lengths)
     sums = torch.zeros(count, device=labels.device).index_add_(0, owner, token_logps)
     return sums, torch.bincount(owner, minlength=count)
+
+
+def labelled_token_logps(
+    model, batch: dict[str, torch.Tensor], fused: bool = True, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The log-probability (fp32) of each labelled token, with the (row, position) that predicts it, and with
+    `entropy` the entropy of the model's distribution there (no gradient: a metric); the chunked output layer of the
+    module docstring, or the model's own logits (`fused=False`, or a model that transforms them)."""
+    targets = batch["labels"][:, 1:]
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the positions predicting a response token
+    inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
+    if fused and not any(getattr(model.config, key, None) is not None for key in LOGIT_TRANSFORMS):
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[rows, positions]
+        head = model.get_output_embeddings()
+        chunks = list(zip(hidden.split(TOKEN_CHUNK), targets[rows, positions].split(TOKEN_CHUNK)))
+        if torch.is_grad_enabled():
+            picked = [checkpoint(_target_logps, head, h, t, use_reentrant=False) for h, t in chunks]
+        else:  # the reference: nothing is kept for backward anyway
+            picked = [_target_logps(head, h, t) for h, t in chunks]
+        token_logps = torch.cat(picked) if picked else hidden.new_zeros(0, dtype=torch.float32)
+        entropies = None
+        if entropy:
+            with torch.no_grad():
+                parts = [_entropy(head(h)) for h, _ in chunks]
+            entropies = torch.cat(parts) if parts else token_logps.new_zeros(0)
+    else:
+        keep = positions.unique()  # the output layer only where some row predicts a response token
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        picked_logits = logits[rows, torch.searchsorted(keep, positions)]
+        token_logps = _target_logps(None, picked_logits, targets[rows, positions])
+        entropies = None
+        if entropy:
+            with torch.no_grad():
+                entropies = _entropy(picked_logits)
+    return token_logps, entropies, rows, positions
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    return -(logps.exp() * logps).sum(-1)
 
 
 def _target_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,8 @@ class TokenThroughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         elapsed, self._last = max(now - self._last, 1e-9), now
+        # online RL trains on sequences it made from a batch of prompts (models.rl_module): those are what it computed
+        batch = getattr(pl_module, "trained_batch", None) or batch
         lengths = example_lengths(batch)
         real, computed = int(lengths.sum()), batch["input_ids"].numel()
         pl_module.log("train/tokens_per_s", real * trainer.world_size / elapsed, prog_bar=True)

@@ -586,7 +586,7 @@ def _training_memory(cfg: DictConfig, arch: Arch, counts: dict[str, int], s: Set
     from hydra.utils import get_object
 
     task = get_object(str(cfg.task._target_))
-    sequences = task.sequences_per_example * int(cfg.data.batch_size)
+    sequences = task.sequences_for(cfg.task) * int(cfg.data.batch_size)
     states = model_states(
         s, counts["total"], counts["largest_module"], counts["largest_fsdp_unit"], cfg.plan.cpu_buffer_factor
     )
@@ -726,7 +726,7 @@ def _reference_pass_hours(cfg, arch, counts, examples, tokens_per_example, peak,
     from gpt4llm.data.base_datamodule import held_out
 
     held = held_out(cfg.data.get("val_size") or 0, examples)
-    tokens = (examples + held) * task.sequences_per_example * tokens_per_example
+    tokens = (examples + held) * task.sequences_for(cfg.task) * tokens_per_example
     return _hours(_flops_per_token(arch, counts, tokens_per_example) / 3 * tokens, peak, cfg.plan.utilization, world)
 
 

@@ -1,0 +1,344 @@
+"""Online RL (task=grpo|rloo, models.rl_module): the per-token log-probabilities it trains on against the model's own
+logits, seeded rollouts, the first step (ratio 1, KL 0), its prompt data, its errors; the loss arithmetic itself is
+checked against TRL in tests/test_policy_gradient.py. The CLI tests (slow) train: a reward rises, stays flat at lr 0,
+and a resumed run equals the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt4llm.data.prompt_datamodule import TOO_LONG, build_prompt_splits
+from gpt4llm.data.samplers import RepeatedBlocksSampler
+from gpt4llm.errors import ConfigError, RecordError
+from gpt4llm.models.rewards import build_rewards, score_completions
+from helpers.configs import TINY_OVERRIDES
+from helpers.runs import run_cli, scalars_by_step
+
+LETTERS = {"kind": "function", "fn": "gpt4llm.models.reward_functions:letter_share"}
+
+
+def module(tiny_model_dir, tokenizer, **settings):
+    from gpt4llm.models.rl_module import GRPOModule, RLOOModule
+
+    kind = RLOOModule if settings.pop("method", "grpo") == "rloo" else GRPOModule
+    defaults = {"reward": LETTERS, "num_generations": 4, "max_completion_length": 12, "attn_implementation": "sdpa"}
+    settings = defaults | settings
+    m = kind(tokenizer, model_path=str(tiny_model_dir), optimizer={"lr": 1e-3}, template="alpaca", **settings)
+    m.configure_model()
+    m.rewards = build_rewards(m.reward_settings)
+    return m
+
+
+def rows(tokenizer, prompts: list[str]) -> list[dict]:
+    return [
+        {
+            "index": i,
+            "input_ids": tokenizer(p)["input_ids"],
+            "user_text": p,
+            "score_record": json.dumps({"prompt": p}),
+            "fields": json.dumps({"output": "x"}),
+        }
+        for i, p in enumerate(prompts)
+    ]
+
+
+PROMPTS = ["Name a colour.", "Count to three, please, slowly and in words."]
+
+
+def test_completion_logps_are_the_models_own_at_each_completion_token(tiny_model_dir, tokenizer):
+    m = module(tiny_model_dir, tokenizer)
+    rollout = m.rollout(rows(tokenizer, PROMPTS), 4, ["a", "b"], "train")
+    logps, mask, entropies = m.completion_logps(m.model, rollout, entropy=True)
+    for r, (prompt, completion) in enumerate(zip(rollout["prompt_ids"], rollout["completion_ids"])):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            table = torch.log_softmax(m.model(input_ids=ids).logits[0].float(), dim=-1)
+        expected = table[len(prompt) - 1 : len(prompt) - 1 + len(completion)].gather(
+            -1, torch.tensor(completion).unsqueeze(-1)
+        )[:, 0]
+        n = len(completion)
+        assert mask[r, :n].tolist() == [1.0] * n and not mask[r, n:].any()
+        torch.testing.assert_close(logps[r, :n].detach(), expected, atol=2e-5, rtol=0)
+        full = table[len(prompt) - 1 : len(prompt) - 1 + n]
+        torch.testing.assert_close(entropies[r, :n], -(full.exp() * full).sum(-1), atol=2e-4, rtol=0)
+
+
+def test_a_stop_id_that_ended_a_completion_is_trained_on(tiny_model_dir, tokenizer):
+    m = module(tiny_model_dir, tokenizer, max_completion_length=20)
+    eos = tokenizer.eos_token_id
+
+    def likelier_eos(layer, inputs, logits):  # EOS about 1 in 10: some completions end, some are cut
+        logits[..., eos] += 4.0
+        return logits
+
+    m.model.lm_head.register_forward_hook(likelier_eos)
+    rollout = m.rollout(rows(tokenizer, PROMPTS), 4, ["a", "b"], "train")
+    ended = [ids for ids, cut in zip(rollout["completion_ids"], rollout["truncated"]) if not cut]
+    cut = [ids for ids, cut in zip(rollout["completion_ids"], rollout["truncated"]) if cut]
+    assert ended and cut
+    assert all(ids[-1] == eos and eos not in ids[:-1] for ids in ended)
+    assert all(len(ids) == 20 and eos not in ids for ids in cut)
+    logps, mask, _ = m.completion_logps(m.model, rollout)
+    assert mask.sum(1).tolist() == [float(len(ids)) for ids in rollout["completion_ids"]]
+
+
+def test_rollouts_are_seeded_per_prompt_whatever_they_are_batched_with(tiny_model_dir, tokenizer):
+    m = module(tiny_model_dir, tokenizer)
+    both = m.rollout(rows(tokenizer, PROMPTS), 4, ["k0", "k1"], "train")
+    alone = m.rollout(rows(tokenizer, PROMPTS[1:]), 4, ["k1"], "train")
+    assert both["completion_ids"][4:] == alone["completion_ids"]
+    again = m.rollout(rows(tokenizer, PROMPTS), 4, ["k0", "k1"], "train")
+    assert again["completion_ids"] == both["completion_ids"]
+    other = m.rollout(rows(tokenizer, PROMPTS), 4, ["k0", "k2"], "train")
+    assert other["completion_ids"][4:] != both["completion_ids"][4:]
+    assert len(set(map(tuple, both["completion_ids"][:4]))) > 1  # the generations of a group differ
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_the_first_step_has_ratio_one_and_kl_zero(method, tiny_model_dir, tokenizer):
+    m = module(tiny_model_dir, tokenizer, method=method, beta=0.1, num_iterations=2)
+    batch = {"index": torch.tensor([0, 1]), "rows": rows(tokenizer, PROMPTS)}
+    rollout = m.rollout_for(batch)
+    logps, mask, _ = m.completion_logps(m.model, rollout)
+    torch.testing.assert_close(rollout["old_logps"], logps.detach(), atol=0, rtol=0)  # ratio exactly 1
+    torch.testing.assert_close(rollout["ref_logps"], logps.detach(), atol=0, rtol=0)  # policy = reference
+    loss, metrics = m.loss(logps, rollout, mask)
+    assert float(metrics["kl"]) == 0.0
+    advantages = rollout["advantages"]
+    if method == "grpo":  # ratio 1, KL 0: dapo's loss is -sum(A_i n_i) / sum(n_i)
+        assert all(float(metrics[f"clip_ratio/{k}_mean"]) == 0.0 for k in ("low", "high", "region"))
+        expected = -(advantages * mask.sum(1)).sum() / mask.sum()
+    else:  # the KL taken from the rewards is 0: RLOO's advantages of the raw rewards, -mean(A)
+        rewards = rollout["rewards"].view(-1, 4)
+        baseline = (rewards.sum(1, keepdim=True) - rewards) / 3
+        torch.testing.assert_close(advantages, (rewards - baseline).view(-1))
+        expected = -advantages.mean()
+    torch.testing.assert_close(loss.detach(), expected.to(loss), atol=1e-6, rtol=0)
+    # the second iteration reuses the rollout; a third step generates anew
+    assert m.rollout_for(batch) is rollout
+    assert m.rollout_for(batch) is not rollout
+
+
+def test_grpo_learns_on_a_batch_the_reward_goes_up(tiny_model_dir, tokenizer):
+    """Twenty GRPO steps on two prompts with a dense reward raise it: the loss's sign and the advantages are right."""
+    m = module(tiny_model_dir, tokenizer, max_completion_length=8)
+    optimizer = torch.optim.AdamW(m.model.parameters(), lr=3e-3)
+    before = None
+    for step in range(20):
+        batch = {"index": torch.tensor([0, 1]), "rows": rows(tokenizer, PROMPTS)}
+        rollout = m.rollout(batch["rows"], 8, [f"{step}:0", f"{step}:1"], "train")
+        rollout["old_logps"] = rollout["ref_logps"] = None
+        rollout["advantages"], _ = m.advantages(rollout)
+        m.num_generations = 8
+        logps, mask, _ = m.completion_logps(m.model, rollout)
+        loss, _ = m.loss(logps, rollout, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        before = float(rollout["rewards"].mean()) if before is None else before
+    after = float(m.rollout(rows(tokenizer, PROMPTS), 8, ["x", "y"], "train")["rewards"].mean())
+    assert after > 2 * before and after > before + 0.05, (before, after)
+
+
+# --- settings and rewards that cannot work: one line naming them --------------------------------------------------
+def test_settings_that_cannot_work_are_refused(tiny_model_dir, tokenizer):
+    with pytest.raises(ConfigError, match="num_generations=1: a group needs at least 2"):
+        module(tiny_model_dir, tokenizer, num_generations=1)
+    with pytest.raises(ConfigError, match="reference=adapters needs a LoRA policy"):
+        module(tiny_model_dir, tokenizer, beta=0.1, reference="adapters")
+    with pytest.raises(ConfigError, match="loss_type='ppo'"):
+        module(tiny_model_dir, tokenizer, loss_type="ppo")
+
+
+def bad_count(prompts, completions, **_):
+    return [1.0]
+
+
+def raises(prompts, completions, **_):
+    raise KeyError("answer")
+
+
+def not_a_number(prompts, completions, **_):
+    return [None] * len(completions)
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        ("test_online_rl:bad_count", r"reward.fn=test_online_rl:bad_count: returned 1 values for 3 completions"),
+        ("test_online_rl:raises", r"reward.fn=test_online_rl:raises: raised KeyError on 3 completions: 'answer'"),
+        ("test_online_rl:not_a_number", r"returned None among its rewards"),
+    ],
+)
+def test_a_reward_function_that_fails_is_named_with_what_it_did(fn, message):
+    rewards = build_rewards({"kind": "function", "fn": fn})
+    with pytest.raises(ConfigError, match=message):
+        score_completions(rewards, ["p"] * 3, ["a", "b", "c"], {}, [[1], [2], [3]])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"kind": "function", "fn": "no_such_module:f"}, r"module no_such_module cannot be imported"),
+        ({"kind": "function", "fn": "gpt4llm.models.reward_functions:nope"}, r"has no function 'nope'"),
+        ({"kind": "judge"}, r"reward.kind='judge': choose function"),
+        ({"kind": "model", "path": "/no/such/rm"}, r"reward.path=/no/such/rm: does not load as a reward model"),
+    ],
+)
+def test_a_reward_that_does_not_load_stops_before_training(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        build_rewards(spec)
+
+
+def test_several_rewards_are_summed_with_their_weights():
+    rewards = build_rewards(
+        LETTERS
+        | {"weight": 2.0, "also": {"f1": {"kind": "function", "fn": "gpt4llm.models.reward_functions:reference_f1"}}}
+    )
+    total, each = score_completions(rewards, ["p", "p"], ["eee x", "y z"], {"output": ["x", "y z"]}, [[1], [2]])
+    torch.testing.assert_close(each["letter_share"], torch.tensor([0.6, 0.0]))
+    torch.testing.assert_close(each["f1"], torch.tensor([2 / 3, 1.0]))
+    torch.testing.assert_close(total, 2 * each["letter_share"] + each["f1"])
+
+
+# --- prompts --------------------------------------------------------------------------------------------------------
+def test_prompts_come_from_every_layout_rendered_as_training_renders_them(tmp_path, tokenizer):
+    from gpt4llm.data.formats import prompt_format
+    from gpt4llm.data.prompts import alpaca_prompt, format_prompt
+
+    records = [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+        {"instruction": "Translate.", "input": "chat", "output": "cat"},
+        {"user_input": format_prompt("Say hi.").removesuffix("\n\n### Response:"), "responses_and_scores": []},
+        {"messages": [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]},
+        {"instruction": "Long " * 300, "output": ""},
+    ]
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(records))
+    splits, report = build_prompt_splits(path, tokenizer, prompt_format("alpaca"), 100, 0, 0, False)
+    got = {r["index"]: r for r in splits["train"]}
+    assert got[0]["prompt"] == format_prompt("Add 2 and 3.") and json.loads(got[0]["fields"])["output"] == "5"
+    assert got[1]["prompt"] == format_prompt("Translate.", "chat") and got[1]["user_text"] == "Translate.\n\nchat"
+    assert got[2]["prompt"] == format_prompt("Say hi.")
+    assert got[3]["prompt"] == alpaca_prompt("Hello?") and json.loads(got[3]["fields"])["output"] == "Hi."
+    assert got[0]["input_ids"] == tokenizer(format_prompt("Add 2 and 3."))["input_ids"]
+    assert 4 not in got and report["skipped"] == {TOO_LONG: {"count": 1, "first_indices": [4]}}
+
+
+def test_a_record_without_a_prompt_is_named(tmp_path, tokenizer):
+    from gpt4llm.data.formats import prompt_format
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "ok"}, {"question": "?"}]))
+    with pytest.raises(RecordError, match=r"bad.json: record 1 has no prompt: give 'instruction'"):
+        build_prompt_splits(path, tokenizer, prompt_format("alpaca"), 64, 0, 0, False)
+    splits, report = build_prompt_splits(path, tokenizer, prompt_format("alpaca"), 64, 0, 0, True)
+    assert len(splits["train"]) == 1 and sum(s["count"] for s in report["skipped"].values()) == 1
+
+
+def test_each_generation_block_is_repeated_num_iterations_times_on_every_rank():
+    for rank in range(2):
+        sampler = RepeatedBlocksSampler(10, seed=3, block=4, repeats=2, rank=rank, world_size=2)
+        shard = sampler.shard(0)
+        assert len(shard) == len(sampler) == 16  # 5 prompts padded to 2 blocks of 4, each twice
+        assert shard[0:4] == shard[4:8] and shard[8:12] == shard[12:16] and shard[0:4] != shard[8:12]
+    once = RepeatedBlocksSampler(10, seed=3, block=4, repeats=1)
+    assert sorted(once.shard(0)[:10]) == list(range(10))
+
+
+# --- the CLI: it learns, and resumes exactly ------------------------------------------------------------------------
+RUN = [
+    "task=grpo",
+    "reward=function",
+    "reward.fn=gpt4llm.models.reward_functions:letter_share",
+    "data.batch_size=4",
+    "data.val_size=16",
+    "task.num_generations=4",
+    "task.max_completion_length=16",
+    "trainer.log_every_n_steps=1",
+    *TINY_OVERRIDES,
+]
+
+
+def train(tmp_path: Path, name: str, *extra: str) -> Path:
+    run = tmp_path / name
+    run_cli(
+        "gpt4llm.train",
+        [*RUN, f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run}", *extra],
+        cwd=tmp_path,
+    )
+    return run
+
+
+@pytest.mark.slow
+def test_grpo_learns_a_reward_on_held_out_prompts_and_stays_flat_at_lr_0(tmp_path):
+    learned = scalars_by_step(
+        train(tmp_path, "lr", "trainer.max_steps=40", "trainer.val_check_interval=20", "task.optimizer.lr=3e-3")
+    )
+    still = scalars_by_step(
+        # lr 0 is refused by the config's checks; 1e-30 moves no fp32 weight
+        train(tmp_path, "lr0", "trainer.max_steps=40", "trainer.val_check_interval=20", "task.optimizer.lr=1e-30")
+    )
+    start, end = learned["val/reward"][0], learned["val/reward"][max(learned["val/reward"])]
+    assert len(learned["val/reward"]) == 3 and end > 2 * start and end - start > 0.1, learned["val/reward"]
+    assert len(set(still["val/reward"].values())) == 1, still["val/reward"]  # the same samples of the same policy
+    assert still["val/reward"][0] == start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["grpo", "rloo"])
+def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_one(task, tmp_path):
+    import safetensors.torch
+
+    # a checkpoint at step 3: between the two updates on the completions generated at step 2
+    common = [
+        f"task={task}",
+        "task.num_iterations=2",
+        "data.val_size=0",
+        "trainer.max_steps=6",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        "callbacks.checkpoint.save_top_k=-1",
+    ]
+    whole = train(tmp_path, "whole", *common)
+    resumed = train(tmp_path, "resumed", *common, f"ckpt_path={whole / 'checkpoints' / 'step3.ckpt'}")
+    a, b = scalars_by_step(whole), scalars_by_step(resumed)
+    for tag in ("train/loss", "train/reward", "train/completions/mean_length"):
+        assert [a[tag][s] for s in (3, 4, 5)] == [b[tag][s] for s in (3, 4, 5)], tag
+    ours = safetensors.torch.load_file(str(whole / "export" / "model.safetensors"))
+    theirs = safetensors.torch.load_file(str(resumed / "export" / "model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_every_strategy_starts_at_ratio_one_and_kl_zero_and_exports_the_policy(strategy, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from helpers.configs import demo_overrides
+    from helpers.cpu_deepspeed import train_under
+
+    args = [
+        *(a for a in demo_overrides(tmp_path) if not a.startswith("data.exact_match_examples")),
+        *RUN[:8],
+        "task.beta=0.1",
+        "task.num_iterations=2",
+        "task.max_completion_length=8",
+        "data.val_size=8",
+        "trainer.max_steps=4",
+        "trainer.precision=bf16-mixed",
+        "validate_first=false",
+        *(("trainer.devices=2",) if strategy == "ddp" else ()),
+    ]
+    run = train_under(tmp_path, strategy, args, run_id="grpo")
+    logged = scalars_by_step(run)
+    assert logged["train/kl"][0] == 0.0  # the policy is its reference at the first step
+    assert logged["train/clip_ratio/region_mean"][0] == 0.0  # ratio 1: sampled by this very policy
+    assert logged["train/kl"][3] > 0.0  # and moves away from it
+    assert len(logged["train/reward"]) == 4 and "val/reward" in logged
+    policy = AutoModelForCausalLM.from_pretrained(run / "export")
+    assert policy.config.architectures == ["LlamaForCausalLM"]
+    assert not any(k.startswith("reference") for k in policy.state_dict())
