@@ -49,14 +49,16 @@ def rows(tokenizer, prompts: list[str]) -> list[dict]:
 PROMPTS = ["Name a colour.", "Count to three, please, slowly and in words."]
 
 
-def test_completion_logps_are_the_models_own_at_each_completion_token(tiny_model_dir, tokenizer):
-    m = module(tiny_model_dir, tokenizer)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logps_are_the_models_own_at_each_completion_token(temperature, tiny_model_dir, tokenizer):
+    """...of the distribution sampled from: the logits divided by the temperature, as TRL scores them."""
+    m = module(tiny_model_dir, tokenizer, temperature=temperature)
     rollout = m.rollout(rows(tokenizer, PROMPTS), 4, ["a", "b"], "train")
     logps, mask, entropies = m.completion_logps(m.model, rollout, entropy=True)
     for r, (prompt, completion) in enumerate(zip(rollout["prompt_ids"], rollout["completion_ids"])):
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
-            table = torch.log_softmax(m.model(input_ids=ids).logits[0].float(), dim=-1)
+            table = torch.log_softmax(m.model(input_ids=ids).logits[0].float() / temperature, dim=-1)
         expected = table[len(prompt) - 1 : len(prompt) - 1 + len(completion)].gather(
             -1, torch.tensor(completion).unsqueeze(-1)
         )[:, 0]
@@ -102,7 +104,7 @@ def test_rollouts_are_seeded_per_prompt_whatever_they_are_batched_with(tiny_mode
 def test_the_first_step_has_ratio_one_and_kl_zero(method, tiny_model_dir, tokenizer):
     m = module(tiny_model_dir, tokenizer, method=method, beta=0.1, num_iterations=2)
     batch = {"index": torch.tensor([0, 1]), "rows": rows(tokenizer, PROMPTS)}
-    rollout = m.rollout_for(batch)
+    rollout = m.rollout_for(batch, 0)
     logps, mask, _ = m.completion_logps(m.model, rollout)
     torch.testing.assert_close(rollout["old_logps"], logps.detach(), atol=0, rtol=0)  # ratio exactly 1
     torch.testing.assert_close(rollout["ref_logps"], logps.detach(), atol=0, rtol=0)  # policy = reference
@@ -119,8 +121,8 @@ def test_the_first_step_has_ratio_one_and_kl_zero(method, tiny_model_dir, tokeni
         expected = -advantages.mean()
     torch.testing.assert_close(loss.detach(), expected.to(loss), atol=1e-6, rtol=0)
     # the second iteration reuses the rollout; a third step generates anew
-    assert m.rollout_for(batch) is rollout
-    assert m.rollout_for(batch) is not rollout
+    assert m.rollout_for(batch, 1) is rollout
+    assert m.rollout_for(batch, 2) is not rollout
 
 
 def test_grpo_learns_on_a_batch_the_reward_goes_up(tiny_model_dir, tokenizer):
@@ -142,6 +144,35 @@ def test_grpo_learns_on_a_batch_the_reward_goes_up(tiny_model_dir, tokenizer):
         before = float(rollout["rewards"].mean()) if before is None else before
     after = float(m.rollout(rows(tokenizer, PROMPTS), 8, ["x", "y"], "train")["rewards"].mean())
     assert after > 2 * before and after > before + 0.05, (before, after)
+
+
+def test_a_reward_model_of_another_tokenizer_scores_the_decoded_text(
+    tiny_model_dir, sentencepiece_model_dir, tokenizer, tmp_path
+):
+    """The policy's tokenizer is a byte-level BPE, the reward model's a SentencePiece one: each completion is scored
+    as that reward model scores the text (transformers' own forward over its tokenizer's ids of prompt, answer, EOS,
+    the reward read at the last token), not from the policy's ids."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from gpt4llm.data.prompts import format_prompt
+
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(sentencepiece_model_dir, num_labels=1).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(sentencepiece_model_dir).save_pretrained(rm_dir)
+    m = module(tiny_model_dir, tokenizer)
+    m.rewards = build_rewards({"kind": "model", "path": str(rm_dir)})
+    prompt = "Name a colour."
+    row = rows(tokenizer, [prompt])[0] | {"score_record": json.dumps({"instruction": prompt, "input": ""})}
+    rollout = m.rollout([row], 4, ["k"], "train")
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    rm_tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    for text, reward in zip(rollout["texts"], rollout["rewards"].tolist()):
+        ids = rm_tokenizer(format_prompt(prompt) + text + rm_tokenizer.eos_token, return_tensors="pt")
+        with torch.no_grad():
+            expected = float(rm(**ids).logits[0, 0])
+        assert reward == pytest.approx(expected, abs=1e-5)
+    assert len(set(rollout["rewards"].tolist())) > 1
 
 
 # --- settings and rewards that cannot work: one line naming them --------------------------------------------------
@@ -290,21 +321,29 @@ def test_grpo_learns_a_reward_on_held_out_prompts_and_stays_flat_at_lr_0(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["grpo", "rloo"])
-def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_one(task, tmp_path):
+@pytest.mark.parametrize(("task", "strategy"), [("grpo", None), ("rloo", None), ("grpo", "ddp")])
+def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_one(task, strategy, tmp_path):
+    """Under DDP each rank reuses its own rollouts (its own prompts) after the resume, not rank 0's."""
     import safetensors.torch
+
+    from helpers.cpu_deepspeed import train_under
 
     # a checkpoint at step 3: between the two updates on the completions generated at step 2
     common = [
+        *RUN,
+        f"paths.data_dir={tmp_path / 'data'}",
         f"task={task}",
         "task.num_iterations=2",
         "data.val_size=0",
         "trainer.max_steps=6",
         "callbacks.checkpoint.every_n_train_steps=3",
         "callbacks.checkpoint.save_top_k=-1",
+        *(("trainer.devices=2",) if strategy == "ddp" else ()),
     ]
-    whole = train(tmp_path, "whole", *common)
-    resumed = train(tmp_path, "resumed", *common, f"ckpt_path={whole / 'checkpoints' / 'step3.ckpt'}")
+    whole = train_under(tmp_path / "whole", strategy, [*common, f"hydra.run.dir={tmp_path / 'whole' / 'run'}"], "a")
+    step3 = whole / "checkpoints" / "step3.ckpt"
+    again = [*common, f"hydra.run.dir={tmp_path / 'resumed' / 'run'}", f"ckpt_path={step3}"]
+    resumed = train_under(tmp_path / "resumed", strategy, again, "b")
     a, b = scalars_by_step(whole), scalars_by_step(resumed)
     for tag in ("train/loss", "train/reward", "train/completions/mean_length"):
         assert [a[tag][s] for s in (3, 4, 5)] == [b[tag][s] for s in (3, 4, 5)], tag
@@ -342,3 +381,38 @@ def test_every_strategy_starts_at_ratio_one_and_kl_zero_and_exports_the_policy(s
     policy = AutoModelForCausalLM.from_pretrained(run / "export")
     assert policy.config.architectures == ["LlamaForCausalLM"]
     assert not any(k.startswith("reference") for k in policy.state_dict())
+
+
+@pytest.mark.slow
+def test_grpo_with_the_demo_reward_model_raises_its_score_above_the_sft_start(tmp_path):
+    """The paper's loop on the demo: an SFT policy, a reward model trained on the demo's pairs, and GRPO from the SFT
+    export rewarded by that reward model's export: the held-out mean RM score rises above the SFT policy's own."""
+    from helpers.configs import demo_overrides, rm_overrides
+
+    def run(name, overrides):
+        return run_cli("gpt4llm.train", [*overrides, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
+
+    data = f"paths.data_dir={tmp_path / 'data'}"
+    run("sft", [*demo_overrides(tmp_path), data, "trainer.max_steps=30", "callbacks.exact_match=null"])
+    run("rm", [*rm_overrides(tmp_path), data, "trainer.max_steps=30"])
+    rl = [
+        *(a for a in demo_overrides(tmp_path) if not a.startswith(("data.exact_match", "trainer.max_steps"))),
+        data,
+        "task=grpo",
+        f"model.path={tmp_path / 'sft' / 'export'}",
+        "model.tiny=null",
+        "reward=model",
+        f"reward.path={tmp_path / 'rm' / 'export'}",
+        "reward.normalize=true",  # in units of the RM's own spread on held-out pairs (its recorded mean and std)
+        "task.num_generations=4",
+        "task.max_completion_length=16",
+        "task.optimizer.lr=3e-3",
+        "data.batch_size=4",
+        "data.val_size=16",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=40",
+    ]
+    run("grpo", rl)
+    logged = scalars_by_step(tmp_path / "grpo")["val/reward"]
+    start, end = logged[0], logged[max(logged)]
+    assert len(logged) == 2 and end > start + 1.0, logged  # by more than one standard deviation of the RM's rewards

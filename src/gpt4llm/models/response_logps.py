@@ -43,11 +43,12 @@ def response_logps(model, batch: dict[str, torch.Tensor], fused: bool = True) ->
 
 
 def labelled_token_logps(
-    model, batch: dict[str, torch.Tensor], fused: bool = True, entropy: bool = False
+    model, batch: dict[str, torch.Tensor], fused: bool = True, entropy: bool = False, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The log-probability (fp32) of each labelled token, with the (row, position) that predicts it, and with
     `entropy` the entropy of the model's distribution there (no gradient: a metric); the chunked output layer of the
-    module docstring, or the model's own logits (`fused=False`, or a model that transforms them)."""
+    module docstring, or the model's own logits (`fused=False`, or a model that transforms them). `temperature`: of
+    the distribution the tokens were sampled from (online RL), the logits divided by it, as TRL does."""
     targets = batch["labels"][:, 1:]
     rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the positions predicting a response token
     inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
@@ -56,34 +57,36 @@ def labelled_token_logps(
         head = model.get_output_embeddings()
         chunks = list(zip(hidden.split(TOKEN_CHUNK), targets[rows, positions].split(TOKEN_CHUNK)))
         if torch.is_grad_enabled():
-            picked = [checkpoint(_target_logps, head, h, t, use_reentrant=False) for h, t in chunks]
+            picked = [checkpoint(_target_logps, head, h, t, temperature, use_reentrant=False) for h, t in chunks]
         else:  # the reference: nothing is kept for backward anyway
-            picked = [_target_logps(head, h, t) for h, t in chunks]
+            picked = [_target_logps(head, h, t, temperature) for h, t in chunks]
         token_logps = torch.cat(picked) if picked else hidden.new_zeros(0, dtype=torch.float32)
         entropies = None
         if entropy:
             with torch.no_grad():
-                parts = [_entropy(head(h)) for h, _ in chunks]
+                parts = [_entropy(head(h), temperature) for h, _ in chunks]
             entropies = torch.cat(parts) if parts else token_logps.new_zeros(0)
     else:
         keep = positions.unique()  # the output layer only where some row predicts a response token
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
         picked_logits = logits[rows, torch.searchsorted(keep, positions)]
-        token_logps = _target_logps(None, picked_logits, targets[rows, positions])
+        token_logps = _target_logps(None, picked_logits, targets[rows, positions], temperature)
         entropies = None
         if entropy:
             with torch.no_grad():
-                entropies = _entropy(picked_logits)
+                entropies = _entropy(picked_logits, temperature)
     return token_logps, entropies, rows, positions
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logps = torch.log_softmax(logits.float(), dim=-1)
+def _entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logps = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logps.exp() * logps).sum(-1)
 
 
-def _target_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _target_logps(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(target) at each position: its logit less the logsumexp of the position's logits (no log-softmax over the
     vocabulary kept), in fp32. `hidden` are the final hidden states (then `head` makes the logits) or the logits."""
     logits = (hidden if head is None else head(hidden)).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

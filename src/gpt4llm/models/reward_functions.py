@@ -15,15 +15,13 @@ def reference_f1(prompts: list[str], completions: list[str], output: list[str] |
     """The word-overlap F1 of each completion with its record's reference answer (`output`; SQuAD's token F1 on
     whitespace words, case-folded): partial credit, so a policy far from the answers still gets a signal. The demo's
     default reward (its answers are exact)."""
-    if output is None:
-        raise ValueError("reference_f1 needs a reference answer: the prompt records have no 'output' field")
+    _check_references("reference_f1", output)
     return [_f1(completion, reference) for completion, reference in zip(completions, output)]
 
 
 def exact_match(prompts: list[str], completions: list[str], output: list[str] | None = None, **_) -> list[float]:
     """1.0 where the completion, stripped, is the reference answer (`output`), else 0.0."""
-    if output is None:
-        raise ValueError("exact_match needs a reference answer: the prompt records have no 'output' field")
+    _check_references("exact_match", output)
     return [float(completion.strip() == reference.strip()) for completion, reference in zip(completions, output)]
 
 
@@ -33,6 +31,15 @@ def letter_share(prompts: list[str], completions: list[str], letter: str = "e", 
     (`reward.kwargs.letter=a`)."""
     letter = letter.lower()
     return [completion.lower().count(letter) / len(completion) if completion else 0.0 for completion in completions]
+
+
+def _check_references(name: str, output) -> None:
+    missing = len(output or []) if output is None else sum(not isinstance(o, str) for o in output)
+    if output is None or missing:
+        raise ValueError(
+            f"{name} needs each prompt record's reference answer, its 'output' field: "
+            f"{'none has one' if output is None else f'{missing} of {len(output)} have none'}"
+        )
 
 
 def _f1(prediction: str, reference: str) -> float:

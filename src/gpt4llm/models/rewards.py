@@ -84,9 +84,11 @@ def load_function(target, setting: str) -> Callable:
         raise ConfigError(
             f"{setting}={target}: module {module_name} cannot be imported ({type(err).__name__}: {err})"
         ) from None
-    fn = getattr(module, attribute, None)
-    if not callable(fn):
+    if not hasattr(module, attribute):
         raise ConfigError(f"{setting}={target}: {module_name} has no function {attribute!r}")
+    fn = getattr(module, attribute)
+    if not callable(fn):
+        raise ConfigError(f"{setting}={target}: {module_name}.{attribute} is a {type(fn).__name__}, not a function")
     return fn
 
 

@@ -41,6 +41,7 @@ from gpt4llm.models.engine import EOS, LENGTH, Engine, Request, Sampling
 from gpt4llm.models.policy_gradient import (
     LOSS_TYPES,
     SCALE_REWARDS,
+    STD_EPS,
     grpo_advantages,
     grpo_loss,
     masked_mean,
@@ -97,7 +98,11 @@ class OnlineRLModule(CausalLMModule):
                 f"task.num_generations={num_generations}: a group needs at least 2 completions per prompt (its "
                 f"advantages compare them; 8 is usual)"
             )
-        if not isinstance(max_completion_length, int) or max_completion_length < 1:
+        if (
+            isinstance(max_completion_length, bool)
+            or not isinstance(max_completion_length, int)
+            or max_completion_length < 1
+        ):
             raise ConfigError(f"task.max_completion_length={max_completion_length}: a number of tokens above 0")
         if not isinstance(num_iterations, int) or num_iterations < 1:
             raise ConfigError(f"task.num_iterations={num_iterations}: updates per generation, 1 or more")
@@ -219,11 +224,16 @@ class OnlineRLModule(CausalLMModule):
         batch = self.sequences(rollout)
         if model is self.model and torch.is_grad_enabled():
             self.trained_batch = {k: batch[k] for k in ("input_ids", "attention_mask")}  # for train/tokens_per_s
-        if model == "adapters-off":
-            with self.model.disable_adapter():
-                flat, entropies, rows, positions = labelled_token_logps(self.model, batch)
+        temperature = self.sampling.temperature  # the distribution sampled from, as TRL scores it (the reference too)
+        if model == "adapters-off" or (model is not self.model and adapters.is_peft(model)):
+            # the policy's base (reference=adapters), or a QLoRA reference copy, which is wrapped as the policy is
+            with (self.model if model == "adapters-off" else model).disable_adapter():
+                base = self.model if model == "adapters-off" else model
+                flat, entropies, rows, positions = labelled_token_logps(base, batch, temperature=temperature)
         else:
-            flat, entropies, rows, positions = labelled_token_logps(model, batch, entropy=entropy)
+            flat, entropies, rows, positions = labelled_token_logps(
+                model, batch, entropy=entropy, temperature=temperature
+            )
         prompt_lengths = torch.tensor([len(p) for p in rollout["prompt_ids"]], device=positions.device)
         columns = positions - (prompt_lengths[rows] - 1)  # position p predicts token p + 1
         width = max(1, max(len(c) for c in rollout["completion_ids"]))
@@ -249,10 +259,14 @@ class OnlineRLModule(CausalLMModule):
             ref = self.completion_logps(model, rollout)[0]
         return old, ref
 
-    def rollout_for(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """This step's rollout: generated now, or the one generated for the same prompts `num_iterations` - 1 steps
-        ago or fewer."""
-        key = f"{self.current_epoch}:{','.join(map(str, batch['index'].tolist()))}"
+    def rollout_for(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """This step's rollout: generated now, or the one generated for the same micro-batch of the same block
+        (data.samplers.RepeatedBlocksSampler: `accumulate` micro-batches, yielded `num_iterations` times in a row)
+        fewer than `num_iterations` passes ago. Known by its place in the epoch, not by its prompts, which padding
+        can repeat within a block."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        block = f"{self.current_epoch}:{batch_idx // (accumulate * self.num_iterations)}"
+        key = f"{block}:{batch_idx % accumulate}"
         kept = self.rollouts.get(key)
         if kept is None:
             rows = batch["rows"]
@@ -261,7 +275,8 @@ class OnlineRLModule(CausalLMModule):
             kept["old_logps"], kept["ref_logps"] = self.frozen_logps(kept)
             kept["advantages"], kept["kl_sequences"] = self.advantages(kept)
             kept["uses"] = 0
-            self.rollouts = {k: v for k, v in self.rollouts.items() if v["uses"] < self.num_iterations}
+            # only this block's micro-batches are ever reused: others (a run stopped mid-block) are dropped
+            self.rollouts = {k: v for k, v in self.rollouts.items() if k.startswith(block + ":")}
             self.rollouts[key] = kept
         kept["uses"] += 1
         if kept["uses"] >= self.num_iterations:
@@ -275,6 +290,12 @@ class OnlineRLModule(CausalLMModule):
     def loss(self, logps, rollout, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def gathered(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` of every rank, one after the other (this rank's alone on one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        return self.all_gather(values.to(self.device)).reshape(-1).to(values.device)
+
     # --- steps ------------------------------------------------------------------------------------------------------
     def token_mask(self, rollout: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
         if self.mask_truncated_completions:
@@ -282,7 +303,7 @@ class OnlineRLModule(CausalLMModule):
         return mask
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        rollout = self.rollout_for(batch)
+        rollout = self.rollout_for(batch, batch_idx)
         logps, mask, entropies = self.completion_logps(self.model, rollout, entropy=True)
         mask = self.token_mask(rollout, mask)
         loss, metrics = self.loss(logps, rollout, mask)
@@ -292,7 +313,7 @@ class OnlineRLModule(CausalLMModule):
         logged = {
             "loss": loss.detach(),
             "reward": rewards.mean(),
-            "reward_std": grouped.std(dim=1).mean(),
+            "reward_std": rewards.std(),
             "frac_reward_zero_std": (grouped.std(dim=1) < 1e-8).float().mean(),
             "entropy": masked_mean(entropies, mask),
             "completions/mean_length": lengths.mean(),
@@ -346,15 +367,28 @@ class OnlineRLModule(CausalLMModule):
 
     # --- checkpoints: the rollouts later iterations reuse ---------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Each rank's rollouts (its own prompts), gathered: every rank takes its own back (as training.callbacks.
+        RandomState does with the random generators)."""
+        import torch.distributed as dist
+
         super().on_save_checkpoint(checkpoint)
-        checkpoint["rl_rollouts"] = {
+        mine = {
             key: {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in rollout.items()}
             for key, rollout in self.rollouts.items()
         }
+        processes: list[Any] = [mine]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            processes = [None] * dist.get_world_size()
+            dist.all_gather_object(processes, mine)
+        checkpoint["rl_rollouts"] = {"processes": processes}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.rollouts = dict(checkpoint.get("rl_rollouts") or {})
+        processes = (checkpoint.get("rl_rollouts") or {}).get("processes") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        world = self.trainer.world_size if self._trainer is not None else 1
+        # another number of processes is refused before (training.resume.check_resume); none kept: nothing to reuse
+        self.rollouts = dict(processes[rank]) if len(processes) == world else {}
 
 
 class GRPOModule(OnlineRLModule):
@@ -371,7 +405,12 @@ class GRPOModule(OnlineRLModule):
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
 
     def advantages(self, rollout):
-        return grpo_advantages(rollout["rewards"], self.num_generations, self.scale_rewards), None
+        rewards = rollout["rewards"]
+        if self.scale_rewards != "batch":
+            return grpo_advantages(rewards, self.num_generations, self.scale_rewards), None
+        # the batch's deviation over every rank's rewards, as TRL takes it over the gathered batch
+        centered = grpo_advantages(rewards, self.num_generations, "none")
+        return centered / (self.gathered(rewards).std() + STD_EPS), None
 
     def loss(self, logps, rollout, mask):
         old = rollout["old_logps"]
@@ -421,13 +460,26 @@ class RLOOModule(OnlineRLModule):
             mask = self.token_mask(rollout, completion_mask(rollout).to(rollout["old_logps"]))
             kl = ((rollout["old_logps"] - rollout["ref_logps"]) * mask).sum(1).cpu()
             rewards = rewards - self.beta * kl
-        return rloo_advantages(rewards, self.num_generations, self.normalize_advantages), kl
+        advantages = rloo_advantages(rewards, self.num_generations)
+        if self.normalize_advantages:  # over every rank's advantages, as TRL over the gathered batch
+            every = self.gathered(advantages)
+            advantages = (advantages - every.mean()) / (every.std() + STD_EPS)
+        return advantages, kl
 
     def loss(self, logps, rollout, mask):
         old = rollout["old_logps"]
         old_sums = (logps.detach() * mask).sum(1) if old is None else (old.to(logps) * mask).sum(1)
-        loss = rloo_loss(logps, old_sums, rollout["advantages"].to(logps), mask, self.epsilon_low, self.epsilon_high)
-        metrics = {}
+        advantages = rollout["advantages"].to(logps)
+        loss = rloo_loss(logps, old_sums, advantages, mask, self.epsilon_low, self.epsilon_high)
+        with torch.no_grad():  # TRL's clip ratios of RLOO: over sequences
+            ratio = torch.exp((logps * mask).sum(1) - old_sums)
+            low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+            high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+        metrics = {
+            "clip_ratio/low_mean": low.mean(),
+            "clip_ratio/high_mean": high.mean(),
+            "clip_ratio/region_mean": torch.maximum(low, high).mean(),
+        }
         if rollout["kl_sequences"] is not None:
             metrics["kl"] = rollout["kl_sequences"].sum() / mask.sum().clamp(min=1).cpu()
         return loss, metrics
@@ -442,7 +494,11 @@ def completion_mask(rollout: dict[str, Any]) -> torch.Tensor:
 
 def effective_prompt_length(max_length: int, max_completion_length: int, max_prompt_length: int | None) -> int:
     """The longest prompt online RL keeps: `max_prompt_length`, or what `max_length` leaves after a completion."""
-    length = max_prompt_length if max_prompt_length is not None else max_length - max_completion_length
+    if max_prompt_length is not None:
+        if isinstance(max_prompt_length, bool) or not isinstance(max_prompt_length, int) or max_prompt_length < 1:
+            raise ConfigError(f"task.max_prompt_length={max_prompt_length}: a number of tokens above 0, or null")
+        return max_prompt_length
+    length = max_length - max_completion_length
     if length < 1:
         raise ConfigError(
             f"task.max_completion_length={max_completion_length} leaves no room for a prompt in "
