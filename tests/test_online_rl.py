@@ -175,6 +175,76 @@ def test_a_reward_model_of_another_tokenizer_scores_the_decoded_text(
     assert len(set(rollout["rewards"].tolist())) > 1
 
 
+# --- a served judge as the reward ----------------------------------------------------------------------------------
+def judge_spec(base_url: str, tmp_path: Path, **extra) -> dict:
+    from omegaconf import OmegaConf
+
+    from helpers.configs import CONF
+
+    client = OmegaConf.to_container(OmegaConf.load(CONF / "client" / "openai.yaml"), resolve=False)
+    return client | {
+        "kind": "judge",
+        "base_url": base_url,
+        "model": "judge-model",
+        "api_key_env": "RL_JUDGE_KEY",
+        "cache": str(tmp_path / "answers.jsonl"),
+        "timeout": 2,
+        "backoff": 0.01,
+        "max_retries": 2,
+        "prices": {"prompt": 0.01, "completion": 0.03},
+        "temperature": 0.0,
+        "max_tokens": 64,
+        "max_parse_retries": 1,
+        **extra,
+    }
+
+
+def e_count(request) -> str:
+    """A judge that scores an answer by its count of "e" (at most 10), the score on its first line."""
+    answer = request["messages"][-1]["content"].split("### Response\n")[1].split("\n### End of Response")[0]
+    return f"{min(10, answer.count('e'))}\nBecause of the letter e."
+
+
+def test_a_served_judge_scores_each_completion_under_the_rubric_once(loopback, tmp_path, monkeypatch):
+    from gpt4llm.evaluation.judge_reward import judge_reward
+    from helpers.fake_servers import ChatServer
+
+    monkeypatch.setenv("RL_JUDGE_KEY", "k")
+    server = loopback(ChatServer, reply=e_count)
+    [judge] = build_rewards(judge_spec(server.base_url, tmp_path), factories={"judge": judge_reward})
+    completions = ["eee", "no", "tree here"]
+    total, each = score_completions([judge], ["Say e.", "Say e.", "Spell."], completions, {}, [[1], [2], [3]])
+    assert each["judge"].tolist() == [3.0, 0.0, 4.0] and total.tolist() == [3.0, 0.0, 4.0]
+    assert all(r["model"] == "judge-model" and r["temperature"] == 0.0 for r in server.requests)
+    asked = sorted(r["messages"][-1]["content"].split("\n### End of Response")[0] for r in server.requests)
+    assert asked == [  # the rubric around each prompt and completion (requests run concurrently: in any order)
+        "### Instruction\nSay e.\n### Response\neee",
+        "### Instruction\nSay e.\n### Response\nno",
+        "### Instruction\nSpell.\n### Response\ntree here",
+    ]
+    assert len(server.requests) == 3
+    score_completions([judge], ["Say e.", "Say e.", "Spell."], completions, {}, [[1], [2], [3]])
+    assert len(server.requests) == 3  # every reply came from the cache
+    cost = judge.cost()
+    assert cost["cached"] == 3 and cost["tokens"] > 0 and cost["usd"] > 0
+
+
+def test_a_completion_the_judge_leaves_unscored_stops_the_run_with_one_line(loopback, tmp_path, monkeypatch):
+    from gpt4llm.evaluation.judge_reward import judge_reward
+    from helpers.fake_servers import ChatServer
+
+    monkeypatch.setenv("RL_JUDGE_KEY", "k")
+    server = loopback(ChatServer, reply=lambda request: "N/A")
+    [judge] = build_rewards(judge_spec(server.base_url, tmp_path), factories={"judge": judge_reward})
+    with pytest.raises(ConfigError, match=r"the judge judge-model at .* left 1 of 1 completions without a score"):
+        score_completions([judge], ["p"], ["a"], {}, [[1]])
+    assert len(server.requests) == 2  # asked again once (max_parse_retries)
+    with pytest.raises(ConfigError, match=r"reward.rubric: must contain \{instruction\} and \{response\}"):
+        build_rewards(
+            judge_spec(server.base_url, tmp_path, rubric="Rate {response}"), factories={"judge": judge_reward}
+        )
+
+
 # --- settings and rewards that cannot work: one line naming them --------------------------------------------------
 def test_settings_that_cannot_work_are_refused(tiny_model_dir, tokenizer):
     with pytest.raises(ConfigError, match="num_generations=1: a group needs at least 2"):
@@ -216,7 +286,8 @@ def test_a_reward_function_that_fails_is_named_with_what_it_did(fn, message):
     [
         ({"kind": "function", "fn": "no_such_module:f"}, r"module no_such_module cannot be imported"),
         ({"kind": "function", "fn": "gpt4llm.models.reward_functions:nope"}, r"has no function 'nope'"),
-        ({"kind": "judge"}, r"reward.kind='judge': choose function"),
+        ({"kind": "judges"}, r"reward.kind='judges': choose function"),
+        ({"kind": "judge"}, r"reward.kind=judge: a judge reward is built by `python -m gpt4llm.train`"),
         ({"kind": "model", "path": "/no/such/rm"}, r"reward.path=/no/such/rm: does not load as a reward model"),
     ],
 )
@@ -416,3 +487,33 @@ def test_grpo_with_the_demo_reward_model_raises_its_score_above_the_sft_start(tm
     logged = scalars_by_step(tmp_path / "grpo")["val/reward"]
     start, end = logged[0], logged[max(logged)]
     assert len(logged) == 2 and end > start + 1.0, logged  # by more than one standard deviation of the RM's rewards
+
+
+@pytest.mark.slow
+def test_grpo_trains_with_a_served_judge_as_its_reward(loopback, tmp_path):
+    from helpers.fake_servers import ChatServer
+
+    server = loopback(ChatServer, reply=e_count)
+    run = tmp_path / "judged"
+    run_cli(
+        "gpt4llm.train",
+        [
+            *RUN[:1],
+            *RUN[3:],
+            "reward=judge",
+            f"reward.base_url={server.base_url}",
+            "reward.model=judge-model",
+            "reward.api_key_env=RL_JUDGE_KEY",
+            "reward.prices={prompt: 0.01, completion: 0.03}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"hydra.run.dir={run}",
+            "trainer.max_steps=2",
+            "validate_first=false",
+        ],
+        cwd=tmp_path,
+        RL_JUDGE_KEY="k",
+    )
+    logged = scalars_by_step(run)
+    assert len(logged["train/rewards/judge/mean"]) == 2 and logged["train/rewards/judge/usd"][1] > 0
+    asked = {m["messages"][-1]["content"].split("\n### Response")[0] for m in server.requests}
+    assert len(server.requests) >= 2 * 4 * 4 and all(a.startswith("### Instruction\n") for a in asked)

@@ -19,6 +19,7 @@ from gpt4llm.training.memory_plan import (
     Setup,
     activation_bytes,
     arch_of,
+    format_plan,
     llama_parameters,
     make_plan,
     model_states,
@@ -264,6 +265,27 @@ def test_dpo_plans_two_sequences_a_pair_and_a_live_reference_beside_the_policy()
     )
     reference = live.gpu_bytes.parameters - cached.gpu_bytes.parameters  # the frozen copy's 16-bit shard
     assert reference == pytest.approx(2 * cached.parameters["total"] / 16)
+
+
+def test_grpo_plans_its_groups_rollout_kv_cache_and_reward_model(tmp_path):
+    """A GRPO step forwards each prompt's group, decodes up to generation_rows sequences at once (their KV cache), and
+    holds the reward model: LLaMA-7B's cache is 2 (K, V) x 32 layers x 4096 x 2 bytes a token in 16 bits."""
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "model.safetensors").write_bytes(b"\0" * 12345)
+    common = ["experiment=grpo_llama7b_gpt4_rm", "model.path=x", "trainer=v100x16", "strategy=deepspeed_zero2"]
+    grpo = make_plan(compose_plan([*common, f"reward.path={rm}"]), device="V100-32GB")
+    sft = make_plan(
+        compose_plan(
+            ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", "strategy=deepspeed_zero2", "data.batch_size=32"]
+        ),
+        device="V100-32GB",
+    )
+    # 4 prompts x 8 completions: the activations of 32 sequences, as SFT's batch of 32
+    assert grpo.gpu_bytes.activations_with_checkpointing == pytest.approx(sft.gpu_bytes.activations_with_checkpointing)
+    assert grpo.gpu_bytes.rollout_kv_cache == 32 * 512 * (2 * 32 * 4096 * 2)  # 32 rows of 512 tokens
+    assert grpo.gpu_bytes.reward_model == 12345
+    assert "rollouts' KV cache (online RL)" in format_plan(grpo) and "rollouts'" not in format_plan(sft)
 
 
 def test_the_plan_counts_the_dpo_reference_pass_before_step_1(tmp_path):

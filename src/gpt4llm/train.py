@@ -59,6 +59,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     log.info(f"Prompt format: {trains.why}")
     datamodule = build_datamodule(cfg, tokenizer)
     module = instantiate(cfg.task, tokenizer=tokenizer)
+    if hasattr(module, "reward_factories"):  # online RL: a judge's reward needs the client, from a layer above models
+        from gpt4llm.evaluation.judge_reward import judge_reward
+
+        module.reward_factories = {"judge": judge_reward}
     validating = cfg.data.val_size != 0  # a number, or auto (5% of the records)
     if not validating:
         metric = optimized_metric(cfg)

@@ -5,9 +5,11 @@
     model      a reward-model export of `task=rm`, `reward.path=...` (the paper's RM): the completion scored with the
                prompt as the reward model's own training rendered it, in its own tokenizer (decoded text re-encoded)
 
+    judge      a served OpenAI-compatible model scoring 1-10 under a rubric (evaluation.judge_reward, which the train
+               command hands in as a factory: its client lives in a layer above this one)
+
 One source, or several: `reward.also.<name>={kind: ..., weight: ...}` adds more; the reward is the weighted sum, and
-each source's mean is logged as `rewards/<name>/mean` (TRL's names). A served judge as a reward (`kind: judge`) is not
-built yet.
+each source's mean is logged as `rewards/<name>/mean` (TRL's names).
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ import torch
 
 from gpt4llm.errors import ConfigError
 
-KINDS = ("function", "model")
+KINDS = ("function", "model", "judge")
+ScoreFn = Callable[[list[str], list[str], dict[str, list], list[list[int]]], list]
+
+
+@dataclass
+class Scores:
+    """What a reward factory makes: the scoring function, and what scoring has cost so far (a judge's tokens and
+    dollars; None: nothing)."""
+
+    score: ScoreFn
+    cost: Callable[[], dict[str, float]] | None = None
 
 
 @dataclass
@@ -32,32 +44,42 @@ class Reward:
     weight: float
     setting: str  # the setting it came from, for errors: reward.fn=..., reward.path=...
     # (prompts, completions, fields, completion_ids) -> one number per completion
-    score: Callable[[list[str], list[str], dict[str, list], list[list[int]]], list]
+    score: ScoreFn
+    cost: Callable[[], dict[str, float]] | None = None
 
 
-def build_rewards(settings: dict, device=None) -> list[Reward]:
+def build_rewards(settings: dict, device=None, factories: dict[str, Callable] | None = None) -> list[Reward]:
     """The reward sources `settings` (the `reward` config) name: loaded now, so a function that does not import or a
-    reward model that does not load stops the run before step 1."""
+    reward model that does not load stops the run before step 1. `factories`: kind -> (setting prefix, spec) ->
+    Scores, for kinds built above this layer (the judge)."""
     settings = dict(settings or {})
     also = dict(settings.pop("also", None) or {})
-    sources = [_build("reward", settings, device)]
-    sources += [_build(f"reward.also.{name}", dict(spec or {}), device, name) for name, spec in also.items()]
+    sources = [_build("reward", settings, device, factories=factories or {})]
+    sources += [
+        _build(f"reward.also.{name}", dict(spec or {}), device, name, factories or {}) for name, spec in also.items()
+    ]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"reward: two sources are named {sorted(n for n in names if names.count(n) > 1)[0]!r}")
     return sources
 
 
-def _build(prefix: str, spec: dict, device, name: str | None = None) -> Reward:
+def _build(prefix: str, spec: dict, device, name: str | None = None, factories: dict | None = None) -> Reward:
     kind = spec.get("kind")
     if kind not in KINDS:
         raise ConfigError(
-            f"{prefix}.kind={kind!r}: choose function (reward=function reward.fn=package.module:name) or model "
-            f"(reward=model reward.path=<a task=rm export>)"
+            f"{prefix}.kind={kind!r}: choose function (reward=function reward.fn=package.module:name), model "
+            f"(reward=model reward.path=<a task=rm export>) or judge (reward=judge reward.model=...)"
         )
     weight = spec.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
         raise ConfigError(f"{prefix}.weight={weight!r}: a finite number")
+    if kind == "judge":
+        if "judge" not in (factories or {}):
+            raise ConfigError(f"{prefix}.kind=judge: a judge reward is built by `python -m gpt4llm.train`")
+        made = factories["judge"](prefix, spec)
+        label = name or spec.get("name") or "judge"
+        return Reward(label, float(weight), f"{prefix}.model={spec.get('model')}", made.score, made.cost)
     if kind == "function":
         fn = load_function(spec.get("fn"), f"{prefix}.fn")
         kwargs = dict(spec.get("kwargs") or {})

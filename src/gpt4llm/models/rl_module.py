@@ -128,6 +128,7 @@ class OnlineRLModule(CausalLMModule):
         self.generation_rows, self.seed = generation_rows, seed
         self.log_completions_every = log_completions_every
         self.rewards: list[Reward] | None = None  # loaded in setup: a reward model on this process's device
+        self.reward_factories: dict | None = None  # kinds built above this layer (the judge): set by the train command
         self.reference_model = None
         self.trained_batch: dict[str, torch.Tensor] | None = None
         self.rollouts: dict[str, dict[str, Any]] = {}  # reused by the next num_iterations - 1 steps (and checkpoints)
@@ -138,7 +139,7 @@ class OnlineRLModule(CausalLMModule):
         super().setup(stage)
         if self.rewards is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else None
-            self.rewards = build_rewards(self.reward_settings, device)
+            self.rewards = build_rewards(self.reward_settings, device, self.reward_factories)
             names = ", ".join(f"{r.name} (x{r.weight:g})" for r in self.rewards)
             rank_zero_info(
                 f"{self.method.upper()}: {self.num_generations} completions per prompt, at most "
@@ -328,6 +329,9 @@ class OnlineRLModule(CausalLMModule):
         self.log("train/reward", logged.pop("reward"), prog_bar=True)
         self.log_dict({f"train/{k}": v.to(self.device, torch.float32) for k, v in logged.items()})
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        for reward in self.rewards:  # a judge's tokens and dollars so far
+            for key, value in (reward.cost() if reward.cost else {}).items():
+                self.log(f"train/rewards/{reward.name}/{key}", float(value))
         every = self.log_completions_every
         if every and self.global_step % every == 0 and rollout["uses"] == 1:
             self.log_completions(rollout, "train")

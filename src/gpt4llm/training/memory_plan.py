@@ -445,6 +445,9 @@ class GpuBytes:
     buffers: float
     overhead: float
     total: float
+    # online RL (task=grpo|rloo): the KV cache of the sequences generated at once, and a reward model's weights
+    rollout_kv_cache: float = 0.0
+    reward_model: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -505,7 +508,7 @@ def make_plan(cfg: DictConfig, device: str | None = None) -> Plan:
     precision_problems = _precision_problems(s, str(cfg.trainer.accelerator), hw, device)
     memory = _training_memory(cfg, arch, counts, s, device)
     checkpointing = bool(cfg.model.get("gradient_checkpointing", False))
-    gpu_bytes = _gpu_bytes(memory, checkpointing, buffer_bytes(s), _overhead_bytes(cfg))
+    gpu_bytes = _gpu_bytes(memory, checkpointing, buffer_bytes(s), _overhead_bytes(cfg), *_rollout_bytes(cfg, arch, s))
     micro, seq = int(cfg.data.batch_size), int(cfg.data.max_length)
     accumulation, global_batch, batch_problems = _batch(cfg, micro, s.world)
     examples = examples_per_epoch(cfg)
@@ -652,7 +655,36 @@ def _overhead_bytes(cfg: DictConfig) -> float:
     return cfg.plan.overhead_gib * GIB if str(cfg.trainer.accelerator) != "cpu" else 0.0
 
 
-def _gpu_bytes(memory: TrainingMemory, checkpointing: bool, buffers: float, overhead: float) -> GpuBytes:
+def _rollout_bytes(cfg: DictConfig, arch: Arch, s: Setup) -> tuple[float, float]:
+    """Online RL's own memory: the KV cache of the sequences the engine decodes at once (at most
+    task.generation_rows of a step's prompts x num_generations, each up to model.max_length tokens, in the training
+    dtype; not sharded, whatever the strategy), and the weights of a reward model export (`reward=model`: its weight
+    files' size; 0 where reward.path is not a local directory). 0, 0 for the other tasks."""
+    from hydra.utils import get_object
+
+    task = get_object(str(cfg.task._target_))
+    if getattr(task, "trains_on", None) != "prompts":
+        return 0.0, 0.0
+    rows = min(int(cfg.task.generation_rows), int(cfg.data.batch_size) * task.sequences_for(cfg.task))
+    head_dim = arch.hidden_size // arch.num_attention_heads
+    per_token = 2 * arch.num_hidden_layers * arch.num_key_value_heads * head_dim * (2 if s.half else 4)
+    kv = rows * int(cfg.data.max_length) * per_token
+    reward = cfg.get("reward") or {}
+    path = Path(str(reward.get("path") or "")) if reward.get("kind") == "model" else None
+    weights = 0.0
+    if path is not None and path.is_dir():
+        weights = float(sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin")))
+    return float(kv), weights
+
+
+def _gpu_bytes(
+    memory: TrainingMemory,
+    checkpointing: bool,
+    buffers: float,
+    overhead: float,
+    rollout_kv_cache: float = 0.0,
+    reward_model: float = 0.0,
+) -> GpuBytes:
     used = memory.with_checkpointing if checkpointing else memory.without_checkpointing
     return GpuBytes(
         parameters=memory.gpu["parameters"],
@@ -663,7 +695,9 @@ def _gpu_bytes(memory: TrainingMemory, checkpointing: bool, buffers: float, over
         activations_without_checkpointing=memory.without_checkpointing,
         buffers=buffers,
         overhead=overhead,
-        total=memory.gpu["total"] + used + buffers + overhead,
+        total=memory.gpu["total"] + used + buffers + overhead + rollout_kv_cache + reward_model,
+        rollout_kv_cache=rollout_kv_cache,
+        reward_model=reward_model,
     )
 
 
@@ -806,6 +840,14 @@ def _memory_lines(plan: Plan) -> list[str]:
         + ("  <- configured" if ckpt else ""),
         f"    activations, no checkpointing            {gib(g.activations_without_checkpointing)}"
         + ("" if ckpt else "  <- configured"),
+        *(
+            [
+                f"    rollouts' KV cache (online RL)           {gib(g.rollout_kv_cache)}",
+                f"    reward model (online RL)                 {gib(g.reward_model)}",
+            ]
+            if g.rollout_kv_cache
+            else []
+        ),
         f"    communication buckets                    {gib(g.buffers)}",
         f"    CUDA context, NCCL, fragmentation        {gib(g.overhead)}",
         f"    total                                    {gib(g.total)}  "
