@@ -80,7 +80,8 @@ def test_a_failed_or_half_made_stage_is_never_reused(tmp_path):
 
 
 # --- the paper's preset: every stage's settings compose under its command's config ------------------------------
-def test_every_stage_of_the_paper_preset_composes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("beyond", [[], ["preset.dpo.enabled=true", "preset.grpo.enabled=true"]])
+def test_every_stage_of_the_paper_preset_composes(beyond, tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from gpt4llm.reproduction.study import build_stages
@@ -88,7 +89,7 @@ def test_every_stage_of_the_paper_preset_composes(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     deepspeed = compose_strategy_target("deepspeed_zero3")
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("reproduce", overrides=[f"out={tmp_path}", "launcher=[srun,python]"])
+        cfg = compose("reproduce", overrides=[f"out={tmp_path}", "launcher=[srun,python]", *beyond])
         stages = build_stages(cfg, tmp_path)
         for stage in stages:
             command = stage.module.split(".")[1]
@@ -97,11 +98,17 @@ def test_every_stage_of_the_paper_preset_composes(tmp_path, monkeypatch):
             if stage.name == "train/reward_model":  # its own hardware replaces the common one (Hydra takes each once)
                 assert composed.model.path == "facebook/opt-1.3b" and composed.trainer.accelerator == "gpu"
                 assert composed.trainer.get("num_nodes", 1) == 1 and composed.strategy._target_ != deepspeed
+            elif stage.name == "train/LLaMA-GPT4-GRPO":  # from the SFT export, rewarded by the study's RM
+                assert composed.model.path == str(tmp_path / "train" / "LLaMA-GPT4" / "export")
+                assert composed.reward.path == str(tmp_path / "train" / "reward_model" / "export")
+                assert stage.needs == ["train/LLaMA-GPT4", "train/reward_model"] and composed.task.num_generations == 8
             elif command == "train":
                 assert stage.launcher == ["srun", "python"] and composed.trainer.num_nodes == 2
                 assert composed.strategy.offload_parameters and composed.model.max_length == 512
     names = [s.name for s in stages]
-    assert len(names) == 4 + 9 + 5 and names[-1] == "plots"
+    # the paper's 4 trainings, 9 generations, ROUGE, best-of-N and its ranking, the review and the plots; beyond
+    # the paper, each tuned model's training and its 3 generations
+    assert len(names) == 4 + 9 + 5 + 4 * len(beyond) and names[-1] == "plots"
     judge = next(s for s in stages if s.name == "judge/ChatGPT")
     assert judge.skip.startswith("no judge key: $OPENAI_API_KEY is not set")
 
@@ -202,6 +209,16 @@ def test_tiny_study_killed_mid_stage_then_completed_then_reused_whole(tmp_path):
     assert "| LLaMA-GPT4-DPO (not in the paper: + DPO on the comparisons) |" in report
     dpo = json.loads((root / "train" / "LLaMA-GPT4-DPO" / "metrics.json").read_text())
     assert dpo["global_step"] == 30 and "val/rewards/accuracies" in dpo
+    # and after GRPO rewarded by the study's own reward model
+    assert "| ALL | LLaMA-GPT4-GRPO | not in the paper (+ GRPO) |" in report
+    assert "| LLaMA-GPT4-GRPO (not in the paper: + GRPO with the paper's reward model) |" in report
+    grpo = json.loads((root / "train" / "LLaMA-GPT4-GRPO" / "metrics.json").read_text())
+    assert grpo["global_step"] == 20 and "val/rewards/model/mean" in grpo
+    scored = json.loads((root / "evaluate" / "reward" / "reward_summary.json").read_text())
+    for model, method in (("DPO", "DPO on the comparisons"), ("GRPO", "GRPO with the paper's reward model")):
+        mean = scored[f"LLaMA-GPT4-{model}"]["mean_reward"]  # the same reward model's score of its answers
+        label = f"mean reward of LLaMA-GPT4-{model}'s answers (not in the paper: + {method})"
+        assert f"| {label} | not reported | {mean:.4f} |" in report
     rm = json.loads((root / "train" / "reward_model" / "metrics.json").read_text())
     assert f"| reward model val/rm_acc | not reported | {rm['val/rm_acc']:.4f} |" in report
     for section in ("## Stages", "## Provenance", "## Figures", "## Human evaluation", "## Training runs"):

@@ -2,6 +2,8 @@
 
 train/<model>            SFT of each model                        -> export/, metrics.json
 train/reward_model       the reward model                         -> export/, metrics.json
+train/<model>-DPO, -GRPO beyond the paper, when the preset enables them: DPO on the comparisons, GRPO rewarded by
+                         the study's reward model                 -> export/, metrics.json
 generate/<model>/<set>   every model on every eval set            -> responses.jsonl
 evaluate/rouge           ROUGE-L by reference length (Figure 6)   -> rouge_len*.json
 bestofn                  N samples ranked by the reward model     -> bestofn.jsonl
@@ -63,10 +65,10 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: JudgeServer | None =
     judges = judge_stages(p.judge, layout, tuned, groups, judge_server)
     return [
         *training_stages(p, layout, peft_overrides(cfg)),
-        *dpo_stages(p, layout),
+        *beyond_stages(p, layout),
         *generation_stages(p, layout, [*p.sft, *tuned]),
         rouge_stage(p.rouge, layout, tuned),
-        *best_of_n_stages(p.bestofn, layout),
+        *best_of_n_stages(p.bestofn, layout, tuned),
         *judges,
         plots_stage(layout, [stage.name for stage in judges]),
     ]
@@ -93,10 +95,19 @@ def peft_overrides(cfg: DictConfig) -> list[str]:
     return [f"peft={peft}"] if peft != "none" else []
 
 
+# Beyond the paper: an SFT model tuned further, each when its preset entry (preset.dpo, preset.grpo) is enabled;
+# generated, scored and judged like the paper's models, and marked in the report with what was done
+BEYOND = {"dpo": "DPO on the comparisons", "grpo": "GRPO with the paper's reward model"}
+
+
 def tuned_models(p: DictConfig) -> list[str]:
-    """Beyond the paper: the SFT model after DPO, when the preset enables it; generated and judged like the others."""
-    dpo = p.get("dpo") or {}
-    return [dpo.name] if dpo.get("enabled") else []
+    """The names of the enabled beyond-the-paper models, in BEYOND's order."""
+    return [p[key].name for key in BEYOND if (p.get(key) or {}).get("enabled")]
+
+
+def beyond_method(p: DictConfig, name: str) -> str | None:
+    """What made the beyond-the-paper model `name` ("DPO on the comparisons"), None for the paper's own models."""
+    return next((what for key, what in BEYOND.items() if (p.get(key) or {}).get("name") == name), None)
 
 
 def training_stages(p: DictConfig, layout: Layout, adapters: list[str]) -> list[Stage]:
@@ -123,21 +134,28 @@ def training_stages(p: DictConfig, layout: Layout, adapters: list[str]) -> list[
     return stages
 
 
-def dpo_stages(p: DictConfig, layout: Layout) -> list[Stage]:
-    """DPO from one SFT model's export, when the preset enables it; none otherwise."""
-    if not tuned_models(p):
-        return []
-    dpo = p.dpo
-    return [
-        Stage(
-            f"train/{dpo.name}",
-            "gpt4llm.train",
-            merged(dpo.args, [f"model.path={layout.export(dpo.model)}"], layout.paths),
-            needs=[f"train/{dpo.model}"],
-            outputs=list(TRAINED),
-            launcher=layout.launcher,
+def beyond_stages(p: DictConfig, layout: Layout) -> list[Stage]:
+    """Each enabled beyond-the-paper training from one SFT model's export: DPO on the comparisons, GRPO rewarded by
+    the study's reward model (its export)."""
+    stages = []
+    for key in BEYOND:
+        spec = p.get(key) or {}
+        if not spec.get("enabled"):
+            continue
+        rewarded = key == "grpo"
+        extra = [f"model.path={layout.export(spec.model)}"]
+        extra += [f"reward.path={layout.export('reward_model')}"] if rewarded else []
+        stages.append(
+            Stage(
+                f"train/{spec.name}",
+                "gpt4llm.train",
+                merged(spec.args, extra, layout.paths),
+                needs=[f"train/{spec.model}", *(["train/reward_model"] if rewarded else [])],
+                outputs=list(TRAINED),
+                launcher=layout.launcher,
+            )
         )
-    ]
+    return stages
 
 
 def generation_stages(p: DictConfig, layout: Layout, models: list[str]) -> list[Stage]:
@@ -170,8 +188,9 @@ def rouge_stage(rouge: DictConfig, layout: Layout, tuned: list[str]) -> Stage:
     )
 
 
-def best_of_n_stages(b: DictConfig, layout: Layout) -> list[Stage]:
-    """N samples of one model ranked by the reward model, then the ranking groups rank1..N and B it makes."""
+def best_of_n_stages(b: DictConfig, layout: Layout, tuned: list[str] = ()) -> list[Stage]:
+    """N samples of one model ranked by the reward model, then the ranking groups rank1..N and B it makes, and
+    beside them the reward model's mean reward of each beyond-the-paper model's answers to the same prompts."""
     sample = Stage(
         "bestofn",
         "gpt4llm.bestofn",
@@ -185,11 +204,13 @@ def best_of_n_stages(b: DictConfig, layout: Layout) -> list[Stage]:
         needs=[f"train/{b.model}", "train/reward_model", f"generate/{b.model}/{b.eval_set}"],
         outputs=["bestofn.jsonl"],
     )
+    responses = [layout.root / "bestofn" / "bestofn.jsonl", *(layout.answers(m, b.eval_set) for m in tuned)]
+    scored = [f"metric.model={layout.export('reward_model')}"] if tuned else []
     rank = Stage(
         "evaluate/reward",
         "gpt4llm.evaluate",
-        ["metric=reward", f"responses={layout.root / 'bestofn' / 'bestofn.jsonl'}", *layout.paths],
-        needs=["bestofn"],
+        ["metric=reward", f"responses=[{','.join(map(str, responses))}]", *scored, *layout.paths],
+        needs=["bestofn", *(["train/reward_model"] if tuned else []), *(f"generate/{m}/{b.eval_set}" for m in tuned)],
         outputs=["reward_summary.json"],
     )
     return [sample, rank]

@@ -25,6 +25,7 @@ from gpt4llm.evaluation import paper
 from gpt4llm.evaluation import paper_figures as F
 from gpt4llm.io.atomic import write_text
 from gpt4llm.reproduction.runner import Outcome, Status
+from gpt4llm.reproduction.study import beyond_method, tuned_models
 
 PACKAGES = (
     "gpt4llm",
@@ -145,8 +146,8 @@ def judge_sections(root: Path, preset: DictConfig, outcomes: dict[str, Outcome])
             )
             ours = summary.get("totals")
             label = f"{name} (best-of-N group)" if F.RANKING_MODEL.match(name) else name
-            if name == (preset.get("dpo") or {}).get("name"):
-                label = f"{name} (not in the paper: + DPO on the comparisons)"
+            if beyond_method(preset, name):
+                label = f"{name} (not in the paper: + {beyond_method(preset, name)})"
             rows.append(
                 [
                     label,
@@ -186,7 +187,7 @@ def rouge_section(root: Path, preset: DictConfig) -> Section:
     ours = F.read_rouge_tables(files)
     rows = []
     for bucket in ("0-2", "3-5", "6-10", "10-", "ALL"):
-        extra = [preset.dpo.name] if (preset.get("dpo") or {}).get("enabled") else []
+        extra = tuned_models(preset)
         for model in [*preset.rouge.models, *extra]:
             row = ours.get(model, {}).get(bucket)
             value = row.get("rougeL") if row else None
@@ -197,7 +198,7 @@ def rouge_section(root: Path, preset: DictConfig) -> Section:
                     model,
                     f"{theirs:.4f} (n={paper.ROUGE_BUCKET_SIZES[bucket]})"
                     if theirs is not None
-                    else "not in the paper (+ DPO)"
+                    else f"not in the paper (+ {beyond_method(preset, model).split()[0]})"
                     if model in extra
                     else "—",
                     f"{value:.4f} (n={row['NumInstance']})" if value is not None else "—",
@@ -208,7 +209,7 @@ def rouge_section(root: Path, preset: DictConfig) -> Section:
     return Section(title, "", ["length", "model", "paper", "ours", "difference", "source"], rows)
 
 
-def reward_section(root: Path) -> Section:
+def reward_section(root: Path, preset: DictConfig) -> Section:
     rows = []
     metrics_path = root / "train" / "reward_model" / "metrics.json"
     if metrics_path.exists():
@@ -222,9 +223,12 @@ def reward_section(root: Path) -> Section:
     if summary_path.exists():
         for name, s in json.loads(summary_path.read_text()).items():
             mean = s.get("mean_reward")
+            method = beyond_method(preset, name)
             rows.append(
                 [
-                    f"mean reward of group {name}",
+                    f"mean reward of {name}'s answers (not in the paper: + {method})"
+                    if method
+                    else f"mean reward of group {name}",
                     "not reported",
                     "—" if mean is None else f"{mean:.4f}",
                     "evaluate/reward/reward_summary.json",
@@ -382,7 +386,7 @@ def build(root: Path, cfg: DictConfig, outcomes: list[Outcome], command: str, wa
     return [
         *judge_sections(root, p, by_name),
         rouge_section(root, p),
-        reward_section(root),
+        reward_section(root, p),
         training_section(root, p, cfg.peft.name if cfg.get("peft") else "none"),
         human_section(root, p),
         chinese_section(),
