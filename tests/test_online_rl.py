@@ -517,3 +517,22 @@ def test_grpo_trains_with_a_served_judge_as_its_reward(loopback, tmp_path):
     assert len(logged["train/rewards/judge/mean"]) == 2 and logged["train/rewards/judge/usd"][1] > 0
     asked = {m["messages"][-1]["content"].split("\n### Response")[0] for m in server.requests}
     assert len(server.requests) >= 2 * 4 * 4 and all(a.startswith("### Instruction\n") for a in asked)
+
+
+def test_prepare_audits_the_prompts_online_rl_samples_from(tmp_path):
+    """`prepare task=grpo` shows the prompts as the policy will get them (rendered, tokenized, the long ones
+    counted), not the SFT examples of the same file."""
+    from gpt4llm.data.prompts import format_prompt
+    from gpt4llm.prepare import prepare
+    from helpers.configs import compose_train
+
+    cfg = compose_train(
+        ["task=grpo", f"paths.data_dir={tmp_path / 'data'}", *TINY_OVERRIDES, "data.demo.num_records=60"]
+    )
+    cfg.paths.output_dir = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    report = prepare(cfg)
+    assert report["records"] == 60 and report["max_prompt_length"] == 256 - 64 and report["template"] == "alpaca"
+    row = json.loads((tmp_path / "run" / "prepared" / "train.jsonl").read_text().splitlines()[0])
+    record = json.loads((tmp_path / "data" / "demo" / "demo_60_seed0.json").read_text())[row["index"]]
+    assert row["prompt"] == format_prompt(record["instruction"], record["input"]) and "labels" not in row

@@ -15,11 +15,10 @@ from gpt4llm.app.cli import hydra_command, reports_user_errors, use_hydra_loggin
 
 
 def prepare(cfg: DictConfig) -> dict:
-    from hydra.utils import instantiate
-
     from gpt4llm.app.checks import check_config, check_values
     from gpt4llm.io import atomic, json_files
     from gpt4llm.models.hf import prepare_tokenizer
+    from gpt4llm.training.datamodules import build_datamodule
 
     check_config(cfg.data, "data")
     check_values(cfg)
@@ -29,7 +28,7 @@ def prepare(cfg: DictConfig) -> dict:
     with open_dict(cfg.data):
         cfg.data.template = trains.format.name  # what data.template=auto decided
     print(f"Prompt format: {trains.why}")
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = build_datamodule(cfg, tokenizer)  # online RL's tasks audit the prompts they sample from
     splits, report = datamodule.build()
     out = Path(cfg.paths.output_dir) / "prepared"
     with atomic.atomic_path(out) as tmp:  # the examples and the report appear together or not at all
