@@ -536,3 +536,42 @@ def test_prepare_audits_the_prompts_online_rl_samples_from(tmp_path):
     row = json.loads((tmp_path / "run" / "prepared" / "train.jsonl").read_text().splitlines()[0])
     record = json.loads((tmp_path / "data" / "demo" / "demo_60_seed0.json").read_text())[row["index"]]
     assert row["prompt"] == format_prompt(record["instruction"], record["input"]) and "labels" not in row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("peft", "reference"), [("lora", "adapters"), ("qlora", "adapters"), ("qlora", "live")])
+def test_adapters_start_at_kl_zero_and_export_the_merged_policy(peft, reference, tmp_path):
+    """LoRA and QLoRA policies: the reference is the base with the adapters off, or a copy built as the policy's base
+    is (4-bit under QLoRA, run with its adapters off): the first step's KL is exactly 0 either way."""
+    from transformers import AutoModelForCausalLM
+
+    from gpt4llm.errors import ConfigError
+    from gpt4llm.models.adapters import check_4bit
+    from gpt4llm.train import train as train_in_process
+    from helpers.configs import compose_train, demo_overrides
+
+    if peft == "qlora":
+        try:
+            check_4bit()
+        except ConfigError as err:
+            pytest.skip(str(err))
+    overrides = [a for a in demo_overrides(tmp_path) if not a.startswith("data.exact_match")]
+    cfg = compose_train(
+        [
+            *overrides,
+            *RUN[:8],
+            f"peft={peft}",
+            "task.beta=0.1",
+            f"task.reference={reference}",
+            "task.max_completion_length=8",
+            "data.val_size=8",
+            "trainer.max_steps=3",
+            "validate_first=false",
+        ]
+    )
+    cfg.paths.output_dir = str(tmp_path / "run")
+    train_in_process(cfg)
+    logged = scalars_by_step(tmp_path / "run")
+    assert logged["train/kl"][0] == 0.0 and len(logged["train/reward"]) == 3
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export")
+    assert not getattr(merged, "is_loaded_in_4bit", False) and not hasattr(merged, "peft_config")

@@ -96,6 +96,9 @@ class Engine:
         parameters = inspect.signature(base.forward).parameters
         self.logits_to_keep = "logits_to_keep" in parameters
         self.warned = False
+        # called on the model once it is in eval mode: a QLoRA policy that trains on keeps its 4-bit layers on the
+        # training kernel (models.base_module.keep_4bit_training_kernels), which eval mode would repack for good
+        self.after_eval: Callable | None = None
         self.kv_per_token = kv_bytes_per_token(model)  # for the memory plan
         # transformers 5.x renames past_key_values to cache; the cache object is updated in place either way
         self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
@@ -114,6 +117,8 @@ class Engine:
         (a server's queue); they are numbered on from the last, and the run ends when it gives none."""
         was_training = self.model.training
         self.model.eval()
+        if self.after_eval is not None:
+            self.after_eval(self.model)
         try:
             yield from self._run(list(requests), on_token, cancelled or (lambda i: False), more)
         finally:

@@ -35,7 +35,7 @@ from torchmetrics import MeanMetric
 from gpt4llm.data.encoding import IGNORE_INDEX
 from gpt4llm.errors import ConfigError
 from gpt4llm.models import adapters
-from gpt4llm.models.base_module import CausalLMModule
+from gpt4llm.models.base_module import CausalLMModule, keep_4bit_training_kernels
 from gpt4llm.models.decoding import request_seed, stop_ids
 from gpt4llm.models.engine import EOS, LENGTH, Engine, Request, Sampling
 from gpt4llm.models.policy_gradient import (
@@ -175,6 +175,8 @@ class OnlineRLModule(CausalLMModule):
             for g in range(generations)
         ]
         engine = Engine(self.model, self.tokenizer, self.stop_ids(), max_rows=self.generation_rows)
+        if self.quantization_settings() is not None:  # the policy's 4-bit layers stay on the kernel it trains with
+            engine.after_eval = keep_4bit_training_kernels
         completions: list = [None] * len(requests)
         for k, completion in engine.run(requests):
             completions[k] = completion
