@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_speed import add_common_arguments, build_model, current_rss_mib, records, run_children
+from lora_speed import add_common_arguments, build_model, current_rss_mib, described, records, run_children
 
 
 def make_pairs(n: int) -> list[dict]:
@@ -180,11 +180,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     pairs = make_pairs(args.pairs)
     (work / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False))
-    model = build_model(work / "model", args.hidden_size, args.layers)
+    model = Path(args.pretrained) if args.pretrained else build_model(work / "model", args.hidden_size, args.layers)
     tokens = real_tokens(pairs, model, args.max_length)
     results = run_children(__file__, ("ours", "ours-packed", "trl"), args.repeats, work, model, args)
     print(
-        f"{len(pairs)} pairs ({tokens} real tokens), model hidden {args.hidden_size} x {args.layers} layers, "
+        f"{len(pairs)} pairs ({tokens} real tokens), model {described(args)}, "
         f"batch {args.batch_size} pairs, max length {args.max_length}, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}, {args.repeats} repeats (median), fp32 CPU"
     )

@@ -182,12 +182,20 @@ def real_tokens(rows: list[dict], model: Path, max_length: int) -> int:
     return sum(min(len(ids), max_length) for ids in tokenizer(texts)["input_ids"])
 
 
+def described(args) -> str:
+    """The benchmarked model, as the printed summary names it."""
+    return args.pretrained or f"random-init, hidden {args.hidden_size} x {args.layers} layers"
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The settings every benchmark of ours against TRL takes, and the ones a child process is started with."""
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--pretrained", help="a local causal LM directory (a real model: bench/smollm2.py) instead of the random one"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -246,12 +254,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     rows = records(args.examples)
     (work / "data.json").write_text(json.dumps(rows, ensure_ascii=False))
-    model = build_model(work / "model", args.hidden_size, args.layers)
+    model = Path(args.pretrained) if args.pretrained else build_model(work / "model", args.hidden_size, args.layers)
     tokens = real_tokens(rows, model, args.max_length)
     variants = ("ours_full", "ours_lora", "trl_lora")
     results = run_children(__file__, variants, args.repeats, work, model, args, *(["--gpu"] if args.gpu else []))
     print(
-        f"{len(rows)} examples ({tokens} real tokens), model hidden {args.hidden_size} x {args.layers} layers, "
+        f"{len(rows)} examples ({tokens} real tokens), model {described(args)}, "
         f"batch {args.batch_size}, max length {args.max_length}, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}, {args.repeats} repeats (median), "
         f"{'bf16 GPU' if args.gpu else 'fp32 CPU'}"
