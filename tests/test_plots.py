@@ -223,3 +223,42 @@ def test_pies_leave_empty_wedges_unlabelled_and_say_1_vote():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.texts if t.get_text()] == ["ours", "100.0%"]
     assert ax.get_title() == "Helpfulness (1 vote)"
+
+
+def test_plots_command_draws_a_leaderboard_per_judge_benchmark(tmp_path):
+    import os
+
+    from gpt4llm.plots import plots
+
+    results = tmp_path / "results"
+    for run, files in {
+        "old": {"mt_bench_summary_ours.json": {"model": "ours", "score": 3.0}},
+        "new": {
+            "mt_bench_summary_ours.json": {"model": "ours", "score": 5.25},  # newer than old/: this one is shown
+            "mt_bench_summary_base.json": {"model": "base", "score": 6.5},
+            "alpaca_eval_summary_ours.json": {"model": "ours", "length_controlled_winrate": 12.0,
+                                              "lc_standard_error": 1.0},
+            "arena_hard_summary_ours.json": {"model": "ours", "leaderboard_row": {"score": 30.0, "lower": 25.5,
+                                                                                   "upper": 35.0}},
+        },
+    }.items():  # fmt: skip
+        (results / run).mkdir(parents=True)
+        for name, summary in files.items():
+            (results / run / name).write_text(json.dumps(summary))
+    os.utime(results / "old" / "mt_bench_summary_ours.json", (1, 1))
+    out = tmp_path / "out"
+    cfg = OmegaConf.create(
+        {"results": str(results), "data_files": [], "formats": ["png"], "paths": {"output_dir": str(out)}}
+    )
+    report = plots(cfg)
+    assert {p.name for p in out.iterdir()} >= {"leaderboard_mt_bench.png", "leaderboard_mt_bench.md"}
+    mt = (out / "leaderboard_mt_bench.md").read_text().splitlines()
+    assert mt[2].startswith("| base | 6.50 | - |") and mt[3].startswith("| ours | 5.25 | - |") and len(mt) == 4
+    assert "| ours | 12.00 | 10.0 - 14.0 |" in (out / "leaderboard_alpaca_eval.md").read_text()
+    assert "| ours | 30.00 | 25.5 - 35.0 |" in (out / "leaderboard_arena_hard.md").read_text()
+    assert not any("judge benchmarks" in m for m in report["missing"])
+    from gpt4llm.evaluation.benchmark_figures import draw_leaderboard, leaderboard_rows
+
+    rows = leaderboard_rows(sorted(results.rglob("arena_hard_summary_*.json")))["arena_hard"]
+    ax = draw_leaderboard("arena_hard", rows).axes[0]
+    assert [p.get_width() for p in ax.patches] == [30.0]

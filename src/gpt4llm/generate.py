@@ -38,11 +38,8 @@ def decoding_settings(decoding: DictConfig, seed: int) -> dict:
 def generate(cfg: DictConfig) -> Path:
     import torch
 
-    from gpt4llm.data.tokenizer import load_tokenizer
     from gpt4llm.evaluation.eval_sets import load_eval_set
-    from gpt4llm.inference.resumable_generation import generate_to_file
-    from gpt4llm.models import model_card
-    from gpt4llm.models.hf import load_causal_lm
+    from gpt4llm.inference.resumable_generation import generate_to_file, load_generator
 
     if not cfg.model.path:
         raise ConfigError(
@@ -52,12 +49,7 @@ def generate(cfg: DictConfig) -> Path:
     decoding = decoding_settings(cfg.decoding, cfg.seed)
     records = load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.path, padding_side="left", backend=cfg.model.tokenizer)
-    model = load_causal_lm(cfg.model.path, tokenizer, dtype=cfg.model.dtype)
-    device = cfg.model.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    served = model_card.prompt_format_of(model, tokenizer)
-    log.info(f"Prompt format: {served.why}")
+    model, tokenizer, fmt = load_generator(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.tokenizer)
     output = Path(cfg.output)
     counts = generate_to_file(
         model,
@@ -68,7 +60,7 @@ def generate(cfg: DictConfig) -> Path:
         batch_size=cfg.batch_size,
         extra={"model": cfg.model.name, "eval": cfg.eval.name},
         progress=f"{cfg.eval.name} / {cfg.model.name}",
-        prompt_format=served.format,
+        prompt_format=fmt,
         seed=cfg.seed,
     )
     log.info(f"Responses: {counts}")

@@ -93,6 +93,20 @@ def plots(cfg: DictConfig) -> dict[str, list[str]]:
             "paper=true draws the paper's"
         )
 
+    # The judge benchmarks: a leaderboard of the models evaluated so far, a table and a figure each.
+    from gpt4llm.evaluation.benchmark_figures import draw_leaderboard, leaderboard_rows, leaderboard_table
+
+    for benchmark, rows in leaderboard_rows(found["benchmarks"]).items():
+        table = leaderboard_table(benchmark, rows)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"leaderboard_{benchmark}.md").write_text(table)
+        print(f"\n{table}")
+        drawn[f"{benchmark} leaderboard ({len(rows)} models; table leaderboard_{benchmark}.md)"] = _save(
+            draw_leaderboard(benchmark, rows), out, f"leaderboard_{benchmark}", formats
+        )
+    if not found["benchmarks"]:
+        missing.append("judge benchmarks: no *_summary_*.json (python -m gpt4llm.evaluate metric=mt_bench|...)")
+
     lengths: dict[str, list[int]] = {}
     for path in found["responses"]:
         answers = read_responses(path)

@@ -35,8 +35,10 @@ class ChatServer:
     """An OpenAI-compatible /v1/chat/completions. `cues` are consumed one per request: an int status code, "slow"
     (answers after the client's timeout), or None (a normal answer). `reply(request)` writes the answer text."""
 
-    def __init__(self, reply=lambda request: "ok", cues=()):
+    def __init__(self, reply=lambda request: "ok", cues=(), logprobs=None):
+        """`logprobs(request)`: the choice's `logprobs` object (OpenAI's {"content": [...]}), or None to send none."""
         self.reply, self.cues, self.requests, self.auth, self.agents = reply, list(cues), [], [], []
+        self.logprobs = logprobs
         self.lock = threading.Lock()
         server = self
 
@@ -68,14 +70,15 @@ class ChatServer:
                     self.wfile.write(b"{}")
                     return
                 text = server.reply(body)
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                if server.logprobs is not None and (logprobs := server.logprobs(body)) is not None:
+                    choice["logprobs"] = logprobs
                 payload = json.dumps(
                     {
                         "id": "x",
                         "object": "chat.completion",
                         "model": body["model"],
-                        "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                        ],
+                        "choices": [choice],
                         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
                     }
                 ).encode()

@@ -26,6 +26,7 @@ import matplotlib.ticker
 import numpy as np
 
 from gpt4llm.errors import MissingFileError, RecordError
+from gpt4llm.evaluation.benchmark_figures import SUMMARY_FILE
 from gpt4llm.evaluation.responses import slug  # noqa: F401  (file names here and in the commands)
 from gpt4llm.io.json_files import read_json_records
 
@@ -285,6 +286,8 @@ def find_inputs(directories: list[Path]) -> dict[str, list[Path]]:
                 found["scores"].append(path)
             elif path.name.startswith("judge_summary") and path.suffix == ".json":
                 found["judge"].append(path)
+            elif SUMMARY_FILE.match(path.name):  # the judge benchmarks' summaries (evaluation/benchmark_figures.py)
+                found["benchmarks"].append(path)
             elif path.name == "humaneval_report.json":
                 found["humaneval"].append(path)
             elif path.name == "responses.jsonl":

@@ -49,6 +49,7 @@ class ChatResult:
     finish_reason: str | None
     usage: dict[str, Any]
     cached: bool = False  # True when the answer came from the on-disk cache (nothing was sent)
+    logprobs: dict | None = None  # the choice's logprobs, when the request asked for them (AlpacaEval's weighted judge)
 
 
 @dataclass
@@ -192,7 +193,7 @@ class ChatClient:
                 self.stats.cached += 1
                 self.stats.cached_prompt_tokens += int(usage.get("prompt_tokens") or 0)
                 self.stats.cached_completion_tokens += int(usage.get("completion_tokens") or 0)
-            return ChatResult(hit["text"], hit.get("finish_reason"), usage, cached=True)
+            return ChatResult(hit["text"], hit.get("finish_reason"), usage, cached=True, logprobs=hit.get("logprobs"))
         for _ in range(1 + EMPTY_REPLY_RETRIES):  # an empty reply is a failure of the moment: asked again
             reply = self._post({"model": self.model, "messages": messages, **params})
             try:
@@ -206,9 +207,10 @@ class ChatClient:
                 self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
             if text.strip():
                 break
-        result = ChatResult(text, choice.get("finish_reason"), usage)
+        result = ChatResult(text, choice.get("finish_reason"), usage, logprobs=choice.get("logprobs"))
         if self.cache is not None and text.strip():  # never an empty reply: a rerun asks for it again
-            self.cache.put(key, {"text": text, "finish_reason": result.finish_reason, "usage": usage})
+            entry = {"text": text, "finish_reason": result.finish_reason, "usage": usage}
+            self.cache.put(key, entry | ({"logprobs": result.logprobs} if result.logprobs else {}))
         return result
 
     def chat_batch(self, requests: list[dict], progress: str | None = None) -> list[ChatResult | ChatError]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from gpt4llm.data.formats import PromptFormat
 from gpt4llm.errors import RecordError
+from gpt4llm.io.json_files import read_json_records, write_jsonl
 from gpt4llm.models import model_card
 from gpt4llm.models.decoding import generate_completions
 
@@ -57,7 +58,10 @@ def generate_to_file(
         k: decoding[k] for k in ("temperature", "top_p", "top_k") if decoding.get("do_sample") and k in decoding
     }
     fmt = prompt_format or model_card.prompt_format_of(model, tokenizer).format  # the prompt it was trained with
-    prompts = fmt.record_prompts(tokenizer, todo)
+    if all("messages" in r for r in todo):  # conversations (MT-Bench's second turn): rendered as a chat request
+        prompts = [fmt.chat_prompt(tokenizer, r["messages"]) for r in todo]
+    else:
+        prompts = fmt.record_prompts(tokenizer, todo)
     path.parent.mkdir(parents=True, exist_ok=True)
     too_long: list[str] = []
     with open(path, "a", encoding="utf-8") as f:
@@ -136,3 +140,78 @@ def read_done_ids(path: Path, decoding: dict[str, Any]) -> set[str]:
         with open(path, "rb+") as f:
             f.truncate(good_bytes)
     return done
+
+
+def load_generator(path: str, dtype: str | None = None, device: str | None = None, tokenizer_backend: str = "auto"):
+    """(model, tokenizer, prompt format) of an export, ready to answer: the tokenizer left-padded, the model on
+    `device` (cuda when there is one), the prompt format the model card says it was trained with."""
+    import torch
+
+    from gpt4llm.data.tokenizer import load_tokenizer
+    from gpt4llm.models.hf import load_causal_lm
+
+    tokenizer = load_tokenizer(path, padding_side="left", backend=tokenizer_backend)
+    model = load_causal_lm(path, tokenizer, dtype=dtype)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    served = model_card.prompt_format_of(model, tokenizer)
+    log.info(f"Prompt format: {served.why}")
+    return model, tokenizer, served.format
+
+
+def answer_turns(
+    model,
+    tokenizer,
+    fmt: PromptFormat,
+    questions: list[dict],
+    out_dir: Path,
+    decoding: dict,
+    batch_size: int,
+    seed: int,
+    name: str,
+    progress: str,
+) -> Path:
+    """Multi-turn answers (MT-Bench): turn k is asked after the questions and the model's own answers of the turns
+    before it, rendered in the model's template. Each turn is its own resumable file (turn1.jsonl, ...), so a killed
+    run loses only the answers in progress; the merged answers go to `out_dir`/answers.jsonl
+    ({"id", "model", "category", "questions", "turns"})."""
+    out_dir = Path(out_dir)
+    answers: dict[str, list[str]] = {str(q["question_id"]): [] for q in questions}
+    for turn in range(1, max(len(q["turns"]) for q in questions) + 1):
+        records = []
+        for q in questions:
+            if len(q["turns"]) < turn:
+                continue
+            qid = str(q["question_id"])
+            messages = []
+            for before, answer in zip(q["turns"][: turn - 1], answers[qid]):
+                messages += [{"role": "user", "content": before}, {"role": "assistant", "content": answer}]
+            messages.append({"role": "user", "content": q["turns"][turn - 1]})
+            records.append({"id": qid, "category": q["category"], "messages": messages})
+        path = out_dir / f"turn{turn}.jsonl"
+        generate_to_file(
+            model,
+            tokenizer,
+            records,
+            path,
+            decoding,
+            batch_size,
+            extra={"model": name, "turn": turn},
+            progress=f"{progress} turn {turn}",
+            prompt_format=fmt,
+            seed=seed,
+        )
+        for line in read_json_records(path):
+            answers[str(line["id"])].append(line["response"])
+    merged = [
+        {
+            "id": q["question_id"],
+            "model": name,
+            "category": q["category"],
+            "questions": q["turns"],
+            "turns": answers[str(q["question_id"])],
+        }
+        for q in questions
+    ]
+    target = out_dir / "answers.jsonl"
+    write_jsonl(target, merged)
+    return target
