@@ -398,3 +398,21 @@ def test_parse_verdict_settings():
         parse_verdict("[[A>B]]", V01, rules="v3")
     with pytest.raises(ConfigError, match="not a regular expression"):
         parse_verdict("[[A>B]]", "(A")
+
+
+def test_lopsided_battles_are_rated_where_the_reference_stops(pd):
+    """A weak model (every game lost but one tie) makes bootstrap resamples with one outcome, on which Arena-Hard's
+    show_result stops with sklearn's error: here those rounds are skipped and counted; the rest is the same fit. A
+    model that lost every battle gets 0 with no rating (no finite one exists)."""
+    from gpt4llm.evaluation import arena_hard as AH
+
+    judgments = [{"question_id": i, "model": "weak", "games": ["A>>B", "B>>A"]} for i in range(30)]
+    judgments.append({"question_id": 30, "model": "weak", "games": ["A=B", "B>A"]})
+    rows = {r["model"]: r for r in AH.leaderboard(AH.battles(judgments), rounds=50, seed=42)}
+    assert rows["weak"]["skipped_rounds"] > 0 and rows["weak"]["score"] < 2
+    assert rows["weak"]["rating"] == AH.bradley_terry(AH.battles(judgments))["weak"]
+    assert rows["gpt-4-0314"]["score"] == 50.0
+    lost = AH.leaderboard(AH.battles(judgments[:30]), rounds=50, seed=42)
+    assert [(r["model"], r["score"], r["rating"]) for r in lost] == [("gpt-4-0314", 50.0, None), ("weak", 0.0, None)]
+    won = AH.leaderboard(AH.battles([{"model": "strong", "games": ["B>A", "A>B"]}]), rounds=5)
+    assert [(r["model"], r["score"]) for r in won] == [("strong", 100.0), ("gpt-4-0314", 50.0)]

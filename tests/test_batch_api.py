@@ -61,3 +61,23 @@ def test_synthesize_through_the_batch_api(tmp_path, key, monkeypatch):
         assert len(server.files[server.batches["batch-2"]["input"]].splitlines()) == 1
     finally:
         server.close()
+
+
+def test_batch_answers_keep_their_log_probabilities(tmp_path):
+    """AlpacaEval's weighted judge reads the first token's log-probabilities: a batch answer keeps them in the cache,
+    as a live one does, so a later run (batch or not) reads the same preference."""
+    from gpt4llm.inference.openai_client import ChatClient
+
+    server = BatchServer(polls=1)
+    try:
+        client = ChatClient(server.base_url, "judge", api_key_env=None, cache_path=tmp_path / "cache.jsonl")
+        client.batch_dir, client.batch_poll_seconds = tmp_path / "batches", 0.01
+        request = {"messages": [{"role": "user", "content": "Instruction:\nPick m or M.\n"}], "sample": 0}
+        request |= {"max_tokens": 1, "logprobs": True, "top_logprobs": 5}
+        [result] = client.chat_many([request])
+        assert result.cached and result.text == "Answer: Pick m or M."
+        assert result.logprobs["content"][0]["top_logprobs"][1] == {"token": "M", "logprob": -1.5}
+        again = ChatClient(server.base_url, "judge", api_key_env=None, cache_path=tmp_path / "cache.jsonl")
+        assert again.chat(**request).logprobs == result.logprobs and server.created == 1
+    finally:
+        server.close()

@@ -138,6 +138,8 @@ def test_arena_hard_refuses_above_max_cost_and_bad_answers(loopback, tmp_path):
     assert missing.returncode != 0 and "Arena-Hard question q3 has no answer" in missing.stderr
     other = evaluate(MINE | {"v81": "z"})
     assert other.returncode != 0 and "id v81 is not a Arena-Hard question" in other.stderr
+    twice = evaluate(MINE, f"responses=[{tmp_path / 'answers.jsonl'},{tmp_path / 'answers.jsonl'}]")
+    assert twice.returncode != 0 and "are both answers of model" in twice.stderr
 
 
 N = 10  # AlpacaEval instructions in the test set
@@ -211,3 +213,34 @@ def test_alpaca_eval_preferences_swaps_and_draws(loopback, tmp_path):
     want = AE.length_controlled_winrate(annotations, gamed)["length_controlled_winrate"]
     assert summary["length_controlled_winrate"] == pytest.approx(want, abs=1e-9)
     assert summary["read_by_text"] == 1 and summary["n_total"] == N and "1 preferences read from the reply" in out
+
+
+@pytest.mark.slow
+def test_alpaca_eval_with_our_served_model_as_the_judge(tiny_model_dir, tmp_path):
+    """gpt4llm.serve gives no log-probabilities and refuses a request for them: the run asks again for the letter
+    alone and reads it from the text (binarized), counting what it could not read; nothing fails."""
+    from gpt4llm.inference.server import ServerSettings, load_server
+
+    rng = np.random.default_rng(1)
+    baseline, _ = alpaca_files(tmp_path / "files", rng)
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "model": "ours", "response": f"answer {i}"}) + "\n" for i in range(N)))
+    server = load_server(str(tiny_model_dir), name="tiny", settings=ServerSettings(max_batch=8)).start()
+    try:
+        files = tmp_path / "files"
+        args = [
+            "metric=alpaca_eval", f"metric.base_url={server.base_url}", "metric.model=tiny", "metric.api_key_env=null",
+            "metric.prices=null", "metric.min_success=0", f"responses={path}",
+            f"metric.files.prompt.path={files / 'clf.txt'}",
+            f"metric.files.baseline_outputs.path={files / 'outputs.json'}",
+            f"metric.files.gamed.path={files / 'df_gamed.csv'}", f"paths.data_dir={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / 'r'}",
+        ]  # fmt: skip
+        out = run_cli("gpt4llm.evaluate", args, tmp_path).stdout
+    finally:
+        server.close()
+    assert "The judge refuses log-probabilities" in out and "not supported by this server: logprobs" in out
+    summary = json.loads((tmp_path / "r" / "alpaca_eval_summary_ours.json").read_text())
+    assert summary["failed"] == [] and summary["read_by_text"] == N
+    annotations = json.loads((tmp_path / "r" / "alpaca_eval_annotations_ours.json").read_text())
+    assert all(a["read_by"] == "text" for a in annotations) and len(annotations) == N

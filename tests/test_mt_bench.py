@@ -208,7 +208,6 @@ def test_cli_answers_judges_and_resumes_after_a_kill(loopback, tiny_model_dir, t
     done = subprocess.run([sys.executable, "-m", "gpt4llm.evaluate", *args], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "0 new, 3 already there" not in done.stdout  # (generation is quiet; its files say it)
     assert len(answered) == 6 + (first - 2)  # those answered before the kill (2) were not asked again
     assert len(set(answered)) == 6
     judgments = [json.loads(line) for line in (tmp_path / "run2" / "mt_bench_judgments_tiny.jsonl").open()]
@@ -238,3 +237,27 @@ def test_cli_unparsable_judgments_are_counted_not_scored(loopback, tmp_path):
     assert summary["unparsable"] == ["111/turn 1"] and summary["rated"] == 5 and summary["score"] == 6.0
     assert "1 unparsable judgments ['111/turn 1']" in out
     assert "6 judge requests, 0 already answered in the cache" in out
+
+
+def test_turns_resume_after_a_torn_second_turn_and_refuse_changed_questions(tiny_model_dir, tmp_path):
+    """answer_turns: a killed run's torn turn-2 file resumes to what an unbroken run writes; answers to a question
+    whose text changed since are refused, not reused; questions no longer in the set are left out."""
+    from gpt4llm.inference.resumable_generation import answer_turns, load_generator
+
+    model, tokenizer, fmt = load_generator(str(tiny_model_dir))
+    decoding = {"max_new_tokens": 6, "do_sample": False, "num_samples": 1}
+
+    def answer(directory, questions=QUESTIONS):
+        path = answer_turns(model, tokenizer, fmt, questions, directory, decoding, 4, 0, "tiny", "MT-Bench")
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    whole = answer(tmp_path / "a")
+    assert [len(a["turns"]) for a in whole] == [2, 2, 2] and [a["id"] for a in whole] == [81, 111, 121]
+    turn2 = tmp_path / "a" / "turn2.jsonl"
+    lines = turn2.read_text().splitlines(keepends=True)
+    turn2.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing the second answer
+    assert answer(tmp_path / "a") == whole
+    assert answer(tmp_path / "a", QUESTIONS[:2]) == whole[:2]
+    changed = [QUESTIONS[0] | {"turns": ["Another question.", QUESTIONS[0]["turns"][1]]}, *QUESTIONS[1:]]
+    with pytest.raises(RecordError, match="turn1.jsonl: the answer to 81 was asked another question"):
+        answer(tmp_path / "a", changed)

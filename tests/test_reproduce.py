@@ -107,10 +107,17 @@ def test_every_stage_of_the_paper_preset_composes(beyond, tmp_path, monkeypatch)
                 assert composed.strategy.offload_parameters and composed.model.max_length == 512
     names = [s.name for s in stages]
     # the paper's 4 trainings, 9 generations, ROUGE, best-of-N and its ranking, the review and the plots; beyond
-    # the paper, each tuned model's training and its 3 generations
-    assert len(names) == 4 + 9 + 5 + 4 * len(beyond) and names[-1] == "plots"
+    # the paper, each tuned model's training and its 3 generations, and 3 judge benchmarks of the 2 judged models
+    # and each tuned one
+    assert len(names) == 4 + 9 + 5 + 4 * len(beyond) + 3 * (2 + len(beyond)) and names[-1] == "plots"
     judge = next(s for s in stages if s.name == "judge/ChatGPT")
     assert judge.skip.startswith("no judge key: $OPENAI_API_KEY is not set")
+    arena = next(s for s in stages if s.name == "benchmark/arena_hard/LLaMA-GPT4")
+    assert arena.skip == judge.skip and arena.needs == ["train/LLaMA-GPT4"]
+    assert f"model.path={tmp_path / 'train' / 'LLaMA-GPT4' / 'export'}" in arena.args
+    assert f"answers_dir={tmp_path / 'benchmark' / 'arena_hard' / 'LLaMA-GPT4' / 'answers'}" in arena.args
+    assert {s.name for s in stages if s.name.startswith("benchmark/")} <= set(next(
+        s for s in stages if s.name == "plots").after)  # fmt: skip
 
 
 def test_peft_lora_is_one_override_and_the_report_says_so(tmp_path):
@@ -219,6 +226,18 @@ def test_tiny_study_killed_mid_stage_then_completed_then_reused_whole(tmp_path):
         mean = scored[f"LLaMA-GPT4-{model}"]["mean_reward"]  # the same reward model's score of its answers
         label = f"mean reward of LLaMA-GPT4-{model}'s answers (not in the paper: + {method})"
         assert f"| {label} | not reported | {mean:.4f} |" in report
+    # beyond the paper: the judge benchmarks on their demo stand-ins, judged by the served tiny model, each result in
+    # the report with its file (its verdicts are noise: mostly unparsable, and the report says how many were read)
+    assert "## Beyond the paper: MT-Bench, AlpacaEval 2, Arena-Hard" in report
+    for metric in ("mt_bench", "alpaca_eval", "arena_hard"):
+        for model in ("LLaMA-GPT4", "LLaMA-GPT4-DPO", "LLaMA-GPT4-GRPO"):
+            summary_file = root / "benchmark" / metric / model / f"{metric}_summary_{model}.json"
+            assert json.loads(summary_file.read_text())["model"] == model
+            assert f"| benchmark/{metric}/{model}/{metric}_summary_{model}.json |" in report
+    mt = json.loads((root / "benchmark/mt_bench/LLaMA-GPT4/mt_bench_summary_LLaMA-GPT4.json").read_text())
+    assert mt["judgments"] == 16 and mt["judge"]["base_url"].startswith("http://127.0.0.1:")
+    answers = (root / "benchmark/mt_bench/LLaMA-GPT4/answers/answers.jsonl").read_text().splitlines()
+    assert len(answers) == 8 and all(len(json.loads(a)["turns"]) == 2 for a in answers)
     rm = json.loads((root / "train" / "reward_model" / "metrics.json").read_text())
     assert f"| reward model val/rm_acc | not reported | {rm['val/rm_acc']:.4f} |" in report
     for section in ("## Stages", "## Provenance", "## Figures", "## Human evaluation", "## Training runs"):

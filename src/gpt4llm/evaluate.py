@@ -189,15 +189,44 @@ def benchmark_answer_files(cfg: DictConfig, write) -> list[str]:
         )
     from gpt4llm.inference.resumable_generation import load_generator
 
+    directory = Path(cfg.answers_dir)
+    claimed_by(directory, str(Path(cfg.model.path).resolve()))
     model, tokenizer, fmt = load_generator(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.tokenizer)
-    directory = Path(cfg.paths.log_dir) / "generate" / cfg.metric.name / slug(cfg.model.name)
     return [str(write(model, tokenizer, fmt, directory))]
+
+
+def distinct_models(names: list[str], paths: list) -> None:
+    """Several answer files are several models: two with one name would be merged into one model's results."""
+    seen: dict[str, str] = {}
+    for name, path in zip(names, paths):
+        if name in seen:
+            raise ConfigError(
+                f"{path} and {seen[name]} are both answers of model {name!r}: give one another name (the 'model' of "
+                "its lines, or model.name= when it was generated)"
+            )
+        seen[name] = str(path)
+
+
+def claimed_by(directory: Path, model_path: str) -> None:
+    """Answers continue only the run of the same model: the directory records which export wrote its answers, and
+    another export of the same name (retrained, say) is refused rather than mixed in."""
+    marker = directory / "model.json"
+    if marker.exists():
+        owner = json_files.read_json_records(marker)[0].get("model_path")
+        if owner != model_path:
+            raise ConfigError(
+                f"{directory} holds the answers of {owner}, not {model_path}: set model.name=<another name> (or "
+                "answers_dir=...), or delete that directory to answer again"
+            )
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    json_files.write_json(marker, {"model_path": model_path})
 
 
 def evaluate_mt_bench_cmd(cfg: DictConfig, out: Path) -> list[dict]:
     from gpt4llm.data.sources import ensure_file
     from gpt4llm.evaluation import mt_bench as MT
-    from gpt4llm.evaluation.judge_runs import ask_judge, confirm_cost, estimate_cost, write_scalars
+    from gpt4llm.evaluation.judge_runs import ask_judge, confirm_cost, estimate_cost, say_failures, write_scalars
     from gpt4llm.inference.openai_client import ChatError, check_success, client_from_config
     from gpt4llm.inference.resumable_generation import answer_turns
 
@@ -214,13 +243,17 @@ def evaluate_mt_bench_cmd(cfg: DictConfig, out: Path) -> list[dict]:
             model, tokenizer, fmt, questions, directory, decoding, a.batch_size, a.seed, cfg.model.name, "MT-Bench"
         )
 
-    models = [MT.read_answers(p, questions) for p in benchmark_answer_files(cfg, write)]
+    paths = benchmark_answer_files(cfg, write)
+    models = [MT.read_answers(p, questions) for p in paths]
+    distinct_models([name for name, _ in models], paths)
     client = client_from_config(m)
     params = {"temperature": m.temperature, "max_tokens": m.max_tokens}
     requests = {name: MT.judge_requests(questions, answers, prompts, references) for name, answers in models}
     everything = [r for rs in requests.values() for r in rs]
     confirm_cost(estimate_cost(client, everything, params, m.judgment_tokens), m.max_cost, "MT-Bench")
-    replies = iter(ask_judge(client, everything, params, "MT-Bench judge"))
+    answered = ask_judge(client, everything, params, "MT-Bench judge")
+    say_failures(answered, "MT-Bench judge")
+    replies = iter(answered)
     summaries = []
     for name, model_requests in requests.items():
         judgments = []
@@ -260,11 +293,11 @@ def _print_mt_bench(summaries: list[dict]) -> None:
         return "-" if x is None else f"{x:.2f}"
 
     categories = sorted({c for s in summaries for c in s["per_category"]})
-    print("\n| model | MT-Bench | turn 1 | turn 2 | " + " | ".join(categories) + " |")
+    print("\n| model | MT-Bench | turn 1 | turn 2 |" + "".join(f" {c} |" for c in categories))
     print("|---" * (4 + len(categories)) + "|")
     for s in sorted(summaries, key=lambda s: -(s["score"] or 0)):
-        per = " | ".join(cell(s["per_category"].get(c, {}).get("score")) for c in categories)
-        print(f"| {s['model']} | {cell(s['score'])} | {cell(s['turn_1'])} | {cell(s['turn_2'])} | {per} |")
+        per = "".join(f" {cell(s['per_category'].get(c, {}).get('score'))} |" for c in categories)
+        print(f"| {s['model']} | {cell(s['score'])} | {cell(s['turn_1'])} | {cell(s['turn_2'])} |{per}")
     for s in summaries:
         if s["unparsable"] or s["failed"]:
             print(
@@ -314,6 +347,7 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
         confirm_cost,
         estimate_cost,
         read_benchmark_answers,
+        say_failures,
         write_scalars,
     )
     from gpt4llm.inference.openai_client import ChatError, check_success, client_from_config
@@ -341,6 +375,7 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
     records = [{"id": qid, "instruction": text, "input": "", "category": c} for qid, (text, c) in questions.items()]
     paths = benchmark_answer_files(cfg, _single_turn_writer(cfg, records, "Arena-Hard"))
     models = [read_benchmark_answers(p, ids, "Arena-Hard") for p in paths]
+    distinct_models([name for name, _ in models], paths)
     games = [
         {"model": name, "question_id": qid, "messages": messages}
         for name, answers in models
@@ -355,7 +390,9 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
     for attempt in range(attempts):  # v0.1: a judgment without a verdict is continued, the reply kept as its turn
         asked = [{"messages": games[i]["messages"] + _continued(replies[i], AH.RETRY_PROMPT)} for i in todo]
         label = "Arena-Hard judge" + (f" (continuing {len(todo)} without a verdict)" if attempt else "")
-        for i, reply in zip(todo, ask_judge(client, asked, params, label)):
+        answered = ask_judge(client, asked, params, label)
+        say_failures(answered, label)
+        for i, reply in zip(todo, answered):
             if isinstance(reply, ChatError):
                 errors[i] = str(reply)
             else:
@@ -375,9 +412,12 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
             | {"score": None if i in errors else AH.parse_verdict(text, pattern)}
             | ({"error": errors[i]} if i in errors else {})
         )
-    table = AH.leaderboard(
-        AH.battles(list(judgments.values()), baseline=m.baseline, weight=m.weight), m.baseline, m.rounds, m.seed
-    )
+    try:
+        battles = AH.battles(list(judgments.values()), baseline=m.baseline, weight=m.weight)
+        table = AH.leaderboard(battles, m.baseline, m.rounds, m.seed)
+    except RecordError as why:  # no verdict to rate (a judge that gives none), or ratings that cannot be fit
+        print(f"\nArena-Hard: no ratings: {why}")
+        table = []
     summaries = []
     for name, _ in models:
         mine = [j for (model, _), j in judgments.items() if model == name]
@@ -399,10 +439,16 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
     write_scalars(out, {f"arena_hard/{r['model']}/score": r["score"] for r in table if r["model"] != m.baseline})
     print(f"\n| model | Arena-Hard score (vs {m.baseline}) | 95% CI | rating | battles |\n|---|---:|---|---:|---:|")
     for r in table:
+        rating = "-" if r["rating"] is None else f"{r['rating']:.0f}"
         print(
             f"| {r['model']} | {r['score']:.1f} | ({r['interval'][0]:+.1f}, {r['interval'][1]:+.1f}) | "
-            f"{r['rating']:.0f} | {r['battles']} |"
+            f"{rating} | {r['battles']} |"
         )
+    if table and table[0].get("skipped_rounds"):
+        print(f"  {table[0]['skipped_rounds']} of {m.rounds} bootstrap resamples had one outcome and were skipped")
+    for r in table:
+        if r.get("one_outcome"):
+            print(f"  {r['model']}: {r['one_outcome']}")
     for s in summaries:
         if s["no_verdict"]:
             print(f"  {s['model']}: {len(s['no_verdict'])} games without a verdict, not scored: {s['no_verdict'][:10]}")
@@ -436,6 +482,7 @@ def evaluate_alpaca_eval_cmd(cfg: DictConfig, out: Path) -> list[dict]:
         confirm_cost,
         estimate_cost,
         read_benchmark_answers,
+        say_failures,
         write_scalars,
     )
     from gpt4llm.inference.openai_client import ChatError, check_success, client_from_config
@@ -458,6 +505,7 @@ def evaluate_alpaca_eval_cmd(cfg: DictConfig, out: Path) -> list[dict]:
             models.append(_alpaca_eval_outputs(path, rows, by_instruction))  # alpaca_eval's model_outputs.json
         else:
             models.append(read_benchmark_answers(path, ids, "AlpacaEval"))
+    distinct_models([name for name, _ in models], paths)
     params = dict(OmegaConf.to_container(m.params))
     examples = []
     for name, answers in models:
@@ -471,7 +519,15 @@ def evaluate_alpaca_eval_cmd(cfg: DictConfig, out: Path) -> list[dict]:
     asked = [e for e in examples if "messages" in e]
     client = client_from_config(m)
     confirm_cost(estimate_cost(client, asked, params, m.judgment_tokens), m.max_cost, "AlpacaEval")
-    for example, reply in zip(asked, ask_judge(client, asked, params, "AlpacaEval judge")):
+    replies = ask_judge(client, asked, params, "AlpacaEval judge")
+    refused = [i for i, r in enumerate(replies) if isinstance(r, ChatError) and "logprobs" in str(r)]
+    if refused and params.get("logprobs"):  # a judge without them (gpt4llm.serve, most local servers): the letter
+        plain = {k: v for k, v in params.items() if k not in ("logprobs", "top_logprobs")}
+        print(f"The judge refuses log-probabilities ({str(replies[refused[0]])[:120]}): asking for the letter alone")
+        for i, reply in zip(refused, ask_judge(client, [asked[i] for i in refused], plain, "AlpacaEval judge")):
+            replies[i] = reply
+    say_failures(replies, "AlpacaEval judge")
+    for example, reply in zip(asked, replies):
         if isinstance(reply, ChatError):
             example |= {"error": str(reply), "preference": math.nan}
             continue
@@ -494,7 +550,7 @@ def evaluate_alpaca_eval_cmd(cfg: DictConfig, out: Path) -> list[dict]:
             for e in examples
             if e["model"] == name
         ]
-        metrics = AE.length_controlled_winrate(annotations, gamed)
+        metrics = _alpaca_eval_metrics(AE, annotations, gamed)
         unparsable = [a["index"] for a in annotations if math.isnan(a["preference"]) and "error" not in a]
         summary = {"model": name, **{k: _plain(v) for k, v in metrics.items()}}
         summary |= {"avg_length": sum(len(a["output_2"]) for a in annotations) / len(annotations)}
@@ -511,8 +567,8 @@ def evaluate_alpaca_eval_cmd(cfg: DictConfig, out: Path) -> list[dict]:
     print("\n| model | LC win rate | win rate | avg length | n |\n|---|---:|---:|---:|---:|")
     for s in summaries:
         print(
-            f"| {s['model']} | {s['length_controlled_winrate']:.2f} ± {s['lc_standard_error']:.2f} | "
-            f"{s['win_rate']:.2f} ± {s['standard_error']:.2f} | {s['avg_length']:.0f} | {s['n_total']} |"
+            f"| {s['model']} | {_pm(s['length_controlled_winrate'], s['lc_standard_error'])} | "
+            f"{_pm(s['win_rate'], s['standard_error'])} | {s['avg_length']:.0f} | {s['n_total']} |"
         )
         if s["read_by_text"]:
             print(f"  {s['model']}: {s['read_by_text']} preferences read from the reply's text (no log-probabilities)")
@@ -531,9 +587,30 @@ def evaluate_alpaca_eval_cmd(cfg: DictConfig, out: Path) -> list[dict]:
     return summaries
 
 
+def _pm(value: float | None, error: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (f" ± {error:.2f}" if error is not None else "")
+
+
+def _alpaca_eval_metrics(AE, annotations: list[dict], gamed) -> dict:
+    """The win rates; where too few preferences were read for the GLM (a judge that gave none), the raw win rate
+    alone, and why (alpaca-eval would fail inside its fit)."""
+    import math
+
+    read = [a["preference"] for a in annotations if not math.isnan(a["preference"])]
+    if len({round(x, 12) for x in read}) < 2:
+        metrics = AE.win_rate([a["preference"] for a in annotations])
+        why = f"{len(read)} preferences read, {len(set(read))} distinct: too few to fit the length-controlled GLM"
+        print(f"  {annotations[0]['generator_2']}: {why}")
+        return metrics | {"length_controlled_winrate": None, "lc_standard_error": None, "lc_not_computed": why}
+    return AE.length_controlled_winrate(annotations, gamed)
+
+
 def _plain(value):
-    """numpy scalars as JSON numbers."""
-    return value.item() if hasattr(value, "item") else value
+    """numpy scalars as JSON numbers, NaN as null."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and value != value else value
 
 
 def _alpaca_eval_outputs(path, rows: list, by_instruction: dict[str, str]) -> tuple[str, dict[str, str]]:

@@ -262,6 +262,11 @@ class BatchServer:
                     ],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
                 }
+                if request["body"].get("logprobs"):  # as OpenAI's: the first token's top alternatives
+                    top = [{"token": "m", "logprob": -0.25}, {"token": "M", "logprob": -1.5}]
+                    body["choices"][0]["logprobs"] = {
+                        "content": [{"token": "m", "logprob": -0.25, "top_logprobs": top}]
+                    }
                 answers.append(
                     {
                         "id": "r",

@@ -216,6 +216,10 @@ def _unpenalized_logistic_regression(tol: float):
     return LogisticRegression(fit_intercept=False, penalty=None, tol=tol)
 
 
+class OneOutcome(RecordError):
+    """Every battle has the same winner: the logistic regression has one class and no finite rating exists."""
+
+
 def bradley_terry(
     battles: pd.DataFrame, anchor: str = BASELINE, scale: float = 400, base: float = 10, init_rating: float = 1000
 ) -> dict[str, float]:
@@ -241,7 +245,7 @@ def bradley_terry(
     # First copy: A wins and ties are 1; second copy: A wins only, so a tie is half a win for each side.
     y = np.concatenate([a_won | tie, a_won]).astype(float)
     if y.min() == y.max():
-        raise RecordError(f"arena_hard battles all have one outcome ({winner[0]}); no rating can be fit")
+        raise OneOutcome(f"arena_hard battles all have one outcome ({winner[0]}); no rating can be fit")
     fit = _unpenalized_logistic_regression(tol=1e-8).fit(x, y)
     ratings = scale * fit.coef_[0] + init_rating
     if anchor in column:
@@ -263,13 +267,19 @@ def bootstrap(
     if rounds < 1:
         raise ConfigError(f"arena_hard bootstrap rounds must be at least 1, got {rounds}")
     generator = np.random.RandomState(seed)
-    table = pd.DataFrame(
-        [
-            pd.Series(bradley_terry(battles.sample(frac=1.0, replace=True, random_state=generator), anchor=anchor))
-            for _ in range(rounds)
-        ]
-    )
-    return table[table.median().sort_values(ascending=False).index]
+    ratings, skipped = [], 0
+    for _ in range(rounds):
+        sample = battles.sample(frac=1.0, replace=True, random_state=generator)
+        try:
+            ratings.append(pd.Series(bradley_terry(sample, anchor=anchor)))
+        except OneOutcome:  # the reference fails the whole run here (few battles, a lopsided model): skipped, counted
+            skipped += 1
+    if not ratings:
+        raise OneOutcome(f"arena_hard: every one of the {rounds} bootstrap resamples has one outcome")
+    table = pd.DataFrame(ratings)
+    table = table[table.median().sort_values(ascending=False).index]
+    table.attrs["skipped_rounds"] = skipped
+    return table
 
 
 def _win_rate(rating: float, baseline_rating: float, model: str, baseline: str) -> float:
@@ -297,6 +307,8 @@ def leaderboard(
     import numpy as np
     import pandas as pd
 
+    if len(battles) and battles["winner"].nunique() == 1 and battles["winner"].iloc[0] in ("model_a", "model_b"):
+        return _one_outcome_rows(battles, baseline)
     ratings = bradley_terry(battles, anchor=baseline)
     if baseline not in ratings:
         raise RecordError(f"arena_hard baseline {baseline!r} is in no battle; the battles hold {sorted(ratings)}")
@@ -318,10 +330,27 @@ def leaderboard(
         row["interval"] = (round(row["lower"] - row["score"], 1), round(row["upper"] - row["score"], 1))
         row |= {"rating": ratings[m], "rating_lower": columns["lower"][m], "rating_upper": columns["upper"][m]}
         row["battles"] = int(counts.get(m, 0))
+        row["skipped_rounds"] = rounds_table.attrs.get("skipped_rounds", 0)
         rows.append(row)
     # The same pandas sort on the same (name-sorted) order as the reference, so ties come out as they do there.
     order = pd.DataFrame({"score": [r["score"] for r in rows]}).sort_values(by="score", ascending=False).index
     return [rows[i] for i in order]
+
+
+def _one_outcome_rows(battles: pd.DataFrame, baseline: str) -> list[dict]:
+    """Every battle won by the same side (where the reference cannot fit and stops): each model's score is that
+    outcome, 100 or 0, with no interval and no rating; the baseline's 50."""
+    import pandas as pd
+
+    won = battles["winner"].iloc[0]
+    counts = pd.concat([battles["model_a"], battles["model_b"]]).value_counts()
+    rows = []
+    for m in sorted(counts.index):
+        score = 50.0 if m == baseline else (100.0 if (won == "model_b") == (m in set(battles["model_b"])) else 0.0)
+        rows.append({"model": m, "score": score, "lower": score, "upper": score, "interval": (0.0, 0.0)})
+        rows[-1] |= {"rating": None, "rating_lower": None, "rating_upper": None, "battles": int(counts[m])}
+        rows[-1]["one_outcome"] = f"every battle won by {won}: no rating can be fit"
+    return sorted(rows, key=lambda r: -r["score"])
 
 
 def score_battles(judgments: list[dict], weight: int = 3) -> pd.DataFrame:

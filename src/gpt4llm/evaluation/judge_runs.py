@@ -114,3 +114,11 @@ def read_benchmark_answers(path: str | Path, ids: list[str], benchmark: str) -> 
         if qid not in answers:
             raise RecordError(f"{path}: {benchmark} question {qid} has no answer")
     return str(name or Path(path).parent.name), answers
+
+
+def say_failures(replies: list, what: str) -> None:
+    """How many requests failed after the client's retries, and the first one's reason (an HTTP 401 or 400 is not
+    cured by running again: the reason says what is)."""
+    failed = [r for r in replies if isinstance(r, ChatError)]
+    if failed:
+        print(f"{what}: {len(failed)} of {len(replies)} requests failed; the first: {str(failed[0])[:300]}")

@@ -134,7 +134,10 @@ def judge_requests(
         qid = str(q["question_id"])
         ref_based = q["category"] in NEED_REF_CATS
         if ref_based and qid not in references:
-            raise RecordError(f"question {qid} ({q['category']}) needs a reference answer; the reference file has none")
+            raise RecordError(
+                f"question {qid} ({q['category']}) needs a reference answer and metric.files.reference_answers has "
+                "none for it (FastChat's reference_answer/gpt-4.jsonl has one for every math, reasoning, coding one)"
+            )
         for turn in range(1, min(2, len(q["turns"])) + 1):
             name = PROMPT_NAMES[(ref_based, turn)]
             messages = judge_messages(prompts[name], q, answers[qid], turn, references.get(qid) if ref_based else None)

@@ -280,9 +280,11 @@ class ChatClient:
                             self.stats.sent += 1
                             self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
                             self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+                        choice = body["choices"][0]
+                        entry = {"text": text, "finish_reason": choice.get("finish_reason"), "usage": usage}
+                        # log-probabilities kept as the live path keeps them (AlpacaEval's weighted judge reads them)
                         self.cache.put(
-                            item["custom_id"],
-                            {"text": text, "finish_reason": body["choices"][0].get("finish_reason"), "usage": usage},
+                            item["custom_id"], entry | ({"logprobs": lp} if (lp := choice.get("logprobs")) else {})
                         )
                     else:
                         failures[item["custom_id"]] = str(item.get("error") or response)[:200]

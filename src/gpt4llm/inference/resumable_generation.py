@@ -132,7 +132,8 @@ def read_done_ids(path: Path, decoding: dict[str, Any]) -> set[str]:
         if line.get("decoding") != decoding:
             raise RecordError(
                 f"{path}: line {lineno} was generated with decoding={line.get('decoding')}, this run asks for "
-                f"{decoding}. Write to another file (output=... or hydra.run.dir=...) instead of mixing them."
+                f"{decoding}. Write to another file instead of mixing them (generate: output=...; the benchmarks of "
+                "evaluate: answers_dir=... or model.name=...), or delete this one."
             )
         done.add(str(line["id"]))
         good_bytes += len(raw)
@@ -200,8 +201,17 @@ def answer_turns(
             prompt_format=fmt,
             seed=seed,
         )
+        asked = {r["id"]: r["messages"] for r in records}
         for line in read_json_records(path):
-            answers[str(line["id"])].append(line["response"])
+            qid = str(line["id"])
+            if qid not in asked:
+                continue  # a question no longer in the set
+            if line.get("messages") != asked[qid]:  # another question text, or answers of an earlier turn redone
+                raise RecordError(
+                    f"{path}: the answer to {qid} was asked another question than this run asks (the questions "
+                    f"changed?); delete {out_dir} to answer again"
+                )
+            answers[qid].append(line["response"])
     merged = [
         {
             "id": q["question_id"],

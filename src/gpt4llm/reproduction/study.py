@@ -9,6 +9,8 @@ evaluate/rouge           ROUGE-L by reference length (Figure 6)   -> rouge_len*.
 bestofn                  N samples ranked by the reward model     -> bestofn.jsonl
 evaluate/reward          the ranking groups rank1..N and B        -> reward_summary.json, ranking_groups/
 judge/<opponent>         the FastChat review vs each opponent     -> judge_summary_<model>.json
+benchmark/<metric>/<model> beyond the paper, when the preset enables them: MT-Bench, AlpacaEval 2, Arena-Hard,
+                         judged by the study's judge               -> <metric>_summary_<model>.json
 plots                    every figure, the paper's Figure 3 too   -> *.png, *.pdf
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from gpt4llm.errors import ServerStartError
+from gpt4llm.errors import ConfigError, ServerStartError
 from gpt4llm.reproduction.runner import Stage, die_with_parent
 
 TRAINED = ("export/config.json", "metrics.json")  # what a training stage leaves
@@ -63,6 +65,7 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: JudgeServer | None =
     tuned = tuned_models(p)
     groups = ranking_group_names(_strings(p.bestofn.args))
     judges = judge_stages(p.judge, layout, tuned, groups, judge_server)
+    benchmarks = benchmark_stages(p, layout, tuned, judge_server)
     return [
         *training_stages(p, layout, peft_overrides(cfg)),
         *beyond_stages(p, layout),
@@ -70,7 +73,8 @@ def build_stages(cfg: DictConfig, root: Path, judge_server: JudgeServer | None =
         rouge_stage(p.rouge, layout, tuned),
         *best_of_n_stages(p.bestofn, layout, tuned),
         *judges,
-        plots_stage(layout, [stage.name for stage in judges]),
+        *benchmarks,
+        plots_stage(layout, [stage.name for stage in [*judges, *benchmarks]]),
     ]
 
 
@@ -242,6 +246,56 @@ def judge_stages(
             runtime_args=runtime,
         )
         stages.append(stage)
+    return stages
+
+
+BENCHMARKS = ("mt_bench", "alpaca_eval", "arena_hard")
+
+
+def benchmark_stages(p: DictConfig, layout: Layout, tuned: list[str], judge_server: JudgeServer | None) -> list[Stage]:
+    """Beyond the paper: today's judge benchmarks (preset.benchmarks) of the judged models and the tuned ones, each
+    model answering through `evaluate model.path=` into its stage and judged by the study's judge (served, or by key:
+    skipped without one, as the review is). `demo_files`: the benchmarks' files are the demo stand-ins, written under
+    the study (the tiny preset: the real ones are downloads)."""
+    b = p.get("benchmarks") or {}
+    if not b.get("enabled"):
+        return []
+    j = p.judge
+    stand_ins: dict[str, list[str]] = {}
+    if b.get("demo_files"):
+        from gpt4llm.evaluation.demo_benchmarks import write_demo_benchmark_files
+
+        stand_ins = write_demo_benchmark_files(layout.root / "benchmark" / "demo_files")
+    runtime = judge_server.arguments if j.serve and judge_server else None
+    stages = []
+    for metric in b.metrics:
+        if metric not in BENCHMARKS:
+            raise ConfigError(f"preset.benchmarks.metrics.{metric}: expected one of {', '.join(BENCHMARKS)}")
+        for model in [*b.models, *tuned]:
+            directory = layout.root / "benchmark" / metric / model
+            args = [
+                f"metric={metric}",
+                f"model.path={layout.export(model)}",
+                f"model.name={model}",
+                f"answers_dir={directory / 'answers'}",
+                *stand_ins.get(metric, []),
+                *_strings(b.get("args")),
+                *_strings(b.metrics[metric]),
+                *layout.paths,
+            ]
+            if j.serve:  # the study's own model on 127.0.0.1: its replies cached in the stage, nothing to pay
+                args += [f"metric.cache={directory / 'replies.jsonl'}", "metric.prices=null"]
+            stages.append(
+                Stage(
+                    f"benchmark/{metric}/{model}",
+                    "gpt4llm.evaluate",
+                    args,
+                    needs=[f"train/{model}", *([f"train/{j.serve}"] if j.serve else [])],
+                    outputs=[f"{metric}_summary_{model}.json"],
+                    skip=judge_skip_reason(j),
+                    runtime_args=runtime,
+                )
+            )
     return stages
 
 

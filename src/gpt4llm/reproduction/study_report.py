@@ -238,6 +238,60 @@ def reward_section(root: Path, preset: DictConfig) -> Section:
     return Section("Reward model and best-of-N ranking", note, ["what", "paper", "ours", "source"], rows)
 
 
+BENCHMARK_TITLES = {"mt_bench": "MT-Bench", "alpaca_eval": "AlpacaEval 2 (LC win rate)", "arena_hard": "Arena-Hard"}
+
+
+def _benchmark_value(metric: str, s: dict[str, Any]) -> str:
+    """One model's result on one benchmark as the report shows it, with what it rests on."""
+    if metric == "mt_bench":
+        if s.get("score") is None:
+            return f"no parsable ratings ({s['rated']} of {s['judgments']} rated)"
+        turns = ", ".join(f"turn {t} " + ("-" if s[f"turn_{t}"] is None else f"{s[f'turn_{t}']:.2f}") for t in (1, 2))
+        return f"{s['score']:.2f} ({turns}; {s['rated']} of {s['judgments']} rated)"
+    if metric == "alpaca_eval":
+        if s.get("length_controlled_winrate") is None:
+            return f"not computed: {s.get('lc_not_computed', 'no preferences')}"
+        lc, wr = s["length_controlled_winrate"], s["win_rate"]
+        return f"{lc:.2f} ± {s['lc_standard_error']:.2f} (win rate {wr:.2f}; {s['n_total']} preferences)"
+    row = s.get("leaderboard_row")
+    if not row:
+        return f"no ratings ({s['verdicts']} of {s['games']} games with a verdict)"
+    low, high = row["interval"]
+    return f"{row['score']:.2f} ({low:+.1f}, {high:+.1f}; {s['verdicts']} of {s['games']} games with a verdict)"
+
+
+def benchmark_section(root: Path, preset: DictConfig, outcomes: dict[str, Outcome]) -> Section:
+    """Beyond the paper: each model's result on today's judge benchmarks, beside their published rows."""
+    b = preset.get("benchmarks") or {}
+    title = "Beyond the paper: MT-Bench, AlpacaEval 2, Arena-Hard"
+    header = ["benchmark", "model", "ours", "published", "source"]
+    if not b.get("enabled"):
+        return Section(title, "Not run: preset.benchmarks.enabled is false.", header, [])
+    rows = []
+    for metric in b.metrics:
+        name = BENCHMARK_TITLES.get(metric, metric)
+        for model in [*b.models, *tuned_models(preset)]:
+            stage = f"benchmark/{metric}/{model}"
+            path = root / stage / f"{metric}_summary_{model}.json"
+            label = f"{model} (+ {beyond_method(preset, model)})" if beyond_method(preset, model) else model
+            if path.exists():
+                ours = _benchmark_value(metric, json.loads(path.read_text()))
+                rows.append([name, label, ours, "—", _where(path, root)])
+            else:
+                outcome = outcomes.get(stage)
+                rows.append([name, label, f"not run: {outcome.reason if outcome else 'not in this study'}", "—", ""])
+        for model, value in (b.get("published") or {}).get(metric, {}).items():
+            rows.append([name, model, "—", f"{value:g}", "the benchmark's published leaderboard"])
+    note = (
+        "Not in the paper. Each model answers the benchmark's questions in its own template and is judged by the "
+        f"study's judge ({'the served ' + str(preset.judge.serve) if preset.judge.serve else 'by key'}). MT-Bench: "
+        "mean rating 1-10; AlpacaEval 2: length-controlled win rate against GPT-4 Turbo (%), ± its standard error; "
+        "Arena-Hard: win rate against gpt-4-0314 (%) from Bradley-Terry ratings, with its 95% bootstrap interval."
+        + (" The benchmarks' files here are demo stand-ins: the numbers mean nothing." if b.get("demo_files") else "")
+    )
+    return Section(title, note, header, rows)
+
+
 def training_section(root: Path, preset: DictConfig, peft: str = "none") -> Section:
     rows = []
     for model in [*preset.sft, "reward_model"]:
@@ -387,6 +441,7 @@ def build(root: Path, cfg: DictConfig, outcomes: list[Outcome], command: str, wa
         *judge_sections(root, p, by_name),
         rouge_section(root, p),
         reward_section(root, p),
+        benchmark_section(root, p, by_name),
         training_section(root, p, cfg.peft.name if cfg.get("peft") else "none"),
         human_section(root, p),
         chinese_section(),
