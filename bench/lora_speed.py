@@ -15,6 +15,12 @@ when the loop started, which leaves out what each library's imports and set-up t
     ours, full      python -m gpt4llm.train peft=none (its default batching: packed rows)
     ours, LoRA      python -m gpt4llm.train peft=lora
     TRL, LoRA       trl.SFTTrainer(peft_config=LoraConfig(...)), padded batches (its default)
+
+--full compares full fine-tuning instead (issue 36: SFT's peak memory against TRL's):
+
+    ours, full                      as above (the loss on chunks of positions: task.chunked_loss=true)
+    ours, full, whole logits        task.chunked_loss=false (the logits of every supervised position at once)
+    TRL, full                       trl.SFTTrainer without peft (its own loss; chunked where TRL does it)
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ def build_model(directory: Path, hidden: int, layers: int) -> Path:
     )
 
 
-def run_ours(args, data: Path, model: Path, work: Path, peft: str) -> dict:
+def run_ours(args, data: Path, model: Path, work: Path, peft: str, chunked: bool = True) -> dict:
     import lightning as L
     from hydra import compose, initialize_config_module
 
@@ -98,6 +104,7 @@ def run_ours(args, data: Path, model: Path, work: Path, peft: str) -> dict:
         "logger.tensorboard=null",
         "validate_first=false",
         "data.num_workers=0",
+        f"task.chunked_loss={str(chunked).lower()}",
     ]
     if peft == "lora":
         overrides += [f"peft.{k}={json.dumps(v)}" for k, v in LORA.items()]
@@ -113,7 +120,7 @@ def run_ours(args, data: Path, model: Path, work: Path, peft: str) -> dict:
     return {"seconds": times["end"] - times["start"], "rss_at_start_mib": times["rss_at_start"]}
 
 
-def run_trl(args, rows: list[dict], model: Path, work: Path) -> dict:
+def run_trl(args, rows: list[dict], model: Path, work: Path, lora: bool = True) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -159,7 +166,7 @@ def run_trl(args, rows: list[dict], model: Path, work: Path) -> dict:
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA) if lora else None,
         callbacks=[Clock()],
     )
     trainer.train()
@@ -234,10 +241,11 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.variant == "trl_lora":
-        out = run_trl(args, rows, model, work)
+    if args.variant.startswith("trl_"):
+        out = run_trl(args, rows, model, work, lora=args.variant == "trl_lora")
     else:
-        out = run_ours(args, work / "data.json", model, work, "lora" if args.variant == "ours_lora" else "none")
+        peft = "lora" if args.variant == "ours_lora" else "none"
+        out = run_ours(args, work / "data.json", model, work, peft, chunked=args.variant != "ours_full_whole_logits")
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -246,6 +254,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--gpu", action="store_true", help="one GPU in bf16 (both ways) instead of the CPU in fp32")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning: ours (chunked loss or not) vs TRL")
     add_common_arguments(parser)
     args = parser.parse_args()
     if args.variant:
@@ -256,7 +265,9 @@ def main() -> None:
     (work / "data.json").write_text(json.dumps(rows, ensure_ascii=False))
     model = Path(args.pretrained) if args.pretrained else build_model(work / "model", args.hidden_size, args.layers)
     tokens = real_tokens(rows, model, args.max_length)
-    variants = ("ours_full", "ours_lora", "trl_lora")
+    variants = (
+        ("ours_full", "ours_full_whole_logits", "trl_full") if args.full else ("ours_full", "ours_lora", "trl_lora")
+    )
     results = run_children(__file__, variants, args.repeats, work, model, args, *(["--gpu"] if args.gpu else []))
     print(
         f"{len(rows)} examples ({tokens} real tokens), model {described(args)}, "
@@ -269,9 +280,16 @@ def main() -> None:
     grew = {v: statistics.median(r["peak_rss_mib"] - r["rss_at_start_mib"] for r in rs) for v, rs in results.items()}
     for v in variants:
         print(
-            f"{v:10s} {rate[v]:9.0f} tokens/s   peak RSS {rss[v]:7.0f} MiB   of which during training "
+            f"{v:22s} {rate[v]:9.0f} tokens/s   peak RSS {rss[v]:7.0f} MiB   of which during training "
             f"{grew[v]:6.0f} MiB"
         )
+    if args.full:
+        for v in ("ours_full", "ours_full_whole_logits"):
+            print(
+                f"{v} / TRL full: tokens/s {rate[v] / rate['trl_full']:.2f}, peak RSS {rss[v] / rss['trl_full']:.2f}, "
+                f"growth in training {grew[v] / grew['trl_full']:.2f}"
+            )
+        return
     print(
         f"ours LoRA / ours full: tokens/s {rate['ours_lora'] / rate['ours_full']:.2f}, "
         f"peak RSS {rss['ours_lora'] / rss['ours_full']:.2f}"

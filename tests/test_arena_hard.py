@@ -3,8 +3,9 @@
 - Ratings and bootstrap: FastChat's own elo_analysis (fschat, skipped where it is not installed), with its
   LogisticRegression made unpenalized with tol=1e-8 as Arena-Hard's compute_mle_elo calls it, and anchored as
   Arena-Hard anchors (the baseline moved to 1000).
-- Battles, leaderboard, messages and verdicts: literals produced by running lmarena/arena-hard-auto's own code from a
-  scratch directory outside this project (the repository is not available in CI): the v0.1-era scripts at commit
+- Battles, leaderboard (style control too), messages and verdicts: literals produced by running
+  lmarena/arena-hard-auto's own code from a scratch directory outside this project (the repository is not available
+  in CI): the v0.1-era scripts at commit
   3071ef95d913bb5cd632641db336a3b6c7fe4bdd (show_result.py blob 21c5eb95, utils_math.py blob 8d2c7aa4,
   gen_judgment.py blob 6afa7544) and HEAD 196f6b826783b3da7310e361a805fa36f0be83f3 (show_result.py blob aa9f2a2b,
   gen_judgment.py blob 0f6854cd), under Python 3.11, numpy 2.4.6 (with np.NAN = np.nan, the alias numpy 2 removed),
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import random
 import sys
 import types
 
@@ -22,6 +24,7 @@ import pytest
 
 from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.evaluation.arena_hard import (
+    average_tokens,
     battles,
     bootstrap,
     bradley_terry,
@@ -32,6 +35,10 @@ from gpt4llm.evaluation.arena_hard import (
     parse_verdict,
     score_battles,
     score_leaderboard,
+    style_bootstrap,
+    style_bradley_terry,
+    style_leaderboard,
+    style_matrices,
 )
 
 BASELINE = "gpt-4-0314"
@@ -416,3 +423,179 @@ def test_lopsided_battles_are_rated_where_the_reference_stops(pd):
     assert [(r["model"], r["score"], r["rating"]) for r in lost] == [("gpt-4-0314", 50.0, None), ("weak", 0.0, None)]
     won = AH.leaderboard(AH.battles([{"model": "strong", "games": ["B>A", "A>B"]}]), rounds=5)
     assert [(r["model"], r["score"]) for r in won] == [("strong", 100.0), ("gpt-4-0314", 50.0)]
+
+
+# 7. Style control = v0.1 show_result.py --style-control / --length-control-only / --markdown-control-only.
+def fixed_features():
+    """Each model's answers' conv_metadata for q00..q15 (the baseline's too), as Arena-Hard's answer files hold it:
+    token_len and dicts of markdown counts, drawn from random.Random(20240402).random(); model-x writes longer and
+    more markdown, model-y shorter and less."""
+    rng = random.Random(20240402)
+    length = {BASELINE: 400, "model-x": 700, "model-y": 250, "alpha-z": 500}
+    markdown = {BASELINE: 1.0, "model-x": 2.0, "model-y": 0.5, "alpha-z": 1.0}
+    features = {}
+    for model in length:
+        features[model] = {}
+        for q in range(16):
+            u = [rng.random() for _ in range(8)]
+            f = markdown[model]
+            features[model][f"q{q:02d}"] = {
+                "token_len": int(length[model] * (0.5 + u[0])),
+                "header_count": {"h1": int(2 * u[1]), "h2": int(4 * f * u[2]), "h3": int(3 * f * u[3]), "h4": 0,
+                                 "h5": 0, "h6": 0},
+                "list_count": {"ordered": int(8 * f * u[4]), "unordered": int(10 * f * u[5])},
+                "bold_count": {"**": int(6 * f * u[6]), "__": int(2 * u[7])},
+            }  # fmt: skip
+    return features
+
+
+# Literals: commit 3071ef9's show_result.py run from a scratch directory as `python show_result.py --judge-name judge
+# --output` plus the flag, on v01_records() as the only judgment file and one answer file per model whose
+# conv_metadata is fixed_features(); score/lower/upper are its csv's score, rating_q025, rating_q975 and the interval
+# its printed "95% CI" (the printed scores and "average #tokens" agree). Unrounded: its main block's steps for the
+# flag called one by one in a fresh process (utils_math's np.random.seed(42) on import):
+# get_battles_from_judgment(..., style_control=True), construct_style_matrices (apply_ratio and style_elements as
+# show_result passes them), fit_bt(X, Y, models, baseline_model="gpt-4-0314"), then
+# get_bootstrap_result_style_control(X, Y, battles, models, fit_bt, num_round=100): the ratings, style
+# coefficients and np.percentile(..., 2.5 / 97.5) of each bootstrap column. Our bootstrap table equalled its table
+# exactly (and our X, Y its matrices).
+REFERENCE_STYLE = {
+    "style": (
+        [
+            # model, score, lower, upper, printed interval, rating, rating 2.5%, rating 97.5%
+            ("model-x", 81.27, 62.11, 92.4, (-19.2, 11.1), 1368.9101536975347, 1199.8471780333305, 1547.9491467627565),
+            ("gpt-4-0314", 50.0, 50.0, 50.0, (0.0, 0.0), 1114.0, 1114.0, 1114.0),
+            ("alpha-z", 45.13, 32.42, 57.8, (-12.7, 12.7), 1080.0482675074938, 986.3871526445749, 1168.6429268298186),
+            ("model-y", 28.1, 12.73, 51.79, (-15.4, 23.7), 950.7770797816439, 779.6366039164135, 1126.4221787618658),
+        ],
+        # fit_bt's style coefficients; printed as "Style Coefficients: {...}" rounded to 3
+        {
+            "sum_assistant_a_tokens": -0.09806907315601478, "header_count_a": 0.1227988809762173,
+            "list_count_a": 0.04947039474149296, "bold_count_a": 0.09261796470373204,
+        },
+        {"sum_assistant_a_tokens": -0.098, "header_count_a": 0.123, "list_count_a": 0.049, "bold_count_a": 0.093},
+    ),
+    "length": (
+        [
+            ("model-x", 84.3, 74.26, 92.74, (-10.0, 8.4), 1406.0066178348125, 1298.0285141940635, 1556.444149480865),
+            ("gpt-4-0314", 50.0, 50.0, 50.0, (0.0, 0.0), 1114.0, 1114.0, 1114.0),
+            ("alpha-z", 44.22, 32.29, 55.81, (-11.9, 11.6), 1073.6342720128496, 985.372733801196, 1154.529094131478),
+            ("model-y", 24.25, 13.28, 37.8, (-11.0, 13.5), 916.0969819586138, 788.0961612155672, 1027.4970731421981),
+        ],
+        {"sum_assistant_a_tokens": -0.09893464307256007},
+        {"sum_assistant_a_tokens": -0.099},
+    ),
+    "markdown": (
+        [
+            ("model-x", 80.63, 63.62, 91.5, (-17.0, 10.9), 1361.7610091141437, 1211.1213782791187, 1526.7548584427163),
+            ("gpt-4-0314", 50.0, 50.0, 50.0, (0.0, 0.0), 1114.0, 1114.0, 1114.0),
+            ("alpha-z", 45.07, 32.8, 57.84, (-12.3, 12.8), 1079.6265251427749, 989.4112915339222, 1168.9479335861463),
+            ("model-y", 29.11, 16.73, 51.74, (-12.4, 22.6), 959.3941870802585, 835.2390332759516, 1126.0767229805122),
+        ],
+        {
+            "header_count_a": 0.13337896868382484, "list_count_a": 0.012949455975970844,
+            "bold_count_a": 0.08690541199254587,
+        },
+        {"header_count_a": 0.133, "list_count_a": 0.013, "bold_count_a": 0.087},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("control", ["style", "length", "markdown"])
+def test_style_leaderboard_equals_show_result(pd, control):
+    expected_rows, coefficients, displayed = REFERENCE_STYLE[control]
+    df = battles(v01_records(), BASELINE, features=fixed_features())
+    board = style_leaderboard(df, BASELINE, control=control, rounds=100, seed=42)
+    assert board["control"] == control
+    assert [row["model"] for row in board["rows"]] == [r[0] for r in expected_rows]
+    for row, (_, score, lower, upper, interval, rating, r_low, r_up) in zip(board["rows"], expected_rows):
+        assert (row["score"], row["lower"], row["upper"], row["interval"]) == (score, lower, upper, interval)
+        assert row["rating"] == pytest.approx(rating, abs=1e-6)
+        assert (row["rating_lower"], row["rating_upper"]) == pytest.approx((r_low, r_up), abs=1e-6)
+        assert row["skipped_rounds"] == 0
+    assert board["coefficients"] == pytest.approx(coefficients, abs=1e-9)
+    assert list(board["coefficients"]) == list(coefficients)  # the order show_result prints them in
+    assert board["displayed"] == displayed
+    ratings, fitted = style_bradley_terry(df, control, anchor=BASELINE)
+    assert list(ratings) == [r[0] for r in expected_rows] and fitted == board["coefficients"]
+
+
+def test_style_battles_carry_both_answers_features(pd):
+    features = fixed_features()
+    df = battles(v01_records(), BASELINE, features=features)
+    assert len(df) == 142 and list(df.columns[:4]) == ["question_id", "model_a", "model_b", "winner"]
+    first = df.iloc[0]  # model-x on q00: the baseline's features as _a, the model's as _b, dict counts summed
+    base, model = features[BASELINE]["q00"], features["model-x"]["q00"]
+    assert (first.sum_assistant_a_tokens, first.sum_assistant_b_tokens) == (base["token_len"], model["token_len"])
+    assert (first.header_count_a, first.header_count_b) == (
+        sum(base["header_count"].values()),
+        sum(model["header_count"].values()),
+    )
+    # counts given as plain ints are the same thing (construct_style_matrices takes either)
+    flat = {
+        m: {
+            q: {k: v if isinstance(v, int) else sum(v.values()) for k, v in meta.items()} for q, meta in answers.items()
+        }
+        for m, answers in features.items()
+    }
+    assert battles(v01_records(), BASELINE, features=flat).equals(df)
+    assert average_tokens(features) == {BASELINE: 403, "model-x": 633, "model-y": 270, "alpha-z": 463}  # printed
+    del features["model-y"]["q09"]  # a judgment with no verdict at all still needs its answers, as in the reference
+    with pytest.raises(RecordError, match="'model-y' on question 'q09' are missing"):
+        battles(v01_records(), BASELINE, features=features)
+    with pytest.raises(ConfigError, match="features="):
+        style_leaderboard(battles(v01_records(), BASELINE))
+    with pytest.raises(ConfigError, match="style control must be one of"):
+        style_leaderboard(df, control="verbosity")
+    with pytest.raises(RecordError, match="baseline 'nobody'"):
+        style_leaderboard(df, "nobody", rounds=2)
+
+
+def test_style_control_departures(pd):
+    """Where the reference fails or mislabels: a feature with one value everywhere (it divides by a zero deviation
+    and its fit fails on NaN) gets coefficient 0 and leaves the rest as without it; a model missing from a bootstrap
+    round (it shifts later models' names) gets NaN there; one-outcome battles and rounds as in `leaderboard`."""
+    import numpy as np
+
+    plain = {}
+    for model, answers in fixed_features().items():
+        plain[model] = {q: {"token_len": meta["token_len"], "header_count": 0, "list_count": 0, "bold_count": 2}
+                        for q, meta in answers.items()}  # fmt: skip
+    df = battles(v01_records(), BASELINE, features=plain)
+    x, _, models = style_matrices(df, "style")
+    assert not x[:, len(models) + 1 :].any()
+    style = style_leaderboard(df, control="style", rounds=20)
+    length = style_leaderboard(df, control="length", rounds=20)
+    assert style["displayed"] | {"sum_assistant_a_tokens": 0} == dict.fromkeys(style["displayed"], 0)
+    assert style["coefficients"]["sum_assistant_a_tokens"] == pytest.approx(
+        length["coefficients"]["sum_assistant_a_tokens"], abs=1e-9
+    )
+    assert {r["model"]: r["rating"] for r in style["rows"]} == pytest.approx(
+        {r["model"]: r["rating"] for r in length["rows"]}, abs=1e-6
+    )
+
+    rare = [{"question_id": "q00", "model": "rare", "games": ["A>B", "B>A"]}]
+    plain["rare"] = {"q00": plain["model-x"]["q00"]}
+    table = style_bootstrap(battles(v01_records() + rare, BASELINE, features=plain), "length", rounds=30, seed=1)
+    assert table["rare"].isna().any() and table["rare"].notna().any()
+    assert table.drop(columns="rare").notna().all().all()
+
+    weak = {BASELINE: {}, "weak": {}}
+    judgments = []
+    for i in range(31):
+        weak[BASELINE][i], weak["weak"][i] = {"token_len": 100 + i, "header_count": i % 3, "list_count": 1,
+                                              "bold_count": i % 2}, {"token_len": 50, "header_count": 0,
+                                              "list_count": i % 4, "bold_count": 0}  # fmt: skip
+        games = ["A=B", "B>A"] if i == 30 else ["A>>B", "B>>A"]
+        judgments.append({"question_id": i, "model": "weak", "games": games})
+    board = style_leaderboard(battles(judgments, features=weak), rounds=50)
+    rows = {r["model"]: r for r in board["rows"]}
+    assert rows["weak"]["skipped_rounds"] > 0 and rows["weak"]["score"] < 10
+    assert rows["weak"]["rating"] == style_bradley_terry(battles(judgments, features=weak))[0]["weak"]
+    assert np.isfinite(list(board["coefficients"].values())).all()
+    lost = style_leaderboard(battles(judgments[:30], features=weak), rounds=50)
+    assert [(r["model"], r["score"], r["rating"]) for r in lost["rows"]] == [
+        (BASELINE, 50.0, None),
+        ("weak", 0.0, None),
+    ]
+    assert lost["coefficients"] is None and lost["displayed"] is None

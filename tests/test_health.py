@@ -99,14 +99,14 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, mo
     import gpt4llm.models.sft_module as sft
     from gpt4llm.train import train
 
-    real_loss, calls = sft.token_loss, []
+    real_loss, calls = sft.SFTModule.loss, []
 
-    def loss_going_nan(logits, targets):
-        loss, tokens = real_loss(logits, targets)
+    def loss_going_nan(self, batch):
+        loss, tokens = real_loss(self, batch)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 6 else loss), tokens  # the 6th training batch: step 5
 
-    monkeypatch.setattr(sft, "token_loss", loss_going_nan)
+    monkeypatch.setattr(sft.SFTModule, "loss", loss_going_nan)
     cfg = compose_train(
         demo_overrides(
             tmp_path,

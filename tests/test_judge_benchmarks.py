@@ -244,3 +244,40 @@ def test_alpaca_eval_with_our_served_model_as_the_judge(tiny_model_dir, tmp_path
     assert summary["failed"] == [] and summary["read_by_text"] == N
     annotations = json.loads((tmp_path / "r" / "alpaca_eval_annotations_ours.json").read_text())
     assert all(a["read_by"] == "text" for a in annotations) and len(annotations) == N
+
+
+def test_arena_hard_style_control_is_a_second_leaderboard(loopback, tmp_path, monkeypatch):
+    """metric.style_control=style: the answers' features (tokens by the counter Arena-Hard uses, replaced here by a
+    word count: tiktoken's file is a download) and a style-controlled leaderboard beside the plain one, as
+    show_result.py --style-control computes them (its numbers: tests/test_arena_hard.py)."""
+    from hydra import compose, initialize_config_dir
+
+    from gpt4llm.app import resolvers
+    from gpt4llm.evaluate import evaluate
+    from gpt4llm.evaluation import answer_style
+    from helpers.configs import CONF
+
+    resolvers.register()
+    arena_files(tmp_path / "files")
+    srv = loopback(ChatServer, reply=arena_judge)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"id": q, "model": "ours", "response": a}) + "\n" for q, a in MINE.items()))
+    monkeypatch.setattr(answer_style, "tiktoken_counter", lambda: lambda text: len(text.split()))
+    args = arena_args(tmp_path, srv, f"responses={mine}", "metric.min_success=0", "metric.style_control=style")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[*args, f"paths.output_dir={tmp_path / 'r'}"])
+    (tmp_path / "r").mkdir()
+    evaluate(cfg)
+    styled = json.loads((tmp_path / "r" / "arena_hard_style_leaderboard.json").read_text())
+    judgments = [json.loads(line) for line in (tmp_path / "r" / "arena_hard_judgments_ours.jsonl").open()]
+    count = answer_style.tiktoken_counter()
+    features = {"gpt-4-0314": {q: answer_style.style_features(a, count) for q, a in BASELINE.items()}}
+    features["ours"] = {q: answer_style.style_features(a, count) for q, a in MINE.items()}
+    battles = AH.battles(judgments, "gpt-4-0314", 1, features=features)
+    expected = AH.style_leaderboard(battles, "gpt-4-0314", control="style", rounds=10, seed=42)
+    assert styled == json.loads(json.dumps(expected))
+    summary = json.loads((tmp_path / "r" / "arena_hard_summary_ours.json").read_text())
+    assert summary["style_control"]["coefficients"] == expected["displayed"]
+    assert (
+        summary["style_control"]["row"]["score"] == next(r for r in expected["rows"] if r["model"] == "ours")["score"]
+    )

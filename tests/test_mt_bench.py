@@ -261,3 +261,24 @@ def test_turns_resume_after_a_torn_second_turn_and_refuse_changed_questions(tiny
     changed = [QUESTIONS[0] | {"turns": ["Another question.", QUESTIONS[0]["turns"][1]]}, *QUESTIONS[1:]]
     with pytest.raises(RecordError, match="turn1.jsonl: the answer to 81 was asked another question"):
         answer(tmp_path / "a", changed)
+
+
+def test_offline_a_missing_benchmark_file_is_one_error_naming_it(tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"id": int(k), "turns": v}) + "\n" for k, v in ANSWERS.items()))
+    env = dict(os.environ, GPT4LLM_OFFLINE="1")
+    args = [
+        "metric=mt_bench",
+        f"responses={answers}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "gpt4llm.evaluate", *args], cwd=tmp_path, env=env, text=True,
+                          capture_output=True, timeout=300)  # fmt: skip
+    target = tmp_path / "data" / "mt_bench" / "question.jsonl"
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"Error: {target} is missing, and GPT4LLM_OFFLINE is set, so it is not downloaded from "
+        "https://raw.githubusercontent.com/lm-sys/FastChat/0e6d3e4beaab66f4d3f93db72541a4abab8af28d/fastchat/llm_judge/"
+        f"data/mt_bench/question.jsonl. Copy the file to {target}, or set metric.files.questions.path=/path/to/"
+        "question.jsonl."
+    )

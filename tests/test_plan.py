@@ -254,14 +254,15 @@ def test_dpo_plans_two_sequences_a_pair_and_a_live_reference_beside_the_policy()
     live = make_plan(compose_plan(common + ["task.reference=live"]), device="V100-32GB")
     sft = make_plan(
         compose_plan(
-            ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", "strategy=deepspeed_zero3", "data.batch_size=2"]
+            ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", "strategy=deepspeed_zero3", "data.batch_size=4"]
         ),
         device="V100-32GB",
     )
     assert cached.accumulation == 1 and cached.global_batch == 32  # 32 pairs: 2 per device x 16
-    # chosen and rejected: the activations of 4 sequences of a batch of 2 pairs, twice SFT's at 2 sequences
+    # chosen and rejected: the activations of 4 sequences of a batch of 2 pairs, SFT's at 4 sequences (both losses
+    # chunked: one chunk's logits at a time)
     assert cached.gpu_bytes.activations_with_checkpointing == pytest.approx(
-        2 * sft.gpu_bytes.activations_with_checkpointing
+        sft.gpu_bytes.activations_with_checkpointing
     )
     reference = live.gpu_bytes.parameters - cached.gpu_bytes.parameters  # the frozen copy's 16-bit shard
     assert reference == pytest.approx(2 * cached.parameters["total"] / 16)
@@ -301,3 +302,16 @@ def test_the_plan_counts_the_dpo_reference_pass_before_step_1(tmp_path):
     assert (
         make_plan(compose_plan(["model=llama7b", "trainer=gpu", "plan.device=A100-80GB"])).reference_pass_hours is None
     )
+
+
+def test_a_chunked_loss_plans_one_chunk_of_logits_not_the_batchs():
+    """LLaMA-7B (32001 entries with the paper's added pad token), 4 sequences of 512 tokens: the whole logits are
+    2048 x 32001 x (2 + 8) bytes; chunked, 1024 positions' at a time plus the final hidden state of every token
+    (2048 x 4096 x 2) that the chunks are recomputed from."""
+    common = ["experiment=paper_sft_llama7b_gpt4", "trainer=v100x16", "strategy=deepspeed_zero3", "data.batch_size=4"]
+    chunked = make_plan(compose_plan(common), device="V100-32GB").gpu_bytes.activations_with_checkpointing
+    whole = make_plan(compose_plan([*common, "task.chunked_loss=false"]), device="V100-32GB")
+    saved = whole.gpu_bytes.activations_with_checkpointing - chunked
+    assert saved == (2 + 8) * 32001 * (2048 - 1024) - 2 * 4096 * 2048
+    fsdp = make_plan(compose_plan([*common[:-2], "strategy=fsdp", "data.batch_size=4"]), device="V100-32GB")
+    assert fsdp.gpu_bytes.activations_with_checkpointing > chunked  # FSDP takes the model's whole logits

@@ -418,6 +418,10 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
     except RecordError as why:  # no verdict to rate (a judge that gives none), or ratings that cannot be fit
         print(f"\nArena-Hard: no ratings: {why}")
         table = []
+    styled = None
+    if m.style_control and table:
+        styled = _arena_style_board(AH, m, list(judgments.values()), baseline, models, ids)
+        json_files.write_json(out / "arena_hard_style_leaderboard.json", styled, indent=2)
     summaries = []
     for name, _ in models:
         mine = [j for (model, _), j in judgments.items() if model == name]
@@ -433,6 +437,9 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
             "verdicts": 2 * len(mine) - len(unread),
         }
         summary |= {"no_verdict": unread, "leaderboard_row": row, "judge": {"base_url": m.base_url, "model": m.model}}
+        if styled:
+            summary["style_control"] = {"control": styled["control"], "coefficients": styled["displayed"]}
+            summary["style_control"]["row"] = next((r for r in styled["rows"] if r["model"] == name), None)
         json_files.write_json(out / f"arena_hard_summary_{slug(name)}.json", summary, indent=2)
         summaries.append(summary)
     json_files.write_json(out / "arena_hard_leaderboard.json", table, indent=2)
@@ -444,6 +451,10 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
             f"| {r['model']} | {r['score']:.1f} | ({r['interval'][0]:+.1f}, {r['interval'][1]:+.1f}) | "
             f"{rating} | {r['battles']} |"
         )
+    if styled:
+        print(f"\nWith {styled['control']} control (coefficients {styled['displayed']}):")
+        for r in styled["rows"]:
+            print(f"| {r['model']} | {r['score']:.1f} | ({r['interval'][0]:+.1f}, {r['interval'][1]:+.1f}) |")
     if table and table[0].get("skipped_rounds"):
         print(f"  {table[0]['skipped_rounds']} of {m.rounds} bootstrap resamples had one outcome and were skipped")
     for r in table:
@@ -462,6 +473,18 @@ def evaluate_arena_hard_cmd(cfg: DictConfig, out: Path) -> list[dict]:
             "run the same command again: failed requests are asked again, answers come from the cache",
         )
     return table
+
+
+def _arena_style_board(AH, m: DictConfig, judgments: list[dict], baseline: dict, models: list, ids: list) -> dict:
+    """show_result's --style-control (or --length-control-only, --markdown-control-only): the answers' lengths in
+    tokens (tiktoken's, as Arena-Hard counts them) and markdown counts, the baseline's and each model's."""
+    from gpt4llm.evaluation.answer_style import style_features, tiktoken_counter
+
+    count = tiktoken_counter()
+    features = {m.baseline: {qid: style_features(baseline[qid], count) for qid in ids}}
+    features |= {name: {qid: style_features(answers[qid], count) for qid in ids} for name, answers in models}
+    battles = AH.battles(judgments, baseline=m.baseline, weight=m.weight, features=features)
+    return AH.style_leaderboard(battles, m.baseline, control=m.style_control, rounds=m.rounds, seed=m.seed)
 
 
 def _continued(replies: list[str], prompt: str) -> list[dict]:

@@ -14,9 +14,11 @@ From HEAD 196f6b826783b3da7310e361a805fa36f0be83f3 (2025-06-20, v2.0 era), which
 config/arena-hard-v0.1.yaml: its `get_score` (parse_verdict rules="v2.0": the text upper-cased, a list of patterns,
 the last match) and its show_result.py (blob aa9f2a2b) without style control: `load_judgments` + `print_leaderboard`
 (`score_battles`, `score_leaderboard`: the mean of per-game scores, not Bradley-Terry).
-Not reproduced: style control (v0.1-era `--style-control` / `--length-control-only` / `--markdown-control-only`, and
-HEAD's `--control-features`): it needs token counts (tiktoken) and markdown counts of every answer and, at HEAD, a
-torch fit of its own (utils/math_utils.py). Nor v0.1's "average #tokens" column (token counts of the answers).
+Style control, v0.1 era (show_result.py `--style-control`, `--length-control-only`, `--markdown-control-only`;
+utils_math.py `construct_style_matrices`, `fit_bt`, `get_bootstrap_result_style_control`): `battles(features=...)`,
+`style_matrices`, `style_bradley_terry`, `style_bootstrap`, `style_leaderboard`, and its "average #tokens" column
+(`average_tokens`); the features of each answer come from `answer_style.style_features` (gen_answer.py's
+conv_metadata). Not reproduced: HEAD's `--control-features` (a torch fit of its own, utils/math_utils.py).
 
 Pinned inputs (raw.githubusercontent.com/lmarena/arena-hard-auto/<commit>/<path>, git blob id):
 - questions, HEAD layout (uid, category, cluster, prompt): .../196f6b826783b3da7310e361a805fa36f0be83f3/
@@ -39,14 +41,20 @@ Where we differ from the reference on purpose (none of it changes a v0.1 run aga
 - the seeded draws come from a private numpy RandomState, not the global one (same numbers, no side effect);
 - battle order is the order of the judgments given; the reference's follows glob() over its judgment files, so a
   seeded bootstrap gives the reference's numbers when the judgments come in that order;
-- HEAD's show_result keeps only the last "/"-part of model names; we keep names as given.
+- HEAD's show_result keeps only the last "/"-part of model names; we keep names as given;
+- style control: a feature with the same value in every battle is a column of zeros (coefficient 0), where the
+  reference divides by a zero deviation and fails; a bootstrap round without one of the models gives it NaN, where
+  the reference renames the later models' ratings; rounds with one outcome are skipped and counted, and one-outcome
+  battles give 0 / 100, as without style control.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gpt4llm.errors import ConfigError, RecordError
@@ -69,6 +77,24 @@ RULES = ("v0.1", "v2.0")
 _GAME_1 = {"A>>B": ("model_a", True), "A>B": ("model_a", False), "A=B": ("tie", False)}
 _GAME_1 |= {"B>A": ("model_b", False), "B>>A": ("model_b", True)}
 _SWAP = {"model_a": "model_b", "model_b": "model_a", "tie": "tie"}
+
+# Style control (v0.1 utils_math.py): per conv_metadata feature, get_battles_from_row's battle columns for the baseline
+# (model_a) and the model (model_b). The model_a name is the name show_result prints for the feature's coefficient.
+_STYLE_COLUMNS = {
+    "token_len": ("sum_assistant_a_tokens", "sum_assistant_b_tokens"),
+    "header_count": ("header_count_a", "header_count_b"),
+    "list_count": ("list_count_a", "list_count_b"),
+    "bold_count": ("bold_count_a", "bold_count_b"),
+}
+# The features of show_result's --style-control (STYLE_CONTROL_ELEMENTS), --length-control-only
+# (LENGTH_CONTROL_ELEMENTS) and --markdown-control-only (MARKDOWN_CONTROL_ELEMENTS); each passes an apply_ratio of
+# all ones, so every feature is taken as a ratio there.
+STYLE_CONTROLS = {
+    "style": ("token_len", "header_count", "list_count", "bold_count"),
+    "length": ("token_len",),
+    "markdown": ("header_count", "list_count", "bold_count"),
+}
+STYLE_ANCHOR_RATING = 1114  # fit_bt moves the baseline to 1114, not compute_mle_elo's 1000 (win rates do not change)
 
 # HEAD show_result's label_to_score: (A's score, strong) per label, a strong one repeated `weight` times. Game 2
 # has the model as A; for game 1 (baseline as A) it takes 1 - each. HEAD knows these ten labels and fails on others.
@@ -179,20 +205,35 @@ def _verdict(game: Any) -> str | None:
 
 
 def battles(
-    judgments: list[dict], baseline: str = BASELINE, weight: int = 3, first_game_only: bool = False
+    judgments: list[dict],
+    baseline: str = BASELINE,
+    weight: int = 3,
+    first_game_only: bool = False,
+    features: Mapping[str, Mapping[Any, Mapping[str, Any]]] | None = None,
 ) -> pd.DataFrame:
     """v0.1 show_result's battles: per judgment (Arena-Hard's record: "model", "games" with the verdicts of game 1,
     the baseline as A, and game 2, the model as A; "question_id" or "uid" kept when present) one row per game with
     model_a = the baseline, model_b = the model and winner model_a / model_b / tie; a strong verdict (>>) gives
-    `weight` identical rows; a game without one of the five labels gives none."""
+    `weight` identical rows; a game without one of the five labels gives none.
+
+    For style control (`style_leaderboard`), `features` maps model -> question id -> that answer's conv_metadata
+    (`answer_style.style_features`, or the "conv_metadata" of Arena-Hard's answer files): it must hold the baseline's
+    and every judged model's answer to every judged question. Each row then gets the baseline's and the model's
+    features under get_battles_from_row's names (sum_assistant_a_tokens / _b_tokens, header_count_a / _b,
+    list_count_a / _b, bold_count_a / _b; a count given as a dict is summed, as construct_style_matrices does)."""
     import pandas as pd
 
     if weight < 1:
         raise ConfigError(f"arena_hard weight must be at least 1, got {weight}")
+    columns = ["question_id", "model_a", "model_b", "winner"]
+    if features is not None:
+        columns += [column for pair in _STYLE_COLUMNS.values() for column in pair]
     rows = []
     for i, record in enumerate(judgments):
         games = _games(record, i, 1 if first_game_only else 2)
         question_id = record.get("question_id", record.get("uid"))
+        # Looked up for every judgment, a game without a verdict too, as get_battles_from_row does.
+        style = {} if features is None else _battle_features(features, baseline, record["model"], question_id, i)
         for number, game in enumerate(games[: 1 if first_game_only else 2]):
             verdict = _verdict(game)
             outcome = _GAME_1.get(verdict) if isinstance(verdict, str) else None
@@ -201,8 +242,35 @@ def battles(
             winner, strong = outcome
             row = {"question_id": question_id, "model_a": baseline, "model_b": record["model"]}
             row["winner"] = _SWAP[winner] if number == 1 else winner
-            rows += [row] * (weight if strong else 1)
-    return pd.DataFrame(rows, columns=["question_id", "model_a", "model_b", "winner"])
+            rows += [row | style] * (weight if strong else 1)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _feature_value(metadata: Mapping[str, Any], name: str, where: str) -> int:
+    """One conv_metadata entry as a number: an int, or a dict of counts summed (header_count: {"h1": .., ...})."""
+    value = metadata.get(name) if isinstance(metadata, Mapping) else None
+    if isinstance(value, Mapping):
+        value = sum(value.values())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RecordError(f"arena_hard style features {where}: {name!r} must be a count or a dict of counts")
+    return int(value)
+
+
+def _battle_features(features: Mapping, baseline: str, model: str, question_id: Any, i: int) -> dict[str, int]:
+    if question_id is None:
+        raise RecordError(f"arena_hard judgment {i} has no 'question_id' (or 'uid') to find its answers' features")
+    style = {}
+    for side, name in ((0, baseline), (1, model)):
+        metadata = features.get(name, {}).get(question_id)
+        where = f"of {name!r} on question {question_id!r}"
+        if metadata is None:
+            raise RecordError(
+                f"arena_hard style features {where} are missing (judgment {i}); pass the features of the baseline's "
+                "and every judged model's answers"
+            )
+        for feature, pair in _STYLE_COLUMNS.items():
+            style[pair[side]] = _feature_value(metadata, feature, where)
+    return style
 
 
 def _unpenalized_logistic_regression(tol: float):
@@ -254,6 +322,17 @@ def bradley_terry(
     return {str(m): float(r) for m, r in ranked.items()}
 
 
+def _one_blas_thread():
+    """The bootstrap's many small fits on one BLAS thread: scipy's L-BFGS-B calls BLAS on vectors of a few entries,
+    and a multithreaded BLAS pays its thread handoff on each call (a fit took 90 ms instead of 2 ms on 2 busy cores).
+    The sums are the same, so are the numbers. A no-op without threadpoolctl (a scikit-learn dependency)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def bootstrap(
     battles: pd.DataFrame, rounds: int = 100, seed: int | None = SEED, anchor: str = BASELINE
 ) -> pd.DataFrame:
@@ -268,12 +347,13 @@ def bootstrap(
         raise ConfigError(f"arena_hard bootstrap rounds must be at least 1, got {rounds}")
     generator = np.random.RandomState(seed)
     ratings, skipped = [], 0
-    for _ in range(rounds):
-        sample = battles.sample(frac=1.0, replace=True, random_state=generator)
-        try:
-            ratings.append(pd.Series(bradley_terry(sample, anchor=anchor)))
-        except OneOutcome:  # the reference fails the whole run here (few battles, a lopsided model): skipped, counted
-            skipped += 1
+    with _one_blas_thread():
+        for _ in range(rounds):
+            sample = battles.sample(frac=1.0, replace=True, random_state=generator)
+            try:
+                ratings.append(pd.Series(bradley_terry(sample, anchor=anchor)))
+            except OneOutcome:  # the reference fails the run here (few battles, a lopsided model): skipped, counted
+                skipped += 1
     if not ratings:
         raise OneOutcome(f"arena_hard: every one of the {rounds} bootstrap resamples has one outcome")
     table = pd.DataFrame(ratings)
@@ -303,16 +383,27 @@ def leaderboard(
     ratings, each turned into a win rate against the baseline (the baseline's own rating in that column as the
     opponent): `score`, `lower`, `upper` in % (2 decimals, the values of its csv); `interval` = (lower - score,
     upper - score) rounded to 1 decimal, as it prints it next to round(score, 1); `battles` = rows with the model
-    (weighted). Sorted by score, highest first, as its pandas sort does (ties in name order)."""
-    import numpy as np
-    import pandas as pd
-
-    if len(battles) and battles["winner"].nunique() == 1 and battles["winner"].iloc[0] in ("model_a", "model_b"):
+    (weighted). Sorted by score, highest first, as its pandas sort does (ties in name order). With style control:
+    `style_leaderboard`."""
+    if _one_outcome(battles):
         return _one_outcome_rows(battles, baseline)
     ratings = bradley_terry(battles, anchor=baseline)
     if baseline not in ratings:
         raise RecordError(f"arena_hard baseline {baseline!r} is in no battle; the battles hold {sorted(ratings)}")
-    rounds_table = bootstrap(battles, rounds=rounds, seed=seed, anchor=baseline)
+    return _board(battles, baseline, ratings, bootstrap(battles, rounds=rounds, seed=seed, anchor=baseline))
+
+
+def _one_outcome(battles: pd.DataFrame) -> bool:
+    """Every battle won by the same side: no logistic fit exists (the reference stops on sklearn's error)."""
+    winners = battles["winner"]
+    return len(battles) > 0 and winners.nunique() == 1 and winners.iloc[0] in ("model_a", "model_b")
+
+
+def _board(battles: pd.DataFrame, baseline: str, ratings: dict[str, float], rounds_table: pd.DataFrame) -> list[dict]:
+    """show_result's stats from the ratings of all battles and the bootstrap's table (see `leaderboard`)."""
+    import numpy as np
+    import pandas as pd
+
     models = sorted(ratings)
     columns = {
         "rating": ratings,
@@ -351,6 +442,174 @@ def _one_outcome_rows(battles: pd.DataFrame, baseline: str) -> list[dict]:
         rows[-1] |= {"rating": None, "rating_lower": None, "rating_upper": None, "battles": int(counts[m])}
         rows[-1]["one_outcome"] = f"every battle won by {won}: no rating can be fit"
     return sorted(rows, key=lambda r: -r["score"])
+
+
+def _control_features(control: str) -> tuple[str, ...]:
+    if control not in STYLE_CONTROLS:
+        raise ConfigError(f"arena_hard style control must be one of {sorted(STYLE_CONTROLS)}, got {control!r}")
+    return STYLE_CONTROLS[control]
+
+
+def style_matrices(battles: pd.DataFrame, control: str = "style") -> tuple[Any, Any, list[str]]:
+    """construct_style_matrices as show_result calls it for `control`: the Bradley-Terry design of `bradley_terry`
+    (battles written twice; +ln 10 for model_a's column, -ln 10 for model_b's; y = A won, a tie a win in the first
+    copy only), plus one column per style feature: (a - b) / (a + b + 1) of model_a's (the baseline's) and model_b's
+    values, standardised to mean 0 and (population) standard deviation 1 over all rows. Returns (x, y, models), the
+    models in order of first appearance. A feature with one value on every row (standard deviation 0) is a column of
+    zeros here, so its coefficient is 0; the reference divides by 0 and its fit fails on the NaN."""
+    import numpy as np
+    import pandas as pd
+
+    names = _control_features(control)
+    needed = [column for name in names for column in _STYLE_COLUMNS[name]]
+    if missing := [column for column in needed if column not in battles.columns]:
+        raise ConfigError(f"arena_hard style control needs battles made with features= (missing columns {missing})")
+    if len(battles) == 0:
+        raise RecordError("arena_hard has no battles to rate (every verdict unparsable, or no judgments)")
+    models = pd.unique(pd.concat([battles["model_a"], battles["model_b"]]).to_numpy())
+    column = {m: j for j, m in enumerate(models)}
+    n, p, k = len(battles), len(models), len(names)
+    rows = np.arange(2 * n)
+    x = np.zeros((2 * n, p + k))
+    x[rows, np.tile(battles["model_a"].map(column).to_numpy(), 2)] = +math.log(10)
+    x[rows, np.tile(battles["model_b"].map(column).to_numpy(), 2)] = -math.log(10)
+    # (features, rows) over both copies, the reference's layout, so its means and deviations round the same way
+    a = np.tile(np.array([battles[_STYLE_COLUMNS[name][0]] for name in names], dtype=float), 2)
+    b = np.tile(np.array([battles[_STYLE_COLUMNS[name][1]] for name in names], dtype=float), 2)
+    ratio = (a - b) / (a + b + 1)
+    mean, std = np.mean(ratio, axis=1), np.std(ratio, axis=1)
+    centred = ratio - mean[:, np.newaxis]
+    x[:, p:] = np.divide(centred, std[:, np.newaxis], out=np.zeros_like(centred), where=std[:, np.newaxis] > 0).T
+    winner = battles["winner"].to_numpy()
+    a_won = winner == "model_a"
+    tie = (winner == "tie") | (winner == "tie (bothbad)")
+    y = np.concatenate([a_won | tie, a_won]).astype(float)
+    return x, y, [str(m) for m in models]
+
+
+def _style_fit(x: Any, y: Any, models: list[str], anchor: str) -> tuple[dict[str, float], Any]:
+    """fit_bt: sklearn's LogisticRegression(fit_intercept=False) with its defaults, which the reference keeps: an L2
+    penalty with C=1 (unlike compute_mle_elo's unpenalised fit), lbfgs, tol=1e-4, max_iter=100. Ratings are
+    400 * coefficient + 1000, moved so that the anchor has STYLE_ANCHOR_RATING; only models with a battle in x are
+    rated. Returns (ratings highest first, the style coefficients)."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    if y.min() == y.max():
+        raise OneOutcome("arena_hard battles all have one outcome; no rating can be fit")
+    p = len(models)
+    present = x[:, :p].any(axis=0)
+    if anchor not in models or not present[models.index(anchor)]:
+        raise _NoAnchor(f"arena_hard baseline {anchor!r} is in no battle; the battles hold {models}")
+    coef = LogisticRegression(fit_intercept=False).fit(x, y).coef_[0]
+    ratings = 400 * coef[:p] + 1000
+    ratings += STYLE_ANCHOR_RATING - ratings[models.index(anchor)]
+    ranked = pd.Series(ratings[present], index=np.array(models, dtype=object)[present]).sort_values(ascending=False)
+    return {str(m): float(r) for m, r in ranked.items()}, coef[p:]
+
+
+class _NoAnchor(RecordError):
+    """The baseline has no battle, so the ratings cannot be anchored."""
+
+
+def style_bradley_terry(
+    battles: pd.DataFrame, control: str = "style", anchor: str = BASELINE
+) -> tuple[dict[str, float], dict[str, float]]:
+    """fit_bt on construct_style_matrices: the style-controlled ratings (the anchor at 1114, highest first) and the
+    style coefficients under the names show_result prints (sum_assistant_a_tokens, header_count_a, list_count_a,
+    bold_count_a: model_a's column names). A positive coefficient: the answer with more of the feature, relative to
+    the two answers' total, tends to win."""
+    x, y, models = style_matrices(battles, control)
+    ratings, coef = _style_fit(x, y, models, anchor)
+    return ratings, _coefficients(control, coef)
+
+
+def _coefficients(control: str, coef: Any) -> dict[str, float]:
+    return {_STYLE_COLUMNS[name][0]: float(c) for name, c in zip(_control_features(control), coef)}
+
+
+def _style_rounds(x: Any, y: Any, models: list[str], rounds: int, seed: int | None, anchor: str) -> pd.DataFrame:
+    """get_bootstrap_result_style_control: each round draws as many battles as there are, with replacement, by their
+    index into the first copy (numpy's choice from RandomState(seed), which draws what np.random.choice draws after
+    np.random.seed(seed)); a drawn tie brings its rows from both copies, another battle its first-copy row twice,
+    in the reference's row order (others, others again, ties, ties' second copies); the matrices, standardisation
+    included, are not rebuilt. One row of ratings per round, models by median, highest first.
+
+    Departures: a round with one outcome or without the baseline is skipped and counted (attrs["skipped_rounds"]),
+    where the reference stops; a model with no battle in a round gets NaN there, where the reference (which drops
+    such models' names but not their columns) gives the later models' ratings under shifted names."""
+    import numpy as np
+    import pandas as pd
+
+    if rounds < 1:
+        raise ConfigError(f"arena_hard bootstrap rounds must be at least 1, got {rounds}")
+    n = len(y) // 2
+    tie = (y[:n] == 1) & (y[n:] == 0)  # a tie is a win in the first copy and a loss in the second
+    generator = np.random.RandomState(seed)
+    ratings, skipped = [], 0
+    with _one_blas_thread():
+        for _ in range(rounds):
+            drawn = generator.choice(n, size=n, replace=True)
+            others, ties = drawn[~tie[drawn]], drawn[tie[drawn]]
+            order = np.concatenate([others, others, ties, ties + n])
+            try:
+                ratings.append(pd.Series(_style_fit(x[order], y[order], models, anchor)[0]))
+            except (OneOutcome, _NoAnchor):
+                skipped += 1
+    if not ratings:
+        raise OneOutcome(f"arena_hard: none of the {rounds} bootstrap resamples can be fit (one outcome each)")
+    table = pd.DataFrame(ratings)
+    table = table[table.median().sort_values(ascending=False).index]
+    table.attrs["skipped_rounds"] = skipped
+    return table
+
+
+def style_bootstrap(
+    battles: pd.DataFrame, control: str = "style", rounds: int = 100, seed: int | None = SEED, anchor: str = BASELINE
+) -> pd.DataFrame:
+    """get_bootstrap_result_style_control on construct_style_matrices (see `_style_rounds`): one row of
+    style-controlled ratings per round, models by median rating, highest first."""
+    x, y, models = style_matrices(battles, control)
+    return _style_rounds(x, y, models, rounds, seed, anchor)
+
+
+def style_leaderboard(
+    battles: pd.DataFrame,
+    baseline: str = BASELINE,
+    control: str = "style",
+    rounds: int = 100,
+    seed: int | None = SEED,
+) -> dict:
+    """show_result.py with --style-control (control="style"), --length-control-only ("length") or
+    --markdown-control-only ("markdown"), on battles made with `battles(..., features=...)`:
+    {"control": control, "rows": the rows of `leaderboard` computed from the style-controlled fit and its bootstrap
+    (score, lower, upper, interval as it prints and saves them; rating, rating_lower, rating_upper with the baseline
+    at 1114), "coefficients": the style coefficients by show_result's names, "displayed": those rounded to 3 decimals
+    as it prints them ("Style Coefficients: {...}")}.
+
+    As in `leaderboard`, battles all won by one side give 0 / 100 with no rating and no coefficients (None), and
+    bootstrap rounds that cannot be fit are skipped and counted in each row's skipped_rounds."""
+    _control_features(control)
+    if _one_outcome(battles):
+        rows = _one_outcome_rows(battles, baseline)
+        return {"control": control, "rows": rows, "coefficients": None, "displayed": None}
+    x, y, models = style_matrices(battles, control)
+    ratings, coef = _style_fit(x, y, models, baseline)
+    rows = _board(battles, baseline, ratings, _style_rounds(x, y, models, rounds, seed, baseline))
+    coefficients = _coefficients(control, coef)
+    displayed = {name: round(value, 3) for name, value in coefficients.items()}
+    return {"control": control, "rows": rows, "coefficients": coefficients, "displayed": displayed}
+
+
+def average_tokens(features: Mapping[str, Mapping[Any, Mapping[str, Any]]]) -> dict[str, int]:
+    """show_result's "average #tokens" per model: int(the mean token_len over the model's answers). Pass the
+    features of every answer in the model's answer file, judged or not, as the reference reads them all."""
+    averages = {}
+    for model, answers in features.items():
+        lengths = [_feature_value(meta, "token_len", f"of {model!r} on question {q!r}") for q, meta in answers.items()]
+        averages[model] = int(sum(lengths) / len(lengths)) if lengths else 0
+    return averages
 
 
 def score_battles(judgments: list[dict], weight: int = 3) -> pd.DataFrame:

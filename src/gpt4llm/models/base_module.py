@@ -43,6 +43,11 @@ class HFBackboneModule(L.LightningModule):
         return cls.sequences_per_example
 
     @classmethod
+    def loss_chunk(cls, settings) -> int | None:
+        """Positions whose vocabulary-wide logits the loss holds at once (None: all of the batch's)."""
+        return None
+
+    @classmethod
     def keeps_frozen_copy(cls, settings) -> bool:
         """Whether a run with these task settings (its `task` config) holds a frozen copy of the backbone in memory
         beside the one that trains."""

@@ -41,7 +41,7 @@ from gpt4llm.errors import ConfigError, RecordError
 from gpt4llm.models import adapters
 from gpt4llm.models.base_module import CausalLMModule
 from gpt4llm.models.hf import adapter_base
-from gpt4llm.models.response_logps import response_logps
+from gpt4llm.models.response_logps import TOKEN_CHUNK, response_logps
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 REFERENCES = ("precomputed", "live", "adapters")
@@ -86,6 +86,10 @@ class DPOModule(CausalLMModule):
     and with the precomputed reference, `pair_index` (the reference is precomputed_logps[split][pair_index])."""
 
     sequences_per_example = 2  # a pair: chosen and rejected in one forward pass
+
+    @classmethod
+    def loss_chunk(cls, settings) -> int | None:
+        return TOKEN_CHUNK  # response_logps: the output layer on chunks of positions
 
     @classmethod
     def keeps_frozen_copy(cls, settings) -> bool:

@@ -48,7 +48,7 @@ from gpt4llm.models.policy_gradient import (
     rloo_advantages,
     rloo_loss,
 )
-from gpt4llm.models.response_logps import labelled_token_logps
+from gpt4llm.models.response_logps import TOKEN_CHUNK, labelled_token_logps
 from gpt4llm.models.rewards import Reward, build_rewards, score_completions
 
 REFERENCES = ("live", "adapters")
@@ -65,6 +65,10 @@ class OnlineRLModule(CausalLMModule):
     @classmethod
     def sequences_for(cls, settings) -> int:
         return int(settings.get("num_generations") or 8)  # a prompt's group, trained in one forward pass
+
+    @classmethod
+    def loss_chunk(cls, settings) -> int | None:
+        return TOKEN_CHUNK  # labelled_token_logps: the output layer on chunks of positions
 
     @classmethod
     def keeps_frozen_copy(cls, settings) -> bool:

@@ -1,4 +1,11 @@
-"""Supervised fine-tuning of a Hugging Face causal LM: masked token cross-entropy (optimizer and schedule: base)."""
+"""Supervised fine-tuning of a Hugging Face causal LM: masked token cross-entropy (optimizer and schedule: base).
+
+The loss runs the output layer and the cross-entropy on chunks of the supervised positions, each chunk recomputed in
+backward (models.response_logps, DPO's and online RL's path), so a batch's vocabulary-wide logits never exist at once:
+what TRL's SFT and Liger's fused linear cross-entropy save, in plain torch; only when a batch supervises more positions
+than one chunk (below that, recomputing would cost time and save nothing). The same loss and gradients as the whole
+logits (tests/test_sft_loss.py); `chunked_loss=false` computes those instead (transformers' logits_to_keep on the
+supervised positions), as FSDP does (the root unit's output layer is gathered by the model's own forward only)."""
 
 from __future__ import annotations
 
@@ -7,7 +14,9 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from gpt4llm.data.encoding import IGNORE_INDEX
+from gpt4llm.models import response_logps
 from gpt4llm.models.base_module import CausalLMModule
+from gpt4llm.models.response_logps import labelled_token_logps
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,9 +33,14 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 class SFTModule(CausalLMModule):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, chunked_loss: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # CausalLMModule's settings
+        self.chunked_loss = chunked_loss
         self.val_loss = MeanMetric()
+
+    @classmethod
+    def loss_chunk(cls, settings) -> int | None:
+        return response_logps.TOKEN_CHUNK if settings.get("chunked_loss", True) else None
 
     def forward(self, batch: dict[str, torch.Tensor], logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         # A padded batch has an attention mask; a packed one has position ids instead (data.collators.PackedCollator).
@@ -41,6 +55,13 @@ class SFTModule(CausalLMModule):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The masked next-token loss, computing the output layer and softmax only where a target is supervised
         (transformers' logits_to_keep): the same loss, without the vocabulary-wide logits of prompt tokens."""
+        strategy = getattr(self._trainer, "strategy", None)  # None: called outside a Trainer (tests, tools)
+        supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # Chunks only where the logits would exceed one chunk: below it, the recomputation would cost time for no
+        # memory (the plan's loss_bytes counts min(tokens, chunk) either way)
+        if self.chunked_loss and supervised > response_logps.TOKEN_CHUNK and "FSDP" not in type(strategy).__name__:
+            token_logps = labelled_token_logps(self.model, batch)[0]
+            return -token_logps.mean(), torch.tensor(token_logps.numel(), device=token_logps.device)
         keep = predicting_positions(batch["labels"])
         return token_loss(self(batch, logits_to_keep=keep), batch["labels"][:, 1:][:, keep])
 

@@ -356,6 +356,7 @@ def lora_activation_bytes(
     dropout: float,
     checkpointing: bool,
     mask_bytes: int = 1,
+    loss_chunk: int | None = None,
 ) -> float:
     """Bytes kept for backward per GPU in a LoRA run, where the base is frozen (activation_bytes for full training).
 
@@ -380,14 +381,28 @@ def lora_activation_bytes(
     else:
         read = {"attention norm": {"q_proj", "k_proj", "v_proj"}, "mlp norm": {"gate_proj", "up_proj"}}
         layer += x * h * sum(bool(set(targets) & names) for names in read.values()) + x * i * ("down_proj" in targets)
-    outside = 4 * h + (x + 8) * v
-    per_token = (L * res * h + layer if checkpointing else L * layer) + outside
-    return per_token * micro_batch * seq
+    per_token = (L * res * h + layer if checkpointing else L * layer) + 4 * h
+    return per_token * micro_batch * seq + loss_bytes(x, h, v, micro_batch * seq, loss_chunk)
+
+
+def loss_bytes(x: int, h: int, v: int, tokens: int, chunk: int | None) -> float:
+    """The loss's logits: x + 8 bytes per vocabulary entry (16-bit logits, their fp32 copy and log-softmax; a peak)
+    for every token, or, chunked (models.response_logps), for one chunk of positions at a time, plus the final hidden
+    state of every token that the chunks are recomputed from (x h)."""
+    if chunk is None:
+        return (x + 8) * v * tokens
+    return (x + 8) * v * min(tokens, chunk) + x * h * tokens
 
 
 # ----------------------------------------------------------------------------------------------- activations
 def activation_bytes(
-    a: Arch, s: Setup, micro_batch: int, seq: int, checkpointing: bool, attention: str = "sdpa"
+    a: Arch,
+    s: Setup,
+    micro_batch: int,
+    seq: int,
+    checkpointing: bool,
+    attention: str = "sdpa",
+    loss_chunk: int | None = None,
 ) -> float:
     """Bytes kept for backward per GPU, for micro_batch sequences of seq tokens.
 
@@ -402,7 +417,8 @@ def activation_bytes(
                  (eager attention also keeps the fp32 softmax and its 16-bit copy: (4 + x) heads s)
       SwiGLU MLP: gate output, SiLU output, up output and their product                     4 x i
     LLaMA has no dropout, so there are no masks to keep. Whole model: every layer, plus the final norm and the
-    loss: 16-bit logits, their fp32 copy and log-softmax (x + 8 bytes per vocabulary entry; a peak, not all kept).
+    loss: 16-bit logits, their fp32 copy and log-softmax (x + 8 bytes per vocabulary entry; a peak, not all kept),
+    for one chunk of `loss_chunk` positions at a time where the task's loss is chunked (`loss_bytes`).
     With gradient checkpointing (one checkpoint per decoder layer, as transformers does it) only each layer's
     input stays (r h), plus one layer recomputed during backward.
     The per-layer figures match, within 3%, the tensors a real LlamaForCausalLM saves for backward (fp32, bf16,
@@ -416,9 +432,8 @@ def activation_bytes(
     layer = 2 * norm + (3 * x * h if autocast else 0) + 4 * x * h + 4 * x * i
     if attention == "eager":
         layer += (4 + (x if s.half else 0)) * a.num_attention_heads * seq  # in fp32 the "copy" is the same tensor
-    outside = norm + (x + 8) * v
-    per_token = (L * r * h + layer if checkpointing else L * layer) + outside
-    return per_token * micro_batch * seq
+    per_token = (L * r * h + layer if checkpointing else L * layer) + norm
+    return per_token * micro_batch * seq + loss_bytes(x, h, v, micro_batch * seq, loss_chunk)
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -600,23 +615,41 @@ def _training_memory(cfg: DictConfig, arch: Arch, counts: dict[str, int], s: Set
         from gpt4llm.models.adapters import plain
 
         peft = OmegaConf.create(plain(peft))  # checked as training checks them: no plan of negative parameters
-        memory = _adapter_memory(cfg, peft, arch, counts["total"], s, sequences, device, states["cpu_per_node"])
+        memory = _adapter_memory(
+            cfg, peft, arch, counts["total"], s, sequences, device, states["cpu_per_node"], _loss_chunk(task, cfg, s)
+        )
     else:
-        memory = _full_memory(cfg, arch, counts["total"], s, sequences, states)
+        memory = _full_memory(cfg, arch, counts["total"], s, sequences, states, _loss_chunk(task, cfg, s))
     if not task.keeps_frozen_copy(cfg.task):
         return memory
     return _with_frozen_copy(memory, counts["total"], s, quantized=bool(peft.get("quantization")))
 
 
-def _full_memory(cfg: DictConfig, arch: Arch, total: int, s: Setup, sequences: int, states: dict) -> TrainingMemory:
+def _loss_chunk(task, cfg: DictConfig, s: Setup) -> int | None:
+    """The task's loss chunk (its class says), none under FSDP (the loss takes the model's whole logits there)."""
+    return None if s.strategy == "fsdp" else task.loss_chunk(cfg.task)
+
+
+def _full_memory(
+    cfg: DictConfig, arch: Arch, total: int, s: Setup, sequences: int, states: dict, loss_chunk: int | None = None
+) -> TrainingMemory:
     with_ckpt, without_ckpt = (
-        activation_bytes(arch, s, sequences, int(cfg.data.max_length), c, cfg.plan.attention) for c in (True, False)
+        activation_bytes(arch, s, sequences, int(cfg.data.max_length), c, cfg.plan.attention, loss_chunk)
+        for c in (True, False)
     )
     return TrainingMemory(states["gpu"], states["cpu_per_node"], with_ckpt, without_ckpt, total)
 
 
 def _adapter_memory(
-    cfg: DictConfig, peft, arch: Arch, total: int, s: Setup, sequences: int, device: str, cpu_per_node: float
+    cfg: DictConfig,
+    peft,
+    arch: Arch,
+    total: int,
+    s: Setup,
+    sequences: int,
+    device: str,
+    cpu_per_node: float,
+    loss_chunk: int | None = None,
 ) -> TrainingMemory:
     """LoRA or QLoRA: the frozen base, the adapters' states (8-bit optimizers keep two bytes per parameter), and
     what the adapters keep for backward."""
@@ -635,6 +668,7 @@ def _adapter_memory(
             float(peft.lora_dropout),
             c,
             mask_bytes=(2 if s.half else 4) if device == "cpu" else 1,
+            loss_chunk=loss_chunk,
         )
         for c in (True, False)
     )
