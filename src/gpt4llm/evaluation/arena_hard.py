@@ -354,8 +354,16 @@ def bootstrap(
                 ratings.append(pd.Series(bradley_terry(sample, anchor=anchor)))
             except OneOutcome:  # the reference fails the run here (few battles, a lopsided model): skipped, counted
                 skipped += 1
+    return _rounds_table(ratings, skipped, rounds)
+
+
+def _rounds_table(ratings: list, skipped: int, rounds: int) -> pd.DataFrame:
+    """The bootstrap's ratings, a row per round that could be fit and the models by median rating, highest first;
+    how many rounds were skipped (one outcome) in its attrs."""
+    import pandas as pd
+
     if not ratings:
-        raise OneOutcome(f"arena_hard: every one of the {rounds} bootstrap resamples has one outcome")
+        raise OneOutcome(f"arena_hard: none of the {rounds} bootstrap resamples can be fit (one outcome each)")
     table = pd.DataFrame(ratings)
     table = table[table.median().sort_values(ascending=False).index]
     table.attrs["skipped_rounds"] = skipped
@@ -557,12 +565,7 @@ def _style_rounds(x: Any, y: Any, models: list[str], rounds: int, seed: int | No
                 ratings.append(pd.Series(_style_fit(x[order], y[order], models, anchor)[0]))
             except (OneOutcome, _NoAnchor):
                 skipped += 1
-    if not ratings:
-        raise OneOutcome(f"arena_hard: none of the {rounds} bootstrap resamples can be fit (one outcome each)")
-    table = pd.DataFrame(ratings)
-    table = table[table.median().sort_values(ascending=False).index]
-    table.attrs["skipped_rounds"] = skipped
-    return table
+    return _rounds_table(ratings, skipped, rounds)
 
 
 def style_bootstrap(
