@@ -224,14 +224,13 @@ def claimed_by(directory: Path, model_path: str) -> None:
 
 
 def evaluate_mt_bench_cmd(cfg: DictConfig, out: Path) -> list[dict]:
-    from gpt4llm.data.sources import ensure_file
     from gpt4llm.evaluation import mt_bench as MT
     from gpt4llm.evaluation.judge_runs import ask_judge, confirm_cost, estimate_cost, say_failures, write_scalars
     from gpt4llm.inference.openai_client import ChatError, check_success, client_from_config
     from gpt4llm.inference.resumable_generation import answer_turns
 
     m = cfg.metric
-    files = {k: ensure_file(**m.files[k], setting=f"metric.files.{k}.path") for k in m.files}
+    files = _judge_files(m)
     questions = MT.load_questions(files["questions"])
     prompts = MT.load_judge_prompts(files["judge_prompts"])
     references = MT.load_reference_answers(files["reference_answers"])
