@@ -162,19 +162,22 @@ def lora_run(tmp: Path, strategy: str | None, *extra: str, task: str = "sft") ->
     return train_under(tmp, strategy, args, run_id="lora")
 
 
+TWO_PROCESSES = ("ddp", "fsdp2")  # run as two CPU processes (gloo); DeepSpeed's CPU runs are one
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> list[float]:
     return scalars(lora_run(tmp_path_factory.mktemp("auto"), None))["train/loss"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "ddp"])
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "ddp", "fsdp2"])
 def test_every_strategy_trains_lora_like_one_device(strategy, tmp_path, reference):
-    extra = ("trainer.devices=2",) if strategy == "ddp" else ()
+    extra = ("trainer.devices=2",) if strategy in TWO_PROCESSES else ()
     run = lora_run(tmp_path, strategy, *extra)
     losses = scalars(run)["train/loss"]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05  # the repeated batch is being learned
-    if strategy != "ddp":  # two processes see other batches; one device and DeepSpeed see the same
+    if strategy not in TWO_PROCESSES:  # two processes see other batches; one device and DeepSpeed see the same
         assert max(abs(a - b) for a, b in zip(losses, reference)) < 0.05, (losses, reference)  # bf16
     assert (run / "export" / "adapter" / "adapter_model.safetensors").exists()
 

@@ -424,7 +424,7 @@ def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_one(task, strateg
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
 def test_every_strategy_starts_at_ratio_one_and_kl_zero_and_exports_the_policy(strategy, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -441,7 +441,7 @@ def test_every_strategy_starts_at_ratio_one_and_kl_zero_and_exports_the_policy(s
         "trainer.max_steps=4",
         "trainer.precision=bf16-mixed",
         "validate_first=false",
-        *(("trainer.devices=2",) if strategy == "ddp" else ()),
+        *(("trainer.devices=2",) if strategy in ("ddp", "fsdp2") else ()),
     ]
     run = train_under(tmp_path, strategy, args, run_id="grpo")
     logged = scalars_by_step(run)

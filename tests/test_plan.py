@@ -315,3 +315,28 @@ def test_a_chunked_loss_plans_one_chunk_of_logits_not_the_batchs():
     assert saved == (2 + 8) * 32001 * (2048 - 1024) - 2 * 4096 * 2048
     fsdp = make_plan(compose_plan([*common[:-2], "strategy=fsdp", "data.batch_size=4"]), device="V100-32GB")
     assert fsdp.gpu_bytes.activations_with_checkpointing > chunked  # FSDP takes the model's whole logits
+
+
+def test_fsdp2_plans_fsdps_sharded_states_with_the_chunked_loss_beside_zero3():
+    """strategy=fsdp2 shards what FSDP (FULL_SHARD) shards; it runs the chunked loss inside the model's forward, so
+    its activations are ZeRO-3's, below FSDP's whole logits. reshard_after_forward=false keeps the gathered 16-bit
+    weights from forward to backward, as SHARD_GRAD_OP does."""
+    common = ["experiment=paper_sft_llama7b_gpt4", "trainer=gpu", "trainer.devices=8", "trainer.precision=bf16-mixed"]
+    common.append("data.batch_size=4")
+    plans = {
+        s: make_plan(compose_plan([*common, f"strategy={s}"]), device="A100-80GB")
+        for s in ("fsdp2", "fsdp", "deepspeed_zero3")
+    }
+    fsdp2, fsdp, zero3 = plans["fsdp2"], plans["fsdp"], plans["deepspeed_zero3"]
+    assert fsdp2.setup.label == "FSDP2 (reshard after forward)"
+    states = ("parameters", "gradients", "optimizer", "model_states")
+    assert [getattr(fsdp2.gpu_bytes, k) for k in states] == [getattr(fsdp.gpu_bytes, k) for k in states]
+    activations = fsdp2.gpu_bytes.activations_with_checkpointing
+    assert activations == zero3.gpu_bytes.activations_with_checkpointing < fsdp.gpu_bytes.activations_with_checkpointing
+    kept = make_plan(compose_plan([*common, "strategy=fsdp2", "strategy.reshard_after_forward=false"]), "A100-80GB")
+    grad_op = make_plan(
+        compose_plan([*common, "strategy=fsdp", "strategy.sharding_strategy=SHARD_GRAD_OP"]), "A100-80GB"
+    )
+    assert kept.setup.label == "FSDP2 (gathered until backward)"
+    assert kept.gpu_bytes.parameters == grad_op.gpu_bytes.parameters > fsdp2.gpu_bytes.parameters
+    assert "FSDP2 (reshard after forward)" in format_plan(fsdp2)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gpt4llm.inference.server import load_server
 from gpt4llm.train import train
 from helpers.configs import compose_train, demo_overrides
@@ -19,7 +21,13 @@ def test_train_two_steps_export_and_answer_one_request(tmp_path):
     metrics = train(cfg)
     assert metrics["val/loss"] > 0
     export = tmp_path / "run" / "export"
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["global_step"] == 2
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["global_step"] == 2
+    # where the time went, every phase: they add up to the whole (started at train(): no process start in-process)
+    phases = ("start-up", "tokenizer_and_data", "model", "training_and_validation", "export")
+    seconds = [written[f"time/{p}_s"] for p in phases]
+    assert all(s >= 0 for s in seconds) and seconds[3] > 0 and seconds[4] > 0
+    assert sum(seconds) == pytest.approx(written["time/total_s"], abs=0.01)
     assert (export / "config.json").exists() and (export / "tokenizer_config.json").exists()
 
     server = load_server(str(export), name="smoke").start()

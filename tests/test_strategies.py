@@ -94,6 +94,29 @@ def test_fsdp_exposes_original_parameters():
     assert strategy.kwargs["use_orig_params"] is True and strategy._state_dict_type == "sharded"
 
 
+def test_fsdp2_shards_over_every_process_and_says_when_checkpoints_hold_the_whole_model():
+    strategy = instantiate(compose_train(PAPER + ["strategy=fsdp2"]).strategy)
+    assert type(strategy).__name__ == "FSDP2Strategy" and strategy._tensor_parallel_size == 1
+    assert strategy.reshard_after_forward and not strategy.cpu_offload
+    # sharded checkpoints load key for key: an adapter run's keep the base too; one gathered file may hold part
+    assert not strategy.loads_partial_state
+    whole = instantiate(
+        compose_train(PAPER + ["strategy=fsdp2", "strategy.save_distributed_checkpoint=false"]).strategy
+    )
+    assert whole.loads_partial_state
+
+
+def test_fsdp2_in_fp16_stops_at_start_naming_what_to_use():
+    from gpt4llm.errors import ConfigError
+    from gpt4llm.training.strategies import check_strategy
+
+    cfg = compose_train(PAPER + ["trainer=v100x16", "strategy=fsdp2"])
+    with pytest.raises(ConfigError, match="trainer.precision=16-mixed: Lightning's ModelParallelStrategy has no fp16"):
+        check_strategy(cfg.strategy, cfg.trainer.precision)
+    check_strategy(cfg.strategy, "bf16-mixed")
+    check_strategy(compose_train(PAPER + ["trainer=v100x16", "strategy=deepspeed_zero3"]).strategy, "16-mixed")
+
+
 def test_zero3_loading_is_announced_to_transformers_while_the_config_lives():
     from transformers.integrations import is_deepspeed_zero3_enabled
 

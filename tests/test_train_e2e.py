@@ -18,6 +18,11 @@ def test_cli_demo_run_writes_everything(tmp_path):
     proc = run_cli("gpt4llm.train", demo_overrides(tmp_path), cwd=tmp_path)
     run = tmp_path / "run"
     assert f"Run directory: {run}" in proc.stdout and "Export:" in proc.stdout
+    # the whole process from its start: the interpreter and imports are part of what a user waits for
+    timing = next(line for line in proc.stdout.splitlines() if line.strip().startswith("Time:"))
+    assert all(f"{phase} " in timing for phase in ("start-up", "tokenizer and data", "model", "export")), timing
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["time/start-up_s"] > 1.0  # Python, torch, Lightning, transformers: seconds, not zero
 
     logged = scalars(run)
     for tag in (

@@ -16,16 +16,20 @@ from gpt4llm.app.cli import hydra_command, reports_user_errors, use_hydra_loggin
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, started: float | None = None) -> dict[str, float]:
     """Trains as `cfg` says, the one training in its run directory while it runs (a second stops at once, naming the
-    first: gpt4llm.training.resume.run_directory_lock); returns the final metrics."""
+    first: gpt4llm.training.resume.run_directory_lock); returns the final metrics. `started`: when the run's time
+    began (the command: its process's start), for the phases in the run summary; None: now."""
+    import time
+
     from gpt4llm.training.resume import run_directory_lock
 
+    started = time.time() if started is None else started
     with run_directory_lock(cfg.paths.output_dir):
-        return _train(cfg)
+        return _train(cfg, started)
 
 
-def _train(cfg: DictConfig) -> dict[str, float]:
+def _train(cfg: DictConfig, started: float) -> dict[str, float]:
     # Heavy imports here, so that --help and --cfg job answer at once.
     import lightning as L
     from hydra.utils import instantiate
@@ -42,13 +46,17 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         derive_accumulation,
     )
     from gpt4llm.training.hyperparameters import compared_hyperparameters
+    from gpt4llm.training.phases import PhaseClock
     from gpt4llm.training.resume import check_resume, checkpoint_step, run_settings
-    from gpt4llm.training.strategies import build_strategy, check_adapters
+    from gpt4llm.training.strategies import build_strategy, check_adapters, check_strategy
 
     check_config(cfg)
     check_values(cfg)
     check_launch()  # under torchrun/srun every rank must name the same run directory
     check_adapters(cfg.get("peft"))
+    check_strategy(cfg.strategy, cfg.trainer.precision)
+    clock = PhaseClock(started)
+    clock.mark("start-up")
     if cfg.trainer.accelerator != "cpu":  # bf16 asked for on a GPU without it (V100) stops here, not in a kernel
         check_precision(cfg.trainer.precision, cfg.trainer.accelerator, *cuda_capabilities())
     L.seed_everything(cfg.seed, workers=True)
@@ -82,6 +90,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             validation_cost,
             recorded,
             RandomState(),  # dropout's masks after a resume as without one
+            clock,
         ],
         logger=[
             instantiate(c, **(purge if c._target_.endswith("TensorBoardLogger") else {}))
@@ -110,6 +119,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if validating and last_validation.step != trainer.global_step and not trainer.interrupted:
         # Stopped by max_steps between two validations: the final figures should be those of the final model.
         trainer.validate(module, datamodule=datamodule)
+    clock.mark("training and validation")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for logger in trainer.loggers:  # TensorBoard's HParams tab: this run's settings beside its final metrics
         if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
@@ -118,11 +128,13 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     if cfg.export:  # on every rank: ZeRO-3 and FSDP gather the weights collectively; rank 0 writes and verifies
         export_hf(module.model, tokenizer, out / "export", trainer=trainer, load_base=module.load_base_for_merge)
+        clock.mark("export")
     if trainer.is_global_zero:
         from gpt4llm.io.atomic import write_text
 
-        # The final figures as a file, for what reads runs later (gpt4llm.reproduce's report).
-        write_text(out / "metrics.json", json.dumps({"global_step": trainer.global_step, **metrics}, indent=1))
+        # The final figures as a file for what reads runs later (gpt4llm.reproduce), with where the time went
+        everything = {"global_step": trainer.global_step, **metrics, **clock.metrics()}
+        write_text(out / "metrics.json", json.dumps(everything, indent=1))
         checkpoint = trainer.checkpoint_callback
         print(f"\nRun directory: {out}")
         if any(isinstance(logger, L.pytorch.loggers.TensorBoardLogger) for logger in trainer.loggers):
@@ -134,6 +146,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         print("  Final:        " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
         if validation_cost.summary():
             print(f"  Validation:   {validation_cost.summary()}")
+        print(f"  Time:         {clock.summary()}")
     _end_process_group()
     return metrics
 
@@ -176,7 +189,9 @@ def _bar_off(callback: str, cfg: DictConfig) -> bool:
 @reports_user_errors
 def main(cfg: DictConfig) -> float | None:
     use_hydra_logging()
-    metrics = train(cfg)
+    from gpt4llm.training.phases import process_started
+
+    metrics = train(cfg, started=process_started())  # the whole process: what its user waited for
     name = optimized_metric(cfg)
     value = metrics.get(name)  # what a hyperparameter sweeper optimises
     if value is None:

@@ -13,7 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from gpt4llm.data.formats import resolve_format
 from gpt4llm.errors import CheckpointError
-from gpt4llm.models import adapters, model_card
+from gpt4llm.models import adapters, liger, model_card
 from gpt4llm.models.hf import added_token_ids, import_model_code, load_causal_lm
 from gpt4llm.models.optim import (
     CHOICES,
@@ -69,8 +69,11 @@ class HFBackboneModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         template: str = "alpaca",
         peft: dict | None = None,
+        kernels: str | None = None,
     ) -> None:
         super().__init__()
+        liger.check_choice(kernels)  # at start, before the run makes its directories
+        self.kernels = kernels  # model.kernels: liger, or null (transformers' own modules)
         self.tokenizer = tokenizer
         # LoRA / QLoRA settings (models.adapters; conf/peft): only the adapters (and a reward head) train, checkpoints
         # hold them alone (strict_loading off: the frozen base comes from model_path, not from the checkpoint)
@@ -146,6 +149,9 @@ class HFBackboneModule(L.LightningModule):
             # whole model on every rank; None under any other strategy.
             self._zero3_config = hf_deepspeed_config(self._trainer.strategy if self._trainer is not None else None)
             model = self.load_backbone(adapters.quantization_config(self.peft))
+            if self.kernels == "liger":
+                liger.check_device(self._trainer.strategy.root_device if self._trainer is not None else model.device)
+                liger.apply_kernels(model)
             adapter = self.peft if adapters.active(self.peft) else None
             model_card.record_training(model, self.tokenizer, self.prompt_format, self.model_path, adapter)
             # the rows of tokens this run added (a pad token, a template's <|im_end|>) train with the adapters:
@@ -161,11 +167,22 @@ class HFBackboneModule(L.LightningModule):
                 f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%); "
                 f"gradient checkpointing {checkpointing} (model.gradient_checkpointing)"
             )
+            self._shard(self.model)
+
+    def _shard(self, model):
+        """Hands a model built in configure_model (the policy, a live reference) to a strategy that shards it there
+        (FSDP2: training.strategies.FSDP2Strategy); collective: every rank calls it. Returns the model."""
+        shard = getattr(self._trainer.strategy, "shard_model", None) if self._trainer is not None else None
+        if shard is not None:
+            shard(model)
+        return model
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """An adapter run's checkpoint keeps the tensors that train (and their optimizer state), not the frozen base
         (under DeepSpeed, whose engine writes the weights itself, train sets exclude_frozen_parameters)."""
-        if adapters.active(self.peft) and "state_dict" in checkpoint:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        # FSDP2's sharded checkpoints load the whole model's state back (torch.distributed.checkpoint): they keep it
+        if adapters.active(self.peft) and "state_dict" in checkpoint and getattr(strategy, "loads_partial_state", True):
             keep = adapters.trainable_names(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 

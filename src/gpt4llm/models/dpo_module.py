@@ -158,7 +158,7 @@ class DPOModule(CausalLMModule):
     def configure_model(self) -> None:
         super().configure_model()
         if self.reference == "live" and self.reference_model is None:
-            self.reference_model = self.load_reference()
+            self.reference_model = self._shard(self.load_reference())
 
     def precompute_reference(self, data) -> None:
         """The reference's log-probabilities of every pair, computed once (rank 0, on this process's device) and

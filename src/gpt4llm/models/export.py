@@ -5,7 +5,7 @@ Whatever the strategy, the export holds complete weights or does not exist:
   - DeepSpeed ZeRO-3: each module's partitions gathered in turn onto rank 0 (16-bit, as trained; what
     `stage3_gather_16bit_weights_on_model_save` does for DeepSpeed's own save), so it never needs the whole model on
     one GPU;
-  - FSDP: a full state dict, offloaded to CPU on rank 0.
+  - FSDP and FSDP2: a full state dict, offloaded to CPU on rank 0.
 It is written into a sibling directory, reloaded with `from_pretrained` and checked: every tensor has the shape the
 model's config gives (an empty or partial tensor, a missing or unexpected key is an error), and the reloaded model's
 logits on a fixed batch match the in-training model's within the tolerance of the precision it computed in. Only
@@ -123,6 +123,8 @@ def full_state_dict(model, trainer=None, only: set[str] | None = None) -> dict[s
     given (an adapter's). Collective under sharding."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         return zero3_state_dict(model, trainer.is_global_zero if trainer is not None else True, only)
+    if any(_is_dtensor(p) for p in model.parameters()):  # FSDP2
+        return _fsdp2_state_dict(model, only)
     root = getattr(trainer.strategy, "model", None) if trainer is not None else None
     if root is not None and _is_fsdp(root):
         full = _fsdp_state_dict(model, root, trainer)
@@ -136,6 +138,23 @@ def _is_fsdp(module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return isinstance(module, FullyShardedDataParallel)
+
+
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _fsdp2_state_dict(model, only: set[str] | None) -> dict[str, torch.Tensor] | None:
+    """fully_shard's DTensors gathered whole onto rank 0's CPU, tensor by tensor (never the whole model on a GPU)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    return {k: v for k, v in full.items() if only is None or k in only}
 
 
 def _fsdp_state_dict(model, root, trainer) -> dict[str, torch.Tensor] | None:

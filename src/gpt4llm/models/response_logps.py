@@ -53,19 +53,10 @@ def labelled_token_logps(
     rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the positions predicting a response token
     inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
     if fused and not any(getattr(model.config, key, None) is not None for key in LOGIT_TRANSFORMS):
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[rows, positions]
-        head = model.get_output_embeddings()
-        chunks = list(zip(hidden.split(TOKEN_CHUNK), targets[rows, positions].split(TOKEN_CHUNK)))
-        if torch.is_grad_enabled():
-            picked = [checkpoint(_target_logps, head, h, t, temperature, use_reentrant=False) for h, t in chunks]
-        else:  # the reference: nothing is kept for backward anyway
-            picked = [_target_logps(head, h, t, temperature) for h, t in chunks]
-        token_logps = torch.cat(picked) if picked else hidden.new_zeros(0, dtype=torch.float32)
-        entropies = None
-        if entropy:
-            with torch.no_grad():
-                parts = [_entropy(head(h), temperature) for h, _ in chunks]
-            entropies = torch.cat(parts) if parts else token_logps.new_zeros(0)
+        picked_targets = targets[rows, positions]
+        token_logps, entropies = as_forward(
+            model, _fused_logps, model, inputs, picked_targets, rows, positions, entropy, temperature
+        )
     else:
         keep = positions.unique()  # the output layer only where some row predicts a response token
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
@@ -76,6 +67,39 @@ def labelled_token_logps(
             with torch.no_grad():
                 entropies = _entropy(picked_logits, temperature)
     return token_logps, entropies, rows, positions
+
+
+def _fused_logps(model, inputs, targets, rows, positions, entropy: bool, temperature: float):
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[rows, positions]
+    head = model.get_output_embeddings()
+    chunks = list(zip(hidden.split(TOKEN_CHUNK), targets.split(TOKEN_CHUNK)))
+    if torch.is_grad_enabled():
+        picked = [checkpoint(_target_logps, head, h, t, temperature, use_reentrant=False) for h, t in chunks]
+    else:  # the reference: nothing is kept for backward anyway
+        picked = [_target_logps(head, h, t, temperature) for h, t in chunks]
+    token_logps = torch.cat(picked) if picked else hidden.new_zeros(0, dtype=torch.float32)
+    entropies = None
+    if entropy:
+        with torch.no_grad():
+            parts = [_entropy(head(h), temperature) for h, _ in chunks]
+        entropies = torch.cat(parts) if parts else token_logps.new_zeros(0)
+    return token_logps, entropies
+
+
+def as_forward(model, fn, *args):
+    """`fn(*args)` run in place of `model`'s forward, through its `__call__` and so its hooks: an FSDP2-sharded model
+    gathers its root's own weights (embeddings, final norm, output layer) in those hooks only, and a computation
+    that calls its parts one by one (the decoder, then the output layer in chunks) needs them gathered. A model
+    without such hooks runs `fn` directly."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return fn(*args)
+    model.forward = fn  # the instance's attribute, for this call: __call__ runs the hooks around it
+    try:
+        return model(*args)
+    finally:
+        del model.forward
 
 
 def _entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

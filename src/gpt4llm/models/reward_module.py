@@ -23,6 +23,7 @@ from transformers.models.auto.modeling_auto import (
 from gpt4llm.models import adapters, model_card
 from gpt4llm.models.base_module import HFBackboneModule
 from gpt4llm.models.hf import quantized_loading, resize_embeddings_with_mean
+from gpt4llm.models.response_logps import as_forward
 
 
 def load_reward_model(
@@ -46,6 +47,10 @@ def load_reward_model(
 
 def sequence_rewards(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One fp32 reward per row, read at the row's last attended token: right or left padding, any pad id."""
+    return as_forward(model, _sequence_rewards, model, input_ids, attention_mask)
+
+
+def _sequence_rewards(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     # Positions count real tokens only, so a left-padded row is read exactly like the same row right-padded
     # (models with absolute positions, like OPT, would otherwise see shifted positions).
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -158,7 +158,7 @@ class OnlineRLModule(CausalLMModule):
     def configure_model(self) -> None:
         super().configure_model()
         if self.beta and self.reference == "live" and self.reference_model is None:
-            self.reference_model = self.load_frozen_copy(self.reference_path)
+            self.reference_model = self._shard(self.load_frozen_copy(self.reference_path))
 
     # --- rollouts -------------------------------------------------------------------------------------------------
     def stop_ids(self) -> list[int]:

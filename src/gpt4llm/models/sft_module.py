@@ -5,7 +5,8 @@ backward (models.response_logps, DPO's and online RL's path), so a batch's vocab
 what TRL's SFT and Liger's fused linear cross-entropy save, in plain torch; only when a batch supervises more positions
 than one chunk (below that, recomputing would cost time and save nothing). The same loss and gradients as the whole
 logits (tests/test_sft_loss.py); `chunked_loss=false` computes those instead (transformers' logits_to_keep on the
-supervised positions), as FSDP does (the root unit's output layer is gathered by the model's own forward only)."""
+supervised positions), as FSDP (1) does: its root unit's output layer is gathered by the model's own forward only
+(FSDP2 runs the chunks inside that forward: response_logps.as_forward)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from gpt4llm.data.encoding import IGNORE_INDEX
-from gpt4llm.models import response_logps
+from gpt4llm.models import liger, response_logps
 from gpt4llm.models.base_module import CausalLMModule
 from gpt4llm.models.response_logps import labelled_token_logps
 
@@ -55,11 +56,13 @@ class SFTModule(CausalLMModule):
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The masked next-token loss, computing the output layer and softmax only where a target is supervised
         (transformers' logits_to_keep): the same loss, without the vocabulary-wide logits of prompt tokens."""
+        if self.kernels == "liger":  # Liger's fused output layer and cross-entropy (models.liger)
+            return liger.sft_loss(self.model, batch)
         strategy = getattr(self._trainer, "strategy", None)  # None: called outside a Trainer (tests, tools)
         supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         # Chunks only where the logits would exceed one chunk: below it, the recomputation would cost time for no
         # memory (the plan's loss_bytes counts min(tokens, chunk) either way)
-        if self.chunked_loss and supervised > response_logps.TOKEN_CHUNK and "FSDP" not in type(strategy).__name__:
+        if self.chunked_loss and supervised > response_logps.TOKEN_CHUNK and type(strategy).__name__ != "FSDPStrategy":
             token_logps = labelled_token_logps(self.model, batch)[0]
             return -token_logps.mean(), torch.tensor(token_logps.numel(), device=token_logps.device)
         keep = predicting_positions(batch["labels"])

@@ -298,7 +298,10 @@ def training_section(root: Path, preset: DictConfig, peft: str = "none") -> Sect
         path = root / "train" / model / "metrics.json"
         if path.exists():
             m = json.loads(path.read_text())
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k != "global_step")
+            # the final metrics, not where the process's time went (time/*: a machine's, not the model's)
+            shown = ", ".join(
+                f"{k}={v:.4g}" for k, v in sorted(m.items()) if k != "global_step" and not k.startswith("time/")
+            )
             rows.append([model, str(m.get("global_step")), shown, f"train/{model}/metrics.json"])
     how = (
         f"Fine-tuned with adapters (peft={peft}: {'LoRA' if peft == 'lora' else 'QLoRA, a 4-bit base'}), not every "

@@ -139,6 +139,7 @@ class Setup:
     offload_parameters: bool = False
     fsdp_sharding: str = "FULL_SHARD"
     fsdp_cpu_offload: bool = False
+    fsdp2: bool = False  # fully_shard (FSDP2Strategy): its reshard_after_forward true/false is FULL_SHARD/SHARD_GRAD_OP
     ddp_bucket_view: bool = False
     overlap_comm: bool = True
     allgather_bucket_size: int = 200_000_000
@@ -160,6 +161,9 @@ class Setup:
                 n for n, on in (("optimizer", self.offload_optimizer), ("parameters", self.offload_parameters)) if on
             ]
             return f"DeepSpeed ZeRO-{self.zero_stage}" + (f", offload {' + '.join(off)} to CPU" if off else "")
+        if self.strategy == "fsdp" and self.fsdp2:
+            keeps = "reshard after forward" if self.fsdp_sharding == "FULL_SHARD" else "gathered until backward"
+            return f"FSDP2 ({keeps})" + (", CPU offload" if self.fsdp_cpu_offload else "")
         if self.strategy == "fsdp":
             return f"FSDP {self.fsdp_sharding}" + (", CPU offload" if self.fsdp_cpu_offload else "")
         return {"ddp": "DDP", "single": "one device"}[self.strategy]
@@ -183,6 +187,9 @@ def setup_of(cfg: DictConfig, devices_per_node: int) -> Setup:
             prefetch_bucket_size=int(s.get("stage3_prefetch_bucket_size", 50_000_000)),
             **common,
         )
+    if target.endswith("FSDP2Strategy"):  # the same states as FSDP's: the gathered units differ in name only
+        sharding = "FULL_SHARD" if s.get("reshard_after_forward", True) else "SHARD_GRAD_OP"
+        return Setup("fsdp", fsdp_sharding=sharding, fsdp_cpu_offload=bool(s.get("cpu_offload")), fsdp2=True, **common)
     if target.endswith("FSDPStrategy"):
         sharding = str(s.get("sharding_strategy", "FULL_SHARD"))
         if sharding == "NO_SHARD":
@@ -626,8 +633,9 @@ def _training_memory(cfg: DictConfig, arch: Arch, counts: dict[str, int], s: Set
 
 
 def _loss_chunk(task, cfg: DictConfig, s: Setup) -> int | None:
-    """The task's loss chunk (its class says), none under FSDP (the loss takes the model's whole logits there)."""
-    return None if s.strategy == "fsdp" else task.loss_chunk(cfg.task)
+    """The task's loss chunk (its class says), none under FSDP (the loss takes the model's whole logits there;
+    FSDP2 runs the chunks inside the model's forward, models.response_logps.as_forward)."""
+    return None if s.strategy == "fsdp" and not s.fsdp2 else task.loss_chunk(cfg.task)
 
 
 def _full_memory(

@@ -32,18 +32,20 @@ def recorded_settings(path: str | Path) -> dict[str, Any] | None:
 
 
 def _lightning_state(path: str | Path) -> dict[str, Any]:
-    """Lightning's state in a checkpoint: a file, or the directory DeepSpeed writes (whose model states file holds
-    Lightning's state next to DeepSpeed's). Memory-mapped: a 7B checkpoint is not read in."""
+    """Lightning's state in a checkpoint: a file, or the directory DeepSpeed or FSDP2 writes (whose model states
+    file or meta.pt holds Lightning's state). Memory-mapped: a 7B checkpoint is not read in."""
     path = Path(path)
     if not path.exists():
         raise MissingFileError(
             f"ckpt_path={path}: no such checkpoint (a run's checkpoints are <run>/checkpoints/*.ckpt)"
         )
     if path.is_dir():
-        states = sorted(path.glob("*/*model_states.pt"))
+        # FSDP2's sharded checkpoint keeps Lightning's state in meta.pt beside the shards
+        states = [path / "meta.pt"] if (path / "meta.pt").is_file() else sorted(path.glob("*/*model_states.pt"))
         if not states:
             raise MissingFileError(
-                f"ckpt_path={path}: a directory, but not a DeepSpeed checkpoint (no */*model_states.pt)"
+                f"ckpt_path={path}: a directory, but not a DeepSpeed checkpoint (no */*model_states.pt) nor a "
+                "sharded FSDP2 one (no meta.pt)"
             )
         path = states[0]
     try:

@@ -18,11 +18,14 @@ from __future__ import annotations
 import inspect
 import os
 
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import (
     DeepSpeedStrategy as _LightningDeepSpeedStrategy,
 )
+from lightning.pytorch.strategies import ModelParallelStrategy
 
+from gpt4llm.errors import ConfigError
 from gpt4llm.models import adapters
 
 # ZeRO-3 settings Lightning does not expose; each default is DeepSpeed's own.
@@ -56,6 +59,94 @@ def _merged_signature() -> inspect.Signature:
 
 
 DeepSpeedStrategy.__signature__ = _merged_signature()
+
+
+# --- FSDP2 -------------------------------------------------------------------------------------------------------
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (torch's `fully_shard`) through Lightning's ModelParallelStrategy, with data parallelism over every
+    process (Lightning's default mesh would make the GPUs of a node tensor-parallel, which our models do not set up).
+
+    Lightning asks the LightningModule's `configure_model` to apply the parallelism; ours builds the Hugging Face
+    model and hands it to `shard_model` (HFBackboneModule, and its frozen copies too): each decoder layer (the classes
+    the model lists in `_no_split_modules`) is its own unit, then the whole model, so one layer's weights are gathered
+    at a time. Mixed precision follows the trainer's: under `bf16-mixed` the gathered weights are bf16
+    and the gradients are reduced in fp32 while the sharded master weights and Adam stay fp32. fp16 (16-mixed) is
+    refused by Lightning here (no loss scaling: `check_strategy` says so at start). Activation checkpointing is
+    model.gradient_checkpointing, as with every strategy.
+
+    `save_distributed_checkpoint`: each rank writes its shard (a checkpoint directory, torch.distributed.checkpoint),
+    or false: the whole state gathered into one file on rank 0. The export gathers a full state dict either way.
+    """
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        cpu_offload: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
+        self.reshard_after_forward, self.cpu_offload = reshard_after_forward, cpu_offload
+
+    @property
+    def loads_partial_state(self) -> bool:
+        """Whether a checkpoint may hold part of the model (an adapter run's trainable tensors): yes in one file, not
+        in a sharded directory, which torch.distributed.checkpoint loads key for key."""
+        return not self._save_distributed_checkpoint
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":  # every process shards the model (Lightning's: one per node)
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def shard_model(self, model) -> None:
+        """Applies fully_shard to `model` (a transformers model, or a peft model around one) in place."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+        unit_classes = set(getattr(backbone, "_no_split_modules", None) or [])
+        settings = {
+            "mesh": self.device_mesh["data_parallel"],
+            "reshard_after_forward": self.reshard_after_forward,
+            "mp_policy": self._mixed_precision_policy(),
+            "offload_policy": CPUOffloadPolicy(pin_memory=self.root_device.type == "cuda")
+            if self.cpu_offload
+            else OffloadPolicy(),
+        }
+        for module in model.modules():
+            if type(module).__name__ in unit_classes:
+                fully_shard(module, **settings)
+        fully_shard(model, **settings)
+
+    def _mixed_precision_policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        dtype = self._mixed_dtype()
+        if dtype is None:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+    def _mixed_dtype(self):
+        """bf16 under the trainer's bf16-mixed, None otherwise (32-true: fp32 all through; `*-true`: Lightning's
+        HalfPrecision casts the whole model itself)."""
+        precision = str(getattr(self.precision_plugin, "precision", ""))
+        return torch.bfloat16 if precision == "bf16-mixed" else None
+
+
+def check_strategy(strategy_cfg, precision) -> None:
+    """FSDP2 under fp16 stops at start in one line: Lightning's ModelParallelStrategy has no loss scaling for it."""
+    target = str(strategy_cfg.get("_target_", "")) if hasattr(strategy_cfg, "get") else ""
+    if target.endswith("FSDP2Strategy") and str(precision) in ("16-mixed", "16"):
+        raise ConfigError(
+            f"strategy=fsdp2 with trainer.precision={precision}: Lightning's ModelParallelStrategy has no fp16 loss "
+            "scaling. Use trainer.precision=bf16-mixed (A100, H100), or on GPUs without bf16 (V100) "
+            "strategy=deepspeed_zero3 or fsdp"
+        )
 
 
 # --- adapter runs -------------------------------------------------------------------------------------------------
