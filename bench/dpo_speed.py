@@ -69,6 +69,7 @@ def run_ours(args, work: Path, model: Path) -> dict:
         "task=dpo",
         "data=local_pairs",
         f"data.path={work / 'pairs.json'}",
+        "data.template=alpaca",  # the Alpaca prompt, as TRL gets it here (auto: a chat model's own template)
         f"model.path={model}",
         "model.tiny=null",
         "model.tokenizer=tokenizers",

@@ -83,6 +83,7 @@ def run_ours(args, data: Path, model: Path, work: Path, peft: str, chunked: bool
     overrides = [
         "data=local",
         f"data.path={data}",
+        "data.template=alpaca",  # the Alpaca prompt, as TRL gets it here (auto: a chat model's own template)
         f"model.path={model}",
         "model.tiny=null",
         "model.tokenizer=tokenizers",
