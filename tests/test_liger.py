@@ -42,6 +42,14 @@ def test_liger_on_a_cpu_stops_in_one_line_unless_triton_interprets(monkeypatch):
     liger.check_device(torch.device("cpu"))
 
 
+def test_a_model_that_transforms_its_logits_is_refused():
+    from types import SimpleNamespace
+
+    gemma2 = SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=30.0))
+    with pytest.raises(ConfigError, match=r"transforms its logits \(final_logit_softcapping\)"):
+        liger.apply_kernels(gemma2)
+
+
 @pytest.mark.skipif(not INSTALLED, reason="liger-kernel is not installed (pip install 'gpt4llm[liger]')")
 @pytest.mark.parametrize("batching", ["packed", "grouped"])
 def test_the_fused_loss_equals_the_whole_logits_loss_and_gradients(batching, tmp_path):

@@ -114,6 +114,11 @@ def test_fsdp2_in_fp16_stops_at_start_naming_what_to_use():
     with pytest.raises(ConfigError, match="trainer.precision=16-mixed: Lightning's ModelParallelStrategy has no fp16"):
         check_strategy(cfg.strategy, cfg.trainer.precision)
     check_strategy(cfg.strategy, "bf16-mixed")
+    qlora = compose_train(PAPER + ["trainer=gpu", "strategy=fsdp2", "peft=qlora"])
+    with pytest.raises(ConfigError, match="strategy=fsdp2 with peft=qlora: fully_shard cannot shard a 4-bit base"):
+        check_strategy(qlora.strategy, "bf16-mixed", qlora.peft)
+    lora = compose_train(PAPER + ["trainer=gpu", "strategy=fsdp2", "peft=lora"])
+    check_strategy(lora.strategy, "bf16-mixed", lora.peft)
     check_strategy(compose_train(PAPER + ["trainer=v100x16", "strategy=deepspeed_zero3"]).strategy, "16-mixed")
 
 

@@ -54,7 +54,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, float]:
     check_values(cfg)
     check_launch()  # under torchrun/srun every rank must name the same run directory
     check_adapters(cfg.get("peft"))
-    check_strategy(cfg.strategy, cfg.trainer.precision)
+    check_strategy(cfg.strategy, cfg.trainer.precision, cfg.get("peft"))
     clock = PhaseClock(started)
     clock.mark("start-up")
     if cfg.trainer.accelerator != "cpu":  # bf16 asked for on a GPU without it (V100) stops here, not in a kernel
@@ -189,9 +189,9 @@ def _bar_off(callback: str, cfg: DictConfig) -> bool:
 @reports_user_errors
 def main(cfg: DictConfig) -> float | None:
     use_hydra_logging()
-    from gpt4llm.training.phases import process_started
+    from gpt4llm.training.phases import run_started
 
-    metrics = train(cfg, started=process_started())  # the whole process: what its user waited for
+    metrics = train(cfg, started=run_started())  # the whole process: what its user waited for
     name = optimized_metric(cfg)
     value = metrics.get(name)  # what a hyperparameter sweeper optimises
     if value is None:

@@ -264,6 +264,8 @@ class CausalLMModule(HFBackboneModule):
         reference would differ from the policy at step 0: DPO's loss 0.6899, not ln 2)."""
         quantization = adapters.quantization_config(self.peft)
         model = load_causal_lm(path, self.tokenizer, self.dtype_name, False, self.attn_implementation, quantization)
+        if self.kernels == "liger":  # the policy's kernels, so that it equals its reference at step 0
+            liger.apply_kernels(model)
         if quantization is not None:
             added = added_token_ids(path, self.tokenizer)
             model = adapters.wrap(model, self.peft, self.peft_task_type, False, new_token_ids=added)

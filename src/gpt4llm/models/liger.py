@@ -52,7 +52,16 @@ def check_device(device: torch.device) -> None:
 
 
 def apply_kernels(model) -> None:
-    """Liger's RMSNorm, rotary embedding and SwiGLU in place of the model's own (not under Triton's interpreter)."""
+    """Liger's RMSNorm, rotary embedding and SwiGLU in place of the model's own (not under Triton's interpreter). A
+    model that transforms its logits (Gemma 2's soft cap, Cohere's scale) stops: the fused loss would skip that."""
+    from gpt4llm.models.response_logps import LOGIT_TRANSFORMS
+
+    transforms = [key for key in LOGIT_TRANSFORMS if getattr(model.config, key, None) is not None]
+    if transforms:
+        raise ConfigError(
+            f"model.kernels=liger: this model transforms its logits ({', '.join(transforms)}), which Liger's fused "
+            "loss as used here does not apply; leave model.kernels unset for it"
+        )
     if interpreted():
         return
     from liger_kernel.transformers import _apply_liger_kernel_to_instance

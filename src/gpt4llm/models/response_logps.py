@@ -95,11 +95,23 @@ def as_forward(model, fn, *args):
 
     if not isinstance(model, FSDPModule):
         return fn(*args)
-    model.forward = fn  # the instance's attribute, for this call: __call__ runs the hooks around it
+    own = vars(model).get("forward")  # an instance's own forward (a library's patch), put back afterwards
+
+    def restore() -> None:
+        if own is None:
+            vars(model).pop("forward", None)
+        else:
+            model.forward = own
+
+    def redirected(*inner):
+        restore()  # inside the hooks already: a call of `model` within `fn` runs its real forward
+        return fn(*inner)
+
+    model.forward = redirected  # the instance's attribute, for this call: __call__ runs the hooks around it
     try:
         return model(*args)
     finally:
-        del model.forward
+        restore()
 
 
 def _entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -26,6 +26,17 @@ def process_started() -> float:
     return psutil.Process().create_time()
 
 
+_runs_in_this_process = 0
+
+
+def run_started() -> float:
+    """When the command's run began: the process's start for its first run, now for each later one (Hydra's multirun
+    launches a sweep's jobs one after another in one process)."""
+    global _runs_in_this_process
+    _runs_in_this_process += 1
+    return process_started() if _runs_in_this_process == 1 else time.time()
+
+
 class PhaseClock(L.Callback):
     """Marks the end of each phase of PHASES: `train` marks the ones it runs itself, Lightning's hooks the others
     (a phase ends once, the first time its hook runs: validate_first and fit both set the run up)."""

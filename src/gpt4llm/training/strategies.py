@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import (
     DeepSpeedStrategy as _LightningDeepSpeedStrategy,
 )
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from gpt4llm.errors import ConfigError
 from gpt4llm.models import adapters
@@ -118,10 +119,23 @@ class FSDP2Strategy(ModelParallelStrategy):
             if self.cpu_offload
             else OffloadPolicy(),
         }
-        for module in model.modules():
-            if type(module).__name__ in unit_classes:
-                fully_shard(module, **settings)
-        fully_shard(model, **settings)
+        units = [m for m in model.modules() if type(m).__name__ in unit_classes]
+        if not units:
+            rank_zero_warn(
+                f"strategy=fsdp2: {type(backbone).__name__} names no decoder layer class (_no_split_modules), so it "
+                "is sharded as one unit and gathered whole for every forward"
+            )
+        for module in reversed(units):  # innermost first: a unit inside another is sharded before its parent
+            fully_shard(module, **settings)
+        # the root (embeddings, final norm, output layer): torch's own choice, which keeps it gathered from forward to
+        # backward rather than gathering it again at once
+        fully_shard(model, **{**settings, "reshard_after_forward": None})
+
+    def model_to_device(self) -> None:
+        """fully_shard has placed every parameter already (on the mesh's device, or in CPU memory under cpu_offload,
+        which Lightning's `.to(root_device)` would undo)."""
+        if not self.cpu_offload:
+            super().model_to_device()
 
     def _mixed_precision_policy(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -138,10 +152,18 @@ class FSDP2Strategy(ModelParallelStrategy):
         return torch.bfloat16 if precision == "bf16-mixed" else None
 
 
-def check_strategy(strategy_cfg, precision) -> None:
-    """FSDP2 under fp16 stops at start in one line: Lightning's ModelParallelStrategy has no loss scaling for it."""
+def check_strategy(strategy_cfg, precision, peft=None) -> None:
+    """What FSDP2 cannot run stops at start in one line: fp16 (Lightning's ModelParallelStrategy has no loss scaling
+    for it) and a 4-bit QLoRA base (fully_shard would shard bitsandbytes' packed weights)."""
     target = str(strategy_cfg.get("_target_", "")) if hasattr(strategy_cfg, "get") else ""
-    if target.endswith("FSDP2Strategy") and str(precision) in ("16-mixed", "16"):
+    if not target.endswith("FSDP2Strategy"):
+        return
+    if adapters.active(peft) and peft.get("quantization"):
+        raise ConfigError(
+            "strategy=fsdp2 with peft=qlora: fully_shard cannot shard a 4-bit base. Use peft=lora with fsdp2, or "
+            "QLoRA with strategy=ddp or deepspeed_zero2"
+        )
+    if str(precision) in ("16-mixed", "16"):
         raise ConfigError(
             f"strategy=fsdp2 with trainer.precision={precision}: Lightning's ModelParallelStrategy has no fp16 loss "
             "scaling. Use trainer.precision=bf16-mixed (A100, H100), or on GPUs without bf16 (V100) "
