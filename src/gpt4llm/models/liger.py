@@ -18,7 +18,6 @@ import os
 
 import torch
 
-from gpt4llm.data.encoding import IGNORE_INDEX
 from gpt4llm.errors import ConfigError, LaunchError
 
 CHOICES = (None, "liger")
@@ -54,9 +53,9 @@ def check_device(device: torch.device) -> None:
 def apply_kernels(model) -> None:
     """Liger's RMSNorm, rotary embedding and SwiGLU in place of the model's own (not under Triton's interpreter). A
     model that transforms its logits (Gemma 2's soft cap, Cohere's scale) stops: the fused loss would skip that."""
-    from gpt4llm.models.response_logps import LOGIT_TRANSFORMS
+    from gpt4llm.models.response_logps import logit_transforms
 
-    transforms = [key for key in LOGIT_TRANSFORMS if getattr(model.config, key, None) is not None]
+    transforms = logit_transforms(model)
     if transforms:
         raise ConfigError(
             f"model.kernels=liger: this model transforms its logits ({', '.join(transforms)}), which Liger's fused "
@@ -82,10 +81,10 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 def _sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    targets = batch["labels"][:, 1:]
-    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
-    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[rows, positions]
+    from gpt4llm.models.response_logps import final_hidden, supervised_positions
+
+    targets, rows, positions, inputs = supervised_positions(batch)
+    hidden = final_hidden(model, inputs, rows, positions)
     head = model.get_output_embeddings()
     weight = head.weight
     if torch.is_autocast_enabled(hidden.device.type):  # the kernel's matmul runs outside autocast: one dtype

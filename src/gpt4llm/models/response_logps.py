@@ -49,10 +49,8 @@ def labelled_token_logps(
     `entropy` the entropy of the model's distribution there (no gradient: a metric); the chunked output layer of the
     module docstring, or the model's own logits (`fused=False`, or a model that transforms them). `temperature`: of
     the distribution the tokens were sampled from (online RL), the logits divided by it, as TRL does."""
-    targets = batch["labels"][:, 1:]
-    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # the positions predicting a response token
-    inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
-    if fused and not any(getattr(model.config, key, None) is not None for key in LOGIT_TRANSFORMS):
+    targets, rows, positions, inputs = supervised_positions(batch)
+    if fused and not logit_transforms(model):
         picked_targets = targets[rows, positions]
         token_logps, entropies = as_forward(
             model, _fused_logps, model, inputs, picked_targets, rows, positions, entropy, temperature
@@ -69,8 +67,26 @@ def labelled_token_logps(
     return token_logps, entropies, rows, positions
 
 
+def supervised_positions(batch: dict[str, torch.Tensor]):
+    """The next-token targets, the (row, position) pairs that predict a response token, and the model's inputs."""
+    targets = batch["labels"][:, 1:]
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    inputs = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
+    return targets, rows, positions, inputs
+
+
+def final_hidden(model, inputs, rows, positions) -> torch.Tensor:
+    """The decoder's last hidden state at those positions: what the output layer makes their logits from."""
+    return model.get_decoder()(**inputs, use_cache=False).last_hidden_state[rows, positions]
+
+
+def logit_transforms(model) -> list[str]:
+    """The config keys by which the model transforms its output layer's product (LOGIT_TRANSFORMS) that it sets."""
+    return [key for key in LOGIT_TRANSFORMS if getattr(model.config, key, None) is not None]
+
+
 def _fused_logps(model, inputs, targets, rows, positions, entropy: bool, temperature: float):
-    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[rows, positions]
+    hidden = final_hidden(model, inputs, rows, positions)
     head = model.get_output_embeddings()
     chunks = list(zip(hidden.split(TOKEN_CHUNK), targets.split(TOKEN_CHUNK)))
     if torch.is_grad_enabled():

@@ -41,8 +41,8 @@ class PhaseClock(L.Callback):
     """Marks the end of each phase of PHASES: `train` marks the ones it runs itself, Lightning's hooks the others
     (a phase ends once, the first time its hook runs: validate_first and fit both set the run up)."""
 
-    def __init__(self, started: float | None = None) -> None:
-        self.started = process_started() if started is None else started
+    def __init__(self, started: float) -> None:
+        self.started = started  # when the run's time began (run_started, or train's own start)
         self.ends: dict[str, float] = {}
 
     def mark(self, phase: str) -> None:

@@ -138,18 +138,13 @@ class FSDP2Strategy(ModelParallelStrategy):
             super().model_to_device()
 
     def _mixed_precision_policy(self):
+        """bf16 gathered weights and fp32 gradient reduction under the trainer's bf16-mixed; otherwise none (32-true:
+        fp32 all through; `*-true`: Lightning's HalfPrecision casts the whole model itself)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        dtype = self._mixed_dtype()
-        if dtype is None:
+        if str(getattr(self.precision_plugin, "precision", "")) != "bf16-mixed":
             return MixedPrecisionPolicy()
-        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-
-    def _mixed_dtype(self):
-        """bf16 under the trainer's bf16-mixed, None otherwise (32-true: fp32 all through; `*-true`: Lightning's
-        HalfPrecision casts the whole model itself)."""
-        precision = str(getattr(self.precision_plugin, "precision", ""))
-        return torch.bfloat16 if precision == "bf16-mixed" else None
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def check_strategy(strategy_cfg, precision, peft=None) -> None:
