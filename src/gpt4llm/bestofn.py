@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
         cfg.temperature,
         cfg.top_p,
         cfg.seed,
+        cfg.engine,
     )
     output = json_files.write_jsonl(cfg.output, rows)
     print(f"Best-of-{cfg.n} for {len(rows)} prompts -> {output}")

@@ -191,7 +191,9 @@ def benchmark_answer_files(cfg: DictConfig, write) -> list[str]:
 
     directory = Path(cfg.answers_dir)
     claimed_by(directory, str(Path(cfg.model.path).resolve()))
-    model, tokenizer, fmt = load_generator(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.tokenizer)
+    model, tokenizer, fmt = load_generator(
+        cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.tokenizer, cfg.engine
+    )
     return [str(write(model, tokenizer, fmt, directory))]
 
 

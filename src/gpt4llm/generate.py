@@ -49,7 +49,9 @@ def generate(cfg: DictConfig) -> Path:
     decoding = decoding_settings(cfg.decoding, cfg.seed)
     records = load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))
     torch.manual_seed(cfg.seed)
-    model, tokenizer, fmt = load_generator(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.tokenizer)
+    model, tokenizer, fmt = load_generator(
+        cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.tokenizer, cfg.engine, cfg.seed
+    )
     output = Path(cfg.output)
     counts = generate_to_file(
         model,

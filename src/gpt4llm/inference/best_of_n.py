@@ -59,19 +59,17 @@ def best_of_n(
     temperature: float = 0.7,
     top_p: float = 0.9,
     seed: int = 0,
+    engine: str = "hf",
 ) -> list[dict]:
-    """The output rows described in the module docstring, one per prompt."""
+    """The output rows described in the module docstring, one per prompt. `engine`: hf, or vllm on a GPU."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from gpt4llm.data.tokenizer import load_tokenizer
+    from gpt4llm.inference.resumable_generation import load_generator
     from gpt4llm.inference.scoring import score_records
-    from gpt4llm.models import model_card
     from gpt4llm.models.decoding import generate_completions, generate_responses
+    from gpt4llm.models.vllm_engine import is_vllm
 
-    tokenizer = load_tokenizer(str(sft_model))
-    model = AutoModelForCausalLM.from_pretrained(str(sft_model)).to("cuda" if torch.cuda.is_available() else "cpu")
-    fmt = model_card.prompt_format_of(model, tokenizer).format
+    model, tokenizer, fmt = load_generator(str(sft_model), engine=engine, seed=seed)
     # all n draws of every prompt in one run of the engine, each seeded by the prompt's id and its draw number
     draws = [[""] * len(prompts) for _ in range(n)]
     for [i], [samples] in generate_completions(
@@ -93,6 +91,8 @@ def best_of_n(
             draws[k][i] = sample.text
     log.info(f"{n} draws of {len(prompts)} prompts")
     baseline = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, fmt)  # greedy, as trained
+    if is_vllm(model):
+        model.close()
     del model  # the reward model needs the memory next
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -16,6 +16,7 @@ from gpt4llm.errors import RecordError
 from gpt4llm.io.json_files import read_json_records, write_jsonl
 from gpt4llm.models import model_card
 from gpt4llm.models.decoding import generate_completions
+from gpt4llm.models.vllm_engine import is_vllm
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def generate_to_file(
     model's context gets an empty response with finish_reason `prompt_too_long`, counted.
     """
     path = Path(path)
+    if is_vllm(model):  # its answers are not the HF engine's where it samples: one file holds one engine's
+        decoding = decoding | {"engine": "vllm"}
     done = read_done_ids(path, decoding)
     todo = [r for r in records if str(r["id"]) not in done]
     counts = {
@@ -143,17 +146,30 @@ def read_done_ids(path: Path, decoding: dict[str, Any]) -> set[str]:
     return done
 
 
-def load_generator(path: str, dtype: str | None = None, device: str | None = None, tokenizer_backend: str = "auto"):
+def load_generator(
+    path: str,
+    dtype: str | None = None,
+    device: str | None = None,
+    tokenizer_backend: str = "auto",
+    engine: str = "hf",
+    seed: int = 0,
+):
     """(model, tokenizer, prompt format) of an export, ready to answer: the tokenizer left-padded, the model on
-    `device` (cuda when there is one), the prompt format the model card says it was trained with."""
+    `device` (cuda when there is one), the prompt format the model card says it was trained with. engine=vllm: the
+    model loaded by vLLM on the GPU instead (models.vllm_engine), which the commands' decoding then runs through."""
     import torch
 
     from gpt4llm.data.tokenizer import load_tokenizer
     from gpt4llm.models.hf import load_causal_lm
+    from gpt4llm.models.vllm_engine import VLLMModel, check_engine
 
+    check_engine(engine, device)
     tokenizer = load_tokenizer(path, padding_side="left", backend=tokenizer_backend)
-    model = load_causal_lm(path, tokenizer, dtype=dtype)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if engine == "vllm":
+        model = VLLMModel(path, tokenizer, dtype, seed)
+    else:
+        model = load_causal_lm(path, tokenizer, dtype=dtype)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     served = model_card.prompt_format_of(model, tokenizer)
     log.info(f"Prompt format: {served.why}")
     return model, tokenizer, served.format

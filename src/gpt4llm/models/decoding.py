@@ -33,12 +33,12 @@ def generate_completions(
 ) -> Iterator[tuple[list[int], list[list[Completion]]]]:
     """Yields, as each prompt's answers are done, its index into `prompts` and its `num_samples` completions.
 
-    Through the engine (models.engine): continuous batching of `batch_size * num_samples` sequences, longest prompt
-    first. A completion ends at EOS or at any other id the model's generation config stops at (a chat template's end
-    of turn), at a stop string, or at max_new_tokens. Sampling (`do_sample`) draws sample s of prompt i with the seed
-    `request_seed(seed, keys[i], s)` (keys default to the prompts' indices): give each record's id as its key, and a
-    rerun or a resumed run answers it the same whatever it is batched with. `add_special_tokens=False` for prompts
-    rendered by a chat template, which writes its own BOS.
+    Through the engine (models.engine; a model loaded with engine=vllm: models.vllm_engine): continuous batching of
+    `batch_size * num_samples` sequences, longest prompt first. A completion ends at EOS or at any other id the model's
+    generation config stops at (a chat template's end of turn), at a stop string, or at max_new_tokens. Sampling
+    (`do_sample`) draws sample s of prompt i with the seed `request_seed(seed, keys[i], s)` (keys default to the
+    prompts' indices): give each record's id as its key, and a rerun or a resumed run answers it the same whatever it is
+    batched with. `add_special_tokens=False` for prompts rendered by a chat template, which writes its own BOS.
     """
     from tqdm.auto import tqdm
 
@@ -51,7 +51,7 @@ def generate_completions(
         for i in range(len(prompts))
         for s in range(num_samples)
     ]
-    engine = Engine(model, tokenizer, stop_ids(model, tokenizer), max_rows=batch_size * num_samples)
+    engine = engine_for(model, tokenizer, max_rows=batch_size * num_samples)
     answers: dict[int, list[Completion | None]] = {}
     with tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None) as bar:
         for k, completion in engine.run(requests):
@@ -62,6 +62,14 @@ def generate_completions(
                 del answers[i]
                 yield [i], [samples]
                 bar.update(1)
+
+
+def engine_for(model, tokenizer, max_rows: int):
+    """The engine that runs `model`: vLLM's for a model vLLM loaded (engine=vllm: models.vllm_engine), else ours."""
+    from gpt4llm.models.vllm_engine import VLLMEngine, is_vllm
+
+    kind = VLLMEngine if is_vllm(model) else Engine
+    return kind(model, tokenizer, stop_ids(model, tokenizer), max_rows=max_rows)
 
 
 def request_seed(seed: int, key, sample: int = 0) -> int:

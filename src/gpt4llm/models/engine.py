@@ -124,23 +124,8 @@ class Engine:
         finally:
             self.model.train(was_training)
 
-    def _admit(self, requests: list[Request], first: int) -> tuple[list[int], list[tuple[int, Completion]]]:
-        """The requests from `first` on that can run, longest prompt first (a batch that does not fit fails at once),
-        and the completions of those that cannot."""
-        runnable, refused = [], []
-        for i in range(first, len(requests)):
-            request = requests[i]
-            if not request.ids or (self.context and len(request.ids) >= self.context):
-                refused.append((i, Completion("", 0, TOO_LONG if request.ids else LENGTH)))
-            elif request.max_new_tokens <= 0:
-                refused.append((i, Completion("", 0, LENGTH)))
-            else:
-                runnable.append(i)
-        runnable.sort(key=lambda i: len(requests[i].ids))  # popped from the end: the longest first
-        return runnable, refused
-
     def _run(self, requests, on_token, cancelled, more) -> Iterator[tuple[int, Completion]]:
-        waiting, refused = self._admit(requests, 0)
+        waiting, refused = admit(requests, 0, self.context)
         yield from refused
         synced = world_size() > 1
         max_rows, budget = self._plan([requests[i] for i in waiting], synced)
@@ -156,7 +141,7 @@ class Engine:
             if not waiting and more is not None and can_join:
                 first = len(requests)
                 requests += more(free)
-                waiting, refused = self._admit(requests, first)
+                waiting, refused = admit(requests, first, self.context)
                 yield from refused
             busy = bool(waiting or live)
             if not (all_ranks_any(busy, self.model.device) if synced else busy):
@@ -335,6 +320,23 @@ class Engine:
     def _completion(self, row: _Row, reason: str, stop_id: int | None = None) -> Completion:
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         return Completion(text, len(row.tokens), reason, tuple(row.tokens), stop_id)
+
+
+def admit(requests: list[Request], first: int, context: int | None) -> tuple[list[int], list[tuple[int, Completion]]]:
+    """The requests from `first` on that can run, shortest prompt to longest (the engine pops the longest first, so a
+    batch that does not fit fails at once), and the completions of those that cannot: an empty prompt, no new tokens,
+    or a prompt that leaves no room in the model's `context`."""
+    runnable, refused = [], []
+    for i in range(first, len(requests)):
+        request = requests[i]
+        if not request.ids or (context and len(request.ids) >= context):
+            refused.append((i, Completion("", 0, TOO_LONG if request.ids else LENGTH)))
+        elif request.max_new_tokens <= 0:
+            refused.append((i, Completion("", 0, LENGTH)))
+        else:
+            runnable.append(i)
+    runnable.sort(key=lambda i: len(requests[i].ids))
+    return runnable, refused
 
 
 # --- memory --------------------------------------------------------------------------------------------------------
