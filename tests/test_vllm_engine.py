@@ -41,22 +41,35 @@ def test_vllm_not_installed_names_the_extra(monkeypatch):
         check_engine("vllm", device="cuda:0")
 
 
-def test_generate_engine_vllm_on_this_cpu_is_one_error_line(tiny_model_dir, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["gpt4llm.generate", "eval=demo", "eval.demo.num_records=2"],
+        # before the prompts are read (there are none) and before MT-Bench's questions are fetched (offline here)
+        ["gpt4llm.bestofn", "sft_model=MODEL", "reward_model=MODEL", "prompts=missing.jsonl"],
+        ["gpt4llm.evaluate", "metric=mt_bench"],
+    ],
+    ids=["generate", "bestofn", "evaluate"],
+)
+def test_engine_vllm_on_this_cpu_is_one_error_line(command, tiny_model_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GPT4LLM_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    module, *args = command
+    args = [a.replace("MODEL", str(tiny_model_dir)) for a in args]
+    if module != "gpt4llm.bestofn":
+        args.append(f"model.path={tiny_model_dir}")
     proc = subprocess.run(
-        [sys.executable, "-m", "gpt4llm.generate", f"model.path={tiny_model_dir}", "engine=vllm"]
-        + [f"paths.log_dir={tmp_path / 'logs'}", "eval=demo", "eval.demo.num_records=2"],
+        [sys.executable, "-m", module, *args, "engine=vllm", f"paths.log_dir={tmp_path / 'logs'}"],
         cwd=tmp_path,
-        env=env,
+        env=dict(env, CUDA_VISIBLE_DEVICES=""),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "Error: engine=vllm runs vLLM on a CUDA GPU (pip install 'gpt4llm[vllm]'), and no CUDA GPU here: use engine=hf"
     )
-    assert not list((tmp_path / "logs").rglob("responses.jsonl"))  # nothing written
+    assert not list((tmp_path / "logs").rglob("*.jsonl"))  # nothing written
 
 
 def test_an_adapter_with_new_tokens_rows_points_to_the_merged_export(tmp_path, tiny_model_dir):

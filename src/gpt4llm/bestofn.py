@@ -13,8 +13,10 @@ from gpt4llm.app.cli import hydra_command, reports_user_errors, use_hydra_loggin
 def main(cfg: DictConfig) -> None:
     from gpt4llm.inference.best_of_n import best_of_n, read_prompts
     from gpt4llm.io import json_files
+    from gpt4llm.models.vllm_engine import check_engine
 
     use_hydra_logging()
+    check_engine(cfg.engine)  # before the prompts are read
     rows = best_of_n(
         cfg.sft_model,
         cfg.reward_model,

@@ -654,6 +654,10 @@ def evaluate(cfg: DictConfig):
     from gpt4llm.evaluation.responses import read_responses
 
     out = Path(cfg.paths.output_dir)
+    if OmegaConf.select(cfg, "model.path"):  # an engine that cannot run here stops before the questions are fetched
+        from gpt4llm.models.vllm_engine import check_engine
+
+        check_engine(cfg.engine, cfg.model.device)
     if cfg.metric.name == "mt_bench":
         return evaluate_mt_bench_cmd(cfg, out)
     if cfg.metric.name in ("arena_hard", "alpaca_eval"):

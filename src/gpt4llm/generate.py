@@ -40,6 +40,7 @@ def generate(cfg: DictConfig) -> Path:
 
     from gpt4llm.evaluation.eval_sets import load_eval_set
     from gpt4llm.inference.resumable_generation import generate_to_file, load_generator
+    from gpt4llm.models.vllm_engine import check_engine
 
     if not cfg.model.path:
         raise ConfigError(
@@ -47,6 +48,7 @@ def generate(cfg: DictConfig) -> Path:
             "or any local Hugging Face causal LM directory"
         )
     decoding = decoding_settings(cfg.decoding, cfg.seed)
+    check_engine(cfg.engine, cfg.model.device)  # before the eval set is fetched
     records = load_eval_set(**OmegaConf.to_container(cfg.eval, resolve=True))
     torch.manual_seed(cfg.seed)
     model, tokenizer, fmt = load_generator(
