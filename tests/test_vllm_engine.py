@@ -73,6 +73,8 @@ def test_engine_vllm_on_this_cpu_is_one_error_line(command, tiny_model_dir, tmp_
 
 
 def test_an_adapter_with_new_tokens_rows_points_to_the_merged_export(tmp_path, tiny_model_dir):
+    from transformers import AutoConfig
+
     from gpt4llm.data.tokenizer import load_tokenizer
 
     adapter = tmp_path / "export" / "adapter"
@@ -80,19 +82,20 @@ def test_an_adapter_with_new_tokens_rows_points_to_the_merged_export(tmp_path, t
     config = {"r": 8, "base_model_name_or_path": str(tiny_model_dir), "trainable_token_indices": {"embed": [3]}}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     tokenizer = load_tokenizer(str(tiny_model_dir))
+    base_config = AutoConfig.from_pretrained(tiny_model_dir)
     with pytest.raises(ConfigError, match=r"vLLM's LoRA does not serve; give engine=vllm the merged export .*export\)"):
-        vllm_engine.lora_rank(str(adapter), tokenizer, str(tiny_model_dir))
+        vllm_engine.lora_rank(str(adapter), tokenizer, base_config)
     config.pop("trainable_token_indices")
     for refused, why in (({"use_dora": True}, "is DoRA"), ({"bias": "all"}, "trains biases"), ({"r": 1024}, "rank")):
         (adapter / "adapter_config.json").write_text(json.dumps(config | refused))
         with pytest.raises(ConfigError, match=f"{why}.*which vLLM's LoRA does not serve"):
-            vllm_engine.lora_rank(str(adapter), tokenizer, str(tiny_model_dir))
+            vllm_engine.lora_rank(str(adapter), tokenizer, base_config)
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"rank_pattern": {"q_proj": 16}}))
-    assert vllm_engine.lora_rank(str(adapter), tokenizer, str(tiny_model_dir)) == 16
+    assert vllm_engine.lora_rank(str(adapter), tokenizer, base_config) == 16
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    assert vllm_engine.lora_rank(str(adapter), tokenizer, str(tiny_model_dir)) == 8
+    assert vllm_engine.lora_rank(str(adapter), tokenizer, base_config) == 8
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"r": 4}))
-    assert vllm_engine.lora_rank(str(adapter), tokenizer, str(tiny_model_dir)) == 8  # vLLM takes 1, 8, 16, ...
+    assert vllm_engine.lora_rank(str(adapter), tokenizer, base_config) == 8  # vLLM takes 1, 8, 16, ...
 
 
 # --- vLLM's own types, where vLLM is importable (its CUDA wheel imports on a CPU machine) -------------------------

@@ -61,16 +61,15 @@ class VLLMModel:
 
         check_model_dir(path)
         base = adapter_base(path)
+        self.config = AutoConfig.from_pretrained(base or path)
         self.lora = None
         extra = {}
         if base:
-            rank = lora_rank(path, tokenizer, base)
+            rank = lora_rank(path, tokenizer, self.config)
             from vllm.lora.request import LoRARequest
 
             self.lora = LoRARequest("adapter", 1, str(Path(path).resolve()))
             extra = {"enable_lora": True, "max_lora_rank": rank}
-        self.config = AutoConfig.from_pretrained(base or path)
-        self.name_or_path = path
         try:
             self.generation_config = GenerationConfig.from_pretrained(base or path)
         except OSError:  # a model directory without generation_config.json
@@ -79,7 +78,6 @@ class VLLMModel:
         # vLLM's own limit (the config's positions, or less: the tokenizer's model_max_length, a sliding window); a
         # prompt at it would fail its whole batch there, so the engine answers it prompt_too_long first
         self.context = self.llm.model_config.max_model_len
-        self.device = torch.device("cuda")
 
     def close(self) -> None:
         """Frees the GPU for what runs next in the process (best-of-N's reward model): vLLM's engine core is a process
@@ -92,21 +90,19 @@ class VLLMModel:
             core.shutdown()
         del self.llm
         gc.collect()
-        torch.cuda.empty_cache()
 
 
 def is_vllm(model) -> bool:
     return isinstance(model, VLLMModel)
 
 
-def lora_rank(path: str, tokenizer, base: str) -> int:
+def lora_rank(path: str, tokenizer, base_config) -> int:
     """The adapter's rank, for vLLM's `max_lora_rank`. What vLLM's LoRA cannot serve stops here, before anything
     loads, with the merged export named instead: rows of tokens the run added (LLaMA's pad, a template's end of
     turn; vLLM loads no embedding rows), DoRA, trained biases, a rank above vLLM's largest."""
     config = json.loads((Path(path) / "adapter_config.json").read_text())
-    from transformers import AutoConfig
-
-    vocab = getattr(AutoConfig.from_pretrained(base), "vocab_size", None)
+    base = config.get("base_model_name_or_path")
+    vocab = getattr(base_config, "vocab_size", None)
     rank = max([int(config.get("r", 8)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
     unsupported = [
         what
